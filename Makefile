@@ -1,0 +1,40 @@
+# mnistgen-serve: `make help` lists what you can do. Two commands on a fresh machine: `make run`, `make test`.
+SHELL := /bin/bash
+PY ?= .venv/bin/python
+PIP := .venv/bin/pip
+CONFIG ?= baseline
+MODEL ?= dcgan-baseline
+STAMP := .venv/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test run train-gan train-classifier evaluate report clean
+
+help: ## this menu
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## create .venv and install the project with its pinned dependencies
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup ## run the test suite (starts real Triton, gateway and Prometheus on 127.0.0.1)
+	$(PY) -m pytest -q
+
+train-gan: setup ## train a GAN: make train-gan CONFIG=baseline|modified|mlp|vanishing-gradient|mode-collapse|d-overfit [MITIGATIONS=all]
+	$(PY) -m training.train_gan --config $(CONFIG) $(if $(MITIGATIONS),--mitigations $(MITIGATIONS))
+
+train-classifier: setup ## train the evaluation classifier (weights committed in checkpoints/)
+	$(PY) -m training.classifier
+
+evaluate: setup ## metrics for one model: make evaluate MODEL=dcgan-baseline|dcgan-modified|mlp|real-test|path.safetensors
+	$(PY) -m training.evaluate --model $(MODEL)
+
+report: setup ## GAN comparison report (markdown + PNGs) into reports/gan/
+	$(PY) -m training.report
+
+clean: ## remove generated files (exports, runs, outputs); keeps .venv and committed checkpoints
+	rm -rf runs out bench model_repository_gpu .pytest_cache
+	find model_repository -path '*/1/*' \( -name '*.onnx' -o -name '*.pt' \) -delete

@@ -1,0 +1,65 @@
+"""Safetensors checkpoints that carry their own config, so export and serving rebuild models from the file alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
+
+
+def save_checkpoint(path: str | Path, modules: dict[str, dict[str, torch.Tensor]], config: dict) -> Path:
+    """Write several state dicts into one safetensors file as `<module>.<param>`, config as JSON metadata.
+
+    `modules` maps a name ("generator", "discriminator", "ema", "optim_g"...) to a flat tensor dict.
+    `config` must be JSON-serialisable; it is stored under the metadata key "config".
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {
+        f"{name}.{key}": t.detach().cpu().contiguous()
+        for name, sd in modules.items()
+        for key, t in sd.items()
+        if isinstance(t, torch.Tensor)
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(flat, str(tmp), metadata={"config": json.dumps(config, sort_keys=True)})
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """Only the config (cheap: reads the header)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path} has no 'config' metadata: not an mnistgen checkpoint")
+    return json.loads(meta["config"])
+
+
+def load_checkpoint(path: str | Path, module: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return (tensors, config). With `module`, only that module's tensors with the prefix stripped."""
+    config = read_config(path)
+    tensors = load_file(str(path))
+    if module is not None:
+        prefix = module + "."
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not tensors:
+            raise KeyError(f"{path} holds no module {module!r}")
+    return tensors, config
+
+
+def split_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Inverse of the flattening in save_checkpoint."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        name, _, key = k.partition(".")
+        out.setdefault(name, {})[key] = v
+    return out

@@ -1,0 +1,48 @@
+"""Names of the committed models and how to load a generator from a name or a checkpoint path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import latent
+from .checkpoint import CHECKPOINT_DIR, load_checkpoint
+from .models import GANArch, build_generator
+
+# Committed GAN generators: service name -> checkpoint file under checkpoints/.
+GAN_MODELS = {
+    "dcgan-baseline": "dcgan-baseline.safetensors",
+    "dcgan-modified": "dcgan-modified.safetensors",
+    "mlp": "mlp.safetensors",
+}
+DDPM_CHECKPOINT = "ddpm.safetensors"
+CLASSIFIER_CHECKPOINT = "classifier.safetensors"
+
+
+def resolve(name_or_path: str | Path, table: dict[str, str] = GAN_MODELS) -> Path:
+    """A committed model's name, or a path to a checkpoint file."""
+    if str(name_or_path) in table:
+        return CHECKPOINT_DIR / table[str(name_or_path)]
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors" or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return path
+    raise ValueError(f"unknown model {str(name_or_path)!r}: expected one of {sorted(table)} or a .safetensors path")
+
+
+def load_generator(name_or_path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a GAN generator (eval mode, CPU) and return it with its checkpoint config."""
+    path = resolve(name_or_path)
+    tensors, config = load_checkpoint(path, "generator")
+    if config.get("kind") != "gan":
+        raise ValueError(f"{path} is a {config.get('kind')!r} checkpoint, not a GAN")
+    gen = build_generator(GANArch(**config["arch"]))
+    gen.load_state_dict(tensors)
+    return gen.eval(), config
+
+
+def sample_latent(n: int, latent_dim: int, seed: int | None = None) -> torch.Tensor:
+    """Torch view of training.latent.sample_latent: (n, latent_dim) float32."""
+    return torch.from_numpy(latent.sample_latent(n, latent_dim, seed))

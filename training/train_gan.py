@@ -1,0 +1,299 @@
+"""Train a GAN configuration (the research's baseline/modified DCGAN, the MLP GAN, controlled failures)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .data import DataConfig, mnist_dataset
+from .models import GANArch, build_discriminator, build_generator, weights_init
+from .plots import plot_losses, save_grid
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+G_LOSSES = ("non-saturating", "saturating")
+MITIGATIONS = ("label-smoothing", "non-saturating", "k-steps", "instance-noise", "d-dropout")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "baseline"  # one of CONFIGS (a starting point; every field below can be overridden)
+    arch: GANArch = field(default_factory=GANArch)
+    epochs: int = 50  # the research trained 50 epochs
+    batch_size: int = 96
+    lr_g: float = 2e-4  # Adam, as in DCGAN
+    lr_d: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 77
+    g_loss: str = "non-saturating"  # one of G_LOSSES: -log D(G(z)) (Goodfellow's trick) or log(1 - D(G(z)))
+    real_label: float = 1.0  # 0.9 = one-sided label smoothing
+    d_steps: int = 1  # discriminator updates per generator update
+    instance_noise: float = 0.0  # std of Gaussian noise added to D's inputs, annealed linearly to 0
+    d_dropout: float | None = None  # overrides arch.dropout in D only (mitigation: 0.4)
+    data_limit: int | None = None  # keep only the first N training images (d-overfit: 1,000)
+    data_source: str = "embedded"
+    data_dir: str | None = None
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    max_iters: int | None = None  # stop early (tests, smoke runs)
+    log_every: int = 1  # write every n-th iteration's losses to CSV
+    run_dir: str | None = None  # default runs/gan/<name>[+mitigations]
+    checkpoint: str | None = None  # also write the generator checkpoint here (e.g. checkpoints/dcgan-baseline.safetensors)
+
+
+def _cfg(name: str, **kw) -> TrainConfig:
+    return TrainConfig(name=name, **kw)
+
+
+CONFIGS: dict[str, TrainConfig] = {
+    "baseline": _cfg("baseline", arch=GANArch("dcgan", 256, 3, 0.0)),
+    "modified": _cfg("modified", arch=GANArch("dcgan", 64, 4, 0.3)),
+    "mlp": _cfg("mlp", arch=GANArch("mlp", 100, 3, 0.0)),
+    # Controlled failures (from the GAN-training-challenges study): each breaks one balance on purpose.
+    "vanishing-gradient": _cfg("vanishing-gradient", arch=GANArch("dcgan", 256, 3, 0.0), lr_d=2e-3, g_loss="saturating"),
+    "mode-collapse": _cfg("mode-collapse", arch=GANArch("dcgan", 256, 3, 0.0), lr_g=2e-3),
+    "d-overfit": _cfg("d-overfit", arch=GANArch("dcgan", 256, 3, 0.0), data_limit=1000),
+}
+
+
+def apply_mitigations(cfg: TrainConfig, names: list[str]) -> TrainConfig:
+    """Switch on mitigations by name: label smoothing 0.9, non-saturating G loss, k=2 D steps,
+    instance noise 0.1, D dropout 0.4."""
+    for n in names:
+        if n not in MITIGATIONS:
+            raise ValueError(f"unknown mitigation {n!r}: allowed {MITIGATIONS} or 'all'")
+    changes = {
+        "label-smoothing": {"real_label": 0.9},
+        "non-saturating": {"g_loss": "non-saturating"},
+        "k-steps": {"d_steps": 2},
+        "instance-noise": {"instance_noise": 0.1},
+        "d-dropout": {"d_dropout": 0.4},
+    }
+    for n in names:
+        cfg = dataclasses.replace(cfg, **changes[n])
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def generator_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "non-saturating":  # maximise log D(G(z))
+        return F.binary_cross_entropy_with_logits(logits_fake, torch.ones_like(logits_fake))
+    # saturating: minimise log(1 - D(G(z))) = -BCE(D(G(z)), 0)
+    return -F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+
+
+class GANTrainer:
+    """Holds models, optimisers and the loop; writes CSV, grids, plots and checkpoints into run_dir."""
+
+    def __init__(self, cfg: TrainConfig):
+        if cfg.g_loss not in G_LOSSES:
+            raise ValueError(f"g_loss must be one of {G_LOSSES}, got {cfg.g_loss!r}")
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.run_dir = Path(cfg.run_dir or REPO_ROOT / "runs" / "gan" / cfg.name)
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.G = build_generator(cfg.arch)
+        self.D = build_discriminator(cfg.arch, cfg.d_dropout)
+        self.G.apply(weights_init)
+        self.D.apply(weights_init)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
+        data = mnist_dataset("train", DataConfig(cfg.data_source, cfg.data_dir, cfg.data_limit))
+        self.loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                 generator=torch.Generator().manual_seed(cfg.seed))
+        self.fixed_z = torch.randn(64, cfg.arch.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+        self.epoch = 0
+        self.iteration = 0
+        self.history: dict[str, list] = {"iter": [], "epoch": [], "loss_d": [], "loss_g": [], "d_real": [], "d_fake": []}
+        self.epoch_times: list[float] = []
+
+    # --- one iteration -------------------------------------------------------------------------
+    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.cfg.epochs * len(self.loader)
+        std = self.cfg.instance_noise * max(0.0, 1.0 - self.iteration / max(1, total))
+        return x + std * torch.randn_like(x) if std > 0 else x
+
+    def step(self, real: torch.Tensor) -> dict[str, float]:
+        cfg, b = self.cfg, real.shape[0]
+        for _ in range(cfg.d_steps):
+            z = torch.randn(b, cfg.arch.latent_dim)
+            fake = self.G(z).detach()  # (B, 1, 28, 28)
+            logits_real, logits_fake = self.D(self._noisy(real)), self.D(self._noisy(fake))
+            loss_d = (F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, cfg.real_label))
+                      + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake)))
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+        z = torch.randn(b, cfg.arch.latent_dim)
+        logits = self.D(self._noisy(self.G(z)))
+        loss_g = generator_loss(logits, cfg.g_loss)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
+                "d_real": torch.sigmoid(logits_real).mean().item(), "d_fake": torch.sigmoid(logits_fake).mean().item()}
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        csv_path = self.run_dir / "losses.csv"
+        new_file = not csv_path.exists() or self.iteration == 0
+        with open(csv_path, "w" if new_file else "a", newline="") as f:
+            writer = csv.writer(f)
+            if new_file:
+                writer.writerow(["iter", "epoch", "loss_d", "loss_g", "d_real", "d_fake"])
+            while self.epoch < cfg.epochs:
+                t0 = time.perf_counter()
+                self.G.train()
+                self.D.train()
+                bar = tqdm(self.loader, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False)
+                for real, _ in bar:
+                    m = self.step(real)
+                    if self.iteration % cfg.log_every == 0:
+                        row = [self.iteration, self.epoch, m["loss_d"], m["loss_g"], m["d_real"], m["d_fake"]]
+                        writer.writerow(row)
+                        for k, v in zip(self.history, row):
+                            self.history[k].append(v)
+                    self.iteration += 1
+                    bar.set_postfix(loss_d=f"{m['loss_d']:.3f}", loss_g=f"{m['loss_g']:.3f}")
+                    if cfg.max_iters is not None and self.iteration >= cfg.max_iters:
+                        break
+                self.epoch_times.append(time.perf_counter() - t0)
+                self.epoch += 1
+                self._save_grid()
+                self.save_state()
+                f.flush()
+                tqdm.write(f"[{cfg.name}] epoch {self.epoch}/{cfg.epochs} loss_d={m['loss_d']:.4f} "
+                           f"loss_g={m['loss_g']:.4f} D(x)={m['d_real']:.3f} D(G(z))={m['d_fake']:.3f} "
+                           f"({self.epoch_times[-1]:.1f}s)")
+                if cfg.max_iters is not None and self.iteration >= cfg.max_iters:
+                    break
+        return self.finish()
+
+    def _save_grid(self) -> None:
+        self.G.eval()
+        with torch.no_grad():
+            save_grid(self.G(self.fixed_z), self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
+
+    def summary(self) -> dict:
+        h = self.history
+        return {
+            "final_loss_g": h["loss_g"][-1], "final_loss_d": h["loss_d"][-1],
+            "min_loss_g": min(h["loss_g"]), "min_loss_d": min(h["loss_d"]),
+            "train_time_s": sum(self.epoch_times),
+            "time_per_epoch_s": sum(self.epoch_times) / max(1, len(self.epoch_times)),
+            "epochs": self.epoch, "iterations": self.iteration, "threads": torch.get_num_threads(),
+        }
+
+    def finish(self) -> dict:
+        summary = self.summary()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_losses(self.history["iter"], {"G": self.history["loss_g"], "D": self.history["loss_d"]},
+                    self.run_dir / "loss_curve.png", title=f"{self.cfg.name}: losses")
+        stride = max(1, len(self.history["iter"]) // 2000)
+        config = {
+            "kind": "gan", "name": self.cfg.name, "arch": self.cfg.arch.to_dict(),
+            "train": _jsonable(dataclasses.asdict(self.cfg)), "summary": summary,
+            "loss_history": {k: self.history[k][::stride] for k in ("iter", "loss_g", "loss_d")},
+        }
+        paths = [self.run_dir / "generator.safetensors"] + ([Path(self.cfg.checkpoint)] if self.cfg.checkpoint else [])
+        for p in paths:
+            save_checkpoint(p, {"generator": self.G.state_dict()}, config)
+        return summary
+
+    # --- resume --------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        torch.save({
+            "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "epoch": self.epoch, "iteration": self.iteration, "history": self.history,
+            "epoch_times": self.epoch_times, "rng": torch.get_rng_state(),
+            "loader_rng": self.loader.generator.get_state(),
+        }, self.run_dir / "state.pt")
+
+    def load_state(self) -> bool:
+        path = self.run_dir / "state.pt"
+        if not path.exists():
+            return False
+        s = torch.load(path, weights_only=False)
+        self.G.load_state_dict(s["G"])
+        self.D.load_state_dict(s["D"])
+        self.opt_g.load_state_dict(s["opt_g"])
+        self.opt_d.load_state_dict(s["opt_d"])
+        self.epoch, self.iteration, self.history = s["epoch"], s["iteration"], s["history"]
+        self.epoch_times = s["epoch_times"]
+        torch.set_rng_state(s["rng"])
+        self.loader.generator.set_state(s["loader_rng"])
+        return True
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default="baseline", choices=sorted(CONFIGS), help="named configuration")
+    p.add_argument("--mitigations", default="", help=f"comma list of {MITIGATIONS} or 'all'")
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/state.pt")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("name", "arch", "betas"):
+            continue
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                       type=_arg_type(f.type), help=f"override {f.name}")
+    for f in dataclasses.fields(GANArch):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"arch_{f.name}", default=None,
+                       type=_arg_type(f.type), help=f"override arch.{f.name}")
+    a = p.parse_args(argv)
+    cfg = CONFIGS[a.config]
+    mitig = list(MITIGATIONS) if a.mitigations == "all" else [m for m in a.mitigations.split(",") if m]
+    cfg = apply_mitigations(cfg, mitig)
+    if mitig:
+        cfg = dataclasses.replace(cfg, name=f"{cfg.name}+mitigated" if a.mitigations == "all" else f"{cfg.name}+{'+'.join(mitig)}")
+    over = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if getattr(a, f.name, None) is not None}
+    arch_over = {f.name: getattr(a, f"arch_{f.name}") for f in dataclasses.fields(GANArch) if getattr(a, f"arch_{f.name}") is not None}
+    cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, **arch_over), **over)
+    cfg._resume = a.resume  # type: ignore[attr-defined]
+    return cfg
+
+
+def _arg_type(t) -> type:
+    s = str(t)
+    if "float" in s:
+        return float
+    if "int" in s:
+        return int
+    return str
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    trainer = GANTrainer(cfg)
+    if getattr(cfg, "_resume", False) and trainer.load_state():
+        print(f"resumed {cfg.name} at epoch {trainer.epoch}")
+    summary = trainer.train()
+    print(json.dumps({"name": cfg.name, "run_dir": str(trainer.run_dir), **summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
