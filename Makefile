@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run train-gan train-classifier evaluate report clean
+.PHONY: help setup test run train-gan train-classifier evaluate report clean deploy-check k8s-render images
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,6 +34,17 @@ evaluate: setup ## metrics for one model: make evaluate MODEL=dcgan-baseline|dcg
 
 report: setup ## GAN comparison report (markdown + PNGs) into reports/gan/
 	$(PY) -m training.report
+
+deploy-check: setup ## lint the Dockerfile, validate + cross-check the k8s manifests (offline)
+	$(PY) -m pytest -q tests/deploy
+
+k8s-render: ## print an overlay's manifests: make k8s-render OVERLAY=cpu|gpu (needs kubectl)
+	kubectl kustomize k8s/overlays/$(or $(OVERLAY),cpu)
+
+REGISTRY ?= mnistgen
+TAG ?= 0.1.0
+images: ## build the gateway/triton/training images (needs a Docker engine): make images REGISTRY=... TAG=...
+	for t in gateway triton training; do docker build --target $$t -t $(REGISTRY)/$$t:$(TAG) . || exit 1; done
 
 clean: ## remove generated files (exports, runs, outputs); keeps .venv and committed checkpoints
 	rm -rf runs out bench model_repository_gpu .pytest_cache

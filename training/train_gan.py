@@ -5,6 +5,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .plots import plot_losses, save_grid
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 G_LOSSES = ("non-saturating", "saturating")
+DEVICES = ("auto", "cpu", "cuda")
 MITIGATIONS = ("label-smoothing", "non-saturating", "k-steps", "instance-noise", "d-dropout")
 
 
@@ -45,6 +47,7 @@ class TrainConfig:
     data_source: str = "embedded"
     data_dir: str | None = None
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "auto"  # one of DEVICES: auto = cuda when available, else cpu
     max_iters: int | None = None  # stop early (tests, smoke runs)
     log_every: int = 1  # write every n-th iteration's losses to CSV
     run_dir: str | None = None  # default runs/gan/<name>[+mitigations]
@@ -84,7 +87,16 @@ def apply_mitigations(cfg: TrainConfig, names: list[str]) -> TrainConfig:
     return cfg
 
 
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def seed_everything(seed: int) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on GPU
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -112,8 +124,9 @@ class GANTrainer:
         seed_everything(cfg.seed)
         self.run_dir = Path(cfg.run_dir or REPO_ROOT / "runs" / "gan" / cfg.name)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        self.G = build_generator(cfg.arch)
-        self.D = build_discriminator(cfg.arch, cfg.d_dropout)
+        self.device = resolve_device(cfg.device)
+        self.G = build_generator(cfg.arch).to(self.device)
+        self.D = build_discriminator(cfg.arch, cfg.d_dropout).to(self.device)
         self.G.apply(weights_init)
         self.D.apply(weights_init)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
@@ -121,7 +134,7 @@ class GANTrainer:
         data = mnist_dataset("train", DataConfig(cfg.data_source, cfg.data_dir, cfg.data_limit))
         self.loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                  generator=torch.Generator().manual_seed(cfg.seed))
-        self.fixed_z = torch.randn(64, cfg.arch.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+        self.fixed_z = torch.randn(64, cfg.arch.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(self.device)
         self.epoch = 0
         self.iteration = 0
         self.history: dict[str, list] = {"iter": [], "epoch": [], "loss_d": [], "loss_g": [], "d_real": [], "d_fake": []}
@@ -135,8 +148,9 @@ class GANTrainer:
 
     def step(self, real: torch.Tensor) -> dict[str, float]:
         cfg, b = self.cfg, real.shape[0]
+        real = real.to(self.device, non_blocking=True)
         for _ in range(cfg.d_steps):
-            z = torch.randn(b, cfg.arch.latent_dim)
+            z = torch.randn(b, cfg.arch.latent_dim, device=self.device)
             fake = self.G(z).detach()  # (B, 1, 28, 28)
             logits_real, logits_fake = self.D(self._noisy(real)), self.D(self._noisy(fake))
             loss_d = (F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, cfg.real_label))
@@ -144,7 +158,7 @@ class GANTrainer:
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
-        z = torch.randn(b, cfg.arch.latent_dim)
+        z = torch.randn(b, cfg.arch.latent_dim, device=self.device)
         logits = self.D(self._noisy(self.G(z)))
         loss_g = generator_loss(logits, cfg.g_loss)
         self.opt_g.zero_grad(set_to_none=True)
@@ -235,14 +249,14 @@ class GANTrainer:
         path = self.run_dir / "state.pt"
         if not path.exists():
             return False
-        s = torch.load(path, weights_only=False)
+        s = torch.load(path, weights_only=False, map_location=self.device)
         self.G.load_state_dict(s["G"])
         self.D.load_state_dict(s["D"])
         self.opt_g.load_state_dict(s["opt_g"])
         self.opt_d.load_state_dict(s["opt_d"])
         self.epoch, self.iteration, self.history = s["epoch"], s["iteration"], s["history"]
         self.epoch_times = s["epoch_times"]
-        torch.set_rng_state(s["rng"])
+        torch.set_rng_state(s["rng"].cpu())
         self.loader.generator.set_state(s["loader_rng"])
         return True
 

