@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run train-gan train-classifier evaluate report clean deploy-check k8s-render images
+.PHONY: help setup test run demo gateway proto train-gan train-classifier evaluate report clean deploy-check k8s-render images
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -19,6 +19,18 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -e '.[dev]'
 	@touch $(STAMP)
+
+run: setup ## export stale models, start Triton + gateway (gRPC :50051, HTTP :8080, Triton :8000-8002); Ctrl-C stops both
+	$(PY) -m serving.run
+
+demo: ## with `make run` up in another terminal: out/generate.png and out/denoise.png via the client
+	$(PY) -m serving.demo
+
+gateway: setup ## only the gateway, against a running Triton: make gateway TRITON_URL=127.0.0.1:8001
+	$(PY) -m serving.gateway --triton-url $(or $(TRITON_URL),127.0.0.1:8001)
+
+proto: ## regenerate serving/generated/ from serving/proto/ (output committed; never edit it)
+	$(PY) -m serving.proto.gen
 
 test: setup ## run the test suite (starts real Triton, gateway and Prometheus on 127.0.0.1)
 	$(PY) -m pytest -q

@@ -1,0 +1,228 @@
+"""Command-line and Python client of the gateway over gRPC or HTTP: generate grids, denoise digits, list models.
+
+    python -m serving.client generate --model dcgan-baseline --n 64 --out grid.png
+    python -m serving.client denoise --input digit.png --sigma 0.5 --out result.png   # clean | noisy | denoised
+    python -m serving.client models --transport http --target 127.0.0.1:8080
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from . import images as imgs
+from .generated.mnistgen.v1 import generation_pb2 as pb
+from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
+
+TRANSPORTS = ("grpc", "http")
+DEFAULT_TARGETS = {"grpc": "127.0.0.1:50051", "http": "127.0.0.1:8080"}
+MAX_MESSAGE_BYTES = 64 << 20  # responses of 1024 raw samples are 3.2 MB
+
+
+class ClientError(Exception):
+    """A failed call: `code` is the gRPC status name (HTTP errors carry it in their JSON body)."""
+
+    def __init__(self, code: str, message: str, http_status: int | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.http_status = code, message, http_status
+
+
+@dataclass
+class ClientConfig:
+    transport: str = "grpc"  # one of TRANSPORTS
+    target: str | None = None  # host:port; None = DEFAULT_TARGETS[transport]
+    timeout_s: float = 60.0  # gRPC deadline / HTTP timeout (sent as X-Request-Timeout)
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        self.target = self.target or DEFAULT_TARGETS[self.transport]
+
+
+class GatewayClient:
+    """The same three calls over either transport; every call returns the response protobuf message."""
+
+    def __init__(self, config: ClientConfig | None = None, **kw):
+        self.config = config or ClientConfig(**kw)
+        self._channel = None
+        self._stub = None
+        if self.config.transport == "grpc":
+            self._channel = grpc.insecure_channel(self.config.target, options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ])
+            self._stub = pb_grpc.GenerationServiceStub(self._channel)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+    def __enter__(self) -> "GatewayClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transports --
+    def _grpc(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.config.timeout_s)
+        except grpc.RpcError as e:
+            raise ClientError(e.code().name, e.details() or "") from None
+
+    def _http(self, method: str, path: str, request, response_type):
+        url = f"http://{self.config.target}{path}"
+        data = None
+        headers = {"X-Request-Timeout": str(self.config.timeout_s), "Accept": "application/json"}
+        if request is not None:
+            data = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True)).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=self.config.timeout_s + 5) as r:
+                body = r.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                err = json.loads(raw)["error"]
+                raise ClientError(err["code"], err["message"], e.code) from None
+            except (ValueError, KeyError, TypeError):
+                raise ClientError("UNKNOWN", f"HTTP {e.code}: {raw[:200]!r}", e.code) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise ClientError("UNAVAILABLE", f"{url}: {e}") from None
+        return json_format.Parse(body, response_type(), ignore_unknown_fields=True)
+
+    # -- calls --
+    def generate(self, model: str = "", num_samples: int = 1, seed: int | None = None, steps: int = 0,
+                 sampler: str = "", format: int = pb.RAW_FLOAT32) -> pb.GenerateResponse:
+        req = pb.GenerateRequest(model=model, num_samples=num_samples, steps=steps, sampler=sampler, format=format)
+        if seed is not None:
+            req.seed = seed
+        if self._stub is not None:
+            return self._grpc("Generate", req)
+        return self._http("POST", "/v1/generate", req, pb.GenerateResponse)
+
+    def denoise(self, images: np.ndarray | list[bytes], sigma: float, steps: int = 0, sampler: str = "",
+                seed: int | None = None, format: int = pb.RAW_FLOAT32) -> pb.DenoiseResponse:
+        """images: (K, 1, 28, 28) float32 in [-1, 1], or a list of PNG bytes."""
+        req = pb.DenoiseRequest(sigma=sigma, steps=steps, sampler=sampler, format=format)
+        if isinstance(images, np.ndarray):
+            req.raw_images = np.ascontiguousarray(images, dtype="<f4").tobytes()
+        else:
+            req.png_images.extend(images)
+        if seed is not None:
+            req.seed = seed
+        if self._stub is not None:
+            return self._grpc("Denoise", req)
+        return self._http("POST", "/v1/denoise", req, pb.DenoiseResponse)
+
+    def list_models(self) -> pb.ListModelsResponse:
+        if self._stub is not None:
+            return self._grpc("ListModels", pb.ListModelsRequest())
+        return self._http("GET", "/v1/models", None, pb.ListModelsResponse)
+
+
+def as_array(msg: pb.Images) -> np.ndarray:
+    """RAW_FLOAT32 or PNG pb.Images -> (N, 1, 28, 28) float32 in [-1, 1]."""
+    if msg.format == pb.PNG:
+        return imgs.from_uint8(np.stack([np.asarray(imgs.decode_png(b).convert("L")) for b in msg.png]))
+    if msg.format == pb.PNG_GRID:
+        raise ValueError("a PNG_GRID holds one tiled picture; ask for RAW_FLOAT32 or PNG to get samples")
+    return np.frombuffer(msg.raw, dtype="<f4").reshape(-1, 1, imgs.SIDE, imgs.SIDE).copy()
+
+
+def load_images(paths: list[Path]) -> list[bytes]:
+    return [Path(p).read_bytes() for p in paths]
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+def _cmd_generate(c: GatewayClient, a) -> str:
+    r = c.generate(a.model, a.n, a.seed, a.steps, a.sampler, pb.RAW_FLOAT32 if a.npy else pb.PNG_GRID)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    if a.npy:
+        x = as_array(r.images)  # (N, 1, 28, 28)
+        np.save(a.npy, x)
+        a.out.write_bytes(imgs.grid_png(x))
+    else:
+        a.out.write_bytes(r.images.grid_png)
+    extra = f", {r.sampler} {r.steps} steps" if r.sampler else ""
+    return (f"{r.images.count} samples from {r.model} v{r.model_version} (seed {r.seed}{extra}) -> {a.out}; "
+            f"server {r.timing.server_ms:.2f} ms ({r.timing.per_sample_ms:.3f} ms/sample, "
+            f"triton {r.timing.triton_ms:.2f} ms)")
+
+
+def _cmd_denoise(c: GatewayClient, a) -> str:
+    pngs = load_images(a.input)
+    r = c.denoise(pngs, a.sigma, a.steps, a.sampler, a.seed, pb.RAW_FLOAT32)
+    from .validation import decode_png_image  # the server's own decoding, for the "clean" column
+
+    clean = np.stack([decode_png_image(b, i) for i, b in enumerate(pngs)])  # (K, 1, 28, 28)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_bytes(imgs.encode_png(imgs.strip([clean, as_array(r.noisy), as_array(r.denoised)])))
+    return (f"{len(pngs)} image(s) denoised by {r.model} v{r.model_version} (sigma {r.sigma:g}, {r.sampler} "
+            f"{r.steps} steps, seed {r.seed}) -> {a.out} (clean | noisy | denoised); "
+            f"server {r.timing.server_ms:.1f} ms")
+
+
+def _cmd_models(c: GatewayClient, a) -> str:
+    rows = [f"{'name':16} {'triton model':16} {'kind':5} {'ready':6} {'version':8} {'latent':7} max_n"]
+    for m in c.list_models().models:
+        rows.append(f"{m.name:16} {m.triton_model:16} {m.kind:5} {str(m.ready):6} {m.version or '-':8} "
+                    f"{m.latent_dim or '-':<7} {m.max_num_samples}"
+                    + (f"  samplers {list(m.samplers)}, denoise {m.supports_denoise}" if m.kind == "ddpm" else ""))
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--transport", choices=TRANSPORTS, default="grpc")
+    common.add_argument("--target", default=None, help=f"host:port (default {DEFAULT_TARGETS})")
+    common.add_argument("--timeout", type=float, default=ClientConfig.timeout_s, help="seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", parents=[common], help="sample a grid of digits")
+    g.add_argument("--model", default="dcgan-baseline", help="dcgan-baseline, dcgan-modified, mlp, ddpm")
+    g.add_argument("--n", type=int, default=64, help="samples (GANs 1..1024, ddpm 1..64)")
+    g.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    g.add_argument("--steps", type=int, default=0, help="ddpm only; 0 = the sampler's default")
+    g.add_argument("--sampler", default="", help="ddpm only: ddpm, ddim, dpm-solver++")
+    g.add_argument("--out", type=Path, default=Path("out/generate.png"))
+    g.add_argument("--npy", type=Path, default=None, help="also save the raw (N, 1, 28, 28) float32 samples")
+    d = sub.add_parser("denoise", parents=[common], help="noise 28x28 digits to level sigma and denoise them")
+    d.add_argument("--input", type=Path, nargs="+", required=True, help="28x28 PNG(s)")
+    d.add_argument("--sigma", type=float, default=0.5, help="0 < sigma <= 1")
+    d.add_argument("--steps", type=int, default=0, help="0 = default")
+    d.add_argument("--sampler", default="", help="ddpm, ddim, dpm-solver++")
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--out", type=Path, default=Path("out/denoise.png"))
+    sub.add_parser("models", parents=[common], help="list the served models and their readiness")
+    return p
+
+
+COMMANDS = {"generate": _cmd_generate, "denoise": _cmd_denoise, "models": _cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        with GatewayClient(ClientConfig(a.transport, a.target, a.timeout)) as c:
+            print(COMMANDS[a.command](c, a))
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

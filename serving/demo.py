@@ -1,0 +1,78 @@
+"""`make demo` (with `make run` up in another terminal): out/generate.png and out/denoise.png through the gateway client."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import images as imgs
+from .client import TRANSPORTS, ClientConfig, ClientError, GatewayClient, as_array
+from .generated.mnistgen.v1 import generation_pb2 as pb
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DemoConfig:
+    transport: str = "grpc"  # one of client.TRANSPORTS
+    target: str | None = None  # default: the gateway of `make run` (127.0.0.1:50051 / :8080)
+    out_dir: Path = REPO_ROOT / "out"
+    model: str = "dcgan-baseline"  # generator for generate.png
+    num_samples: int = 64  # generate.png is an 8 x 8 grid
+    num_digits: int = 8  # real test digits in denoise.png (one row each)
+    sigma: float = 0.5  # noise std added before denoising
+    steps: int = 0  # 0 = the gateway's default
+    seed: int = 0  # same picture every run
+
+
+def test_digits(n: int) -> np.ndarray:
+    """The first n images of the official MNIST test split, (n, 1, 28, 28) float32 in [-1, 1]."""
+    from training.data import DataConfig, load_mnist  # torch: only the demo needs it, never the gateway
+
+    x, _ = load_mnist("test", DataConfig())
+    return np.asarray(x[:n], dtype=np.float32)
+
+
+def run(c: DemoConfig) -> int:
+    c.out_dir.mkdir(parents=True, exist_ok=True)
+    with GatewayClient(ClientConfig(c.transport, c.target, 300.0)) as client:
+        try:
+            g = client.generate(c.model, c.num_samples, c.seed, format=pb.PNG_GRID)
+        except ClientError as e:
+            print(f"generate failed: {e} (is `make run` up at {client.config.target}?)", file=sys.stderr)
+            return 1
+        (c.out_dir / "generate.png").write_bytes(g.images.grid_png)
+        print(f"{c.out_dir / 'generate.png'}: {g.images.count} samples from {g.model} v{g.model_version} "
+              f"(seed {g.seed}), server {g.timing.server_ms:.1f} ms")
+        clean = test_digits(c.num_digits)  # (K, 1, 28, 28)
+        try:
+            d = client.denoise(clean, c.sigma, c.steps, seed=c.seed)
+        except ClientError as e:
+            print(f"denoise failed: {e}", file=sys.stderr)
+            return 1
+        strip = imgs.strip([clean, as_array(d.noisy), as_array(d.denoised)])
+        (c.out_dir / "denoise.png").write_bytes(imgs.encode_png(strip))
+        print(f"{c.out_dir / 'denoise.png'}: clean | noisy (sigma {d.sigma:g}) | denoised ({d.sampler}, {d.steps} "
+              f"steps) for {len(clean)} test digits, server {d.timing.server_ms:.0f} ms")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = DemoConfig()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--transport", choices=TRANSPORTS, default=d.transport)
+    p.add_argument("--target", default=d.target)
+    p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--sigma", type=float, default=d.sigma)
+    p.add_argument("--steps", type=int, default=d.steps)
+    a = p.parse_args(argv)
+    return run(DemoConfig(transport=a.transport, target=a.target, out_dir=a.out_dir, model=a.model,
+                          sigma=a.sigma, steps=a.steps))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

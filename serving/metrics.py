@@ -1,0 +1,119 @@
+"""Prometheus metrics of the gateway (own registry): requests, latencies, batch sizes, Triton health, sample diversity."""
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+PREFIX = "mnistgen_gateway"
+# Seconds: fine below 1 ms (per-sample latency of a batched GAN call is tens of microseconds) up to 60 s (DDPM).
+LATENCY_BUCKETS = (
+    50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 20e-3, 30e-3,
+    50e-3, 75e-3, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DIVERSITY_WINDOW = 256  # samples kept per model for the diversity gauge
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def mean_pairwise_distance(x: np.ndarray) -> float:
+    """Mean Euclidean distance over all pairs of rows of x (M, D), divided by sqrt(D): an RMS pixel
+    difference in [0, 2] for images in [-1, 1]; ~0 when a model always draws the same image."""
+    m, d = x.shape
+    if m < 2:
+        return float("nan")
+    x = x.astype(np.float64)
+    sq = (x * x).sum(1)  # (M,)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)  # (M, M) squared distances
+    iu = np.triu_indices(m, k=1)
+    return float(np.sqrt(d2[iu]).mean() / np.sqrt(d))
+
+
+class DiversityTracker:
+    """Ring buffer of the last `window` generated samples per model; the gauge is computed at scrape time."""
+
+    def __init__(self, window: int = DIVERSITY_WINDOW):
+        self.window = window
+        self._buf: dict[str, deque] = {}
+        self._cache: dict[str, tuple[int, float]] = {}  # model -> (version, value)
+        self._version: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: str, images: np.ndarray) -> None:
+        """images (N, 1, 28, 28): only the last `window` rows are kept (cheap on the request path)."""
+        flat = np.asarray(images, np.float32).reshape(len(images), -1)[-self.window:]  # (n, 784)
+        with self._lock:
+            buf = self._buf.setdefault(model, deque(maxlen=self.window))
+            buf.extend(flat)
+            self._version[model] = self._version.get(model, 0) + 1
+
+    def value(self, model: str) -> float:
+        with self._lock:
+            version = self._version.get(model, 0)
+            cached = self._cache.get(model)
+            if cached and cached[0] == version:
+                return cached[1]
+            rows = list(self._buf.get(model, ()))
+        v = mean_pairwise_distance(np.stack(rows)) if len(rows) >= 2 else float("nan")
+        with self._lock:
+            self._cache[model] = (version, v)
+        return v
+
+    def models(self) -> list[str]:
+        with self._lock:
+            return sorted(self._buf)
+
+    def collect(self):
+        """prometheus_client collector protocol."""
+        g = GaugeMetricFamily(
+            f"{PREFIX}_sample_diversity",
+            f"Mean pairwise distance / sqrt(784) of the last {self.window} generated samples (0 = collapsed)",
+            labels=["model"],
+        )
+        for m in self.models():
+            g.add_metric([m], self.value(m))
+        yield g
+
+    def describe(self):
+        return []  # no fixed series: computed on scrape
+
+
+class GatewayMetrics:
+    """Everything the gateway exports, on a registry of its own (no default process collectors mixed in)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, diversity_window: int = DIVERSITY_WINDOW):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "Requests by rpc, model, transport and gRPC status code",
+                                ["rpc", "model", "transport", "code"], registry=r)
+        self.latency = Histogram(f"{PREFIX}_request_latency_seconds", "Server-side request latency",
+                                 ["rpc", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.sample_latency = Histogram(f"{PREFIX}_sample_latency_seconds", "Request latency / samples in it",
+                                        ["rpc", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.triton_latency = Histogram(f"{PREFIX}_triton_latency_seconds", "Time waiting on Triton per request",
+                                        ["rpc", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Samples per request", ["rpc", "model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge(f"{PREFIX}_in_flight_requests", "Requests being served now (queued included)",
+                               registry=r)
+        self.triton_up = Gauge(f"{PREFIX}_triton_up", "1 when Triton and the served models are ready, else 0",
+                               registry=r)
+        self.diversity = DiversityTracker(diversity_window)
+        r.register(self.diversity)
+
+    def observe(self, rpc: str, model: str, transport: str, code: str, seconds: float, samples: int,
+                triton_seconds: float = 0.0) -> None:
+        """Record one finished request (latency and sizes only for successful ones)."""
+        self.requests.labels(rpc, model, transport, code).inc()
+        if code == "OK":
+            self.latency.labels(rpc, model).observe(seconds)
+            if samples > 0:
+                self.sample_latency.labels(rpc, model).observe(seconds / samples)
+                self.batch_size.labels(rpc, model).observe(samples)
+            self.triton_latency.labels(rpc, model).observe(triton_seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

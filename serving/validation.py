@@ -1,0 +1,223 @@
+"""Request validation for the gateway: every bad input becomes an ApiError naming the field and the allowed range."""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from .images import PIXELS, SIDE, decode_png
+
+# ---- limits and choices (the API contract; the proto comments and docs/api.md repeat them) -------------
+MAX_GAN_SAMPLES = 1024  # num_samples upper bound for the GAN generators
+MAX_DDPM_SAMPLES = 64  # num_samples upper bound for ddpm (a sampling loop per request)
+MAX_DENOISE_IMAGES = 64  # images per Denoise request
+MAX_STEPS = 1000  # the DDPM's training timesteps: more sampling steps than this make no sense
+MAX_SEED = 2**63 - 1  # seeds are int64 >= 0 (numpy's default_rng rejects negative seeds)
+RANDOM_SEED_BITS = 32  # an absent seed is drawn from 0..2^32-1 (exact in JSON numbers too)
+RAW_TOLERANCE = 1e-3  # raw pixels may overshoot [-1, 1] by this much (float rounding), no more
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_GENERATE_STEPS = {"ddpm": 100, "ddim": 50, "dpm-solver++": 20}  # steps=0 means these
+DEFAULT_DENOISE_STEPS = 20  # steps=0 in Denoise means this
+# ImageFormat enum values (mirrors mnistgen.v1.ImageFormat; kept here so validation needs no generated code)
+FORMATS = {0: "RAW_FLOAT32", 1: "RAW_FLOAT32", 2: "PNG", 3: "PNG_GRID"}
+FORMAT_NAMES = ("RAW_FLOAT32", "PNG", "PNG_GRID")
+PNG_MODES = ("L", "1", "P", "LA", "RGB", "RGBA", "I;16", "I;16B", "I")  # colour -> L (ITU-R 601-2 luma), alpha dropped
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # service name clients use
+    triton_model: str  # the Triton model behind it
+    kind: str  # "gan" or "ddpm"
+    max_num_samples: int
+
+
+MODELS: dict[str, ModelSpec] = {
+    "dcgan-baseline": ModelSpec("dcgan-baseline", "dcgan_generator", "gan", MAX_GAN_SAMPLES),
+    "dcgan-modified": ModelSpec("dcgan-modified", "dcgan_modified", "gan", MAX_GAN_SAMPLES),
+    "mlp": ModelSpec("mlp", "mlp_generator", "gan", MAX_GAN_SAMPLES),
+    "ddpm": ModelSpec("ddpm", "ddpm_generate", "ddpm", MAX_DDPM_SAMPLES),
+}
+DEFAULT_MODEL = "dcgan-baseline"
+DENOISE_MODEL = ModelSpec("ddpm", "ddpm_denoise", "ddpm", MAX_DENOISE_IMAGES)
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """An error with a gRPC status code name; the gateway maps it to gRPC and HTTP."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, field: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+
+
+class ValidationError(ApiError):
+    """A bad request field: INVALID_ARGUMENT / HTTP 400; the message starts with the field name."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}", field=field)
+
+
+# ---- validated requests ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerateParams:
+    model: ModelSpec
+    num_samples: int
+    seed: int
+    steps: int  # 0 for GANs
+    sampler: str  # "" for GANs
+    format: str  # one of FORMAT_NAMES
+
+
+@dataclass(frozen=True)
+class DenoiseParams:
+    images: np.ndarray  # (K, 1, 28, 28) float32 in [-1, 1]
+    sigma: float
+    steps: int
+    sampler: str
+    seed: int
+    format: str
+
+
+def check_model(model: str) -> ModelSpec:
+    name = model or DEFAULT_MODEL
+    if name not in MODELS:
+        raise ValidationError("model", f"unknown model {model!r}: expected one of {list(MODELS)}")
+    return MODELS[name]
+
+
+def check_int(field: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValidationError(field, f"must be an integer in {lo}..{hi}, got {value!r}")
+    if not lo <= int(value) <= hi:
+        raise ValidationError(field, f"must be in {lo}..{hi}, got {int(value)}")
+    return int(value)
+
+
+def check_seed(seed) -> int:
+    """None -> a fresh random seed in 0..2^32-1; else an int in 0..2^63-1."""
+    if seed is None:
+        return secrets.randbits(RANDOM_SEED_BITS)
+    return check_int("seed", seed, 0, MAX_SEED)
+
+
+def check_sampler(sampler: str) -> str:
+    s = sampler or DEFAULT_SAMPLER
+    if s not in SAMPLERS:
+        raise ValidationError("sampler", f"unknown sampler {sampler!r}: expected one of {list(SAMPLERS)}")
+    return s
+
+
+def check_steps(steps, default: int) -> int:
+    """0 -> default; else 1..MAX_STEPS."""
+    if steps == 0 and not isinstance(steps, bool):
+        return default
+    return check_int("steps", steps, 1, MAX_STEPS)
+
+
+def check_format(fmt) -> str:
+    """ImageFormat enum number (0 = RAW_FLOAT32) or its name -> the name."""
+    if isinstance(fmt, str) and fmt.upper() in FORMAT_NAMES:
+        return fmt.upper()
+    if isinstance(fmt, (int, np.integer)) and not isinstance(fmt, bool) and int(fmt) in FORMATS:
+        return FORMATS[int(fmt)]
+    raise ValidationError("format", f"unknown image format {fmt!r}: expected one of {list(FORMAT_NAMES)}")
+
+
+def validate_generate(model: str, num_samples: int, seed: int | None, steps: int, sampler: str, fmt) -> GenerateParams:
+    """Check a Generate request (proto3 defaults: model "" -> dcgan-baseline, num_samples 0 -> 1)."""
+    spec = check_model(model)
+    n = 1 if num_samples == 0 and not isinstance(num_samples, bool) else num_samples
+    if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and not 1 <= n <= spec.max_num_samples:
+        limits = f"dcgan-*/mlp: 1..{MAX_GAN_SAMPLES}, ddpm: 1..{MAX_DDPM_SAMPLES}"
+        raise ValidationError("num_samples", f"must be in 1..{spec.max_num_samples} for model {spec.name!r} "
+                                             f"({limits}), got {int(n)}")
+    n = check_int("num_samples", n, 1, spec.max_num_samples)
+    if spec.kind == "gan":
+        if steps:
+            raise ValidationError("steps", f"only model 'ddpm' takes steps (1..{MAX_STEPS}); "
+                                           f"leave it 0 for {spec.name!r}, got {steps!r}")
+        if sampler:
+            raise ValidationError("sampler", f"only model 'ddpm' takes a sampler {list(SAMPLERS)}; "
+                                             f"leave it empty for {spec.name!r}, got {sampler!r}")
+        s, st = "", 0
+    else:
+        s = check_sampler(sampler)
+        st = check_steps(steps, DEFAULT_GENERATE_STEPS[s])
+    return GenerateParams(spec, n, check_seed(seed), st, s, check_format(fmt))
+
+
+def check_sigma(sigma) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating)):
+        raise ValidationError("sigma", f"must be a number with 0 < sigma <= 1, got {sigma!r}")
+    s = float(sigma)
+    if not math.isfinite(s) or not 0.0 < s <= 1.0:
+        raise ValidationError("sigma", f"must satisfy 0 < sigma <= 1, got {s!r}")
+    return s
+
+
+def decode_png_image(data: bytes, index: int) -> np.ndarray:
+    """One PNG -> (1, 28, 28) float32 in [-1, 1]; 28x28 only, grayscale or colour (converted to L)."""
+    field = f"png_images[{index}]"
+    try:
+        img = decode_png(data)
+    except ValueError as e:
+        raise ValidationError(field, str(e)) from None
+    if img.size != (SIDE, SIDE):
+        raise ValidationError(field, f"image is {img.size[0]}x{img.size[1]}, expected {SIDE}x{SIDE} "
+                                     "(resize it first; the service does not rescale)")
+    if img.mode not in PNG_MODES:
+        raise ValidationError(field, f"unsupported PNG mode {img.mode!r}: expected one of {list(PNG_MODES)}")
+    if img.mode.startswith("I"):  # 16-bit grayscale: keep the top 8 bits
+        u8 = (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
+    else:
+        u8 = np.asarray(img.convert("L"), dtype=np.uint8)  # (28, 28)
+    return (u8.astype(np.float32) / 127.5 - 1.0)[None]  # (1, 28, 28)
+
+
+def decode_raw_images(raw: bytes) -> np.ndarray:
+    """k*784 little-endian float32 -> (k, 1, 28, 28); finite values in [-1, 1] only."""
+    per = PIXELS * 4
+    if len(raw) == 0 or len(raw) % per:
+        raise ValidationError("raw_images", f"length must be a positive multiple of {per} bytes "
+                                            f"(k images x 784 float32), got {len(raw)} bytes")
+    x = np.frombuffer(raw, dtype="<f4").reshape(-1, 1, SIDE, SIDE).astype(np.float32)  # (K, 1, 28, 28)
+    if not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x.reshape(-1)))[0])
+        raise ValidationError("raw_images", f"values must be finite (no NaN/Inf): image {bad // PIXELS}, "
+                                            f"pixel {bad % PIXELS} is {x.reshape(-1)[bad]}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 - RAW_TOLERANCE or hi > 1 + RAW_TOLERANCE:
+        raise ValidationError("raw_images", f"values must be in [-1, 1], got min {lo:.4g}, max {hi:.4g}")
+    return np.clip(x, -1.0, 1.0)
+
+
+def validate_denoise(png_images: list[bytes], raw_images: bytes, sigma, steps, sampler: str,
+                     seed: int | None, fmt) -> DenoiseParams:
+    """Check a Denoise request: PNGs or raw floats (exactly one), 1..64 images, 0 < sigma <= 1."""
+    if png_images and raw_images:
+        raise ValidationError("images", "give either png_images or raw_images, not both")
+    if not png_images and not raw_images:
+        raise ValidationError("images", f"no images: give 1..{MAX_DENOISE_IMAGES} 28x28 images in png_images "
+                                        "(PNG bytes) or raw_images (k*784 float32 in [-1, 1])")
+    count = len(png_images) if png_images else len(raw_images) // (PIXELS * 4)
+    if count > MAX_DENOISE_IMAGES:
+        field = "png_images" if png_images else "raw_images"
+        raise ValidationError(field, f"image count must be in 1..{MAX_DENOISE_IMAGES}, got {count}")
+    if png_images:
+        x = np.stack([decode_png_image(b, i) for i, b in enumerate(png_images)])  # (K, 1, 28, 28)
+    else:
+        x = decode_raw_images(raw_images)
+    sig = check_sigma(sigma)
+    s = check_sampler(sampler)
+    return DenoiseParams(x, sig, check_steps(steps, DEFAULT_DENOISE_STEPS), s, check_seed(seed), check_format(fmt))

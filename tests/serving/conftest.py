@@ -1,0 +1,139 @@
+"""Gateway fixtures: the real `python -m serving.gateway` process on free ports of 127.0.0.1, in front of `triton`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from serving.generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GATEWAY_STARTUP_TIMEOUT_S = 60.0
+LISTENING = re.compile(r"gateway listening: grpc [\d.]+:(\d+), http http://[\d.]+:(\d+)")
+
+
+@dataclass
+class HttpReply:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Gateway:
+    """A running gateway subprocess: its addresses, a gRPC stub, a tiny HTTP helper and stop()."""
+
+    def __init__(self, proc: subprocess.Popen, grpc_port: int, http_port: int, log_path: Path):
+        self.proc, self.log_path = proc, log_path
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
+        self.http_target = f"127.0.0.1:{http_port}"
+        self.channel = grpc.insecure_channel(self.grpc_target, options=[
+            ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+
+    def http(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
+             timeout: float = 60.0) -> HttpReply:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        h = {"Content-Type": "application/json"} if isinstance(body, dict) else {}
+        req = urllib.request.Request(f"http://{self.http_target}{path}", data=data, method=method,
+                                     headers=h | (headers or {}))
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return HttpReply(r.status, dict(r.headers), r.read())
+        except urllib.error.HTTPError as e:
+            return HttpReply(e.code, dict(e.headers), e.read())
+
+    def metrics(self) -> str:
+        return self.http("GET", "/metrics").body.decode()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 20.0) -> int:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_gateway(triton_url: str, log_path: Path, *extra: str) -> Gateway:
+    """`python -m serving.gateway` on ports chosen by the OS (0), read back from its first stdout line."""
+    cmd = [sys.executable, "-m", "serving.gateway", "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
+           "--triton-url", triton_url, "--probe-interval-s", "0.5", "--stop-grace-s", "5", *extra]
+    log = open(log_path, "wb")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    log.close()
+    deadline = time.monotonic() + GATEWAY_STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        m = LISTENING.search(log_path.read_text(errors="replace"))
+        if m:
+            return Gateway(proc, int(m.group(1)), int(m.group(2)), log_path)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"gateway did not start ({cmd}):\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def wait_ready(gw: Gateway, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.http("GET", "/readyz", timeout=5).status == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"gateway not ready after {timeout} s: {gw.http('GET', '/readyz').body!r}\n{gw.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, tmp_path_factory) -> Gateway:
+    """One gateway for the session in front of the session's Triton."""
+    gw = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    try:
+        wait_ready(gw)
+        yield gw
+    finally:
+        code = gw.stop()
+        assert code == 0, f"gateway exited with {code} after SIGTERM:\n{gw.log_tail()}"
+
+
+@pytest.fixture
+def ready_gateway(gateway, triton) -> Gateway:
+    """The session gateway, with Triton running and ready again (after a test that stopped it)."""
+    triton.start()
+    wait_ready(gateway, 120)
+    return gateway
+
+
+@pytest.fixture
+def make_gateway(triton, tmp_path):
+    """Start extra gateways with other options (`make_gateway("--max-queue", "0")`); stopped after the test."""
+    started: list[Gateway] = []
+
+    def make(*extra: str) -> Gateway:
+        gw = start_gateway(triton.grpc_url, tmp_path / f"gateway{len(started)}.log", *extra)
+        started.append(gw)
+        wait_ready(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()
