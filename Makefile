@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto train-gan train-classifier evaluate report clean deploy-check k8s-render images
+.PHONY: help setup test run demo gateway proto export triton bench-triton train-gan train-classifier evaluate report clean deploy-check k8s-render images
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,15 @@ gateway: setup ## only the gateway, against a running Triton: make gateway TRITO
 
 proto: ## regenerate serving/generated/ from serving/proto/ (output committed; never edit it)
 	$(PY) -m serving.proto.gen
+
+export: setup ## export checkpoints to ONNX/TorchScript for Triton (skips fresh ones): make export [FORCE=1] [GPU=1]
+	$(PY) -m training.export $(if $(FORCE),--force) $(if $(GPU),--gpu-variant)
+
+triton: export ## Triton alone in the foreground: HTTP :8000, gRPC :8001, metrics :8002
+	$(PY) -m serving.triton_server
+
+bench-triton: export ## per-sample latency: eager PyTorch vs ONNX Runtime vs Triton gRPC -> bench/triton.json
+	$(PY) -m serving.bench_triton
 
 test: setup ## run the test suite (starts real Triton, gateway and Prometheus on 127.0.0.1)
 	$(PY) -m pytest -q

@@ -1,0 +1,303 @@
+"""Per-sample latency, side by side: eager PyTorch vs ONNX Runtime in-process vs Triton over gRPC.
+
+Workloads: the dcgan-baseline generator (`dcgan_generator`) and DDPM denoising (`ddpm_denoise`) with DDPM-100
+and DPM-Solver++-20. Every cell is the median of `repeats` timed runs after `warmup` untimed ones; one Triton
+request carries the whole batch. Prints a markdown table and writes bench/triton.json.
+
+    python -m serving.bench_triton                          # starts its own Triton on free ports
+    python -m serving.bench_triton --grpc-url 127.0.0.1:8001 --denoise-batches 1 4 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from training.checkpoint import CHECKPOINT_DIR, REPO_ROOT
+from training.latent import sample_latent
+from training.registry import DDPM_CHECKPOINT, GAN_MODELS
+
+BACKENDS = ("pytorch-eager", "onnxruntime", "triton-grpc")
+GENERATOR_MODELS = {"dcgan-baseline": "dcgan_generator", "dcgan-modified": "dcgan_modified", "mlp": "mlp_generator"}
+
+
+@dataclass
+class BenchConfig:
+    model_repository: Path = REPO_ROOT / "model_repository"
+    checkpoint_dir: Path = CHECKPOINT_DIR
+    grpc_url: str | None = None  # a running Triton (host:port); None = start one with just the two models
+    generator: str = "dcgan-baseline"  # one of GENERATOR_MODELS
+    generator_batches: tuple[int, ...] = (1, 64, 256)
+    generator_repeats: int = 20
+    # DDPM-100 at batch 256 is minutes per run on 2 shared CPU cores; raise this on a bigger machine
+    denoise_batches: tuple[int, ...] = (1, 4)
+    denoise_samplers: tuple[str, ...] = ("ddpm:100", "dpm-solver++:20")  # sampler:steps
+    denoise_repeats: int = 2
+    sigma: float = 0.5  # noise level of the denoise workload (t* ~ 145, so 100 steps are all run)
+    warmup: int = 1  # untimed runs per cell (denoise warm-ups use 2 steps: same shapes, less time)
+    # eager torch gets the faster of 1 and `threads` intra-op threads (probed per cell: on a busy machine 2 threads
+    # can be several times slower than 1); in-process ONNX Runtime uses the model's config.pbtxt settings
+    threads: int = 2
+    seed: int = 0
+    out: Path = REPO_ROOT / "bench" / "triton.json"
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATOR_MODELS:
+            raise ValueError(f"generator must be one of {sorted(GENERATOR_MODELS)}, got {self.generator!r}")
+        from training.diffusion import MAX_STEPS, SAMPLERS
+
+        for spec in self.denoise_samplers:
+            name, _, steps = spec.partition(":")
+            if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= MAX_STEPS:
+                raise ValueError(f"denoise sampler {spec!r}: expected SAMPLER:STEPS with SAMPLER in {SAMPLERS} "
+                                 f"and STEPS in [1, {MAX_STEPS}]")
+        for name in ("generator_batches", "denoise_batches"):
+            if any(b < 1 for b in getattr(self, name)):
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int, warm_fn: Callable[[], object] | None = None) -> list[float]:
+    """Wall-clock seconds of `repeats` calls after `warmup` untimed calls of warm_fn (default fn)."""
+    for _ in range(warmup):
+        (warm_fn or fn)()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: int = 3) -> int:
+    """The torch intra-op thread count (among candidates) with the fastest median of a few calls; leaves it set."""
+    best, best_t = candidates[0], float("inf")
+    for n in dict.fromkeys(candidates):
+        torch.set_num_threads(n)
+        t = statistics.median(timed(fn, probes, 1))
+        if t < best_t:
+            best, best_t = n, t
+    torch.set_num_threads(best)
+    return best
+
+
+def ort_session(model_dir: Path):
+    """An ONNX Runtime session over <model_dir>/1/model.onnx with the thread settings of its config.pbtxt."""
+    import onnxruntime as ort
+
+    from training.export import read_model_config
+
+    params = {k: v.string_value for k, v in read_model_config(model_dir / "config.pbtxt").parameters.items()}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+    opts.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_dir / "1" / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class OrtEps:
+    """eps_fn over the exported UNet, as ddpm_denoise's model.py builds it."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        feeds = {"sample": np.ascontiguousarray(x.numpy(), dtype=np.float32), "timestep": t.numpy().astype(np.int64)}
+        return torch.from_numpy(self.session.run(["noise_pred"], feeds)[0])  # (B, 1, 28, 28)
+
+
+def _grpc_inputs(arrays: dict[str, tuple[np.ndarray, str]]):
+    import tritonclient.grpc as grpcclient
+
+    ins = []
+    for name, (arr, dtype) in arrays.items():
+        i = grpcclient.InferInput(name, list(arr.shape), dtype)
+        i.set_data_from_numpy(arr)
+        ins.append(i)
+    return ins
+
+
+def bench_generator(cfg: BenchConfig, client) -> list[dict]:
+    from training.registry import load_generator
+
+    model = GENERATOR_MODELS[cfg.generator]
+    gen, config = load_generator(cfg.checkpoint_dir / GAN_MODELS[cfg.generator])
+    dim = config["arch"]["latent_dim"]
+    sess = ort_session(cfg.model_repository / model)
+    rows = []
+    for b in cfg.generator_batches:
+        z = sample_latent(b, dim, cfg.seed)  # (B, latent_dim)
+        zt = torch.from_numpy(z)
+        ins = _grpc_inputs({"latent": (z, "FP32")})
+
+        def eager():
+            with torch.inference_mode():
+                return gen(zt)
+
+        runs = {
+            "pytorch-eager": eager,
+            "onnxruntime": lambda: sess.run(["image"], {"latent": z}),
+            "triton-grpc": lambda: client.infer(model, ins).as_numpy("image"),
+        }
+        threads = best_threads(eager, (1, cfg.threads))
+        for backend, fn in runs.items():
+            times = timed(fn, cfg.generator_repeats, cfg.warmup)
+            extra = {"torch_threads": threads} if backend == "pytorch-eager" else {}
+            rows.append(_row(f"generator {cfg.generator}", b, backend, times, **extra))
+            print(f"  {rows[-1]['workload']:<28} batch {b:>4} {backend:<14} {rows[-1]['per_sample_ms']:.4f} ms/sample",
+                  flush=True)
+    return rows
+
+
+def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
+    from training.data import DataConfig, load_mnist
+    from training.diffusion import denoise, inference_timesteps, load_unet, make_scheduler, sigma_to_timestep
+
+    unet, config = load_unet(cfg.checkpoint_dir / DDPM_CHECKPOINT)
+    sched_cfg = config.get("scheduler")
+    eps = OrtEps(ort_session(cfg.model_repository / "ddpm_denoise"))
+    x_test, _ = load_mnist("test", DataConfig())  # (N, 1, 28, 28) in [-1, 1]
+    t_star = sigma_to_timestep(cfg.sigma, make_scheduler("ddpm", sched_cfg).alphas_cumprod)
+    rows = []
+    for spec in cfg.denoise_samplers:
+        sampler, steps = spec.split(":")[0], int(spec.split(":")[1])
+        evals = len(inference_timesteps(t_star, steps))
+        name = f"denoise {sampler}-{steps}"
+        for b in cfg.denoise_batches:
+            x0 = np.ascontiguousarray(x_test[:b].numpy(), dtype=np.float32)  # (B, 1, 28, 28)
+            x0t = torch.from_numpy(x0)
+
+            def triton_inputs(n_steps):
+                return _grpc_inputs({
+                    "image": (x0, "FP32"),
+                    "sigma": (np.full((b, 1), cfg.sigma, np.float32), "FP32"),
+                    "steps": (np.full((b, 1), n_steps, np.int32), "INT32"),
+                    "sampler": (np.array([[sampler.encode()]] * b, dtype=object), "BYTES"),
+                    "seed": (np.arange(cfg.seed, cfg.seed + b, dtype=np.int64).reshape(b, 1), "INT64"),
+                })
+
+            ins, warm_ins = triton_inputs(steps), triton_inputs(2)
+
+            def run_with(eps_fn, n_steps):
+                return lambda: denoise(eps_fn, x0t, cfg.sigma, sampler, n_steps, cfg.seed, scheduler_config=sched_cfg)
+
+            runs = {
+                "pytorch-eager": (run_with(unet, steps), run_with(unet, 2)),
+                "onnxruntime": (run_with(eps, steps), run_with(eps, 2)),
+                "triton-grpc": (lambda: client.infer("ddpm_denoise", ins, client_timeout=3600).as_numpy("denoised"),
+                                lambda: client.infer("ddpm_denoise", warm_ins, client_timeout=3600)),
+            }
+            t_probe = torch.full((b,), t_star, dtype=torch.int64)  # (B,)
+
+            def one_eval():
+                with torch.inference_mode():
+                    return unet(x0t, t_probe)
+
+            threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
+            for backend, (fn, warm) in runs.items():
+                times = timed(fn, cfg.denoise_repeats, cfg.warmup, warm)
+                extra = {"torch_threads": threads} if backend == "pytorch-eager" else {}
+                rows.append(_row(name, b, backend, times, unet_evals=evals, **extra))
+                print(f"  {name:<28} batch {b:>4} {backend:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample", flush=True)
+    return rows
+
+
+def _row(workload: str, batch: int, backend: str, times: list[float], **extra) -> dict:
+    med = statistics.median(times)
+    return {"workload": workload, "batch": batch, "backend": backend, "median_ms": med * 1e3,
+            "per_sample_ms": med * 1e3 / batch, "runs_ms": [t * 1e3 for t in times], **extra}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        cells.setdefault((r["workload"], r["batch"]), {})[r["backend"]] = r["per_sample_ms"]
+    head = ("| workload | batch | " + " | ".join(f"{b} ms/sample" for b in BACKENDS)
+            + " | Triton vs eager |\n|---|---:|" + "---:|" * len(BACKENDS) + "---:|")
+    lines = [head]
+    for (workload, batch), c in cells.items():
+        vals = " | ".join(f"{c[b]:.4g}" if b in c else "-" for b in BACKENDS)
+        ratio = c["pytorch-eager"] / c["triton-grpc"] if {"pytorch-eager", "triton-grpc"} <= c.keys() else float("nan")
+        lines.append(f"| {workload} | {batch} | {vals} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def run(cfg: BenchConfig) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    from serving.triton_server import TritonConfig, TritonServer, free_ports
+    from training.export import ExportConfig
+    from training.export import run as export
+
+    torch.set_num_threads(cfg.threads)
+    gen_model = GENERATOR_MODELS[cfg.generator]
+    export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
+                        only=(gen_model, "ddpm_unet", "ddpm_denoise")))
+    server = None
+    url = cfg.grpc_url
+    if url is None:
+        http, grpc, metrics = free_ports(3)
+        server = TritonServer(TritonConfig(
+            model_repository=cfg.model_repository, models=(gen_model, "ddpm_denoise"), bind_address="127.0.0.1",
+            http_port=http, grpc_port=grpc, metrics_port=metrics, startup_timeout_s=600))
+        print("starting Triton ...", flush=True)
+        server.start().wait_ready()
+        url = server.grpc_url
+    try:
+        client = grpcclient.InferenceServerClient(url)
+        rows = bench_generator(cfg, client) + bench_denoise(cfg, client)
+    finally:
+        if server is not None:
+            server.close()
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__, "load_avg_1m": __import__("os").getloadavg()[0]},
+        "rows": rows,
+    }
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(json.dumps(result, indent=2))
+    print()
+    print(markdown_table(rows))
+    print(f"\nwritten {cfg.out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grpc-url", default=None, help="use a running Triton instead of starting one")
+    p.add_argument("--model-repository", type=Path, default=d.model_repository)
+    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
+    p.add_argument("--generator", choices=sorted(GENERATOR_MODELS), default=d.generator)
+    p.add_argument("--generator-batches", type=int, nargs="+", default=list(d.generator_batches))
+    p.add_argument("--generator-repeats", type=int, default=d.generator_repeats)
+    p.add_argument("--denoise-batches", type=int, nargs="+", default=list(d.denoise_batches))
+    p.add_argument("--denoise-samplers", nargs="+", default=list(d.denoise_samplers), help="SAMPLER:STEPS ...")
+    p.add_argument("--denoise-repeats", type=int, default=d.denoise_repeats)
+    p.add_argument("--sigma", type=float, default=d.sigma)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--out", type=Path, default=d.out)
+    a = p.parse_args(argv)
+    cfg = BenchConfig(
+        model_repository=a.model_repository, checkpoint_dir=a.checkpoint_dir, grpc_url=a.grpc_url,
+        generator=a.generator, generator_batches=tuple(a.generator_batches), generator_repeats=a.generator_repeats,
+        denoise_batches=tuple(a.denoise_batches), denoise_samplers=tuple(a.denoise_samplers),
+        denoise_repeats=a.denoise_repeats, sigma=a.sigma, warmup=a.warmup, threads=a.threads, out=a.out,
+    )
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

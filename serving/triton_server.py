@@ -1,0 +1,361 @@
+"""Start, health-check and stop the real Triton Inference Server shipped in the nvidia-pytriton wheel."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+LOG_LEVELS = (0, 1, 2, 3)  # --log-verbose values accepted by tritonserver (0 = info only)
+
+
+@dataclass
+class TritonConfig:
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY  # Triton layout: <name>/config.pbtxt, <name>/1/
+    host: str = "127.0.0.1"  # address clients use to reach the server (the *_url properties)
+    bind_address: str = "0.0.0.0"  # where Triton listens; tests use 127.0.0.1, containers need 0.0.0.0
+    http_port: int = 8000  # KServe v2 HTTP/REST
+    grpc_port: int = 8001  # KServe v2 gRPC
+    metrics_port: int = 8002  # Prometheus text format at /metrics
+    models: tuple[str, ...] | None = None  # models to load; None = every model whose 1/model.onnx exists
+    startup_timeout_s: float = 120.0  # wait_ready() default: loading python-backend models takes ~10 s each
+    stop_grace_s: float = 15.0  # SIGTERM, then SIGKILL after this many seconds
+    log_verbose: int = 0  # one of LOG_LEVELS
+    log_file: Path | None = None  # server stdout+stderr; None = a file in the server's temporary dir
+    log_to_stdout: bool = False  # foreground use (make run, containers): leave the log on our stdout
+    extra_args: tuple[str, ...] = ()  # passed through to tritonserver unchanged
+
+    def __post_init__(self) -> None:
+        self.model_repository = Path(self.model_repository).resolve()
+        if self.log_verbose not in LOG_LEVELS:
+            raise ValueError(f"log_verbose must be one of {LOG_LEVELS}, got {self.log_verbose!r}")
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 < int(port) < 65536:
+                raise ValueError(f"{name} must be in 1..65535, got {port!r}")
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        if len(set(ports)) != 3:
+            raise ValueError(f"http_port, grpc_port and metrics_port must differ, got {ports}")
+        if self.models is not None:
+            self.models = tuple(self.models)
+
+
+@dataclass
+class TritonInstall:
+    """Where the pieces of the wheel's Triton live."""
+    binary: Path  # tritonserver executable
+    lib_dir: Path  # shared libraries it links against (LD_LIBRARY_PATH)
+    backends_dir: Path  # backends/python/libtriton_python.so ...
+    stub: Path  # triton_python_backend_stub built for this interpreter's Python version
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate tritonserver inside the installed nvidia-pytriton wheel, or fail with what to install."""
+    try:
+        import pytriton  # noqa: F401  (only its location is needed)
+    except ImportError as e:
+        raise RuntimeError(
+            "tritonserver not found: the nvidia-pytriton wheel is not installed in this environment "
+            f"({sys.executable}); install it with `pip install nvidia-pytriton==0.7.0 'numpy<2'`"
+        ) from e
+    pkg = Path(pytriton.__file__).resolve().parent
+    root = pkg / "tritonserver"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    install = TritonInstall(
+        binary=root / "bin" / "tritonserver",
+        lib_dir=pkg.parent / "nvidia_pytriton.libs",
+        backends_dir=root / "backends",
+        stub=root / "python_backend_stubs" / ver / "triton_python_backend_stub",
+    )
+    for what, path in vars(install).items():
+        if not path.exists():
+            hint = f" (no python backend stub for Python {ver})" if what == "stub" else ""
+            raise RuntimeError(f"nvidia-pytriton is installed but its {what} is missing: {path}{hint}")
+    return install
+
+
+def python_libdir() -> str:
+    """Directory of this interpreter's shared libpython ("" for a statically linked interpreter)."""
+    import sysconfig
+
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname and (Path(libdir) / soname).exists():
+        return str(libdir)
+    return ""
+
+
+def available_models(model_repository: Path) -> list[str]:
+    """Models that can load: a config.pbtxt and an exported 1/model.onnx (all models here run ONNX)."""
+    repo = Path(model_repository)
+    return sorted(
+        d.name for d in repo.iterdir()
+        if (d / "config.pbtxt").is_file() and (d / "1" / "model.onnx").is_file()
+    ) if repo.is_dir() else []
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ephemeral ports free right now (all bound at once, read, released)."""
+    import socket
+
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """One ephemeral port that is free right now."""
+    return free_ports(1, host)[0]
+
+
+class TritonServer:
+    """One tritonserver process: `start()`, `wait_ready()`, `stop()`; also a context manager.
+
+    `grpc_url` and `http_url` are `host:port` (what tritonclient.grpc / tritonclient.http take);
+    `metrics_url` is the full `http://host:port/metrics` address for scraping.
+    """
+
+    def __init__(self, config: TritonConfig | None = None):
+        self.config = config or TritonConfig()
+        self.install = find_tritonserver()
+        self.proc: subprocess.Popen | None = None
+        self.models: list[str] = []
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.log_path: Path | None = None
+        self._log_fh = None
+
+    # -- addresses -------------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.config.host}:{self.config.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.config.host}:{self.config.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.metrics_port}/metrics"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _backends(self) -> Path:
+        """A private copy of the wheel's backends with the python stub in place (site-packages untouched)."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mnistgen-triton-")
+        dst = Path(self._tmp.name) / "backends"
+        if not dst.exists():
+            shutil.copytree(self.install.backends_dir, dst, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(self.install.stub, dst / "python" / "triton_python_backend_stub")
+        return dst
+
+    def command(self) -> list[str]:
+        c = self.config
+        cmd = [
+            str(self.install.binary),
+            f"--model-repository={c.model_repository}",
+            f"--backend-directory={self._backends()}",
+            f"--http-port={c.http_port}",
+            f"--grpc-port={c.grpc_port}",
+            f"--metrics-port={c.metrics_port}",
+            f"--http-address={c.bind_address}",
+            f"--grpc-address={c.bind_address}",
+            f"--metrics-address={c.bind_address}",
+            "--allow-metrics=true",
+            f"--log-verbose={c.log_verbose}",
+            # explicit mode: load exactly the exported models, so a missing export is a clear
+            # "not loaded" rather than a failed start; a model that fails to load still stops the server
+            "--model-control-mode=explicit",
+            "--disable-auto-complete-config",  # configs are complete; skips one extra stub process per model
+        ]
+        cmd += [f"--load-model={m}" for m in self.models]
+        return cmd + list(c.extra_args)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # the stub links libpython3.X.so.1.0: it must be this interpreter's, or extension modules built
+        # for it (e.g. _ssl, imported by diffusers -> huggingface_hub) fail on missing symbols
+        libdirs = [str(self.install.lib_dir), python_libdir(), env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libdirs if p)
+        # the python backend stub runs model.py in the first `python` on PATH: make it this venv's
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+    def _select_models(self) -> list[str]:
+        c = self.config
+        if not c.model_repository.is_dir():
+            raise FileNotFoundError(f"model repository not found: {c.model_repository}")
+        present = available_models(c.model_repository)
+        if c.models is not None:
+            missing = sorted(set(c.models) - set(present))
+            if missing:
+                raise FileNotFoundError(
+                    f"models {missing} have no config.pbtxt + 1/model.onnx in {c.model_repository}; "
+                    f"exported: {present}; run `python -m training.export`"
+                )
+            present = list(c.models)
+        if not present:
+            raise FileNotFoundError(
+                f"no exported model in {c.model_repository} (need <name>/1/model.onnx): "
+                "run `python -m training.export` first"
+            )
+        return present
+
+    def start(self) -> "TritonServer":
+        """Spawn tritonserver (returns at once; call wait_ready())."""
+        if self.running:
+            raise RuntimeError(f"Triton already running (pid {self.proc.pid})")
+        self.models = self._select_models()
+        backends = self._backends()
+        out = None
+        if not self.config.log_to_stdout:
+            self.log_path = Path(self.config.log_file) if self.config.log_file else backends.parent / "tritonserver.log"
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_fh = out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT if out else None,
+            stdin=subprocess.DEVNULL, start_new_session=True,  # own process group: stubs die with it
+        )
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n_lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n_lines:])
+
+    def is_ready(self) -> bool:
+        """GET /v2/health/ready on the HTTP port is 200 (every loaded model READY) and gRPC accepts connections."""
+        import socket
+
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                if r.status != 200:
+                    return False
+            with socket.create_connection((self.config.host, self.config.grpc_port), timeout=2):
+                return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float | None = None) -> "TritonServer":
+        """Block until the server reports ready; TimeoutError / RuntimeError carry the log tail."""
+        timeout = self.config.startup_timeout_s if timeout is None else timeout
+        c = self.config
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None:
+                raise RuntimeError("Triton was not started: call start() first")
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.proc.returncode} before becoming ready "
+                    f"(http {c.http_port}, grpc {c.grpc_port}, metrics {c.metrics_port}); "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                return self
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Triton not ready after {timeout:.0f} s (http {c.http_port}, grpc {c.grpc_port}, "
+                    f"metrics {c.metrics_port}, models {self.models}); log {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after the grace period; returns the exit code (None if never started)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.config.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:  # python-backend stubs orphaned by a SIGKILL live in the group this object created
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+        return self.proc.returncode
+
+    def close(self) -> None:
+        """stop() and delete the temporary backends copy (and the default log file with it)."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = TritonConfig()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model-repository", type=Path, default=d.model_repository)
+    p.add_argument("--http-port", type=int, default=d.http_port)
+    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port)
+    p.add_argument("--bind-address", default=d.bind_address)
+    p.add_argument("--models", nargs="+", default=None, help="models to load (default: every exported one)")
+    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout_s)
+    p.add_argument("--log-verbose", type=int, choices=LOG_LEVELS, default=d.log_verbose)
+    p.add_argument("--log-file", type=Path, default=None, help="default: stream the server log to stdout")
+    a = p.parse_args(argv)
+    cfg = TritonConfig(
+        model_repository=a.model_repository, http_port=a.http_port, grpc_port=a.grpc_port,
+        metrics_port=a.metrics_port, bind_address=a.bind_address, models=a.models, startup_timeout_s=a.startup_timeout,
+        log_verbose=a.log_verbose, log_file=a.log_file, log_to_stdout=a.log_file is None,
+    )
+    server = TritonServer(cfg)
+    stop = {"sig": None}
+
+    def on_signal(signum, _frame):
+        stop["sig"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+        server.wait_ready()
+        print(f"Triton ready: models {server.models}; grpc {server.grpc_url}, http {server.http_url}, "
+              f"metrics {server.metrics_url}", flush=True)
+        while stop["sig"] is None and server.running:
+            time.sleep(0.5)
+    except (TimeoutError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        server.close()
+        return 1
+    died = not server.running and stop["sig"] is None  # the server went away on its own
+    code = server.proc.returncode if died else 0
+    server.close()
+    if died:
+        print(f"error: tritonserver exited with code {code}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Shared pytest fixtures: one real Triton server per test session, on free ports of 127.0.0.1."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from serving.triton_server import TritonConfig, TritonServer, available_models, free_ports
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+# Checkpoints the fixture exports from and tests compare against (override only to develop with stand-ins).
+CHECKPOINT_DIR = Path(os.environ.get("MNISTGEN_CHECKPOINT_DIR", REPO_ROOT / "checkpoints"))
+TRITON_STARTUP_TIMEOUT_S = float(os.environ.get("MNISTGEN_TRITON_STARTUP_TIMEOUT", "300"))  # 2 shared cores: slow
+
+
+class TritonHandle:
+    """What the `triton` fixture yields: addresses, the loaded models, and blocking stop()/start().
+
+    `grpc_url` / `http_url` are `127.0.0.1:PORT` (what tritonclient takes), `metrics_url` is
+    `http://127.0.0.1:PORT/metrics`. The ports stay the same across stop()/start().
+    A test that calls stop() must call start() again (try/finally): the server is shared by the session.
+    """
+
+    def __init__(self, server: TritonServer):
+        self.server = server
+        self.served_sha: dict[str, str] = {}  # model -> sha256 of the checkpoint its ONNX came from, at start
+
+    def record_exports(self) -> None:
+        from training.export import META_SHA, onnx_metadata
+
+        repo = self.server.config.model_repository
+        self.served_sha = {m: onnx_metadata(repo / m / "1" / "model.onnx").get(META_SHA, "")
+                           for m in self.server.models}
+
+    grpc_url = property(lambda self: self.server.grpc_url)
+    http_url = property(lambda self: self.server.http_url)
+    metrics_url = property(lambda self: self.server.metrics_url)
+    models = property(lambda self: list(self.server.models))  # loaded model names
+    running = property(lambda self: self.server.running)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self, timeout: float = TRITON_STARTUP_TIMEOUT_S) -> "TritonHandle":
+        """(Re)start if stopped and block until ready; a no-op when already running."""
+        if not self.server.running:
+            self.server.start()
+            self.record_exports()  # what this (re)start loads
+        self.server.wait_ready(timeout)
+        return self
+
+    def require(self, *models: str) -> None:
+        """Skip the calling test unless these models are loaded (their checkpoints may not exist yet)."""
+        missing = [m for m in models if m not in self.server.models]
+        if missing:
+            pytest.skip(f"models {missing} not exported (checkpoint missing); loaded: {self.server.models}")
+
+    def require_checkpoint(self, model: str, checkpoint: Path) -> None:
+        """Skip unless `model` is loaded and was exported from this checkpoint's current bytes.
+
+        (A checkpoint still being trained changes under a running session; comparing Triton's outputs with
+        a newer checkpoint would fail for no fault of the serving path.)
+        """
+        from training.export import file_sha256
+
+        self.require(model)
+        if not checkpoint.exists():
+            pytest.skip(f"{checkpoint} not found")
+        if file_sha256(checkpoint) != self.served_sha.get(model):
+            pytest.skip(f"{checkpoint} changed since Triton loaded {model} (still training?)")
+
+    def log_tail(self, n_lines: int = 40) -> str:
+        return self.server.log_tail(n_lines)
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory) -> TritonHandle:
+    """The real tritonserver on model_repository/, exporting first whatever committed checkpoint is new."""
+    from training.export import ExportConfig, run
+
+    # skips fresh exports; models without a checkpoint are left out
+    run(ExportConfig(checkpoint_dir=CHECKPOINT_DIR, model_repository=MODEL_REPOSITORY))
+    if not available_models(MODEL_REPOSITORY):
+        pytest.skip("no exported model in model_repository/: no committed checkpoint yet")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    cfg = TritonConfig(
+        model_repository=MODEL_REPOSITORY, bind_address="127.0.0.1",
+        http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        startup_timeout_s=TRITON_STARTUP_TIMEOUT_S,
+        log_file=tmp_path_factory.mktemp("triton") / "tritonserver.log",
+    )
+    handle = TritonHandle(TritonServer(cfg))
+    handle.start()
+    yield handle
+    handle.server.close()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir() -> Path:
+    """Where the committed checkpoints are (what the `triton` fixture exported from)."""
+    return CHECKPOINT_DIR

@@ -1,0 +1,341 @@
+"""The Triton launcher (start/ready/stop, errors) and every served model over gRPC and HTTP against PyTorch."""
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from serving.triton_server import TritonConfig, TritonServer, find_tritonserver, free_ports
+from training.export import GENERATORS
+from training.latent import sample_latent
+from training.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
+
+GEN_TOL = 1e-4  # ONNX Runtime in Triton vs eager PyTorch, fp32
+UNET_TOL = 1e-4
+LOOP_TOL = 1e-3  # a whole sampling loop accumulates ONNX-vs-PyTorch rounding
+
+# -- launcher ----------------------------------------------------------------------------------------
+
+SLEEPY_MODEL = '''
+import time
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep({sleep})
+        {fail}
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "x").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2)]))
+        return out
+'''
+TINY_CONFIG = '''
+name: "tiny"
+backend: "python"
+max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+'''
+
+
+def tiny_repository(root: Path, sleep: float = 0.0, fail: bool = False) -> Path:
+    repo = root / "repo"
+    (repo / "tiny" / "1").mkdir(parents=True)
+    (repo / "tiny" / "config.pbtxt").write_text(TINY_CONFIG)
+    fail_line = 'raise RuntimeError("tiny model refuses to load")' if fail else "pass"
+    (repo / "tiny" / "1" / "model.py").write_text(SLEEPY_MODEL.format(sleep=sleep, fail=fail_line))
+    (repo / "tiny" / "1" / "model.onnx").write_bytes(b"")  # marks the model as exported for the launcher
+    return repo
+
+
+def tiny_config(repo: Path, tmp_path: Path, **kw) -> TritonConfig:
+    http, grpc, metrics = free_ports(3)
+    return TritonConfig(model_repository=repo, bind_address="127.0.0.1", http_port=http, grpc_port=grpc,
+                        metrics_port=metrics, log_file=tmp_path / "triton.log", stop_grace_s=5, **kw)
+
+
+def test_find_tritonserver_paths_exist():
+    install = find_tritonserver()
+    for path in vars(install).values():
+        assert path.exists(), path
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"log_verbose": 7}, "log_verbose must be one of"),
+    ({"http_port": 9000, "grpc_port": 9000, "metrics_port": 9002}, "must differ"),
+    ({"http_port": 70000}, r"http_port must be in 1\.\.65535"),
+])
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TritonConfig(**kw)
+
+
+def test_start_without_exports_names_the_fix(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="training.export"):
+        TritonServer(tiny_config(tmp_path / "empty", tmp_path)).start()
+
+
+def test_wait_ready_timeout_names_ports_and_log(tmp_path):
+    cfg = tiny_config(tiny_repository(tmp_path, sleep=60), tmp_path)
+    server = TritonServer(cfg).start()
+    try:
+        with pytest.raises(TimeoutError) as err:
+            server.wait_ready(timeout=3)
+        msg = str(err.value)
+        assert f"http {cfg.http_port}" in msg and f"grpc {cfg.grpc_port}" in msg and f"metrics {cfg.metrics_port}" in msg
+        assert "tritonserver" in msg.lower() or "loading" in msg.lower()  # the log tail is included
+    finally:
+        t0 = time.monotonic()
+        server.close()
+    assert not server.running
+    assert time.monotonic() - t0 < cfg.stop_grace_s + 5
+
+
+def test_failed_model_load_reports_the_models_error(tmp_path):
+    server = TritonServer(tiny_config(tiny_repository(tmp_path, fail=True), tmp_path)).start()
+    try:
+        with pytest.raises(RuntimeError, match="tiny model refuses to load"):
+            server.wait_ready(timeout=120)
+    finally:
+        server.close()
+
+
+def test_start_infer_stop_restart_same_ports(tmp_path):
+    cfg = tiny_config(tiny_repository(tmp_path), tmp_path)
+    with TritonServer(cfg) as server:
+        x = np.array([[1.0, 2.0]], np.float32)
+
+        def infer():
+            # a fresh channel each time: a gRPC channel that saw "connection refused" backs off before retrying
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            i = grpcclient.InferInput("x", x.shape, "FP32")
+            i.set_data_from_numpy(x)
+            return client.infer("tiny", [i]).as_numpy("y")
+
+        np.testing.assert_array_equal(infer(), x * 2)
+        assert server.stop() is not None and not server.running
+        with pytest.raises(InferenceServerException):
+            infer()
+        server.start().wait_ready(timeout=120)  # the same ports again
+        np.testing.assert_array_equal(infer(), x * 2)
+        with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+            assert b"nv_inference_count" in r.read()
+
+
+# -- served models -----------------------------------------------------------------------------------
+
+
+def _grpc_infer(url, model, inputs, outputs):
+    client = grpcclient.InferenceServerClient(url)
+    ins = []
+    for name, (arr, dtype) in inputs.items():
+        i = grpcclient.InferInput(name, list(arr.shape), dtype)
+        i.set_data_from_numpy(arr)
+        ins.append(i)
+    res = client.infer(model, ins, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
+    return [res.as_numpy(o) for o in outputs]
+
+
+def _http_infer(url, model, inputs, outputs):
+    client = httpclient.InferenceServerClient(url)
+    ins = []
+    for name, (arr, dtype) in inputs.items():
+        i = httpclient.InferInput(name, list(arr.shape), dtype)
+        i.set_data_from_numpy(arr, binary_data=True)
+        ins.append(i)
+    res = client.infer(model, ins, outputs=[httpclient.InferRequestedOutput(o, binary_data=True) for o in outputs])
+    return [res.as_numpy(o) for o in outputs]
+
+
+PROTOCOLS = {"grpc": (_grpc_infer, "grpc_url"), "http": (_http_infer, "http_url")}
+
+
+def infer(triton, protocol, model, inputs, outputs):
+    fn, attr = PROTOCOLS[protocol]
+    return fn(getattr(triton, attr), model, inputs, outputs)
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("model", sorted(GENERATORS))
+def test_generator_matches_pytorch(triton, checkpoint_dir, model, protocol):
+    ckpt = checkpoint_dir / GAN_MODELS[GENERATORS[model]]
+    triton.require_checkpoint(model, ckpt)
+    gen, config = load_generator(ckpt)
+    dim = config["arch"]["latent_dim"]
+    cfg = grpcclient.InferenceServerClient(triton.grpc_url).get_model_config(model).config
+    assert list(cfg.input[0].dims) == [dim]  # how the gateway learns latent_dim
+    z = sample_latent(5, dim, seed=123)  # (5, dim)
+    (image,) = infer(triton, protocol, model, {"latent": (z, "FP32")}, ["image"])
+    with torch.inference_mode():
+        ref = gen(torch.from_numpy(z)).numpy()  # (5, 1, 28, 28)
+    assert image.shape == (5, 1, 28, 28) and image.dtype == np.float32
+    assert np.abs(image - ref).max() <= GEN_TOL
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_bad_shape_gets_triton_error_and_server_stays_up(triton, protocol):
+    triton.require("dcgan_generator")
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    dim = client.get_model_config("dcgan_generator").config.input[0].dims[0]
+    for bad in (np.zeros((2, dim + 3), np.float32), np.zeros((1025, dim), np.float32)):  # wrong dim, > max batch
+        with pytest.raises(InferenceServerException):
+            infer(triton, protocol, "dcgan_generator", {"latent": (bad, "FP32")}, ["image"])
+    with pytest.raises(InferenceServerException):  # wrong dtype
+        infer(triton, protocol, "dcgan_generator", {"latent": (np.zeros((1, dim), np.float64), "FP64")}, ["image"])
+    assert client.is_server_live() and client.is_model_ready("dcgan_generator")
+    (image,) = infer(triton, protocol, "dcgan_generator", {"latent": (np.zeros((1, dim), np.float32), "FP32")}, ["image"])
+    assert image.shape == (1, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def unet(checkpoint_dir):
+    from training.diffusion import load_unet
+
+    path = checkpoint_dir / DDPM_CHECKPOINT
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    torch.set_num_threads(1)
+    return load_unet(path) + (path,)  # (unet, config, checkpoint path)
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_ddpm_unet_matches_pytorch(triton, unet, protocol):
+    model, _, path = unet
+    triton.require_checkpoint("ddpm_unet", path)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 1, 28, 28), dtype=np.float32)  # (3, 1, 28, 28)
+    t = np.array([[0], [500], [999]], np.int64)  # (3, 1)
+    (eps,) = infer(triton, protocol, "ddpm_unet", {"sample": (x, "FP32"), "timestep": (t, "INT64")}, ["noise_pred"])
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x), torch.from_numpy(t[:, 0])).sample.numpy()
+    assert np.abs(eps - ref).max() <= UNET_TOL
+
+
+def denoise_inputs(x0, sigma, steps, sampler, seeds):
+    b = x0.shape[0]
+    return {
+        "image": (x0.astype(np.float32), "FP32"),
+        "sigma": (np.full((b, 1), sigma, np.float32), "FP32"),
+        "steps": (np.full((b, 1), steps, np.int32), "INT32"),
+        "sampler": (np.array([[sampler.encode()]] * b, dtype=object), "BYTES"),
+        "seed": (np.asarray(seeds, np.int64).reshape(b, 1), "INT64"),
+    }
+
+
+def clean_images(n: int) -> np.ndarray:
+    """Deterministic images in [-1, 1] (a blurred random field is enough for a numerical comparison)."""
+    rng = np.random.default_rng(7)
+    return np.tanh(rng.standard_normal((n, 1, 28, 28)).astype(np.float32))  # (n, 1, 28, 28)
+
+
+@pytest.mark.parametrize("protocol, sampler, steps", [("grpc", "ddpm", 8), ("http", "ddim", 5), ("grpc", "dpm-solver++", 6)])
+def test_ddpm_denoise_matches_pytorch_loop(triton, unet, protocol, sampler, steps):
+    from training.diffusion import denoise
+
+    model, config, path = unet
+    triton.require_checkpoint("ddpm_denoise", path)
+    x0, sigma, seed = clean_images(3), 0.5, 11
+    noisy, denoised = infer(triton, protocol, "ddpm_denoise", denoise_inputs(x0, sigma, steps, sampler, [seed, seed + 1, seed + 2]),
+                            ["noisy", "denoised"])
+    ref_noisy, ref_denoised = denoise(model, torch.from_numpy(x0), sigma, sampler, steps, seed,
+                                      scheduler_config=config.get("scheduler"))
+    assert np.abs(noisy - ref_noisy.numpy()).max() <= 1e-5  # the same seeded noise
+    assert np.abs(denoised - ref_denoised.numpy()).max() <= LOOP_TOL
+
+
+def test_ddpm_denoise_rows_do_not_depend_on_batching(triton):
+    triton.require("ddpm_denoise")
+    x0 = clean_images(4)
+    seeds = [5, 900, 17, 3]  # not consecutive: every row carries its own seed
+    (together,) = infer(triton, "grpc", "ddpm_denoise", denoise_inputs(x0, 0.3, 4, "ddim", seeds), ["denoised"])
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    results = {}
+
+    def done(i):
+        return lambda result, error: results.__setitem__(i, error or result.as_numpy("denoised"))
+
+    for i in range(4):  # concurrent single-row requests: the dynamic batcher may merge them with anything
+        ins = []
+        for name, (arr, dtype) in denoise_inputs(x0[i:i + 1], 0.3, 4, "ddim", [seeds[i]]).items():
+            inp = grpcclient.InferInput(name, list(arr.shape), dtype)
+            inp.set_data_from_numpy(arr)
+            ins.append(inp)
+        client.async_infer("ddpm_denoise", ins, done(i))
+    deadline = time.monotonic() + 120
+    while len(results) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for i in range(4):
+        assert not isinstance(results[i], Exception), results[i]
+        assert np.abs(results[i][0] - together[i]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("sampler", "euler", "sampler must be one of"),
+    ("steps", 0, r"steps must be an integer in \[1, 1000\]"),
+    ("steps", 1001, r"steps must be an integer in \[1, 1000\]"),
+    ("sigma", -0.1, r"sigma must be a number in \[0, "),
+    ("sigma", 1e6, r"sigma must be a number in \[0, "),
+    ("seed", -1, r"seed must be an integer in \[0, "),
+])
+def test_ddpm_denoise_bad_values_get_clear_errors(triton, field, value, match):
+    triton.require("ddpm_denoise")
+    args = {"sigma": 0.5, "steps": 2, "sampler": "ddim", "seeds": [0]}
+    args.update({"seeds": [value]} if field == "seed" else {field: value})
+    with pytest.raises(InferenceServerException, match=match):
+        infer(triton, "grpc", "ddpm_denoise", denoise_inputs(clean_images(1), **args), ["denoised"])
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    assert client.is_server_live() and client.is_model_ready("ddpm_denoise")
+
+
+def generate_inputs(n, steps, sampler, seed):
+    return {
+        "num_samples": (np.array([n], np.int32), "INT32"),
+        "steps": (np.array([steps], np.int32), "INT32"),
+        "sampler": (np.array([sampler.encode()], dtype=object), "BYTES"),
+        "seed": (np.array([seed], np.int64), "INT64"),
+    }
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_ddpm_generate_matches_pytorch_loop(triton, unet, protocol):
+    from training.diffusion import generate
+
+    model, config, path = unet
+    triton.require_checkpoint("ddpm_generate", path)
+    (images,) = infer(triton, protocol, "ddpm_generate", generate_inputs(2, 4, "dpm-solver++", 42), ["image"])
+    ref = generate(model, 2, "dpm-solver++", 4, 42, scheduler_config=config.get("scheduler")).numpy()
+    assert images.shape == (2, 1, 28, 28)
+    assert np.abs(images - ref).max() <= LOOP_TOL
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"n": 0}, r"num_samples must be an integer in \[1, "),
+    ({"sampler": "heun"}, "sampler must be one of"),
+    ({"steps": 5000}, r"steps must be an integer in \[1, 1000\]"),
+])
+def test_ddpm_generate_bad_values_get_clear_errors(triton, kw, match):
+    triton.require("ddpm_generate")
+    args = {"n": 1, "steps": 2, "sampler": "ddim", "seed": 0} | kw
+    with pytest.raises(InferenceServerException, match=match):
+        infer(triton, "http", "ddpm_generate", generate_inputs(**args), ["image"])
+    assert grpcclient.InferenceServerClient(triton.grpc_url).is_model_ready("ddpm_generate")
+
+
+def test_metrics_endpoint_counts_inferences(triton):
+    triton.require("dcgan_generator")
+    with urllib.request.urlopen(triton.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    assert "nv_inference_count" in text and 'model="dcgan_generator"' in text

@@ -1,0 +1,158 @@
+"""training.export: ONNX/TorchScript parity with PyTorch, freshness skipping, latent_dim sync, loud failures."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from training import export
+from training.checkpoint import save_checkpoint
+from training.export import ExportConfig, ExportError, onnx_metadata, read_model_config, run
+from training.models import GANArch, build_generator
+from training.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-4  # fp32 max |export - PyTorch|
+
+
+def stand_in(ckpt_dir: Path, name: str, arch: GANArch) -> Path:
+    torch.manual_seed(0)
+    gen = build_generator(arch)
+    gen.train()(torch.randn(8, arch.latent_dim))  # non-trivial BatchNorm running stats
+    return save_checkpoint(ckpt_dir / GAN_MODELS[name], {"generator": gen.state_dict()},
+                           {"kind": "gan", "arch": arch.to_dict()})
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A private copy of model_repository/ (configs and model.py only) and an empty checkpoint dir."""
+    dst = tmp_path / "model_repository"
+    shutil.copytree(REPO_ROOT / "model_repository", dst,
+                    ignore=shutil.ignore_patterns("*.onnx", "*.pt", "__pycache__", "tmp*"))
+    (tmp_path / "ckpt").mkdir()
+    return dst
+
+
+def cfg_for(repo: Path, **kw) -> ExportConfig:
+    return ExportConfig(checkpoint_dir=repo.parent / "ckpt", model_repository=repo,
+                        gpu_repository=repo.parent / "gpu", **kw)
+
+
+def ort_run(path: Path, feeds: dict) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated; TorchScript is still a deliverable
+def test_generator_export_parity_names_and_dynamic_batch(repo):
+    ckpt = stand_in(repo.parent / "ckpt", "dcgan-modified", GANArch(latent_dim=64, depth=4))
+    (result,) = run(cfg_for(repo, only=("dcgan_modified",)))
+    assert result["onnx_max_abs_diff"] <= TOL and result["torchscript_max_abs_diff"] <= TOL
+    onnx_path = repo / "dcgan_modified" / "1" / "model.onnx"
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape[1:]) for i in sess.get_inputs()] == [("latent", [64])]
+    assert [(o.name, o.shape[1:]) for o in sess.get_outputs()] == [("image", [1, 28, 28])]
+    gen, _ = load_generator(ckpt)
+    ts = torch.jit.load(str(repo / "dcgan_modified" / "1" / "model.pt"))
+    for batch in (1, 37):  # the batch axis is dynamic
+        z = np.random.default_rng(batch).standard_normal((batch, 64), dtype=np.float32)
+        with torch.inference_mode():
+            ref = gen(torch.from_numpy(z)).numpy()  # (B, 1, 28, 28)
+            assert np.abs(ts(torch.from_numpy(z)).numpy() - ref).max() <= TOL
+        assert np.abs(ort_run(onnx_path, {"latent": z}) - ref).max() <= TOL
+    assert onnx_metadata(onnx_path)[export.META_SHA] == export.file_sha256(ckpt)
+
+
+def test_fresh_export_is_skipped_and_force_redoes_it(repo):
+    stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100))
+    run(cfg_for(repo, only=("mlp_generator",)))
+    onnx_path = repo / "mlp_generator" / "1" / "model.onnx"
+    first = onnx_path.stat().st_mtime_ns
+    (again,) = run(cfg_for(repo, only=("mlp_generator",)))
+    assert again["skipped"] and onnx_path.stat().st_mtime_ns == first
+    (forced,) = run(cfg_for(repo, only=("mlp_generator",), force=True))
+    assert not forced.get("skipped") and onnx_path.stat().st_mtime_ns != first
+    # a new checkpoint (different bytes) makes the export stale whatever the timestamps say
+    stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100, base_channels=32))
+    (new,) = run(cfg_for(repo, only=("mlp_generator",)))
+    assert not new.get("skipped")
+
+
+def test_missing_checkpoints_are_skipped_with_a_message(repo, capsys):
+    assert run(cfg_for(repo)) == []
+    out = capsys.readouterr().out
+    assert "dcgan_generator: skipped, checkpoint" in out and "train the DDPM first" in out
+    assert not list(repo.glob("*/1/model.onnx"))
+
+
+def test_latent_dim_is_written_into_config_from_checkpoint(repo):
+    stand_in(repo.parent / "ckpt", "dcgan-baseline", GANArch(latent_dim=32))  # config.pbtxt says 256
+    run(cfg_for(repo, only=("dcgan_generator",)))
+    cfg = read_model_config(repo / "dcgan_generator" / "config.pbtxt")
+    assert list(cfg.input[0].dims) == [32]
+    assert "# DCGAN generator" in (repo / "dcgan_generator" / "config.pbtxt").read_text()  # comments kept
+
+
+def test_parity_failure_is_loud_and_leaves_no_model(repo, monkeypatch):
+    stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100))
+    monkeypatch.setattr(export, "onnx_max_abs_diff", lambda *a, **k: 0.5)
+    with pytest.raises(ExportError, match="exceeds the tolerance"):
+        run(cfg_for(repo, only=("mlp_generator",)))
+    assert not (repo / "mlp_generator" / "1" / "model.onnx").exists()
+    assert export.main(["--only", "mlp_generator", "--checkpoint-dir", str(repo.parent / "ckpt"),
+                        "--model-repository", str(repo)]) == 1
+
+
+def test_only_rejects_unknown_names():
+    with pytest.raises(ValueError, match="expected some of"):
+        ExportConfig(only=("dcgan",))
+
+
+def test_gpu_variant_is_written(repo):
+    stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100))
+    run(cfg_for(repo, only=("mlp_generator",), gpu_variant=True))
+    gpu = repo.parent / "gpu"
+    assert read_model_config(gpu / "mlp_generator" / "config.pbtxt").platform == "onnxruntime_onnx"
+    assert (gpu / "mlp_generator" / "1" / "model.onnx").read_bytes() == \
+           (repo / "mlp_generator" / "1" / "model.onnx").read_bytes()
+
+
+# -- the committed checkpoints' exports (what Triton serves) ------------------------------------------
+
+
+@pytest.mark.parametrize("model", sorted(export.GENERATORS))
+def test_served_generator_onnx_matches_checkpoint(model):
+    ckpt = REPO_ROOT / "checkpoints" / GAN_MODELS[export.GENERATORS[model]]
+    onnx_path = REPO_ROOT / "model_repository" / model / "1" / "model.onnx"
+    if not ckpt.exists() or not onnx_path.exists():
+        pytest.skip("checkpoint or export missing")
+    if onnx_metadata(onnx_path).get(export.META_SHA) != export.file_sha256(ckpt):
+        pytest.skip(f"{onnx_path} is stale: run `python -m training.export`")
+    gen, config = load_generator(ckpt)
+    z = np.random.default_rng(0).standard_normal((16, config["arch"]["latent_dim"]), dtype=np.float32)
+    with torch.inference_mode():
+        ref = gen(torch.from_numpy(z)).numpy()
+    assert np.abs(ort_run(onnx_path, {"latent": z}) - ref).max() <= TOL
+
+
+def test_served_unet_onnx_matches_checkpoint():
+    ckpt = REPO_ROOT / "checkpoints" / DDPM_CHECKPOINT
+    paths = [REPO_ROOT / "model_repository" / m / "1" / "model.onnx" for m in export.DDPM_MODELS]
+    if not ckpt.exists() or not all(p.exists() for p in paths):
+        pytest.skip("checkpoint or export missing")
+    sha = export.file_sha256(ckpt)
+    if any(onnx_metadata(p).get(export.META_SHA) != sha for p in paths):
+        pytest.skip("stale UNet export: run `python -m training.export`")
+    from training.diffusion import load_unet
+
+    unet, _ = load_unet(ckpt)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 28, 28), dtype=np.float32)  # (4, 1, 28, 28)
+    t = np.array([0, 10, 500, 999], np.int64)  # (4,)
+    with torch.inference_mode():
+        ref = unet(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+    for p in paths:  # ddpm_unet and the loop models' copies
+        assert np.abs(ort_run(p, {"sample": x, "timestep": t}) - ref).max() <= TOL

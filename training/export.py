@@ -1,0 +1,395 @@
+"""Export committed checkpoints to ONNX + TorchScript in the Triton model repository, checking parity with PyTorch.
+
+    python -m training.export                 # every model whose checkpoint exists; skips fresh exports
+    python -m training.export --only dcgan_generator --force
+    python -m training.export --gpu-variant   # also write model_repository_gpu/ (native onnxruntime + TensorRT)
+
+A model's export is "fresh" (skipped) when its outputs exist and the ONNX file records the sha256 of the
+checkpoint it came from: stricter than comparing timestamps, and immune to `git checkout` touching mtimes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from .registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
+
+# Triton model name -> committed generator name (training.registry.GAN_MODELS).
+GENERATORS = {
+    "dcgan_generator": "dcgan-baseline",
+    "dcgan_modified": "dcgan-modified",
+    "mlp_generator": "mlp",
+}
+UNET_MODEL = "ddpm_unet"  # single-shot UNet: sample, timestep -> noise_pred
+DDPM_LOOP_MODELS = ("ddpm_denoise", "ddpm_generate")  # python-backend loops; each gets a copy of the UNet ONNX
+DDPM_MODELS = (UNET_MODEL,) + DDPM_LOOP_MODELS
+MODELS = tuple(GENERATORS) + DDPM_MODELS  # every model directory in model_repository/
+SINGLE_SHOT = tuple(GENERATORS) + (UNET_MODEL,)  # what the GPU variant serves with the native onnxruntime backend
+
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.pt"  # beside model.onnx; the python backend only ever loads model.py, so Triton ignores it
+META_SHA = "checkpoint_sha256"  # ONNX metadata_props key recording the source checkpoint
+
+
+class ExportError(RuntimeError):
+    """Export produced a model that disagrees with PyTorch, or the repository does not match the checkpoint."""
+
+
+@dataclass
+class ExportConfig:
+    checkpoint_dir: Path = CHECKPOINT_DIR  # committed checkpoints (GAN_MODELS files, ddpm.safetensors)
+    model_repository: Path = REPO_ROOT / "model_repository"  # config.pbtxt files are committed; exports land in 1/
+    gpu_repository: Path = REPO_ROOT / "model_repository_gpu"  # written by --gpu-variant (git-ignored)
+    only: tuple[str, ...] | None = None  # subset of MODELS; None = all
+    force: bool = False  # re-export even when fresh
+    gpu_variant: bool = False  # also write gpu_repository
+    opset: int = 18  # ONNX opset for the torch.export-based exporter
+    tolerance: float = 1e-4  # max |onnx - torch| (and |torchscript - torch|) on random inputs, fp32
+    parity_batch: int = 8  # rows of random input in the parity check
+    seed: int = 0  # parity-check inputs
+
+    def __post_init__(self) -> None:
+        self.checkpoint_dir = Path(self.checkpoint_dir)
+        self.model_repository = Path(self.model_repository)
+        self.gpu_repository = Path(self.gpu_repository)
+        if self.only is not None:
+            bad = sorted(set(self.only) - set(MODELS))
+            if bad:
+                raise ValueError(f"--only got unknown model(s) {bad}: expected some of {list(MODELS)}")
+            self.only = tuple(self.only)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """metadata_props of an ONNX file ({} if unreadable)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return {}
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def is_fresh(outputs: list[Path], checkpoint_sha: str) -> bool:
+    """Every output exists and the ONNX among them was exported from this exact checkpoint."""
+    if not all(p.exists() for p in outputs):
+        return False
+    return all(onnx_metadata(p).get(META_SHA) == checkpoint_sha for p in outputs if p.suffix == ".onnx")
+
+
+def _atomic_replace(tmp: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dst)  # concurrent readers (Triton, other test sessions) never see a half-written file
+
+
+def _set_metadata(onnx_path: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    del model.metadata_props[:]
+    for k, v in sorted(meta.items()):
+        model.metadata_props.add(key=k, value=str(v))
+    onnx.save(model, str(onnx_path))
+
+
+def export_onnx(
+    module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+    input_names: list[str], output_names: list[str], opset: int, meta: dict[str, str],
+) -> None:
+    """torch.export-based ONNX export with a dynamic batch axis on every input, weights inside the file."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic_shapes = tuple({0: batch} for _ in example)  # positional: forward()'s own arg names don't matter
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")  # one Dim on several inputs
+        torch.onnx.export(
+            module, example, str(path), input_names=input_names, output_names=output_names,
+            dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        )
+    _set_metadata(path, meta)
+
+
+def onnx_max_abs_diff(path: Path, module: nn.Module, feeds: dict[str, np.ndarray], output: str) -> float:
+    """max |ONNX Runtime(feeds) - module(*feeds)| on the CPU provider."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run([output], feeds)[0]
+    with torch.inference_mode():
+        ref = module(*[torch.from_numpy(v) for v in feeds.values()]).numpy()
+    if got.shape != ref.shape:
+        raise ExportError(f"{path}: ONNX output shape {got.shape} != PyTorch {ref.shape}")
+    return float(np.abs(got - ref).max())
+
+
+def _check_parity(what: str, diff: float, tol: float) -> None:
+    if not diff <= tol:  # also catches NaN
+        raise ExportError(f"{what}: max |export - PyTorch| = {diff:.3g} exceeds the tolerance {tol:g}")
+
+
+# -- config.pbtxt checks ---------------------------------------------------------------------------
+
+
+def read_model_config(path: Path):
+    """Parse a config.pbtxt into tritonclient's ModelConfig protobuf (a typo raises ParseError)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+_LATENT_DIMS = re.compile(r'(name:\s*"latent"\s*data_type:\s*TYPE_FP32\s*dims:\s*\[\s*)(\d+)(\s*\])')
+
+
+def sync_latent_dim(config_path: Path, latent_dim: int) -> bool:
+    """Make the `latent` input dims of config.pbtxt equal the checkpoint's latent_dim; True if rewritten."""
+    cfg = read_model_config(config_path)
+    dims = [list(i.dims) for i in cfg.input if i.name == "latent"]
+    if dims == [[latent_dim]]:
+        return False
+    text = config_path.read_text()
+    new, n = _LATENT_DIMS.subn(lambda m: f"{m.group(1)}{latent_dim}{m.group(3)}", text)
+    if n != 1:
+        raise ExportError(
+            f"{config_path}: expected one input `latent` (TYPE_FP32, dims [{latent_dim}]), found dims {dims}"
+        )
+    config_path.write_text(new)
+    print(f"  {config_path}: latent dims {dims} -> [{latent_dim}] (from the checkpoint)")
+    return True
+
+
+# -- generators ------------------------------------------------------------------------------------
+
+
+def export_generator(model: str, cfg: ExportConfig) -> dict | None:
+    """GAN generator -> 1/model.onnx (`latent` -> `image`) + 1/model.pt; None when the checkpoint is missing."""
+    ckpt = cfg.checkpoint_dir / GAN_MODELS[GENERATORS[model]]
+    if not ckpt.exists():
+        print(f"- {model}: skipped, checkpoint {ckpt} not found")
+        return None
+    model_dir = cfg.model_repository / model
+    latent_dim = int(read_config(ckpt)["arch"]["latent_dim"])
+    sync_latent_dim(model_dir / "config.pbtxt", latent_dim)
+    sha = file_sha256(ckpt)
+    onnx_path, ts_path = model_dir / "1" / ONNX_FILE, model_dir / "1" / TORCHSCRIPT_FILE
+    if not cfg.force and is_fresh([onnx_path, ts_path], sha):
+        print(f"- {model}: up to date ({ckpt.name})")
+        return {"model": model, "skipped": True}
+
+    gen, config = load_generator(ckpt)
+    z = torch.from_numpy(np.random.default_rng(cfg.seed).standard_normal((cfg.parity_batch, latent_dim), dtype=np.float32))
+    meta = {META_SHA: sha, "checkpoint": ckpt.name, "latent_dim": str(latent_dim), "config": json.dumps(config)}
+    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
+        tmp_onnx, tmp_ts = Path(tmp) / ONNX_FILE, Path(tmp) / TORCHSCRIPT_FILE
+        export_onnx(gen, (z[:2],), tmp_onnx, ["latent"], ["image"], cfg.opset, meta)
+        d_onnx = onnx_max_abs_diff(tmp_onnx, gen, {"latent": z.numpy()}, "image")
+        _check_parity(f"{model} ONNX", d_onnx, cfg.tolerance)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; TorchScript is still asked for
+            traced = torch.jit.trace(gen, z[:2], check_trace=False)
+            d_ts = float((traced(z) - gen(z)).abs().max())
+        _check_parity(f"{model} TorchScript", d_ts, cfg.tolerance)
+        traced.save(str(tmp_ts))
+        _atomic_replace(tmp_ts, ts_path)
+        _atomic_replace(tmp_onnx, onnx_path)  # last: model.onnx present == export complete
+    print(f"- {model}: exported {ckpt.name} (latent_dim {latent_dim}); max|diff| onnx {d_onnx:.2e}, "
+          f"torchscript {d_ts:.2e}")
+    return {"model": model, "latent_dim": latent_dim, "onnx_max_abs_diff": d_onnx, "torchscript_max_abs_diff": d_ts}
+
+
+# -- DDPM ------------------------------------------------------------------------------------------
+
+
+class UNetEps(nn.Module):
+    """The diffusers UNet as a plain tensor function: (sample (B, 1, 28, 28), timestep (B,) int64) -> noise_pred."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep).sample  # (B, 1, 28, 28)
+
+
+def export_ddpm(cfg: ExportConfig, models: tuple[str, ...]) -> dict | None:
+    """EMA UNet -> ddpm_unet/1/model.onnx (`sample`, `timestep` -> `noise_pred`), copied into the loop models."""
+    from .diffusion import DEFAULT_SCHEDULER, load_unet
+
+    ckpt = cfg.checkpoint_dir / DDPM_CHECKPOINT
+    if not ckpt.exists():
+        print(f"- {', '.join(models)}: skipped, checkpoint {ckpt} not found (train the DDPM first)")
+        return None
+    sha = file_sha256(ckpt)
+    targets = [cfg.model_repository / m / "1" / ONNX_FILE for m in models]
+    if not cfg.force and is_fresh(targets, sha):
+        print(f"- {', '.join(models)}: up to date ({ckpt.name})")
+        return {"model": UNET_MODEL, "skipped": True}
+
+    unet, config = load_unet(ckpt)
+    module = UNetEps(unet).eval()
+    rng = np.random.default_rng(cfg.seed)
+    x = rng.standard_normal((cfg.parity_batch, 1, 28, 28), dtype=np.float32)  # (B, 1, 28, 28)
+    t = rng.integers(0, 1000, size=(cfg.parity_batch,), dtype=np.int64)  # (B,)
+    scheduler = config.get("scheduler", DEFAULT_SCHEDULER)  # the loop models rebuild their schedulers from this
+    meta = {META_SHA: sha, "checkpoint": ckpt.name, "scheduler": json.dumps(scheduler, sort_keys=True),
+            "unet": json.dumps(config.get("unet", {}), sort_keys=True)}
+    with tempfile.TemporaryDirectory(dir=cfg.model_repository) as tmp:
+        tmp_onnx = Path(tmp) / ONNX_FILE
+        export_onnx(module, (torch.from_numpy(x[:2]), torch.from_numpy(t[:2])), tmp_onnx,
+                    ["sample", "timestep"], ["noise_pred"], cfg.opset, meta)
+        diff = onnx_max_abs_diff(tmp_onnx, module, {"sample": x, "timestep": t}, "noise_pred")
+        _check_parity("ddpm_unet ONNX", diff, cfg.tolerance)
+        for target in targets:
+            copy = Path(tmp) / f"{target.parent.parent.name}.onnx"
+            shutil.copyfile(tmp_onnx, copy)
+            _atomic_replace(copy, target)
+    print(f"- {', '.join(models)}: exported {ckpt.name}; max|diff| onnx {diff:.2e}")
+    return {"model": UNET_MODEL, "onnx_max_abs_diff": diff}
+
+
+# -- GPU variant -----------------------------------------------------------------------------------
+
+
+def gpu_model_config(cpu_config, single_shot: bool):
+    """The CPU repository's ModelConfig rewritten for NVIDIA's Triton container on a GPU node.
+
+    Single-shot models use the native onnxruntime backend with the TensorRT accelerator (FP16);
+    loop models stay python-backend (model.py picks CUDAExecutionProvider on a KIND_GPU instance).
+    """
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = mc.ModelConfig()
+    cfg.CopyFrom(cpu_config)
+    del cfg.instance_group[:]
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+    if single_shot:
+        cfg.backend = ""
+        cfg.platform = "onnxruntime_onnx"
+        cfg.default_model_filename = ONNX_FILE
+        for key in list(cfg.parameters):  # python-backend knobs mean nothing to onnxruntime
+            del cfg.parameters[key]
+        trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters["precision_mode"] = "FP16"
+        trt.parameters["max_workspace_size_bytes"] = str(1 << 30)
+        if cfg.max_batch_size > 0:
+            cfg.dynamic_batching.max_queue_delay_microseconds = 100  # GPU: trade 0.1 ms for fuller batches
+    return cfg
+
+
+def write_gpu_repository(src: Path, dst: Path) -> list[str]:
+    """Write dst/<model>/config.pbtxt (+ model.py for loop models, + model.onnx where exported)."""
+    from google.protobuf import text_format
+
+    written = []
+    for model in MODELS:
+        src_dir = src / model
+        if not (src_dir / "config.pbtxt").exists():
+            continue
+        cfg = gpu_model_config(read_model_config(src_dir / "config.pbtxt"), model in SINGLE_SHOT)
+        out = dst / model
+        (out / "1").mkdir(parents=True, exist_ok=True)
+        header = (f"# Generated by `python -m training.export --gpu-variant` from model_repository/{model}; "
+                  "for NVIDIA's Triton container on a GPU node. Do not edit.\n")
+        (out / "config.pbtxt").write_text(header + text_format.MessageToString(cfg))
+        if model not in SINGLE_SHOT:
+            shutil.copyfile(src_dir / "1" / "model.py", out / "1" / "model.py")
+        onnx = src_dir / "1" / ONNX_FILE
+        if onnx.exists():
+            shutil.copyfile(onnx, out / "1" / ONNX_FILE)
+        written.append(model)
+    return written
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def repository_lock(model_repository: Path):
+    """Serialise exports into one repository across processes (parallel test sessions, make run)."""
+    import fcntl
+
+    key = hashlib.sha256(str(Path(model_repository).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"mnistgen-export-{key}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run(cfg: ExportConfig) -> list[dict]:
+    """Export every wanted model whose checkpoint exists; returns one dict per model (parity figures)."""
+    with repository_lock(cfg.model_repository):
+        return _run(cfg)
+
+
+def _run(cfg: ExportConfig) -> list[dict]:
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # shared CPU: stay polite
+    wanted = cfg.only or MODELS
+    results = []
+    for model in GENERATORS:
+        if model in wanted:
+            r = export_generator(model, cfg)
+            if r:
+                results.append(r)
+    ddpm = tuple(m for m in DDPM_MODELS if m in wanted)
+    if ddpm:
+        r = export_ddpm(cfg, ddpm)
+        if r:
+            results.append(r)
+    if cfg.gpu_variant:
+        written = write_gpu_repository(cfg.model_repository, cfg.gpu_repository)
+        print(f"- GPU variant: {len(written)} models written to {cfg.gpu_repository}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = ExportConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=MODELS, default=None, help="models to export (default: all)")
+    p.add_argument("--force", action="store_true", help="re-export even when the outputs are fresh")
+    p.add_argument("--gpu-variant", action="store_true", help=f"also write {d.gpu_repository.name}/")
+    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
+    p.add_argument("--model-repository", type=Path, default=d.model_repository)
+    p.add_argument("--gpu-repository", type=Path, default=d.gpu_repository)
+    p.add_argument("--tolerance", type=float, default=d.tolerance, help="max |export - PyTorch|, fp32")
+    a = p.parse_args(argv)
+    cfg = ExportConfig(
+        checkpoint_dir=a.checkpoint_dir, model_repository=a.model_repository, gpu_repository=a.gpu_repository,
+        only=a.only, force=a.force, gpu_variant=a.gpu_variant, tolerance=a.tolerance,
+    )
+    try:
+        run(cfg)
+    except ExportError as e:
+        print(f"export FAILED: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
