@@ -50,7 +50,7 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """image (B, 1, 28, 28) -> logit (B,). Strided convs 28->14->7->3->1, stride-1 beyond, adaptive pooling to 1x1."""
+    """image (B, 1, 28, 28) -> logit (B,). Strided convs 28->14->7->3, stride-1 3x3 beyond, adaptive pooling to 1x1."""
 
     def __init__(self, depth: int = 3, base_channels: int = 64, dropout: float = 0.0):
         super().__init__()
@@ -58,10 +58,13 @@ class DCGANDiscriminator(nn.Module):
         c_in = 1
         for i in range(depth):
             c_out = base_channels * 2 ** i
-            if i < 4:
-                layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=(i == 0)))  # 28 -> 14 -> 7 -> 3 -> 1
+            if i < 3:
+                layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=(i == 0)))  # 28 -> 14 -> 7 -> 3
             else:
-                layers.append(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False))  # deeper layers keep 1x1
+                # Deeper layers keep 3x3. Striding on to 1x1 would leave BatchNorm normalising each
+                # all-real / all-fake batch over a single position per channel, which erases the
+                # batch-level difference D must detect (its loss then sits at log 4 and nothing learns).
+                layers.append(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False))
             if i > 0:
                 layers.append(nn.BatchNorm2d(c_out))  # no BN on the input layer (DCGAN)
             layers.append(nn.LeakyReLU(0.2, True))
