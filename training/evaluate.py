@@ -1,0 +1,405 @@
+"""Sample-quality metrics (Fréchet distance, class coverage, KL, diversity) and denoising metrics, as a library and a CLI.
+
+Every metric judges images through the committed digit classifier (`training.classifier`):
+
+- `fid`: Fréchet distance between the classifier's 128-d penultimate activations of the samples and of a
+  reference set (default: the 10k test split), computed by torchmetrics' `FrechetInceptionDistance` with the
+  classifier as its custom feature module. It is NOT comparable to Inception-FID figures from papers.
+- `coverage`: how many of the 10 digit classes receive at least 2% of the predicted labels (0..10).
+- `kl_uniform`: KL(p || uniform) of the predicted-class histogram p, natural log (0 = perfectly balanced,
+  ln 10 = 2.303 = a single class).
+- `confidence`: mean max-softmax of the classifier (low = digits the classifier cannot read).
+- `variance`: inter-sample variance: per-pixel variance across samples (population, ddof=0) of images scaled
+  to [0, 1], averaged over the 784 pixels. A collapsed generator scores ~0.
+- `pairwise_distance`: mean L2 distance between two different samples' flattened [0, 1] images, divided by
+  sqrt(784) (so it is the root-mean-square per-pixel difference, in [0, 1]); computed on a seeded subsample of
+  at most 1,000 images (all ordered pairs i != j).
+
+Denoising: `class_preservation` (classifier(denoised) == true label), `psnr` (dB, mean of per-image PSNR) and
+`ssim` (mean), both from torchmetrics.functional on [0, 1] images with data_range=1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm import tqdm
+
+from .checkpoint import read_config
+from .classifier import FeatureExtractor, load_classifier, predict
+from .data import DataConfig, load_mnist
+from .registry import GAN_MODELS, load_generator, sample_latent
+
+NUM_CLASSES = 10
+COVERAGE_MIN_FRACTION = 0.02  # a class "is covered" when it holds at least 2% of the samples
+PAIRWISE_SUBSAMPLE = 1000  # images used for the mean pairwise distance
+SPECIAL_MODELS = ("real-test", "real-train", "noise", "ddpm")  # besides GAN_MODELS names and checkpoint paths
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")  # must match training.diffusion.SAMPLERS
+TASKS = ("generate", "denoise")
+GENERATION_KEYS = ("fid", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
+DENOISE_KEYS = ("class_preservation", "psnr", "ssim")
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def _check_images(x: torch.Tensor, name: str, min_n: int = 1) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (N, 1, 28, 28), got {type(x).__name__}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"{name} must have shape (N, 1, 28, 28), got {tuple(x.shape)}")
+    if x.shape[0] < min_n:
+        raise ValueError(f"{name} needs at least {min_n} images, got {x.shape[0]}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return x.detach().cpu().float()
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> [0, 1] (clamped), same shape."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def class_histogram(labels: torch.Tensor) -> list[int]:
+    """Counts of each predicted digit 0..9 (length 10)."""
+    return torch.bincount(labels.long().flatten(), minlength=NUM_CLASSES).tolist()
+
+
+def coverage(hist: list[int], min_fraction: float = COVERAGE_MIN_FRACTION) -> int:
+    """Number of classes holding at least `min_fraction` of the samples."""
+    n = sum(hist)
+    return int(sum(c >= min_fraction * n for c in hist)) if n else 0
+
+
+def kl_uniform(hist: list[int]) -> float:
+    """KL(p || U(10)) in nats, with 0 log 0 = 0."""
+    p = np.asarray(hist, dtype=np.float64)
+    p = p / p.sum()
+    nz = p > 0
+    return float(np.sum(p[nz] * np.log(p[nz] * NUM_CLASSES)))
+
+
+def inter_sample_variance(samples: torch.Tensor) -> float:
+    """Mean over pixels of the per-pixel variance across samples (ddof=0), images in [0, 1]."""
+    x = to_unit(samples).flatten(1).double()  # (N, 784)
+    return float(x.var(dim=0, correction=0).mean())
+
+
+def mean_pairwise_distance(samples: torch.Tensor, max_n: int = PAIRWISE_SUBSAMPLE, seed: int = 0) -> float:
+    """Mean L2 distance / sqrt(784) over all pairs i != j of a seeded subsample of [0, 1] images."""
+    x = to_unit(samples).flatten(1).double()  # (N, 784)
+    if x.shape[0] > max_n:
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_n]
+        x = x[idx]
+    n = x.shape[0]
+    if n < 2:
+        return 0.0
+    d = torch.cdist(x, x)  # (n, n), zero diagonal
+    return float(d.sum() / (n * (n - 1)) / math.sqrt(x.shape[1]))
+
+
+# ---------------------------------------------------------------- metrics
+
+def _fid_metric() -> FrechetInceptionDistance:
+    # normalize=True: inputs are float images in [0, 1]; a custom module gets them unchanged and torchmetrics reads
+    # its `num_features` (128) instead of probing it with a dummy 3x299x299 image.
+    fid = FrechetInceptionDistance(feature=FeatureExtractor(load_classifier()), normalize=True,
+                                   reset_real_features=False)
+    return fid.eval()  # the metric is an nn.Module: keep BatchNorm/Dropout in inference mode
+
+
+_FID_TEST: list[FrechetInceptionDistance] = []  # metric holding the default reference's (test split) statistics
+
+
+@torch.no_grad()
+def frechet_distance(samples: torch.Tensor, reference: torch.Tensor | None = None, batch_size: int = 1000) -> float:
+    """torchmetrics FrechetInceptionDistance in the classifier's 128-d feature space; images in [-1, 1].
+
+    With reference=None the 10k test split is used and its feature statistics are computed once per process.
+    """
+    if reference is None and _FID_TEST:
+        fid = _FID_TEST[0]
+        fid.reset()  # drops the fake features only (reset_real_features=False)
+    else:
+        fid = _fid_metric()
+        real = reference_images("test") if reference is None else reference
+        for i in range(0, real.shape[0], batch_size):
+            fid.update(to_unit(real[i:i + batch_size]), real=True)  # (B, 1, 28, 28) in [0, 1]
+        if reference is None:
+            _FID_TEST.append(fid)
+    for i in range(0, samples.shape[0], batch_size):
+        fid.update(to_unit(samples[i:i + batch_size]), real=False)  # (B, 1, 28, 28) in [0, 1]
+    return float(fid.compute())
+
+
+_REFERENCE: dict[str, torch.Tensor] = {}
+
+
+def reference_images(split: str = "test") -> torch.Tensor:
+    """The real split (cached), (N, 1, 28, 28) in [-1, 1]."""
+    if split not in _REFERENCE:
+        _REFERENCE[split] = load_mnist(split, DataConfig())[0]
+    return _REFERENCE[split]
+
+
+def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = None, seed: int = 0) -> dict:
+    """Quality and diversity of generated images (N, 1, 28, 28) in [-1, 1]; see the module docstring.
+
+    `reference` (M, 1, 28, 28) in [-1, 1] defaults to the 10k test split. Returns fid, coverage, kl_uniform,
+    confidence, variance, pairwise_distance, class_histogram (10 ints) and num_samples.
+    """
+    samples = _check_images(samples, "samples", min_n=2)
+    reference = None if reference is None else _check_images(reference, "reference", min_n=2)
+    probs = predict(load_classifier(), samples.clamp(-1, 1))  # (N, 10)
+    hist = class_histogram(probs.argmax(1))
+    return {
+        "fid": frechet_distance(samples, reference),
+        "coverage": coverage(hist),
+        "kl_uniform": kl_uniform(hist),
+        "confidence": float(probs.max(1).values.mean()),
+        "variance": inter_sample_variance(samples),
+        "pairwise_distance": mean_pairwise_distance(samples, seed=seed),
+        "class_histogram": hist,
+        "num_samples": int(samples.shape[0]),
+    }
+
+
+@torch.no_grad()
+def denoise_metrics(denoised: torch.Tensor, clean: torch.Tensor, labels: torch.Tensor) -> dict:
+    """class_preservation, psnr (dB, mean per image; inf when identical) and ssim of [-1, 1] images (N, 1, 28, 28)."""
+    denoised = _check_images(denoised, "denoised")
+    clean = _check_images(clean, "clean")
+    if denoised.shape != clean.shape:
+        raise ValueError(f"denoised {tuple(denoised.shape)} and clean {tuple(clean.shape)} must have the same shape")
+    labels = torch.as_tensor(labels).long().flatten()
+    if labels.shape[0] != clean.shape[0]:
+        raise ValueError(f"labels must have one entry per image ({clean.shape[0]}), got {labels.shape[0]}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"labels must be digits in [0, {NUM_CLASSES - 1}]")
+    pred = predict(load_classifier(), denoised.clamp(-1, 1)).argmax(1)  # (N,)
+    d01, c01 = to_unit(denoised), to_unit(clean)  # (N, 1, 28, 28) in [0, 1]
+    psnr = peak_signal_noise_ratio(d01, c01, data_range=1.0, dim=(1, 2, 3), reduction="elementwise_mean")
+    ssim = structural_similarity_index_measure(d01, c01, data_range=1.0)
+    return {
+        "class_preservation": float((pred == labels).float().mean()),
+        "psnr": float(psnr),
+        "ssim": float(ssim),
+        "num_samples": int(clean.shape[0]),
+    }
+
+
+# ---------------------------------------------------------------- producing samples
+
+@dataclass
+class EvalConfig:
+    model: str = "dcgan-baseline"  # a GAN name, one of SPECIAL_MODELS, or a .safetensors checkpoint path
+    task: str = "generate"  # one of TASKS (denoise needs a DDPM model)
+    num_samples: int = 0  # images to generate / denoise; 0 = 10,000 for generate (real-train: all 5,000), 1,000 for denoise
+    seed: int = 0  # latent / noise / subset seed
+    batch_size: int = 500  # generation batch size
+    sampler: str = "ddpm"  # DDPM sampler, one of SAMPLERS
+    steps: int = 100  # DDPM UNet evaluations per sample
+    sigma: float = 0.5  # denoise: std of the Gaussian noise added to [-1, 1] images
+    threads: int = 1  # torch CPU threads
+    json: bool = False  # print one JSON object instead of a table
+
+
+def _model_kind(model: str) -> str:
+    """'gan', 'ddpm' or the special name itself."""
+    if model in GAN_MODELS:
+        return "gan"
+    if model in SPECIAL_MODELS:
+        return "ddpm" if model == "ddpm" else model
+    path = Path(model)
+    if path.suffix != ".safetensors" and not path.exists():
+        raise ValueError(f"unknown model {model!r}: expected one of {sorted(GAN_MODELS) + list(SPECIAL_MODELS)} "
+                         "or a .safetensors checkpoint path")
+    kind = read_config(path).get("kind")
+    if kind not in ("gan", "ddpm"):
+        raise ValueError(f"{model} is a {kind!r} checkpoint; --model needs a 'gan' or 'ddpm' checkpoint")
+    return kind
+
+
+def _load_ddpm(model: str) -> tuple[torch.nn.Module, dict]:
+    """(UNet, extra kwargs for generate/denoise): the checkpoint's own noise schedule when the API takes one."""
+    import inspect
+
+    from . import diffusion
+
+    unet, config = diffusion.load_unet(None if model == "ddpm" else model)
+    extra = {}
+    if config.get("scheduler") and all("scheduler_config" in inspect.signature(f).parameters
+                                       for f in (diffusion.generate, diffusion.denoise)):
+        extra["scheduler_config"] = config["scheduler"]
+    return unet, extra
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if n > x.shape[0]:
+        raise ValueError(f"--num-samples must be in [2, {x.shape[0]}] for {what}, got {n}")
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+@torch.no_grad()
+def generate_gan(model: str, n: int, seed: int = 0, batch_size: int = 500) -> tuple[torch.Tensor, float]:
+    """(samples (n, 1, 28, 28) in [-1, 1], ms per sample) from a GAN generator, z from training.latent."""
+    gen, config = load_generator(model)
+    z = sample_latent(n, int(config["arch"]["latent_dim"]), seed)  # (n, latent_dim)
+    out, elapsed = [], 0.0
+    for i in tqdm(range(0, n, batch_size), desc=f"generate {model}", unit="batch", leave=False):
+        t0 = time.perf_counter()
+        out.append(gen(z[i:i + batch_size]))  # (B, 1, 28, 28)
+        elapsed += time.perf_counter() - t0
+    return torch.cat(out), 1000 * elapsed / n
+
+
+def produce_samples(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """(samples, reference or None for the default test split, ms per sample or None) for cfg.model."""
+    n = cfg.num_samples
+    kind = _model_kind(cfg.model)
+    if kind == "gan":
+        samples, ms = generate_gan(cfg.model, n, cfg.seed, cfg.batch_size)
+        return samples, None, ms
+    if kind == "real-test":  # the floor: real test images judged against the training split
+        x, y = load_mnist("test", DataConfig())
+        return _subset(x, y, n, cfg.seed, "real-test")[0], reference_images("train"), None
+    if kind == "real-train":  # real training images judged against the test split
+        x, y = load_mnist("train", DataConfig())
+        return _subset(x, y, n, cfg.seed, "real-train")[0], None, None
+    if kind == "noise":  # sanity: uniform noise in [-1, 1]
+        return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1, None, None
+    from . import diffusion  # lazy: the DDPM module is optional for GAN-only use
+
+    unet, extra = _load_ddpm(cfg.model)
+    out, elapsed = [], 0.0
+    for start in tqdm(range(0, n, cfg.batch_size), desc=f"ddpm {cfg.sampler}-{cfg.steps}", unit="batch"):
+        t0 = time.perf_counter()
+        with torch.no_grad():  # item i is seeded with seed + i, so chunking does not change the samples
+            out.append(diffusion.generate(unet, min(cfg.batch_size, n - start), sampler=cfg.sampler, steps=cfg.steps,
+                                          seed=cfg.seed + start, batch_size=cfg.batch_size, **extra))
+        elapsed += time.perf_counter() - t0
+    return torch.cat(out), None, 1000 * elapsed / n  # (n, 1, 28, 28)
+
+
+def run_denoise(cfg: EvalConfig) -> dict:
+    """Denoise cfg.num_samples seeded test images at cfg.sigma; metrics of the denoised and of the noisy input."""
+    if _model_kind(cfg.model) != "ddpm":
+        raise ValueError(f"--task denoise needs a DDPM model ('ddpm' or a ddpm checkpoint), got {cfg.model!r}")
+    from . import diffusion
+
+    x, y = load_mnist("test", DataConfig())
+    clean, labels = _subset(x, y, cfg.num_samples, cfg.seed, "denoise (test split)")
+    unet, extra = _load_ddpm(cfg.model)
+    noisy_parts, denoised_parts, elapsed = [], [], 0.0
+    for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc=f"denoise sigma={cfg.sigma}", unit="batch"):
+        t0 = time.perf_counter()
+        with torch.no_grad():  # item i is seeded with seed + i, so chunking does not change the result
+            noisy, denoised = diffusion.denoise(unet, clean[start:start + cfg.batch_size], cfg.sigma,
+                                                sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed + start, **extra)
+        elapsed += time.perf_counter() - t0
+        noisy_parts.append(noisy)  # (B, 1, 28, 28)
+        denoised_parts.append(denoised)  # (B, 1, 28, 28)
+    noisy, denoised = torch.cat(noisy_parts), torch.cat(denoised_parts)
+    ms = 1000 * elapsed / cfg.num_samples
+    out = denoise_metrics(denoised, clean, labels)
+    noisy_m = denoise_metrics(noisy.clamp(-1, 1), clean, labels)
+    out.update({f"noisy_{k}": noisy_m[k] for k in DENOISE_KEYS})
+    out.update({"ms_per_sample": ms, "sigma": cfg.sigma, "sampler": cfg.sampler, "steps": cfg.steps})
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the configured evaluation and return one flat dict (what the CLI prints)."""
+    validate(cfg)
+    torch.set_num_threads(cfg.threads)
+    head = {"model": cfg.model, "task": cfg.task, "seed": cfg.seed}
+    if _model_kind(cfg.model) == "ddpm":
+        head.update({"sampler": cfg.sampler, "steps": cfg.steps})
+    if cfg.task == "denoise":
+        return {**head, **run_denoise(cfg)}
+    samples, reference, ms = produce_samples(cfg)
+    metrics = generation_metrics(samples, reference, seed=cfg.seed)
+    return {**head, **metrics, "ms_per_sample": ms}
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Fill defaults and reject bad values with an error naming the field and the allowed range."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {cfg.task!r}")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
+    if cfg.num_samples == 0:  # defaults: 10,000 generated (at most the whole split for real-*), 1,000 denoised
+        cfg.num_samples = 10_000 if cfg.task == "generate" else 1_000
+        if cfg.model == "real-train":
+            cfg.num_samples = min(cfg.num_samples, reference_images("train").shape[0])
+    if cfg.num_samples < 2:
+        raise ValueError(f"--num-samples must be >= 2 (0 = default), got {cfg.num_samples}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if not 1 <= cfg.steps <= 1000:
+        raise ValueError(f"--steps must be in [1, 1000], got {cfg.steps}")
+    if not 0 <= cfg.sigma <= 10:
+        raise ValueError(f"--sigma must be in [0, 10], got {cfg.sigma}")
+    if cfg.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+    _model_kind(cfg.model)
+
+
+# ---------------------------------------------------------------- CLI
+
+def _json_safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # strict JSON has no Infinity/NaN (e.g. PSNR of identical images)
+    return v
+
+
+def format_table(result: dict) -> str:
+    rows = []
+    for k, v in result.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        elif v is None:
+            v = "-"
+        rows.append((k, str(v)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def parse_args(argv: list[str] | None = None) -> EvalConfig:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = EvalConfig()
+    for f in fields(EvalConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(d, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help="print one JSON object")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
+    return EvalConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        result = evaluate(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.json:
+        print(json.dumps({k: _json_safe(v) for k, v in result.items()}, allow_nan=False))
+    else:
+        print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
