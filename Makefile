@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton train-gan train-classifier evaluate report clean deploy-check k8s-render images
+.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-classifier evaluate report clean deploy-check k8s-render images
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,7 +41,13 @@ triton: export ## Triton alone in the foreground: HTTP :8000, gRPC :8001, metric
 bench-triton: export ## per-sample latency: eager PyTorch vs ONNX Runtime vs Triton gRPC -> bench/triton.json
 	$(PY) -m serving.bench_triton
 
-test: setup ## run the test suite (starts real Triton, gateway and Prometheus on 127.0.0.1)
+prometheus-install: ## install Debian's prometheus + promtool where missing (make monitor, make test)
+	@command -v prometheus >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+		|| echo "note: apt-get install prometheus failed; the Prometheus tests will skip"; \
+	else echo "note: prometheus missing and not root (sudo apt-get install -y prometheus); the Prometheus tests will skip"; fi; }
+
+test: setup prometheus-install ## run the test suite (starts real Triton, gateway and Prometheus on 127.0.0.1)
 	$(PY) -m pytest -q
 
 train-gan: setup ## train a GAN: make train-gan CONFIG=baseline|modified|mlp|vanishing-gradient|mode-collapse|d-overfit [MITIGATIONS=all]
@@ -66,6 +72,28 @@ REGISTRY ?= mnistgen
 TAG ?= 0.1.0
 images: ## build the gateway/triton/training images (needs a Docker engine): make images REGISTRY=... TAG=...
 	for t in gateway triton training; do docker build --target $$t -t $(REGISTRY)/$$t:$(TAG) . || exit 1; done
+
+LOADTEST_USERS ?= 8
+LOADTEST_RATE ?= 4
+LOADTEST_TIME ?= 30s
+LOADTEST_ARGS ?=
+MONITOR_ARGS ?=
+LOADTEST_CLASSES ?= GrpcGatewayUser HttpGatewayUser
+GRPC_TARGET ?= 127.0.0.1:50051
+HTTP_TARGET ?= http://127.0.0.1:8080
+
+loadtest: setup ## Locust (gRPC + HTTP users) against a running `make run`, report into out/loadtest/ [LOADTEST_ARGS="--mix generate=1 --num-samples 64"]
+	@mkdir -p out/loadtest
+	$(PY) -m locust -f loadtest/locustfile.py --headless -u $(LOADTEST_USERS) -r $(LOADTEST_RATE) -t $(LOADTEST_TIME) \
+		--grpc-host $(GRPC_TARGET) --http-host $(HTTP_TARGET) --raw-csv out/loadtest/requests.csv \
+		--stop-timeout 30 --csv out/loadtest/locust --html out/loadtest/locust.html --only-summary $(LOADTEST_ARGS) $(LOADTEST_CLASSES); \
+	rc=$$?; $(PY) -m loadtest.report out/loadtest/requests.csv --out out/loadtest && exit $$rc
+
+bench: export ## serving paths side by side (eager, ONNX Runtime, Triton, gateway gRPC/HTTP) into bench/results.{json,md}
+	$(PY) -m loadtest.bench
+
+monitor: setup prometheus-install ## Prometheus on :9090 scraping `make run`'s gateway :8080 and Triton :8002 [MONITOR_ARGS="--gateway H:P --triton H:P --port N"]
+	$(PY) -m serving.monitor --storage out/prometheus $(MONITOR_ARGS)
 
 clean: ## remove generated files (exports, runs, outputs); keeps .venv and committed checkpoints
 	rm -rf runs out bench model_repository_gpu .pytest_cache

@@ -1,0 +1,1 @@
+"""Load tests (Locust), their report, and the side-by-side latency benchmark of the serving paths."""

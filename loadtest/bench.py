@@ -1,0 +1,374 @@
+"""`make bench`: one run, side by side, per-sample latency of every serving path on this machine.
+
+Paths: eager PyTorch in-process (the research code's way), ONNX Runtime in-process, Triton direct
+(tritonclient gRPC), and through the gateway over gRPC and over HTTP/JSON. Workloads: a GAN generator at
+batch 1/64/256, and DDPM denoising with DDPM-100 and a fast sampler (DPM-Solver++-20) at small batches.
+The first three paths are serving/bench_triton.py's measuring functions, reused as they are; this module adds
+the gateway paths with the same timing loop (bench_triton.timed), starts its own Triton + gateway on free
+ports, and writes bench/results.json and bench/results.md (headline: served / eager ratios).
+
+    python -m loadtest.bench                                   # ~5-10 minutes on 2 CPU cores
+    python -m loadtest.bench --quick                           # fewer repeats, for a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving import bench_triton as bt
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PATHS = ("pytorch-eager", "onnxruntime", "triton-grpc", "gateway-grpc", "gateway-http")  # table column order
+SERVED = ("triton-grpc", "gateway-grpc", "gateway-http")
+DENOISE_TIMEOUT_S = 3600.0  # one DDPM-100 request at a large batch is minutes on a small CPU
+
+
+@dataclass
+class Goal:
+    name: str
+    measured: float
+    target: float
+    comparison: str  # "<=" or ">="
+    unit: str  # "x" (ratio) or "ms"
+
+    @property
+    def met(self) -> bool:
+        if not np.isfinite(self.measured):
+            return False
+        return self.measured <= self.target if self.comparison == "<=" else self.measured >= self.target
+
+
+@dataclass
+class GatewayBenchConfig:
+    model_repository: Path = REPO_ROOT / "model_repository"  # exported first when a checkpoint is newer
+    checkpoint_dir: Path = bt.CHECKPOINT_DIR
+    generator: str = "dcgan-baseline"  # one of bench_triton.GENERATOR_MODELS
+    generator_batches: tuple[int, ...] = (1, 64, 256)
+    generator_repeats: int = 20  # timed runs per cell (median and p99 over these)
+    denoise_batches: tuple[int, ...] = (1, 4, 16)  # small on purpose: DDPM-100 at 16 is ~10 s per run on 2 cores
+    fast_sampler: str = "dpm-solver++:20"  # SAMPLER:STEPS compared against DDPM-100
+    ddpm_repeats: int = 2  # DDPM-100 is slow: fewer timed runs
+    fast_repeats: int = 4
+    overhead_repeats: int = 200  # interleaved batch-1 pairs (Triton direct, gateway gRPC) for the overhead goal
+    sigma: float = 0.5  # denoise noise level
+    warmup: int = 1  # untimed runs per cell (denoise warm-ups use 2 steps)
+    # eager torch: bench_triton probes 1 and this many intra-op threads per cell and keeps the faster (on this
+    # busy 2-core machine, 2 threads took 65-2500 ms per UNet call vs ~24 ms with 1); in-process ORT uses the
+    # thread settings of the model's config.pbtxt, as Triton does
+    threads: int = 2
+    seed: int = 0
+    out_dir: Path = REPO_ROOT / "bench"  # results.json, results.md
+    paths: tuple[str, ...] = PATHS  # which paths to run (subset of PATHS)
+    log_dir: Path = field(default_factory=lambda: REPO_ROOT / "out" / "bench")  # Triton and gateway logs
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.paths if p not in PATHS]
+        if bad:
+            raise ValueError(f"paths: unknown {bad}: expected a subset of {PATHS}")
+        for name in ("generator_repeats", "ddpm_repeats", "fast_repeats", "overhead_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.sigma <= 1:
+            raise ValueError(f"sigma must be in (0, 1], got {self.sigma}")
+        self.triton_config(denoise=("ddpm:100", self.fast_sampler), repeats=1)  # validates generator/samplers/batches
+
+    def triton_config(self, denoise: tuple[str, ...], repeats: int) -> bt.BenchConfig:
+        """bench_triton's config for the in-process and Triton-direct paths of one workload."""
+        return bt.BenchConfig(
+            model_repository=self.model_repository, checkpoint_dir=self.checkpoint_dir, generator=self.generator,
+            generator_batches=self.generator_batches, generator_repeats=self.generator_repeats,
+            denoise_batches=self.denoise_batches, denoise_samplers=denoise, denoise_repeats=repeats,
+            sigma=self.sigma, warmup=self.warmup, threads=self.threads, seed=self.seed)
+
+
+# ---- the gateway paths ------------------------------------------------------------------------------------
+def clean_digits(n: int) -> np.ndarray:
+    """The first n MNIST test digits, (n, 1, 28, 28) float32 in [-1, 1] (what bench_triton denoises too)."""
+    from training.data import DataConfig, load_mnist
+
+    x, _ = load_mnist("test", DataConfig())
+    return np.ascontiguousarray(np.asarray(x[:n]), dtype=np.float32)
+
+
+def bench_gateway_generator(cfg: GatewayBenchConfig, clients: dict) -> list[dict]:
+    rows = []
+    for b in cfg.generator_batches:
+        for path, c in clients.items():
+            times = bt.timed(lambda: c.generate(model=cfg.generator, num_samples=b, seed=cfg.seed),
+                             cfg.generator_repeats, cfg.warmup)
+            rows.append(bt._row(f"generator {cfg.generator}", b, path, times))
+            print(f"  {rows[-1]['workload']:<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.4f} ms/sample",
+                  flush=True)
+    return rows
+
+
+def bench_gateway_denoise(cfg: GatewayBenchConfig, clients: dict, spec: str, repeats: int) -> list[dict]:
+    from training.diffusion import inference_timesteps, make_scheduler, sigma_to_timestep
+
+    sampler, steps = spec.split(":")[0], int(spec.split(":")[1])
+    t_star = sigma_to_timestep(cfg.sigma, make_scheduler("ddpm").alphas_cumprod)
+    evals = len(inference_timesteps(t_star, steps))
+    name = f"denoise {sampler}-{steps}"
+    rows = []
+    for b in cfg.denoise_batches:
+        x0 = clean_digits(b)  # (B, 1, 28, 28)
+        for path, c in clients.items():
+            def call(n_steps, c=c):
+                return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
+
+            times = bt.timed(call(steps), repeats, cfg.warmup, call(2))
+            rows.append(bt._row(name, b, path, times, unet_evals=evals))
+            print(f"  {name:<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample", flush=True)
+    return rows
+
+
+def bench_overhead(cfg: GatewayBenchConfig, tclient, gateway_client) -> dict:
+    """Batch-1 Generate, Triton direct and gateway gRPC alternating request by request, so that the load of a
+    shared machine drifts over both alike; the overhead is the median of the paired differences."""
+    import statistics
+
+    from training.latent import sample_latent
+
+    model = bt.GENERATOR_MODELS[cfg.generator]
+    dim = int(tclient.get_model_config(model, as_json=True)["config"]["input"][0]["dims"][-1])
+    ins = bt._grpc_inputs({"latent": (sample_latent(1, dim, cfg.seed), "FP32")})
+    direct = lambda: tclient.infer(model, ins).as_numpy("image")  # noqa: E731
+    gateway = lambda: gateway_client.generate(model=cfg.generator, num_samples=1, seed=cfg.seed)  # noqa: E731
+    pairs = [(bt.timed(direct, 1, 0)[0], bt.timed(gateway, 1, 0)[0])
+             for _ in range(cfg.overhead_repeats + 10)][10:]  # the first 10 pairs warm up
+    d, g = (np.array(x) * 1e3 for x in zip(*pairs))
+    out = {"repeats": len(pairs), "triton_p50_ms": float(np.median(d)), "gateway_p50_ms": float(np.median(g)),
+           "overhead_p50_ms": float(statistics.median(g - d)), "triton_p99_ms": float(np.percentile(d, 99)),
+           "gateway_p99_ms": float(np.percentile(g, 99))}
+    print(f"  batch-1 overhead, {len(pairs)} interleaved pairs: Triton {out['triton_p50_ms']:.2f} ms, gateway "
+          f"{out['gateway_p50_ms']:.2f} ms, overhead p50 {out['overhead_p50_ms']:.2f} ms", flush=True)
+    return out
+
+
+# ---- results ----------------------------------------------------------------------------------------------
+def cell(row: dict) -> dict:
+    """The figures kept per path and batch."""
+    runs = np.asarray(row["runs_ms"], np.float64)
+    return {"ms_per_sample": row["per_sample_ms"], "samples_per_s": 1e3 / row["per_sample_ms"],
+            "p50_ms": float(np.percentile(runs, 50)), "p99_ms": float(np.percentile(runs, 99)),
+            "runs": len(runs), "runs_ms": row["runs_ms"],
+            **{k: row[k] for k in ("unet_evals", "torch_threads") if k in row}}
+
+
+def results_table(rows: list[dict]) -> dict:
+    """{workload: {path: {batch: cell}}}."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["workload"], {}).setdefault(r["backend"], {})[str(r["batch"])] = cell(r)
+    return out
+
+
+def _get(res: dict, workload: str, path: str, batch: int, key: str = "ms_per_sample") -> float:
+    return res.get(workload, {}).get(path, {}).get(str(batch), {}).get(key, float("nan"))
+
+
+def goals(res: dict, cfg: GatewayBenchConfig, overhead: dict | None = None) -> list[Goal]:
+    gen = f"generator {cfg.generator}"
+    fast_name = "denoise " + cfg.fast_sampler.replace(":", "-")
+    big = max(cfg.denoise_batches)
+    out = []
+    if 64 in cfg.generator_batches:
+        for path in ("gateway-grpc", "gateway-http"):
+            out.append(Goal(f"generator through {path} at batch 64 vs eager PyTorch (per sample)",
+                            _get(res, gen, path, 64) / _get(res, gen, "pytorch-eager", 64), 1.0, "<=", "x"))
+    for b in cfg.denoise_batches:
+        out.append(Goal(f"denoise DDPM-100 through gateway-grpc vs the eager diffusers loop, batch {b} (per sample)",
+                        _get(res, "denoise ddpm-100", "gateway-grpc", b)
+                        / _get(res, "denoise ddpm-100", "pytorch-eager", b), 0.7, "<=", "x"))
+    out.append(Goal(f"{cfg.fast_sampler} speed-up over DDPM-100 through gateway-grpc, batch {big} (per sample)",
+                    _get(res, "denoise ddpm-100", "gateway-grpc", big) / _get(res, fast_name, "gateway-grpc", big),
+                    5.0, ">=", "x"))
+    if overhead:
+        out.append(Goal(f"gateway-grpc p50 overhead over Triton direct at generator batch 1 ({overhead['repeats']} "
+                        "interleaved pairs)", overhead["overhead_p50_ms"], 2.0, "<=", "ms"))
+    elif 1 in cfg.generator_batches:
+        out.append(Goal("gateway-grpc p50 overhead over Triton direct at generator batch 1",
+                        _get(res, gen, "gateway-grpc", 1, "p50_ms") - _get(res, gen, "triton-grpc", 1, "p50_ms"),
+                        2.0, "<=", "ms"))
+    return out
+
+
+def machine_info() -> dict:
+    import onnxruntime
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+def _f(v: float) -> str:
+    if not np.isfinite(v):
+        return "-"
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def markdown(result: dict) -> str:
+    res, m, cfg = result["results"], result["machine"], result["config"]
+    paths = [p for p in PATHS if any(p in w for w in res.values())]
+    served = [p for p in paths if p != "pytorch-eager"]
+    lines = [
+        "# Serving benchmark: per-sample latency, served / eager", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; Python {m['python']}, torch {m['torch']} "
+        f"(eager: the faster of 1 and {cfg['threads']} threads per cell, shown as thr), onnxruntime {m['onnxruntime']}. Load average (1 min) {m['load_avg_1m']:.1f} "
+        f"at the start, {result['load_avg_end']:.1f} at the end (shared machine: figures are noisy).",
+        f"Medians of {cfg['generator_repeats']} runs (generator), {cfg['ddpm_repeats']} (DDPM-100) and "
+        f"{cfg['fast_repeats']} ({cfg['fast_sampler']}) after {cfg['warmup']} warm-up; denoise sigma {cfg['sigma']} "
+        f"at small batches {list(cfg['denoise_batches'])} (CPU time). Run took {result['wall_s']:.0f} s.", "",
+        "## Headline: per-sample time of each path / eager PyTorch (below 1 = faster than eager)", "",
+        "| workload | batch | " + " | ".join(served) + " |", "|---|---:|" + "---:|" * len(served),
+    ]
+    for w, by_path in res.items():
+        for b in sorted({int(b) for p in by_path.values() for b in p}):
+            eager = _get(res, w, "pytorch-eager", b)
+            lines.append(f"| {w} | {b} | " + " | ".join(f"{_get(res, w, p, b) / eager:.2f}x" if np.isfinite(eager)
+                                                       else "-" for p in served) + " |")
+    o = result.get("overhead_batch1")
+    if o:
+        lines += ["", f"Batch-1 Generate, {o['repeats']} requests alternating between Triton direct and the gateway "
+                      f"(gRPC): p50 {o['triton_p50_ms']:.2f} ms vs {o['gateway_p50_ms']:.2f} ms (p99 "
+                      f"{o['triton_p99_ms']:.2f} vs {o['gateway_p99_ms']:.2f} ms); median paired overhead "
+                      f"{o['overhead_p50_ms']:.2f} ms."]
+    lines += ["", "## Goals", ""]
+    for g in result["goals"]:
+        val = f"{g['measured']:.2f}{'x' if g['unit'] == 'x' else ' ms'}"
+        lines.append(f"- {'MET' if g['met'] else 'MISSED'}: {g['name']}: {val} (goal {g['comparison']} "
+                     f"{g['target']:g}{g['unit'] if g['unit'] == 'x' else ' ms'})")
+    lines += ["", "## All figures", "",
+              "| workload | batch | path | ms/sample | samples/s | request p50 ms | request p99 ms | runs |",
+              "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for w, by_path in res.items():
+        for p in paths:
+            for b, c in sorted(by_path.get(p, {}).items(), key=lambda kv: int(kv[0])):
+                label = f"{p} ({c['torch_threads']} thr)" if "torch_threads" in c else p
+                lines.append(f"| {w} | {b} | {label} | {_f(c['ms_per_sample'])} | {_f(c['samples_per_s'])} | "
+                             f"{_f(c['p50_ms'])} | {_f(c['p99_ms'])} | {c['runs']} |")
+    lines += ["", "p99 over this few runs is close to the slowest run.", ""]
+    return "\n".join(lines)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+def run(cfg: GatewayBenchConfig) -> dict:
+    import torch
+    import tritonclient.grpc as grpcclient
+
+    from serving.client import GatewayClient
+    from serving.triton_server import TritonConfig, TritonServer, free_ports
+    from training.export import ExportConfig
+    from training.export import run as export
+
+    from .stack import GatewayProcess, GatewayProcessConfig
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    machine = machine_info()
+    gen_model = bt.GENERATOR_MODELS[cfg.generator]
+    export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
+                        only=(gen_model, "ddpm_unet", "ddpm_denoise")))
+    has_ddpm = (cfg.checkpoint_dir / bt.DDPM_CHECKPOINT).is_file()
+    models = (gen_model, "ddpm_denoise") if has_ddpm else (gen_model,)
+    http, grpc_port, metrics = free_ports(3)
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    triton = TritonServer(TritonConfig(
+        model_repository=cfg.model_repository, models=models, bind_address="127.0.0.1", http_port=http,
+        grpc_port=grpc_port, metrics_port=metrics, startup_timeout_s=600, log_file=cfg.log_dir / "tritonserver.log"))
+    print(f"starting Triton ({', '.join(models)}) and the gateway ...", flush=True)
+    rows: list[dict] = []
+    overhead: dict | None = None
+    try:
+        triton.start().wait_ready()
+        with GatewayProcess(GatewayProcessConfig(triton_url=triton.grpc_url, startup_timeout_s=120,
+                                                 log_file=cfg.log_dir / "gateway.log")) as gw:
+            tclient = grpcclient.InferenceServerClient(triton.grpc_url)
+            clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=DENOISE_TIMEOUT_S,
+                                        target=gw.grpc_target if p == "gateway-grpc" else gw.http_url[7:])
+                       for p in ("gateway-grpc", "gateway-http") if p in cfg.paths}
+            base = [p for p in cfg.paths if p in bt.BACKENDS]
+            rows += [r for r in bt.bench_generator(cfg.triton_config((), 1), tclient) if r["backend"] in base]
+            rows += bench_gateway_generator(cfg, clients)
+            if "gateway-grpc" in clients and "triton-grpc" in cfg.paths:
+                overhead = bench_overhead(cfg, tclient, clients["gateway-grpc"])
+            if has_ddpm:
+                for spec, repeats in (("ddpm:100", cfg.ddpm_repeats), (cfg.fast_sampler, cfg.fast_repeats)):
+                    tcfg = cfg.triton_config((spec,), repeats)
+                    rows += [r for r in bt.bench_denoise(tcfg, tclient) if r["backend"] in base]
+                    rows += bench_gateway_denoise(cfg, clients, spec, repeats)
+            else:
+                print(f"no {bt.DDPM_CHECKPOINT} in {cfg.checkpoint_dir}: denoise workloads skipped", flush=True)
+            for c in clients.values():
+                c.close()
+    finally:
+        triton.close()
+    res = results_table(rows)
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "machine": machine, "load_avg_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
+        "results": res, "overhead_batch1": overhead, "goals": [], "rows": rows,
+    }
+    result["goals"] = [{**asdict(g), "met": g.met} for g in goals(res, cfg, overhead)]
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (cfg.out_dir / "results.md").write_text(markdown(result))
+    print("\n" + markdown(result))
+    print(f"written {cfg.out_dir / 'results.json'} and {cfg.out_dir / 'results.md'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = GatewayBenchConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", type=Path, default=d.model_repository)
+    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
+    p.add_argument("--generator", choices=sorted(bt.GENERATOR_MODELS), default=d.generator)
+    p.add_argument("--generator-batches", type=int, nargs="+", default=list(d.generator_batches))
+    p.add_argument("--generator-repeats", type=int, default=d.generator_repeats)
+    p.add_argument("--denoise-batches", type=int, nargs="+", default=list(d.denoise_batches))
+    p.add_argument("--fast-sampler", default=d.fast_sampler, help="SAMPLER:STEPS compared with ddpm:100")
+    p.add_argument("--ddpm-repeats", type=int, default=d.ddpm_repeats)
+    p.add_argument("--fast-repeats", type=int, default=d.fast_repeats)
+    p.add_argument("--overhead-repeats", type=int, default=d.overhead_repeats)
+    p.add_argument("--sigma", type=float, default=d.sigma)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--paths", nargs="+", default=list(d.paths), help=f"subset of {PATHS}")
+    p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    p.add_argument("--quick", action="store_true", help="5 generator repeats, 1 per denoise cell, batch 1 only")
+    a = p.parse_args(argv)
+    try:
+        cfg = GatewayBenchConfig(
+            model_repository=a.model_repository, checkpoint_dir=a.checkpoint_dir, generator=a.generator,
+            generator_batches=tuple(a.generator_batches), generator_repeats=5 if a.quick else a.generator_repeats,
+            denoise_batches=(1,) if a.quick else tuple(a.denoise_batches), fast_sampler=a.fast_sampler,
+            ddpm_repeats=1 if a.quick else a.ddpm_repeats, fast_repeats=1 if a.quick else a.fast_repeats,
+            overhead_repeats=50 if a.quick else a.overhead_repeats,
+            sigma=a.sigma, warmup=a.warmup, threads=a.threads, paths=tuple(a.paths), out_dir=a.out_dir)
+    except ValueError as e:
+        p.error(str(e))
+    # SIGTERM unwinds like Ctrl-C, so the Triton and gateway this run started are stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
