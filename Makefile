@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-classifier evaluate report clean deploy-check k8s-render images
+.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-classifier evaluate report clean deploy-check k8s-render images soak reliability
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -94,6 +94,12 @@ bench: export ## serving paths side by side (eager, ONNX Runtime, Triton, gatewa
 
 monitor: setup prometheus-install ## Prometheus on :9090 scraping `make run`'s gateway :8080 and Triton :8002 [MONITOR_ARGS="--gateway H:P --triton H:P --port N"]
 	$(PY) -m serving.monitor --storage out/prometheus $(MONITOR_ARGS)
+
+soak: setup ## ~10 min at 70% of measured capacity: errors, per-minute p99, gateway/Triton RSS -> out/soak/ (not in make test) [DURATION=600]
+	$(PY) -m loadtest.soak $(if $(DURATION),--duration $(DURATION))
+
+reliability: setup ## only the fault / overload / bad-input / drain tests (they are part of make test too)
+	$(PY) -m pytest -q tests/reliability
 
 clean: ## remove generated files (exports, runs, outputs); keeps .venv and committed checkpoints
 	rm -rf runs out bench model_repository_gpu .pytest_cache

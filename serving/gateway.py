@@ -267,8 +267,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.metrics.in_flight.inc()
         self.in_flight += 1
         try:
-            async with self.limiter.slot():
-                async with asyncio.timeout(max(timeout_s, 0.0)):
+            # the deadline covers the wait for a slot too (an HTTP client's X-Request-Timeout included)
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                async with self.limiter.slot():
                     response, samples, triton_s = await fn(request, deadline, start)
             return response
         except ApiError as e:
@@ -418,7 +419,7 @@ def message_json(msg) -> dict:
 
 
 def error_response(e: ApiError) -> web.Response:
-    status = HTTP_STATUS.get(e.code, 500)
+    status = getattr(e, "http_status", None) or HTTP_STATUS.get(e.code, 500)
     body = {"error": {"code": e.code, "http_status": status, "field": e.field, "message": e.message}}
     return web.json_response(body, status=status)
 
@@ -467,8 +468,19 @@ class HttpApi:
         ])
         return app
 
+    async def _read(self, request: web.Request) -> bytes:
+        """The request body; over --max-request-bytes: RESOURCE_EXHAUSTED / HTTP 413 as a JSON error naming `body`."""
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            e = ApiError(f"body: request of {request.content_length or 'more than'} bytes is over the limit of "
+                         f"{self.s.config.max_request_bytes} bytes (--max-request-bytes)", field="body",
+                         code="RESOURCE_EXHAUSTED")
+            e.http_status = 413  # not 429: retrying the same body will not help
+            raise e from None
+
     async def _json(self, request: web.Request, message_type):
-        body = await request.read()
+        body = await self._read(request)
         if not body.strip():
             return message_type()
         try:
@@ -508,7 +520,7 @@ class HttpApi:
         try:
             try:
                 if request.content_type == "image/png":
-                    msg = pb.DenoiseRequest(png_images=[await request.read()])
+                    msg = pb.DenoiseRequest(png_images=[await self._read(request)])
                     msg.sigma = query_number(request, "sigma", float, 0.0)
                     msg.steps = query_number(request, "steps", int, 0)
                     msg.sampler = request.query.get("sampler", "")
@@ -639,6 +651,9 @@ class RunningGateway:
             await site.stop()  # no new connections
         while self.servicer.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        # aiohttp's shutdown then waits for running handlers up to its shutdown_timeout, twice (finish, then
+        # cancel); its default of 60 s would let one slow HTTP request outlive the grace period by minutes
+        self.http_runner._shutdown_timeout = max(deadline - time.monotonic(), 0.25)
         await self.http_runner.cleanup()
 
 

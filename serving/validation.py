@@ -166,9 +166,20 @@ def check_sigma(sigma) -> float:
     return s
 
 
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk without decoding pixels; None when the header is not a PNG's."""
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
 def decode_png_image(data: bytes, index: int) -> np.ndarray:
     """One PNG -> (1, 28, 28) float32 in [-1, 1]; 28x28 only, grayscale or colour (converted to L)."""
     field = f"png_images[{index}]"
+    size = png_size(data)
+    if size is not None and size != (SIDE, SIDE):  # refused from the header: a tiny PNG can declare gigapixels
+        raise ValidationError(field, f"image is {size[0]}x{size[1]}, expected {SIDE}x{SIDE} "
+                                     "(resize it first; the service does not rescale)")
     try:
         img = decode_png(data)
     except ValueError as e:

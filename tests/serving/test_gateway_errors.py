@@ -121,7 +121,7 @@ def test_still_serving_after_bad_input(ready_gateway, triton):
 def test_queue_bound_and_deadline(make_gateway, triton):
     triton.require("ddpm_generate")
     tight_gateway = make_gateway("--max-concurrency", "1", "--max-queue", "0")  # one at a time, no queue
-    slow = pb.GenerateRequest(model="ddpm", num_samples=2, steps=100, seed=1)  # seconds of work on CPU
+    slow = pb.GenerateRequest(model="ddpm", sampler="ddpm", num_samples=2, steps=1000, seed=1)  # seconds of work on CPU
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:
         tight_gateway.stub.Generate(slow, timeout=0.3)  # client deadline -> Triton client_timeout

@@ -58,13 +58,13 @@ def test_sigterm_drains_in_flight_requests(make_gateway, triton):
 
     triton.require("ddpm_generate")
     gw = make_gateway("--stop-grace-s", "60")
-    req = pb.GenerateRequest(model="ddpm", num_samples=1, steps=40, seed=1)  # about a second of CPU work
+    req = pb.GenerateRequest(model="ddpm", sampler="ddpm", num_samples=4, steps=1000, seed=1)  # seconds of CPU work
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         g = pool.submit(gw.stub.Generate, req, timeout=120)
-        h = pool.submit(gw.http, "POST", "/v1/generate", {"model": "ddpm", "num_samples": 1, "steps": 40, "seed": 2})
+        h = pool.submit(gw.http, "POST", "/v1/generate", {"model": "ddpm", "sampler": "ddpm", "num_samples": 4, "steps": 1000, "seed": 2})
         until(lambda: "mnistgen_gateway_in_flight_requests 2.0" in gw.metrics(), 30, "two requests in flight")
         gw.proc.send_signal(signal.SIGTERM)
-        assert g.result().images.count == 1
+        assert g.result().images.count == 4
         r = h.result()
         assert r.status == 200, r.body
     assert gw.proc.wait(30) == 0, gw.log_tail()

@@ -1,0 +1,79 @@
+"""Helpers of the reliability tests: the serving tests' gateway handling reused, Triton SIGKILL, RSS, figures."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OUT_DIR = REPO_ROOT / "out" / "reliability"  # JSON figures written by the tests (counts, timings)
+
+# tests/serving/conftest.py is not a package module: load it once under its own name and reuse its
+# gateway process handling (start_gateway, wait_ready, Gateway) and fixtures instead of repeating them.
+_spec = importlib.util.spec_from_file_location("mnistgen_serving_conftest", REPO_ROOT / "tests" / "serving" / "conftest.py")
+serving_conftest = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
+if _spec.name not in sys.modules:
+    sys.modules[_spec.name] = serving_conftest  # (its @dataclass looks itself up there)
+    _spec.loader.exec_module(serving_conftest)
+
+Gateway = serving_conftest.Gateway
+HttpReply = serving_conftest.HttpReply
+start_gateway = serving_conftest.start_gateway
+wait_ready = serving_conftest.wait_ready
+
+
+def kill_triton(triton) -> float:
+    """SIGKILL the tritonserver the `triton` fixture started (a crash, not a graceful stop); returns the time of the kill.
+
+    Its python-backend stubs are left to notice on their own; `restart_triton` reaps what is left.
+    """
+    proc = triton.server.proc
+    assert proc is not None and proc.poll() is None, "Triton is not running"
+    t = time.monotonic()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    return t
+
+
+def restart_triton(triton, timeout: float = 300.0) -> float:
+    """Reap the killed server (stub processes of its group, the log file), start it again, block until ready.
+
+    Returns time.monotonic() at the moment Triton reported ready. Same ports as before, so gateways reconnect.
+    """
+    triton.server.stop()  # the process is dead: this only kills orphaned stubs and closes the log
+    triton.start(timeout)
+    return time.monotonic()
+
+
+def rss_bytes(pid: int, with_children: bool = False) -> int:
+    """Resident memory of a process (and, optionally, of all its descendants)."""
+    p = psutil.Process(pid)
+    procs = [p] + (p.children(recursive=True) if with_children else [])
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def percentile(values, q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, float), q)) if len(values) else float("nan")
+
+
+def write_figures(name: str, figures: dict) -> Path:
+    """out/reliability/<name>.json: what a test measured (read by docs/reliability.md's author, not by tests)."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps(figures, indent=2, sort_keys=True, default=float) + "\n")
+    print(f"\n[{name}] " + json.dumps(figures, sort_keys=True, default=float))
+    return path
