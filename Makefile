@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-classifier evaluate report clean deploy-check k8s-render images soak reliability
+.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm report-ddpm train-classifier evaluate report clean deploy-check k8s-render images soak reliability
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +52,12 @@ test: setup prometheus-install ## run the test suite (starts real Triton, gatewa
 
 train-gan: setup ## train a GAN: make train-gan CONFIG=baseline|modified|mlp|vanishing-gradient|mode-collapse|d-overfit [MITIGATIONS=all]
 	$(PY) -m training.train_gan --config $(CONFIG) $(if $(MITIGATIONS),--mitigations $(MITIGATIONS))
+
+train-ddpm: setup ## train the DDPM UNet (about 45 min on 1 CPU thread) -> checkpoints/ddpm.safetensors + runs/ddpm/ [ARGS=--resume]
+	$(PY) -m training.train_ddpm $(ARGS)
+
+report-ddpm: setup ## DDPM quality table + figures (samplers x steps, denoise at sigma 0.3/0.5/0.7) into reports/ddpm/
+	$(PY) -m training.report_ddpm
 
 train-classifier: setup ## train the evaluation classifier (weights committed in checkpoints/)
 	$(PY) -m training.classifier

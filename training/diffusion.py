@@ -1,0 +1,303 @@
+"""DDPM library: the UNet, diffusers schedulers, and one sampling loop for generation and denoising at sigma.
+
+The loop is written once over a callable `eps_fn(x (B, 1, 28, 28) float32, t (B,) int64) -> eps (B, 1, 28, 28)`,
+so the same code drives an eager PyTorch UNet and (inside Triton) an ONNX Runtime session.
+The update rules are diffusers' own (`DDPMScheduler`, `DDIMScheduler`, `DPMSolverMultistepScheduler` with
+`algorithm_type="dpmsolver++"`); nothing here re-implements a scheduler step.
+
+Denoise definition (the research's forward process, mapped onto DDPM's):
+    y = x0 + sigma * n,  n ~ N(0, I) drawn from a seeded CPU generator.
+    DDPM's forward process is x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps, i.e.
+    x_t / sqrt(abar_t) = x0 + sqrt((1 - abar_t) / abar_t) * eps.
+    So t* = argmin_t |sqrt((1 - abar_t) / abar_t) - sigma| (the ratio is monotone in t, so t* is exact when sigma
+    lies on that grid), x_t* = sqrt(abar_t*) * y, and the chosen sampler runs the reverse process from t* to 0.
+    `steps` is the number of UNet evaluations actually run (what latency depends on): they are spread evenly over
+    [0, t*] (timesteps t*, ~t* - t*/steps, ..., ~t*/steps, then one final update to t = 0), capped at t* + 1 because
+    there are only t* + 1 distinct timesteps below t*. So "DDPM-100" at sigma 0.5 runs min(100, t* + 1) evaluations
+    over [0, t*], not 100 evaluations over the full 1000-step range. sigma = 0 returns the input unchanged.
+    `noisy` is y itself (not clamped); `denoised` is clamped to [-1, 1].
+Generation is the same loop started at t = T - 1 from x_T ~ N(0, I), with `steps` evaluations over [0, T - 1].
+
+Seeds: item i of a call with `seed` uses its own `torch.Generator().manual_seed(seed + i)` on the CPU for all its
+randomness (initial noise, the denoise noise n, DDPM's per-step noise), so an item's result does not depend on the
+batch it is computed in: generate(n=4, seed=0)[2] == generate(n=1, seed=2)[0] up to float rounding. A server that
+batches several requests passes `seeds=[...]` (one per item) so every item keeps its own request's seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from torch import nn
+
+from .checkpoint import CHECKPOINT_DIR, load_checkpoint
+from .registry import DDPM_CHECKPOINT
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+MAX_STEPS = 1000  # upper bound on `steps` (= num_train_timesteps of the default schedule)
+
+# The training noise schedule (DDPMScheduler config); saved in the checkpoint under "scheduler".
+DEFAULT_SCHEDULER: dict = {
+    "num_train_timesteps": 1000,  # T
+    "beta_schedule": "linear",  # Ho et al. 2020
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",  # the UNet predicts the added noise
+    "clip_sample": True,  # clip predicted x0 to [-1, 1] (DDPM / DDIM)
+}
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class UNetConfig:
+    sample_size: int = 28  # 28 -> 14 -> 7: two downsamples divide 28, no padding needed
+    in_channels: int = 1
+    out_channels: int = 1
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # one entry per resolution level
+    layers_per_block: int = 1  # ResNet blocks per level (the up path has one more)
+    attention: tuple[bool, ...] = (False, False, True)  # self-attention per level (7x7 only by default)
+    norm_num_groups: int = 8  # GroupNorm groups; must divide every channel count
+    attention_head_dim: int = 32  # channels per attention head
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        self.attention = tuple(bool(a) for a in self.attention)
+        if len(self.attention) != len(self.block_out_channels):
+            raise ValueError(
+                f"attention has {len(self.attention)} entries but block_out_channels has "
+                f"{len(self.block_out_channels)}: give one bool per level"
+            )
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels, not {bad}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_unet(cfg: UNetConfig | None = None) -> UNet2DModel:
+    """A diffusers UNet2DModel for (B, 1, 28, 28) epsilon prediction."""
+    cfg = cfg or UNetConfig()
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
+    return UNet2DModel(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=cfg.attention_head_dim,
+    )
+
+
+def load_unet(path: str | Path | None = None) -> tuple[UNet2DModel, dict]:
+    """Rebuild the EMA UNet (eval mode, CPU) from a checkpoint (default checkpoints/ddpm.safetensors)."""
+    path = Path(path) if path is not None else CHECKPOINT_DIR / DDPM_CHECKPOINT
+    tensors, config = load_checkpoint(path, "ema")
+    if config.get("kind") != "ddpm":
+        raise ValueError(f"{path} is a {config.get('kind')!r} checkpoint, not a 'ddpm' one")
+    unet = build_unet(UNetConfig(**config["unet"]))
+    unet.load_state_dict(tensors)
+    return unet.eval(), config
+
+
+def make_scheduler(name: str, train_config: dict | None = None):
+    """A fresh diffusers scheduler for sampler `name` over the training noise schedule `train_config`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+    cfg = dict(train_config or DEFAULT_SCHEDULER)
+    common = {k: cfg[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")}
+    if name == "ddpm":
+        return DDPMScheduler(**common, clip_sample=cfg.get("clip_sample", True))
+    if name == "ddim":
+        # eta = 0 (deterministic); set_alpha_to_one: the last update lands on abar = 1, i.e. on x0
+        return DDIMScheduler(**common, clip_sample=cfg.get("clip_sample", True), set_alpha_to_one=True)
+    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+
+
+def noise_to_signal(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """sqrt((1 - abar_t) / abar_t) for every t: the sigma of y = x0 + sigma * n that x_t corresponds to."""
+    a = np.asarray(alphas_cumprod, dtype=np.float64)
+    return np.sqrt((1.0 - a) / a)
+
+
+def sigma_to_timestep(sigma: float, alphas_cumprod: torch.Tensor) -> int:
+    """t* = argmin_t |sqrt((1 - abar_t) / abar_t) - sigma| (monotone in t; exact on the grid)."""
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    ratio = noise_to_signal(alphas_cumprod)
+    return int(np.argmin(np.abs(ratio - float(sigma))))
+
+
+def _ddim_gaps(num_train_timesteps: int) -> dict[int, int]:
+    """DDIMScheduler.step moves from t to t - T // num_inference_steps: gap -> a num_inference_steps giving it."""
+    return {num_train_timesteps // n: n for n in range(num_train_timesteps, 0, -1)}
+
+
+def inference_timesteps(t_start: int, steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """`min(steps, t_start + 1)` descending timesteps spread evenly over [0, t_start], starting at t_start.
+
+    Evaluations sit at ~t_start * (steps - i) / steps ("trailing" spacing); after the last one the sampler makes a
+    final update to x0. Every gap is one that DDIMScheduler can take (T // n for some n), so all three samplers run
+    the same grid.
+    """
+    if not 0 <= t_start < num_train_timesteps:
+        raise ValueError(f"t_start must be in [0, {num_train_timesteps - 1}], got {t_start}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = min(int(steps), t_start + 1)
+    allowed = sorted(_ddim_gaps(num_train_timesteps))
+    ts, t = [t_start], t_start
+    for remaining in range(steps, 1, -1):  # evaluations left, the current one included
+        max_gap = t - (remaining - 2)  # leave room for remaining - 1 distinct timesteps >= 0
+        target = t / remaining
+        gap = min((k for k in allowed if k <= max_gap), key=lambda k: (abs(k - target), k))
+        t -= gap
+        ts.append(t)
+    return ts
+
+
+def _set_timesteps(scheduler, timesteps: Sequence[int]) -> None:
+    if isinstance(scheduler, DDIMScheduler):
+        scheduler.set_timesteps(len(timesteps))  # then replaced by our grid; gaps are set per step in sample_loop
+        scheduler.timesteps = torch.tensor(list(timesteps), dtype=torch.int64)
+    else:  # DDPMScheduler and DPMSolverMultistepScheduler accept custom descending timesteps
+        scheduler.set_timesteps(timesteps=list(timesteps))
+
+
+def sample_loop(
+    eps_fn: EpsFn,
+    x_t: torch.Tensor,
+    scheduler,
+    timesteps: Sequence[int],
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from x_t at timesteps[0] down to x0: `eps_fn(x, t)` then `scheduler.step(...)`.
+
+    `scheduler` must be fresh (DPM-Solver++ keeps multistep state). `generator`: one per batch item for
+    batch-independent DDPM noise. Returns x0 (B, 1, 28, 28), not clamped.
+    """
+    timesteps = [int(t) for t in timesteps]
+    _set_timesteps(scheduler, timesteps)
+    ddim_gaps = _ddim_gaps(scheduler.config.num_train_timesteps) if isinstance(scheduler, DDIMScheduler) else None
+    x = x_t  # (B, 1, 28, 28)
+    for i, t in enumerate(timesteps):
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64)  # (B,)
+        eps = eps_fn(x, t_batch)  # (B, 1, 28, 28)
+        if ddim_gaps is not None:  # DDIM derives the previous timestep from num_inference_steps
+            nxt = timesteps[i + 1] if i + 1 < len(timesteps) else t - scheduler.config.num_train_timesteps
+            scheduler.num_inference_steps = ddim_gaps[t - nxt] if nxt >= 0 else 1
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x
+
+
+def as_eps_fn(model_or_eps_fn: nn.Module | EpsFn) -> EpsFn:
+    """Wrap a UNet2DModel (or any module returning `.sample`) as eps_fn; pass callables through."""
+    if isinstance(model_or_eps_fn, nn.Module):
+        model = model_or_eps_fn.eval()
+
+        @torch.inference_mode()
+        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = model(x, t)
+            return out.sample if hasattr(out, "sample") else out
+
+        return eps_fn
+    if not callable(model_or_eps_fn):
+        raise TypeError(f"expected a torch module or an eps_fn(x, t) callable, got {type(model_or_eps_fn).__name__}")
+    return model_or_eps_fn
+
+
+def item_generators(seed: int, n: int, start: int = 0) -> list[torch.Generator]:
+    """One CPU generator per item: item i gets seed + start + i."""
+    return [torch.Generator().manual_seed(int(seed) + start + i) for i in range(n)]
+
+
+def _item_seeds(seed: int, n: int, seeds: Sequence[int] | None) -> list[int]:
+    """Per-item seeds: `seeds` as given (one per item, e.g. several requests batched together) or seed + i."""
+    if seeds is None:
+        return [int(seed) + i for i in range(n)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"seeds must hold one seed per item ({n}), got {len(seeds)}")
+    return seeds
+
+
+def _check(sampler: str, steps: int) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not (isinstance(steps, (int, np.integer)) and 1 <= steps <= MAX_STEPS):
+        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+
+
+def generate(
+    model_or_eps_fn: nn.Module | EpsFn,
+    n: int,
+    sampler: str = "ddpm",
+    steps: int = 100,
+    seed: int = 0,
+    batch_size: int = 256,
+    scheduler_config: dict | None = None,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """n samples (n, 1, 28, 28) in [-1, 1]; item i is seeded with seed + i (or seeds[i] when given)."""
+    _check(sampler, steps)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    eps_fn = as_eps_fn(model_or_eps_fn)
+    cfg = dict(scheduler_config or DEFAULT_SCHEDULER)
+    item_seeds = _item_seeds(seed, n, seeds)
+    t_max = cfg["num_train_timesteps"] - 1
+    timesteps = inference_timesteps(t_max, steps, cfg["num_train_timesteps"])
+    out = []
+    for start in range(0, n, batch_size):
+        gens = [torch.Generator().manual_seed(s) for s in item_seeds[start:start + batch_size]]
+        x_t = torch.cat([torch.randn((1, 1, 28, 28), generator=g) for g in gens])  # (B, 1, 28, 28) ~ N(0, I)
+        x0 = sample_loop(eps_fn, x_t, make_scheduler(sampler, cfg), timesteps, gens)
+        out.append(x0.clamp(-1, 1))
+    return torch.cat(out)  # (n, 1, 28, 28)
+
+
+def denoise(
+    model_or_eps_fn: nn.Module | EpsFn,
+    x0: torch.Tensor,
+    sigma: float,
+    sampler: str = "ddpm",
+    steps: int = 100,
+    seed: int = 0,
+    scheduler_config: dict | None = None,
+    seeds: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy y = x0 + sigma * n, denoised) for clean images x0 (B, 1, 28, 28) in [-1, 1]; see the module doc.
+
+    Item i is seeded with seed + i (or seeds[i] when given); one sigma, sampler and steps for the whole batch.
+    """
+    _check(sampler, steps)
+    if x0.ndim != 4 or tuple(x0.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"x0 must have shape (B, 1, 28, 28), got {tuple(x0.shape)}")
+    cfg = dict(scheduler_config or DEFAULT_SCHEDULER)
+    item_seeds = _item_seeds(seed, x0.shape[0], seeds)
+    sched = make_scheduler(sampler, cfg)
+    alphas_cumprod = sched.alphas_cumprod
+    sigma_max = float(noise_to_signal(alphas_cumprod)[-1])
+    if not (isinstance(sigma, (int, float, np.floating)) and 0 <= float(sigma) <= sigma_max):
+        raise ValueError(f"sigma must be a number in [0, {sigma_max:.1f}], got {sigma!r}")
+    x0 = x0.float()
+    if float(sigma) == 0.0:
+        return x0.clone(), x0.clone()
+    gens = [torch.Generator().manual_seed(s) for s in item_seeds]
+    n = torch.cat([torch.randn((1, 1, 28, 28), generator=g) for g in gens])  # (B, 1, 28, 28)
+    noisy = x0 + float(sigma) * n  # y, the research's forward process
+    t_star = sigma_to_timestep(float(sigma), alphas_cumprod)
+    x_t = math.sqrt(float(alphas_cumprod[t_star])) * noisy  # x_t* = sqrt(abar_t*) * y
+    timesteps = inference_timesteps(t_star, steps, cfg["num_train_timesteps"])
+    denoised = sample_loop(as_eps_fn(model_or_eps_fn), x_t, sched, timesteps, gens)
+    return noisy, denoised.clamp(-1, 1)

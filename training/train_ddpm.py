@@ -1,0 +1,258 @@
+"""Train the DDPM denoiser (diffusers UNet2DModel, epsilon prediction, EMA) on MNIST; write checkpoints/ddpm.safetensors."""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import REPO_ROOT, save_checkpoint
+from .data import DataConfig, load_mnist
+from .diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40  # passes over the 5,000-image train split; time_budget_min usually stops it first
+    batch_size: int = 32  # small batches: more updates per CPU-second on 2 shared cores
+    lr: float = 1e-3  # AdamW peak learning rate
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to lr_min_ratio * lr at the last planned step
+    lr_min_ratio: float = 1.0  # 1.0 = constant after warm-up (Ho et al.), so a time-budget stop loses nothing
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm
+    ema_decay: float = 0.995  # EMA of the weights (with warm-up min(decay, (1 + n) / (10 + n)))
+    seed: int = 0
+    threads: int = 1  # torch.set_num_threads: the CPU is shared, and 2 threads on a contended core ran 3-50x slower
+    limit: int = 0  # >0: train on the first N images only (tests, quick runs)
+    run_dir: str = "runs/ddpm"  # loss.csv, loss.png, samples/epoch_XXX.png, state.pt, train.log
+    checkpoint: str = "checkpoints/ddpm.safetensors"  # EMA UNet + config, rewritten after every epoch
+    sample_sampler: str = "ddim"  # fast sampler for the per-epoch 8x8 grid, one of SAMPLERS
+    sample_steps: int = 20
+    sample_every: int = 1  # epochs between sample grids (0: never)
+    time_budget_min: float = 50.0  # >0: stop after the epoch that crosses this many minutes of training
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(block_out_channels=(16, 32, 64)))
+
+    def __post_init__(self) -> None:
+        if self.sample_sampler not in SAMPLERS:
+            raise ValueError(f"sample_sampler must be one of {SAMPLERS}, got {self.sample_sampler!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters: ema = d * ema + (1 - d) * param."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def train_step(unet: nn.Module, x0: torch.Tensor, noise_sched: DDPMScheduler, opt: torch.optim.Optimizer,
+               grad_clip: float = 1.0) -> float:
+    """One epsilon-prediction step: x_t = add_noise(x0, eps, t), loss = MSE(unet(x_t, t), eps) (Ho et al. eq. 14)."""
+    unet.train()
+    b = x0.shape[0]
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), dtype=torch.int64)  # (B,)
+    eps = torch.randn_like(x0)  # (B, 1, 28, 28)
+    x_t = noise_sched.add_noise(x0, eps, t)  # (B, 1, 28, 28)
+    loss = nn.functional.mse_loss(unet(x_t, t).sample, eps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
+    opt.step()
+    return float(loss.detach())
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _path(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+class DDPMTrainer:
+    """Holds the model, EMA, optimizer and history; `train()` runs the remaining epochs."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.run_dir = _path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        x, _ = load_mnist("train", DataConfig(limit=cfg.limit or None))
+        self.data = x  # (N, 1, 28, 28) in [-1, 1]
+        self.unet = build_unet(cfg.unet)
+        self.ema = EMA(self.unet, cfg.ema_decay)
+        self.noise_sched = DDPMScheduler(**DEFAULT_SCHEDULER)
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.history: list[dict] = []  # one row per epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data) / self.cfg.batch_size)
+
+    def state_path(self) -> Path:
+        return self.run_dir / "state.pt"
+
+    def save_state(self) -> None:
+        torch.save({
+            "unet": self.unet.state_dict(), "ema": self.ema.model.state_dict(), "ema_updates": self.ema.updates,
+            "opt": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
+            "history": self.history, "rng": torch.get_rng_state(), "shuffle": self.shuffle.get_state(),
+            "config": self.cfg.to_dict(),
+        }, self.state_path())
+
+    def load_state(self) -> bool:
+        if not self.state_path().exists():
+            return False
+        s = torch.load(self.state_path(), weights_only=False)
+        self.unet.load_state_dict(s["unet"])
+        self.ema.model.load_state_dict(s["ema"])
+        self.ema.updates = s["ema_updates"]
+        self.opt.load_state_dict(s["opt"])
+        self.epoch, self.step, self.elapsed, self.history = s["epoch"], s["step"], s["elapsed"], s["history"]
+        torch.set_rng_state(s["rng"])
+        self.shuffle.set_state(s["shuffle"])
+        return True
+
+    def save_checkpoint(self) -> Path:
+        final_loss = self.history[-1]["loss"] if self.history else float("nan")
+        config = {
+            "kind": "ddpm",
+            "unet": self.cfg.unet.to_dict(),
+            "scheduler": dict(DEFAULT_SCHEDULER),
+            "train": {k: v for k, v in self.cfg.to_dict().items() if k != "unet"},
+            "summary": {"train_time_s": round(self.elapsed, 1), "epochs": self.epoch, "steps": self.step,
+                        "final_loss": final_loss,
+                        "params": sum(p.numel() for p in self.unet.parameters())},
+        }
+        return save_checkpoint(_path(self.cfg.checkpoint), {"ema": self.ema.model.state_dict()}, config)
+
+    def _write_logs(self) -> None:
+        with open(self.run_dir / "loss.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(self.history[0]))
+            w.writeheader()
+            w.writerows(self.history)
+        from .plots import plot_losses
+
+        plot_losses([h["epoch"] for h in self.history], {"train MSE (eps)": [h["loss"] for h in self.history]},
+                    self.run_dir / "loss.png", title="DDPM training loss", xlabel="epoch", smooth=5)
+
+    def _sample_grid(self) -> None:
+        from .plots import save_grid
+
+        imgs = generate(self.ema.model, 64, self.cfg.sample_sampler, self.cfg.sample_steps, seed=0)  # (64, 1, 28, 28)
+        save_grid(imgs, self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
+
+    def train(self) -> dict:
+        cfg, total = self.cfg, self.cfg.epochs * self.steps_per_epoch
+        n_params = sum(p.numel() for p in self.unet.parameters())
+        print(f"DDPM: {n_params / 1e6:.2f} M params, {len(self.data)} images, {self.steps_per_epoch} steps/epoch, "
+              f"epochs {self.epoch + 1}..{cfg.epochs}", flush=True)
+        while self.epoch < cfg.epochs:
+            t0 = time.time()
+            perm = torch.randperm(len(self.data), generator=self.shuffle)
+            losses = []
+            bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", mininterval=30)
+            for i in bar:
+                for g in self.opt.param_groups:
+                    g["lr"] = lr_at(self.step, total, cfg)
+                batch = self.data[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]  # (B, 1, 28, 28)
+                losses.append(train_step(self.unet, batch, self.noise_sched, self.opt, cfg.grad_clip))
+                self.ema.update(self.unet)
+                self.step += 1
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
+            self.epoch += 1
+            self.elapsed += time.time() - t0
+            self.history.append({"epoch": self.epoch, "step": self.step, "loss": sum(losses) / len(losses),
+                                 "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(self.elapsed, 1)})
+            if cfg.sample_every and self.epoch % cfg.sample_every == 0:
+                self._sample_grid()
+            self._write_logs()
+            self.save_checkpoint()
+            self.save_state()
+            print(json.dumps(self.history[-1]), flush=True)
+            if cfg.time_budget_min and self.elapsed > cfg.time_budget_min * 60 and self.epoch < cfg.epochs:
+                print(f"time budget {cfg.time_budget_min} min reached after epoch {self.epoch}; stopping", flush=True)
+                break
+        return {"train_time_s": round(self.elapsed, 1), "epochs": self.epoch, "steps": self.step,
+                "final_loss": self.history[-1]["loss"] if self.history else None,
+                "checkpoint": str(_path(cfg.checkpoint))}
+
+
+def _arg_type(t):
+    s = str(t)
+    return float if "float" in s else int if "int" in s else str
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/state.pt")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "unet":
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_arg_type(f.type), default=None)
+    for f in dataclasses.fields(UNetConfig):
+        kind = "comma list" if "tuple" in str(f.type) else "value"
+        p.add_argument(f"--unet-{f.name.replace('_', '-')}", dest=f"unet_{f.name}", default=None,
+                       help=f"override unet.{f.name} ({kind})")
+    a = p.parse_args(argv)
+    base = TrainConfig()
+    unet_over = {}
+    for f in dataclasses.fields(UNetConfig):
+        v = getattr(a, f"unet_{f.name}")
+        if v is None:
+            continue
+        if f.name == "attention":
+            unet_over[f.name] = tuple(s.strip().lower() in ("1", "true", "yes") for s in v.split(","))
+        elif "tuple" in str(f.type):
+            unet_over[f.name] = tuple(int(s) for s in v.split(","))
+        else:
+            unet_over[f.name] = int(v)
+    over = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name != "unet" and getattr(a, f.name) is not None}
+    cfg = dataclasses.replace(base, unet=dataclasses.replace(base.unet, **unet_over), **over)
+    return cfg, a.resume
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, resume = parse_args(argv)
+    trainer = DDPMTrainer(cfg)
+    if resume and trainer.load_state():
+        print(f"resumed at epoch {trainer.epoch} (step {trainer.step})", flush=True)
+    summary = trainer.train()
+    print(json.dumps(summary, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
