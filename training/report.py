@@ -229,6 +229,32 @@ def collect(cfg: ReportConfig) -> dict:
     return result
 
 
+COLLAPSE_COVERAGE = 2  # classes
+COLLAPSE_PAIRWISE = 0.5  # fraction of the real data's mean pairwise distance
+COLLAPSE_D_LOSS = 0.01  # final discriminator loss
+
+
+def collapse_verdict(name: str, model: dict, floor: dict) -> str:
+    """One line saying whether the figures show mode collapse, and which figures say so."""
+    m, summary = model["metrics"], model.get("summary") or {}
+    d_loss = summary.get("final_loss_d")
+    ratio = m["pairwise_distance"] / floor["pairwise_distance"]
+    reasons = []
+    if m["coverage"] <= COLLAPSE_COVERAGE:
+        reasons.append(f"coverage {m['coverage']}/10")
+    if ratio < COLLAPSE_PAIRWISE:
+        reasons.append(f"pairwise distance {ratio:.0%} of real")
+    if d_loss is not None and d_loss < COLLAPSE_D_LOSS:
+        reasons.append(f"final D loss {d_loss:.4g}")
+    figures = (f"coverage {m['coverage']}/10, pairwise distance {m['pairwise_distance']:.3f} ({ratio:.0%} of real), "
+               f"final D loss {_fmt(d_loss, 4)}")
+    if reasons:
+        return f"**{name}: collapsed** ({', '.join(reasons)}); {figures}."
+    if m["coverage"] < 10:
+        return f"**{name}: partial collapse** ({m['coverage']}/10 classes covered, KL {m['kl_uniform']:.3f}); {figures}."
+    return f"**{name}: no collapse on this data**; {figures}."
+
+
 def render(result: dict) -> str:
     """The markdown report from collect()'s dict."""
     cfg = result["config"]
@@ -290,6 +316,13 @@ def render(result: dict) -> str:
     if names:
         best = min(names, key=lambda n: models[n]["metrics"]["fid"])
         lines.append(f"- Lowest FID: **{best}**.")
+    lines.append("")
+    lines += ["## Mode collapse verdict", "",
+              f"A model counts as collapsed when coverage <= {COLLAPSE_COVERAGE} classes, or its mean pairwise distance "
+              f"is below {COLLAPSE_PAIRWISE:.0%} of the real data's, or its final D loss is below {COLLAPSE_D_LOSS} "
+              "(the research's signature: D rejects every sample). Partial collapse: fewer than 10 classes covered.", ""]
+    for n in names:
+        lines.append(f"- {collapse_verdict(n, models[n], floor)}")
     lines.append("")
     lines += ["## Samples (8×8, latent seed %d)" % cfg["seed"], ""]
     lines.append("| " + " | ".join(names + ["real test images"]) + " |")

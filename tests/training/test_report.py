@@ -53,3 +53,16 @@ def test_report_from_standins(standin_dir, tmp_path):
 def test_unknown_model_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="--models entries must be among"):
         write_report(ReportConfig(models="vae", out_dir=str(tmp_path)))
+
+
+def test_collapse_verdict_reads_the_figures():
+    from training.report import collapse_verdict
+
+    floor = {"pairwise_distance": 0.36}
+    healthy = {"metrics": {"coverage": 10, "pairwise_distance": 0.35, "kl_uniform": 0.01}, "summary": {"final_loss_d": 0.7}}
+    collapsed = {"metrics": {"coverage": 1, "pairwise_distance": 0.05, "kl_uniform": 2.2}, "summary": {"final_loss_d": 0.0001}}
+    partial = {"metrics": {"coverage": 4, "pairwise_distance": 0.27, "kl_uniform": 1.5}, "summary": {"final_loss_d": 0.45}}
+    assert "no collapse" in collapse_verdict("a", healthy, floor)
+    v = collapse_verdict("b", collapsed, floor)
+    assert "collapsed" in v and "coverage 1/10" in v and "final D loss 0.0001" in v and "14% of real" in v
+    assert "partial collapse" in collapse_verdict("c", partial, floor)
