@@ -77,8 +77,10 @@ RUN python3 -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch
     && groupadd --system --gid 10001 mnistgen \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin mnistgen
 WORKDIR /opt/mnistgen
-# model.py files import training.* (the shared DDPM loop); checkpoints/ carries the configs beside the weights.
+# model.py files import serving.triton_backend (shared backend code) and training.* (the shared DDPM loop);
+# checkpoints/ carries the configs beside the weights.
 COPY training/ training/
+COPY serving/__init__.py serving/triton_backend.py serving/
 COPY checkpoints/ checkpoints/
 # /models: GPU variant (native onnxruntime backend + TensorRT); /models-cpu: python backend on ONNX Runtime.
 # The k8s cpu overlay points --model-repository at /models-cpu; a mounted volume can replace either.

@@ -1,113 +1,12 @@
-"""Triton python-backend model: one ONNX Runtime session over 1/model.onnx, every queued request in one run.
+"""Triton python-backend model: a single-shot ONNX model (serving.triton_backend.SingleShotModel).
 
-The same file serves every single-shot ONNX model in this repository (the three GAN generators and
-ddpm_unet): input and output names come from config.pbtxt, so nothing here is model-specific.
-With the config.pbtxt parameter `runtime` = "torchscript" it runs 1/model.pt (same export, PyTorch kernels)
-instead: on CPUs where ONNX Runtime's kernels are slower than PyTorch's (stride-2 ConvTranspose here).
+The same file serves the three GAN generators and ddpm_unet; input and output names come from config.pbtxt.
 """
-from __future__ import annotations
-
-import json
+import sys
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
-
-
-def _param(model_config: dict, key: str, default: str) -> str:
-    """A `parameters { key: ... value { string_value: ... } }` entry of config.pbtxt."""
-    return model_config.get("parameters", {}).get(key, {}).get("string_value", default)
-
-
-def make_session(onnx_path: str, model_config: dict, instance_kind: str, device_id: int) -> ort.InferenceSession:
-    """CUDA execution provider on a GPU instance when onnxruntime-gpu has it, else the CPU provider."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = int(_param(model_config, "intra_op_threads", "0"))  # 0 = ORT picks (all cores)
-    opts.inter_op_num_threads = 1
-    # spinning worker threads burn the CPU they wait on: on a shared machine they slow everything down
-    opts.add_session_config_entry("session.intra_op.allow_spinning", _param(model_config, "allow_spinning", "1"))
-    providers: list = ["CPUExecutionProvider"]
-    if instance_kind == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-    return ort.InferenceSession(onnx_path, sess_options=opts, providers=providers)
-
-
-RUNTIMES = ("onnxruntime", "torchscript")
-
-
-class TorchScriptRunner:
-    """session.run()-compatible wrapper over a traced single-input module (the generators' model.pt)."""
-
-    def __init__(self, path: str, model_config: dict, output_names: list[str]):
-        import torch
-
-        threads = int(_param(model_config, "intra_op_threads", "0"))
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.module = torch.jit.load(path).eval()
-        self.output_names = output_names
-
-    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        with self.torch.inference_mode():
-            out = self.module(*[self.torch.from_numpy(v) for v in feeds.values()])
-        return [out.numpy()]
-
-
-def _error(message: str) -> "pb_utils.InferenceResponse":
-    code = getattr(pb_utils.TritonError, "INTERNAL", None)
-    err = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=err)
-
-
-class TritonPythonModel:
-    def initialize(self, args: dict) -> None:
-        self.model_config = json.loads(args["model_config"])
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.input_names = [i["name"] for i in self.model_config["input"]]
-        self.output_names = [o["name"] for o in self.model_config["output"]]
-        self.session = make_session(
-            str(version_dir / "model.onnx"), self.model_config,
-            args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0),
-        )  # also for the name checks below when the TorchScript runtime serves
-        runtime = _param(self.model_config, "runtime", "onnxruntime")
-        if runtime not in RUNTIMES:
-            raise pb_utils.TritonModelException(f"parameter runtime must be one of {RUNTIMES}, got {runtime!r}")
-        # per-row shape the ONNX graph expects, e.g. timestep: () for (B,) while Triton sends (B, 1)
-        self.row_shapes = {i.name: tuple(i.shape[1:]) for i in self.session.get_inputs()}
-        onnx_inputs = sorted(self.row_shapes)
-        onnx_outputs = sorted(o.name for o in self.session.get_outputs())
-        if onnx_inputs != sorted(self.input_names) or onnx_outputs != sorted(self.output_names):
-            raise pb_utils.TritonModelException(
-                f"{version_dir / 'model.onnx'} has inputs {onnx_inputs} / outputs {onnx_outputs}, but "
-                f"config.pbtxt declares {self.input_names} / {self.output_names}: re-run training.export"
-            )
-        if runtime == "torchscript":
-            self.session = TorchScriptRunner(str(version_dir / "model.pt"), self.model_config, self.output_names)
-
-    def execute(self, requests: list) -> list:
-        # concatenate every queued request along the batch axis, run once, split back
-        feeds: dict[str, list[np.ndarray]] = {name: [] for name in self.input_names}
-        sizes: list[int] = []
-        for request in requests:
-            for name in self.input_names:
-                feeds[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
-            sizes.append(feeds[self.input_names[0]][-1].shape[0])
-        try:
-            batch = {name: np.concatenate(parts, axis=0).reshape(-1, *self.row_shapes[name])  # (sum B, ...)
-                     for name, parts in feeds.items()}
-            outputs = self.session.run(self.output_names, batch)
-        except Exception as e:  # a failed run answers every request with the error; the model stays up
-            return [_error(f"onnxruntime failed: {e}") for _ in requests]
-        responses, start = [], 0
-        for n in sizes:
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(out[start:start + n]))
-                       for name, out in zip(self.output_names, outputs)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            start += n
-        return responses
-
-    def finalize(self) -> None:
-        self.session = None
+try:
+    from serving.triton_backend import SingleShotModel as TritonPythonModel  # noqa: F401
+except ImportError:  # repository checkout without `pip install -e .`: model_repository/<model>/1/model.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from serving.triton_backend import SingleShotModel as TritonPythonModel  # noqa: F401

@@ -9,12 +9,10 @@ does for item i with seed + i, so a row's result does not depend on what it was 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -23,70 +21,16 @@ try:
 except ImportError:  # repository checkout without `pip install -e .`: model_repository/<model>/1/model.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     from training import diffusion
+from serving.triton_backend import OrtEps, error_response, instance_session
 
 SEED_MAX = 2**63 - 1
-
-
-def _param(model_config: dict, key: str, default: str) -> str:
-    return model_config.get("parameters", {}).get(key, {}).get("string_value", default)
-
-
-class OrtEps:
-    """eps_fn(x (B, 1, 28, 28), t (B,) int64) -> noise_pred (B, 1, 28, 28), running the exported UNet."""
-
-    def __init__(self, onnx_path: str, model_config: dict, instance_kind: str, device_id: int):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(_param(model_config, "intra_op_threads", "0"))  # 0 = ORT picks (all cores)
-        opts.inter_op_num_threads = 1
-        # spinning worker threads burn the CPU they wait on: on a shared machine they slow everything down
-        opts.add_session_config_entry("session.intra_op.allow_spinning", _param(model_config, "allow_spinning", "1"))
-        providers: list = ["CPUExecutionProvider"]
-        if instance_kind == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        self.session = ort.InferenceSession(onnx_path, sess_options=opts, providers=providers)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        # the training noise schedule, recorded in the ONNX file by training.export
-        self.scheduler_config = json.loads(meta["scheduler"]) if "scheduler" in meta else dict(diffusion.DEFAULT_SCHEDULER)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        feeds = {"sample": np.ascontiguousarray(x.detach().numpy(), dtype=np.float32),  # (B, 1, 28, 28)
-                 "timestep": np.ascontiguousarray(t.numpy(), dtype=np.int64)}  # (B,)
-        return torch.from_numpy(self.session.run(["noise_pred"], feeds)[0])  # (B, 1, 28, 28)
-
-
-def denoise_rows(eps_fn, x0: torch.Tensor, sigma: float, sampler: str, steps: int, seeds: list[int],
-                 scheduler_config: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """training.diffusion.denoise with one seed per row instead of seed + i (same building blocks, same order)."""
-    sched = diffusion.make_scheduler(sampler, scheduler_config)
-    if sigma == 0.0:
-        return x0.clone(), x0.clone()
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    n = torch.cat([torch.randn((1, 1, 28, 28), generator=g) for g in gens])  # (B, 1, 28, 28)
-    noisy = x0 + float(sigma) * n  # y = x0 + sigma * n
-    alphas_cumprod = sched.alphas_cumprod
-    t_star = diffusion.sigma_to_timestep(float(sigma), alphas_cumprod)
-    x_t = math.sqrt(float(alphas_cumprod[t_star])) * noisy  # x_t* = sqrt(abar_t*) * y
-    timesteps = diffusion.inference_timesteps(t_star, steps, scheduler_config["num_train_timesteps"])
-    denoised = diffusion.sample_loop(eps_fn, x_t, sched, timesteps, gens)
-    return noisy, denoised.clamp(-1, 1)
-
-
-def _invalid(message: str) -> "pb_utils.InferenceResponse":
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    err = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
-    return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         torch.set_num_threads(1)  # the UNet runs in ONNX Runtime; torch only does the scheduler arithmetic
         self.model_config = json.loads(args["model_config"])
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.eps = OrtEps(
-            str(version_dir / "model.onnx"), self.model_config,
-            args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0) or 0),
-        )
+        self.eps = OrtEps(instance_session(args, self.model_config))
         sched = diffusion.make_scheduler("ddpm", self.eps.scheduler_config)
         self.sigma_max = float(diffusion.noise_to_signal(sched.alphas_cumprod)[-1])
 
@@ -127,7 +71,7 @@ class TritonPythonModel:
             except Exception as e:  # malformed tensors: answer this request, keep the model up
                 rows, error = None, f"bad request: {e}"
             if error is not None:
-                responses[r] = _invalid(error)
+                responses[r] = error_response(error, "INVALID_ARG")
                 continue
             parsed[r] = {"rows": rows, "noisy": np.empty_like(rows["image"]), "denoised": np.empty_like(rows["image"])}
             for i in range(len(rows["sigma"])):
@@ -140,7 +84,8 @@ class TritonPythonModel:
             seeds = [int(parsed[r]["rows"]["seed"][i]) for r, i in members]
             try:
                 with torch.inference_mode():
-                    noisy, denoised = denoise_rows(self.eps, x0, sigma, sampler, steps, seeds, self.eps.scheduler_config)
+                    noisy, denoised = diffusion.denoise(self.eps, x0, sigma, sampler, steps, seeds=seeds,
+                                                         scheduler_config=self.eps.scheduler_config)
             except Exception as e:  # e.g. ONNX Runtime failure: fail only the requests in this group
                 for r, _ in members:
                     failed[r] = f"denoise failed: {e}"
@@ -151,7 +96,7 @@ class TritonPythonModel:
 
         for r, p in parsed.items():
             if r in failed:
-                responses[r] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(failed[r]))
+                responses[r] = error_response(failed[r])
                 continue
             responses[r] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("noisy", p["noisy"]),  # (B, 1, 28, 28)
