@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.process import terminate
 from serving.triton_server import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,13 +90,7 @@ class GatewayProcess:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.config.stop_grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, self.config.stop_grace_s)
         if self._log is not None:
             self._log.close()
             self._log = None

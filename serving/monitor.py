@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from serving.process import terminate
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO_ROOT / "prometheus"
 CONFIG_FILE = PROMETHEUS_DIR / "prometheus.yml"  # the committed config (make run's default targets)
@@ -157,13 +159,7 @@ class PrometheusServer:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.process import terminate
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 LOG_LEVELS = (0, 1, 2, 3)  # --log-verbose values accepted by tritonserver (0 = info only)
@@ -281,13 +283,7 @@ class TritonServer:
         """SIGTERM, then SIGKILL after the grace period; returns the exit code (None if never started)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.config.stop_grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, self.config.stop_grace_s)
         try:  # python-backend stubs orphaned by a SIGKILL live in the group this object created
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
