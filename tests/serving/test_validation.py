@@ -58,7 +58,7 @@ def test_generate_ddpm_defaults_per_sampler():
     for sampler, steps in DEFAULT_GENERATE_STEPS.items():
         p = validate_generate("ddpm", 2, 5, 0, sampler, 2)
         assert (p.steps, p.sampler, p.seed, p.format) == (steps, sampler, 5, "PNG")
-    assert validate_generate("ddpm", 1, 1, 0, "", 3).sampler == "ddim"
+    assert validate_generate("ddpm", 1, 1, 0, "", 3).sampler == "dpm-solver++"
 
 
 @pytest.mark.parametrize("kwargs, field, fragments", [
@@ -87,7 +87,7 @@ def test_denoise_png_and_raw_agree():
     b = validate_denoise([], x.astype("<f4").tobytes(), 0.5, 0, "", 3, 0)
     assert a.images.shape == (1, 1, 28, 28) and a.images.dtype == np.float32
     np.testing.assert_allclose(a.images, b.images, atol=1e-6)
-    assert (a.steps, a.sampler, a.sigma, a.seed) == (DEFAULT_DENOISE_STEPS, "ddim", 0.5, 3)
+    assert (a.steps, a.sampler, a.sigma, a.seed) == (DEFAULT_DENOISE_STEPS, "dpm-solver++", 0.5, 3)
 
 
 def test_png_modes_converted_to_grayscale():
