@@ -11,6 +11,8 @@ from pathlib import Path
 
 import psutil
 
+from loadtest.soak import rss_mib
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO_ROOT / "out" / "reliability"  # JSON figures written by the tests (counts, timings)
 
@@ -52,16 +54,9 @@ def restart_triton(triton, timeout: float = 300.0) -> float:
 
 
 def rss_bytes(pid: int, with_children: bool = False) -> int:
-    """Resident memory of a process (and, optionally, of all its descendants)."""
-    p = psutil.Process(pid)
-    procs = [p] + (p.children(recursive=True) if with_children else [])
-    total = 0
-    for q in procs:
-        try:
-            total += q.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+    """Resident memory of a live process (and, optionally, of all its descendants): loadtest.soak.rss_mib in bytes."""
+    psutil.Process(pid)  # raises NoSuchProcess for a dead pid, as a test wants
+    return int(rss_mib(pid, with_children) * 2**20)
 
 
 def percentile(values, q: float) -> float:
