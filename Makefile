@@ -39,7 +39,7 @@ triton: export ## Triton alone in the foreground: HTTP :8000, gRPC :8001, metric
 	$(PY) -m serving.triton_server
 
 bench-triton: export ## per-sample latency: eager PyTorch vs ONNX Runtime vs Triton gRPC -> bench/triton.json
-	$(PY) -m serving.bench_triton
+	$(PY) -m loadtest.bench_triton
 
 prometheus-install: ## install Debian's prometheus + promtool where missing (make monitor, make test)
 	@command -v prometheus >/dev/null || { if [ "$$(id -u)" = 0 ]; then \

@@ -3,7 +3,7 @@
 Paths: eager PyTorch in-process (the research code's way), ONNX Runtime in-process, Triton direct
 (tritonclient gRPC), and through the gateway over gRPC and over HTTP/JSON. Workloads: a GAN generator at
 batch 1/64/256, and DDPM denoising with DDPM-100 and a fast sampler (DPM-Solver++-20) at small batches.
-The first three paths are serving/bench_triton.py's measuring functions, reused as they are; this module adds
+The first three paths are loadtest/bench_triton.py's measuring functions, reused as they are; this module adds
 the gateway paths with the same timing loop (bench_triton.timed), starts its own Triton + gateway on free
 ports, and writes bench/results.json and bench/results.md (headline: served / eager ratios).
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import bench_triton as bt
+from . import bench_triton as bt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("pytorch-eager", "onnxruntime", "triton-grpc", "gateway-grpc", "gateway-http")  # table column order
@@ -112,7 +112,7 @@ def bench_gateway_generator(cfg: GatewayBenchConfig, clients: dict) -> list[dict
 
 
 def bench_gateway_denoise(cfg: GatewayBenchConfig, clients: dict, spec: str, repeats: int) -> list[dict]:
-    from training.diffusion import inference_timesteps, make_scheduler, sigma_to_timestep
+    from mnistgen.diffusion import inference_timesteps, make_scheduler, sigma_to_timestep
 
     sampler, steps = spec.split(":")[0], int(spec.split(":")[1])
     t_star = sigma_to_timestep(cfg.sigma, make_scheduler("ddpm").alphas_cumprod)
@@ -136,7 +136,7 @@ def bench_overhead(cfg: GatewayBenchConfig, tclient, gateway_client) -> dict:
     shared machine drifts over both alike; the overhead is the median of the paired differences."""
     import statistics
 
-    from training.latent import sample_latent
+    from mnistgen.latent import sample_latent
 
     model = bt.GENERATOR_MODELS[cfg.generator]
     dim = int(tclient.get_model_config(model, as_json=True)["config"]["input"][0]["dims"][-1])

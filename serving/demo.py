@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistgen.files import official_test_split
+
 from . import images as imgs
 from .client import TRANSPORTS, ClientConfig, ClientError, GatewayClient, as_array
 from .generated.mnistgen.v1 import generation_pb2 as pb
@@ -30,10 +32,8 @@ class DemoConfig:
 
 def test_digits(n: int) -> np.ndarray:
     """The first n images of the official MNIST test split, (n, 1, 28, 28) float32 in [-1, 1]."""
-    from training.data import DataConfig, load_mnist  # torch: only the demo needs it, never the gateway
-
-    x, _ = load_mnist("test", DataConfig())
-    return np.asarray(x[:n], dtype=np.float32)
+    images, _ = official_test_split()  # (10000, 28, 28) uint8
+    return imgs.from_uint8(images[:n])
 
 
 def run(c: DemoConfig) -> int:

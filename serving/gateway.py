@@ -23,7 +23,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from training.latent import sample_latent
+from mnistgen.latent import sample_latent
 
 from . import images as imgs
 from .generated.mnistgen.v1 import generation_pb2 as pb

@@ -77,7 +77,7 @@ class OrtEps:
     """eps_fn(x (B, 1, 28, 28), t (B,) int64) -> noise_pred (B, 1, 28, 28), running the exported UNet in ORT."""
 
     def __init__(self, session: ort.InferenceSession):
-        from training import diffusion
+        from mnistgen import diffusion
 
         self.session = session
         meta = session.get_modelmeta().custom_metadata_map

@@ -63,12 +63,12 @@ class TritonHandle:
         (A checkpoint still being trained changes under a running session; comparing Triton's outputs with
         a newer checkpoint would fail for no fault of the serving path.)
         """
-        from training.export import file_sha256
+        from mnistgen.files import sha256
 
         self.require(model)
         if not checkpoint.exists():
             pytest.skip(f"{checkpoint} not found")
-        if file_sha256(checkpoint) != self.served_sha.get(model):
+        if sha256(checkpoint) != self.served_sha.get(model):
             pytest.skip(f"{checkpoint} changed since Triton loaded {model} (still training?)")
 
     def log_tail(self, n_lines: int = 40) -> str:

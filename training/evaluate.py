@@ -34,16 +34,16 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
-from .checkpoint import read_config
+from mnistgen.checkpoint import read_config
 from .classifier import FeatureExtractor, load_classifier, predict
 from .data import DataConfig, load_mnist
-from .registry import GAN_MODELS, load_generator, sample_latent
+from mnistgen.registry import GAN_MODELS, load_generator, latent_tensor
 
 NUM_CLASSES = 10
 COVERAGE_MIN_FRACTION = 0.02  # a class "is covered" when it holds at least 2% of the samples
 PAIRWISE_SUBSAMPLE = 1000  # images used for the mean pairwise distance
 SPECIAL_MODELS = ("real-test", "real-train", "noise", "ddpm")  # besides GAN_MODELS names and checkpoint paths
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")  # must match training.diffusion.SAMPLERS
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")  # must match mnistgen.diffusion.SAMPLERS
 TASKS = ("generate", "denoise")
 GENERATION_KEYS = ("fid", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
 DENOISE_KEYS = ("class_preservation", "psnr", "ssim")
@@ -232,7 +232,7 @@ def _load_ddpm(model: str) -> tuple[torch.nn.Module, dict]:
     """(UNet, extra kwargs for generate/denoise): the checkpoint's own noise schedule when the API takes one."""
     import inspect
 
-    from . import diffusion
+    from mnistgen import diffusion
 
     unet, config = diffusion.load_unet(None if model == "ddpm" else model)
     extra = {}
@@ -251,9 +251,9 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, what: str) -> t
 
 @torch.no_grad()
 def generate_gan(model: str, n: int, seed: int = 0, batch_size: int = 500) -> tuple[torch.Tensor, float]:
-    """(samples (n, 1, 28, 28) in [-1, 1], ms per sample) from a GAN generator, z from training.latent."""
+    """(samples (n, 1, 28, 28) in [-1, 1], ms per sample) from a GAN generator, z from mnistgen.latent."""
     gen, config = load_generator(model)
-    z = sample_latent(n, int(config["arch"]["latent_dim"]), seed)  # (n, latent_dim)
+    z = latent_tensor(n, int(config["arch"]["latent_dim"]), seed)  # (n, latent_dim)
     out, elapsed = [], 0.0
     for i in tqdm(range(0, n, batch_size), desc=f"generate {model}", unit="batch", leave=False):
         t0 = time.perf_counter()
@@ -277,7 +277,7 @@ def produce_samples(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor | None,
         return _subset(x, y, n, cfg.seed, "real-train")[0], None, None
     if kind == "noise":  # sanity: uniform noise in [-1, 1]
         return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1, None, None
-    from . import diffusion  # lazy: the DDPM module is optional for GAN-only use
+    from mnistgen import diffusion  # lazy: the DDPM module is optional for GAN-only use
 
     unet, extra = _load_ddpm(cfg.model)
     out, elapsed = [], 0.0
@@ -294,7 +294,7 @@ def run_denoise(cfg: EvalConfig) -> dict:
     """Denoise cfg.num_samples seeded test images at cfg.sigma; metrics of the denoised and of the noisy input."""
     if _model_kind(cfg.model) != "ddpm":
         raise ValueError(f"--task denoise needs a DDPM model ('ddpm' or a ddpm checkpoint), got {cfg.model!r}")
-    from . import diffusion
+    from mnistgen import diffusion
 
     x, y = load_mnist("test", DataConfig())
     clean, labels = _subset(x, y, cfg.num_samples, cfg.seed, "denoise (test split)")

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
-from .registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
+from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.files import sha256
+from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
 
-# Triton model name -> committed generator name (training.registry.GAN_MODELS).
+# Triton model name -> committed generator name (mnistgen.registry.GAN_MODELS).
 GENERATORS = {
     "dcgan_generator": "dcgan-baseline",
     "dcgan_modified": "dcgan-modified",
@@ -75,14 +76,6 @@ class ExportConfig:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:
@@ -195,7 +188,7 @@ def export_generator(model: str, cfg: ExportConfig) -> dict | None:
     model_dir = cfg.model_repository / model
     latent_dim = int(read_config(ckpt)["arch"]["latent_dim"])
     sync_latent_dim(model_dir / "config.pbtxt", latent_dim)
-    sha = file_sha256(ckpt)
+    sha = sha256(ckpt)
     onnx_path, ts_path = model_dir / "1" / ONNX_FILE, model_dir / "1" / TORCHSCRIPT_FILE
     if not cfg.force and is_fresh([onnx_path, ts_path], sha):
         print(f"- {model}: up to date ({ckpt.name})")
@@ -238,13 +231,13 @@ class UNetEps(nn.Module):
 
 def export_ddpm(cfg: ExportConfig, models: tuple[str, ...]) -> dict | None:
     """EMA UNet -> ddpm_unet/1/model.onnx (`sample`, `timestep` -> `noise_pred`), copied into the loop models."""
-    from .diffusion import DEFAULT_SCHEDULER, load_unet
+    from mnistgen.diffusion import DEFAULT_SCHEDULER, load_unet
 
     ckpt = cfg.checkpoint_dir / DDPM_CHECKPOINT
     if not ckpt.exists():
         print(f"- {', '.join(models)}: skipped, checkpoint {ckpt} not found (train the DDPM first)")
         return None
-    sha = file_sha256(ckpt)
+    sha = sha256(ckpt)
     targets = [cfg.model_repository / m / "1" / ONNX_FILE for m in models]
     if not cfg.force and is_fresh(targets, sha):
         print(f"- {', '.join(models)}: up to date ({ckpt.name})")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
 from .classifier import load_classifier
 from .data import to_uint8
 from .evaluate import EvalConfig, evaluate, reference_images
-from .registry import CLASSIFIER_CHECKPOINT, GAN_MODELS, load_generator, sample_latent
+from mnistgen.registry import CLASSIFIER_CHECKPOINT, GAN_MODELS, load_generator, latent_tensor
 
 REAL_FLOOR = "real-test"  # the real test split judged against the training split: the best a generator can hope for
 
@@ -39,7 +39,7 @@ class ReportConfig:
 @torch.no_grad()
 def inference_ms(gen: torch.nn.Module, latent_dim: int, batch: int, repeats: int, seed: int = 0) -> float:
     """Median wall time of one generator forward at `batch`, divided by the batch: ms per sample."""
-    z = sample_latent(batch, latent_dim, seed)  # (B, latent_dim)
+    z = latent_tensor(batch, latent_dim, seed)  # (B, latent_dim)
     for _ in range(3):
         gen(z)
     times = []
@@ -206,7 +206,7 @@ def collect(cfg: ReportConfig) -> dict:
                                            threads=cfg.threads)),
         }
         with torch.no_grad():
-            save_grid(gen(sample_latent(64, latent_dim, cfg.seed)), out_dir / f"samples_{name}.png")
+            save_grid(gen(latent_tensor(64, latent_dim, cfg.seed)), out_dir / f"samples_{name}.png")
         history = config.get("loss_history")
         if history and history.get("iter"):
             plot_losses({name: history}, out_dir / f"loss_{name}.png")

@@ -16,9 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .checkpoint import REPO_ROOT  # noqa: E402
+from mnistgen.checkpoint import REPO_ROOT  # noqa: E402
 from .data import DataConfig, load_mnist, to_uint8  # noqa: E402
-from .diffusion import SAMPLERS, denoise, generate, load_unet, make_scheduler, sigma_to_timestep  # noqa: E402
+from mnistgen.diffusion import SAMPLERS, denoise, generate, load_unet, make_scheduler, sigma_to_timestep  # noqa: E402
 from .plots import save_grid  # noqa: E402
 
 

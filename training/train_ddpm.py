@@ -16,9 +16,9 @@ from diffusers import DDPMScheduler
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import REPO_ROOT, save_checkpoint
+from mnistgen.checkpoint import REPO_ROOT, save_checkpoint
 from .data import DataConfig, load_mnist
-from .diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate
+from mnistgen.diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate
 
 
 @dataclass

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
+from mnistgen.checkpoint import save_checkpoint
 from .data import DataConfig, mnist_dataset
-from .models import GANArch, build_discriminator, build_generator, weights_init
+from mnistgen.models import GANArch, build_discriminator, build_generator, weights_init
 from .plots import plot_losses, save_grid
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from PIL import Image
 from serving import images as imgs
 from serving.client import as_array
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
-from training.latent import sample_latent
+from mnistgen.latent import sample_latent
 
 GANS = {"dcgan-baseline": "dcgan_generator", "dcgan-modified": "dcgan_modified", "mlp": "mlp_generator"}
 DDPM_STEPS = 2  # keep DDPM calls cheap: 2 UNet evaluations
@@ -86,7 +86,7 @@ def test_generate_gan_shapes_every_format(ready_gateway, triton, model):
 
 
 def test_gateway_latents_are_training_latents(ready_gateway, triton):
-    """Seeded regression: the gateway sends exactly training.latent.sample_latent(n, latent_dim, seed) to Triton."""
+    """Seeded regression: the gateway sends exactly mnistgen.latent.sample_latent(n, latent_dim, seed) to Triton."""
     triton.require("dcgan_generator")
     import tritonclient.grpc as tc
 

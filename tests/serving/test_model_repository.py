@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from training.checkpoint import read_config
+from mnistgen.checkpoint import read_config
 from training.export import GENERATORS, MODELS, SINGLE_SHOT, read_model_config, write_gpu_repository
-from training.registry import GAN_MODELS
+from mnistgen.registry import GAN_MODELS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"

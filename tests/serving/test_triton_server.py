@@ -14,8 +14,8 @@ from tritonclient.utils import InferenceServerException
 
 from serving.triton_server import TritonConfig, TritonServer, find_tritonserver, free_ports
 from training.export import GENERATORS
-from training.latent import sample_latent
-from training.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
+from mnistgen.latent import sample_latent
+from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
 
 GEN_TOL = 1e-4  # ONNX Runtime in Triton vs eager PyTorch, fp32
 UNET_TOL = 1e-4
@@ -202,7 +202,7 @@ def test_bad_shape_gets_triton_error_and_server_stays_up(triton, protocol):
 
 @pytest.fixture(scope="module")
 def unet(checkpoint_dir):
-    from training.diffusion import load_unet
+    from mnistgen.diffusion import load_unet
 
     path = checkpoint_dir / DDPM_CHECKPOINT
     if not path.exists():
@@ -243,7 +243,7 @@ def clean_images(n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("protocol, sampler, steps", [("grpc", "ddpm", 8), ("http", "ddim", 5), ("grpc", "dpm-solver++", 6)])
 def test_ddpm_denoise_matches_pytorch_loop(triton, unet, protocol, sampler, steps):
-    from training.diffusion import denoise
+    from mnistgen.diffusion import denoise
 
     model, config, path = unet
     triton.require_checkpoint("ddpm_denoise", path)
@@ -311,7 +311,7 @@ def generate_inputs(n, steps, sampler, seed):
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 def test_ddpm_generate_matches_pytorch_loop(triton, unet, protocol):
-    from training.diffusion import generate
+    from mnistgen.diffusion import generate
 
     model, config, path = unet
     triton.require_checkpoint("ddpm_generate", path)

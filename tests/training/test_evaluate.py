@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import save_checkpoint
+from mnistgen.checkpoint import save_checkpoint
 from training.data import load_mnist
 from training.evaluate import (GENERATION_KEYS, EvalConfig, class_histogram, coverage, denoise_metrics, evaluate,
                                generation_metrics, inter_sample_variance, kl_uniform, mean_pairwise_distance)
-from training.models import GANArch, build_generator
+from mnistgen.models import GANArch, build_generator
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -173,7 +173,7 @@ def test_cli_table_for_real_floor(capsys):
 @pytest.fixture(scope="module")
 def tiny_ddpm(tmp_path_factory):
     """An untrained, tiny UNet in a checkpoint shaped like checkpoints/ddpm.safetensors (never committed)."""
-    diffusion = pytest.importorskip("training.diffusion")
+    diffusion = pytest.importorskip("mnistgen.diffusion")
     torch.manual_seed(0)
     cfg = diffusion.UNetConfig(block_out_channels=(8, 16), attention=(False, False), layers_per_block=1,
                                  attention_head_dim=8)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from training import export
-from training.checkpoint import save_checkpoint
+from mnistgen.checkpoint import save_checkpoint
 from training.export import ExportConfig, ExportError, onnx_metadata, read_model_config, run
-from training.models import GANArch, build_generator
-from training.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
+from mnistgen.models import GANArch, build_generator
+from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4  # fp32 max |export - PyTorch|
@@ -63,7 +63,7 @@ def test_generator_export_parity_names_and_dynamic_batch(repo):
             ref = gen(torch.from_numpy(z)).numpy()  # (B, 1, 28, 28)
             assert np.abs(ts(torch.from_numpy(z)).numpy() - ref).max() <= TOL
         assert np.abs(ort_run(onnx_path, {"latent": z}) - ref).max() <= TOL
-    assert onnx_metadata(onnx_path)[export.META_SHA] == export.file_sha256(ckpt)
+    assert onnx_metadata(onnx_path)[export.META_SHA] == export.sha256(ckpt)
 
 
 def test_fresh_export_is_skipped_and_force_redoes_it(repo):
@@ -129,7 +129,7 @@ def test_served_generator_onnx_matches_checkpoint(model):
     onnx_path = REPO_ROOT / "model_repository" / model / "1" / "model.onnx"
     if not ckpt.exists() or not onnx_path.exists():
         pytest.skip("checkpoint or export missing")
-    if onnx_metadata(onnx_path).get(export.META_SHA) != export.file_sha256(ckpt):
+    if onnx_metadata(onnx_path).get(export.META_SHA) != export.sha256(ckpt):
         pytest.skip(f"{onnx_path} is stale: run `python -m training.export`")
     gen, config = load_generator(ckpt)
     z = np.random.default_rng(0).standard_normal((16, config["arch"]["latent_dim"]), dtype=np.float32)
@@ -143,10 +143,10 @@ def test_served_unet_onnx_matches_checkpoint():
     paths = [REPO_ROOT / "model_repository" / m / "1" / "model.onnx" for m in export.DDPM_MODELS]
     if not ckpt.exists() or not all(p.exists() for p in paths):
         pytest.skip("checkpoint or export missing")
-    sha = export.file_sha256(ckpt)
+    sha = export.sha256(ckpt)
     if any(onnx_metadata(p).get(export.META_SHA) != sha for p in paths):
         pytest.skip("stale UNet export: run `python -m training.export`")
-    from training.diffusion import load_unet
+    from mnistgen.diffusion import load_unet
 
     unet, _ = load_unet(ckpt)
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from training.models import GANArch, build_discriminator, build_generator, weights_init
+from mnistgen.models import GANArch, build_discriminator, build_generator, weights_init
 from training.train_gan import CONFIGS
 
 

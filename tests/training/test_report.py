@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import save_checkpoint
-from training.models import GANArch, build_generator
+from mnistgen.checkpoint import save_checkpoint
+from mnistgen.models import GANArch, build_generator
 from training.report import ReportConfig, image_grid, write_report
 
 

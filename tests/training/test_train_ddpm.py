@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from training.checkpoint import read_config
-from training.diffusion import DEFAULT_SCHEDULER, UNetConfig, build_unet, load_unet
+from mnistgen.checkpoint import read_config
+from mnistgen.diffusion import DEFAULT_SCHEDULER, UNetConfig, build_unet, load_unet
 from training.train_ddpm import DDPMTrainer, TrainConfig, parse_args, train_step
 
 TINY = UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention=(False, True), attention_head_dim=8)

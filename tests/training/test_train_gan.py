@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.registry import load_generator
+from mnistgen.checkpoint import load_checkpoint
+from mnistgen.registry import load_generator
 from training.train_gan import CONFIGS, GANTrainer, apply_mitigations, parse_args
 
 SMALL = dict(epochs=1, max_iters=2, batch_size=16, threads=1, data_limit=64)

@@ -2,8 +2,8 @@
 
 Each execute() gets every queued request; their rows are validated (a bad request gets its own TritonError
 naming the field and the allowed range, the others still run), grouped by (sigma, steps, sampler), and each
-group runs as one batch through training.diffusion's loop with an ONNX Runtime UNet as eps_fn.
-Row i draws all its noise from torch.Generator().manual_seed(seed[i]), exactly as training.diffusion.denoise
+group runs as one batch through mnistgen.diffusion's loop with an ONNX Runtime UNet as eps_fn.
+Row i draws all its noise from torch.Generator().manual_seed(seed[i]), exactly as mnistgen.diffusion.denoise
 does for item i with seed + i, so a row's result does not depend on what it was batched with.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 try:
-    from training import diffusion
+    from mnistgen import diffusion
 except ImportError:  # repository checkout without `pip install -e .`: model_repository/<model>/1/model.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from training import diffusion
+    from mnistgen import diffusion
 from serving.triton_backend import OrtEps, error_response, instance_session
 
 SEED_MAX = 2**63 - 1

@@ -1,6 +1,6 @@
 """Triton python-backend model: unconditional DDPM sampling, the whole loop in-process (no per-step round trips).
 
-training.diffusion.generate drives an ONNX Runtime UNet as eps_fn; sample i is seeded with seed + i, so the
+mnistgen.diffusion.generate drives an ONNX Runtime UNet as eps_fn; sample i is seeded with seed + i, so the
 same (num_samples, steps, sampler, seed) gives the same images as the eager PyTorch loop.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 try:
-    from training import diffusion
+    from mnistgen import diffusion
 except ImportError:  # repository checkout without `pip install -e .`: model_repository/<model>/1/model.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from training import diffusion
+    from mnistgen import diffusion
 from serving.triton_backend import OrtEps, error_response, instance_session, param
 
 SEED_MAX = 2**63 - 1

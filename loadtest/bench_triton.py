@@ -4,8 +4,8 @@ Workloads: the dcgan-baseline generator (`dcgan_generator`) and DDPM denoising (
 and DPM-Solver++-20. Every cell is the median of `repeats` timed runs after `warmup` untimed ones; one Triton
 request carries the whole batch. Prints a markdown table and writes bench/triton.json.
 
-    python -m serving.bench_triton                          # starts its own Triton on free ports
-    python -m serving.bench_triton --grpc-url 127.0.0.1:8001 --denoise-batches 1 4 16
+    python -m loadtest.bench_triton                          # starts its own Triton on free ports
+    python -m loadtest.bench_triton --grpc-url 127.0.0.1:8001 --denoise-batches 1 4 16
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from training.checkpoint import CHECKPOINT_DIR, REPO_ROOT
-from training.latent import sample_latent
-from training.registry import DDPM_CHECKPOINT, GAN_MODELS
+from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT
+from mnistgen.latent import sample_latent
+from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS
 
 BACKENDS = ("pytorch-eager", "onnxruntime", "triton-grpc")
 GENERATOR_MODELS = {"dcgan-baseline": "dcgan_generator", "dcgan-modified": "dcgan_modified", "mlp": "mlp_generator"}
@@ -53,7 +53,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.generator not in GENERATOR_MODELS:
             raise ValueError(f"generator must be one of {sorted(GENERATOR_MODELS)}, got {self.generator!r}")
-        from training.diffusion import MAX_STEPS, SAMPLERS
+        from mnistgen.diffusion import MAX_STEPS, SAMPLERS
 
         for spec in self.denoise_samplers:
             name, _, steps = spec.partition(":")
@@ -127,7 +127,7 @@ def _grpc_inputs(arrays: dict[str, tuple[np.ndarray, str]]):
 
 
 def bench_generator(cfg: BenchConfig, client) -> list[dict]:
-    from training.registry import load_generator
+    from mnistgen.registry import load_generator
 
     model = GENERATOR_MODELS[cfg.generator]
     gen, config = load_generator(cfg.checkpoint_dir / GAN_MODELS[cfg.generator])
@@ -160,7 +160,7 @@ def bench_generator(cfg: BenchConfig, client) -> list[dict]:
 
 def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
     from training.data import DataConfig, load_mnist
-    from training.diffusion import denoise, inference_timesteps, load_unet, make_scheduler, sigma_to_timestep
+    from mnistgen.diffusion import denoise, inference_timesteps, load_unet, make_scheduler, sigma_to_timestep
 
     unet, config = load_unet(cfg.checkpoint_dir / DDPM_CHECKPOINT)
     sched_cfg = config.get("scheduler")

@@ -43,6 +43,6 @@ def load_generator(name_or_path: str | Path) -> tuple[nn.Module, dict]:
     return gen.eval(), config
 
 
-def sample_latent(n: int, latent_dim: int, seed: int | None = None) -> torch.Tensor:
-    """Torch view of training.latent.sample_latent: (n, latent_dim) float32."""
+def latent_tensor(n: int, latent_dim: int, seed: int | None = None) -> torch.Tensor:
+    """mnistgen.latent.sample_latent as a torch tensor: (n, latent_dim) float32, the same values."""
     return torch.from_numpy(latent.sample_latent(n, latent_dim, seed))

@@ -8,8 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
+from .files import CHECKPOINT_DIR, REPO_ROOT  # noqa: F401  (re-exported)
 
 
 def save_checkpoint(path: str | Path, modules: dict[str, dict[str, torch.Tensor]], config: dict) -> Path:
