@@ -5,7 +5,8 @@
   so nothing here is model-specific. With the config.pbtxt parameter `runtime` = "torchscript" it runs
   <version>/model.pt (same export, PyTorch kernels) instead: on CPUs where ONNX Runtime's kernels are slower
   than PyTorch's (stride-2 ConvTranspose here).
-- make_session / OrtEps / error_response / param: the pieces the DDPM loop models (ddpm_denoise, ddpm_generate) use.
+- DiffusionLoopModel: the base of the DDPM loop models (ddpm_denoise, ddpm_generate): config, ONNX Runtime UNet as
+  eps_fn (OrtEps), torch limited to the scheduler arithmetic; make_session / error_response / param / text too.
 Only importable inside Triton's python-backend stub (it imports triton_python_backend_utils).
 """
 from __future__ import annotations
@@ -90,6 +91,28 @@ class OrtEps:
         feeds = {"sample": np.ascontiguousarray(x.detach().numpy(), dtype=np.float32),  # (B, 1, 28, 28)
                  "timestep": np.ascontiguousarray(t.numpy(), dtype=np.int64)}  # (B,)
         return torch.from_numpy(self.session.run(["noise_pred"], feeds)[0])  # (B, 1, 28, 28)
+
+
+SEED_MAX = 2**63 - 1  # seeds are int64 >= 0
+
+
+def text(value) -> str:
+    """A TYPE_STRING element (bytes from Triton) as str; undecodable bytes become U+FFFD, never an exception."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class DiffusionLoopModel:
+    """Base of the python-backend models that run a whole DDPM sampling loop in-process (no per-step round trips)."""
+
+    def initialize(self, args: dict) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # the UNet runs in ONNX Runtime; torch only does the scheduler arithmetic
+        self.model_config = json.loads(args["model_config"])
+        self.eps = OrtEps(instance_session(args, self.model_config))
+
+    def finalize(self) -> None:
+        self.eps = None
 
 
 class SingleShotModel:

@@ -8,7 +8,6 @@ does for item i with seed + i, so a row's result does not depend on what it was 
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,21 +15,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-try:
-    from mnistgen import diffusion
-except ImportError:  # repository checkout without `pip install -e .`: model_repository/<model>/1/model.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from mnistgen import diffusion
-from serving.triton_backend import OrtEps, error_response, instance_session
-
-SEED_MAX = 2**63 - 1
+sys.path.append(str(Path(__file__).resolve().parents[3]))  # the source tree, used when mnistgen is not installed
+from mnistgen import diffusion  # noqa: E402
+from serving.triton_backend import SEED_MAX, DiffusionLoopModel, error_response, text  # noqa: E402
 
 
-class TritonPythonModel:
+class TritonPythonModel(DiffusionLoopModel):
     def initialize(self, args: dict) -> None:
-        torch.set_num_threads(1)  # the UNet runs in ONNX Runtime; torch only does the scheduler arithmetic
-        self.model_config = json.loads(args["model_config"])
-        self.eps = OrtEps(instance_session(args, self.model_config))
+        super().initialize(args)
         sched = diffusion.make_scheduler("ddpm", self.eps.scheduler_config)
         self.sigma_max = float(diffusion.noise_to_signal(sched.alphas_cumprod)[-1])
 
@@ -41,8 +33,7 @@ class TritonPythonModel:
         sigma = get("sigma").reshape(-1).astype(np.float32)  # (B,)
         steps = get("steps").reshape(-1).astype(np.int64)  # (B,)
         seed = get("seed").reshape(-1).astype(np.int64)  # (B,)
-        sampler = [s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s)
-                   for s in get("sampler").reshape(-1)]  # (B,)
+        sampler = [text(s) for s in get("sampler").reshape(-1)]  # (B,)
         rows = {"image": image, "sigma": sigma, "steps": steps, "seed": seed, "sampler": sampler}
         for s in sampler:
             if s not in diffusion.SAMPLERS:
@@ -103,6 +94,3 @@ class TritonPythonModel:
                 pb_utils.Tensor("denoised", p["denoised"]),  # (B, 1, 28, 28)
             ])
         return responses
-
-    def finalize(self) -> None:
-        self.eps = None

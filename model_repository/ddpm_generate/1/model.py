@@ -5,7 +5,6 @@ same (num_samples, steps, sampler, seed) gives the same images as the eager PyTo
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,28 +12,20 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-try:
-    from mnistgen import diffusion
-except ImportError:  # repository checkout without `pip install -e .`: model_repository/<model>/1/model.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from mnistgen import diffusion
-from serving.triton_backend import OrtEps, error_response, instance_session, param
-
-SEED_MAX = 2**63 - 1
+sys.path.append(str(Path(__file__).resolve().parents[3]))  # the source tree, used when mnistgen is not installed
+from mnistgen import diffusion  # noqa: E402
+from serving.triton_backend import SEED_MAX, DiffusionLoopModel, error_response, param, text  # noqa: E402
 
 
-class TritonPythonModel:
+class TritonPythonModel(DiffusionLoopModel):
     def initialize(self, args: dict) -> None:
-        torch.set_num_threads(1)  # the UNet runs in ONNX Runtime; torch only does the scheduler arithmetic
-        self.model_config = json.loads(args["model_config"])
+        super().initialize(args)
         self.max_num_samples = int(param(self.model_config, "max_num_samples", "256"))
-        self.eps = OrtEps(instance_session(args, self.model_config))
 
     def _parse(self, request) -> tuple[tuple, str | None]:
         one = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0]  # noqa: E731
         n, steps, seed = int(one("num_samples")), int(one("steps")), int(one("seed"))
-        sampler = one("sampler")
-        sampler = sampler.decode("utf-8", "replace") if isinstance(sampler, bytes) else str(sampler)
+        sampler = text(one("sampler"))
         args = (n, steps, sampler, seed)
         if not 1 <= n <= self.max_num_samples:
             return args, f"num_samples must be an integer in [1, {self.max_num_samples}], got {n}"
@@ -66,6 +57,3 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor("image", np.ascontiguousarray(images.numpy(), dtype=np.float32))]))
         return responses
-
-    def finalize(self) -> None:
-        self.eps = None
