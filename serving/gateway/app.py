@@ -1,0 +1,148 @@
+"""Gateway lifecycle: readiness (GatewayState), start() of both servers, serve() until a signal, drain, main()."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..generated.mnistgen.v1 import generation_pb2 as pb
+from ..generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
+from ..metrics import GatewayMetrics
+from ..validation import DENOISE_MODEL, MODELS
+from .admission import Limiter
+from .config import GatewayConfig, parse_args
+from .http_api import HttpApi
+from .service import GenerationServicer
+from .triton_client import TritonClient
+
+log = logging.getLogger("mnistgen.gateway")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name  # "mnistgen.v1.GenerationService"
+
+
+class GatewayState:
+    """Triton readiness as seen by /readyz, gRPC health and the triton_up gauge; draining on shutdown."""
+
+    def __init__(self, triton: TritonClient, metrics: GatewayMetrics, health_servicer, config: GatewayConfig):
+        self.triton, self.metrics, self.health, self.config = triton, metrics, health_servicer, config
+        self.draining = False
+        self.ready = False
+        self.models = [s.triton_model for s in MODELS.values()] + [DENOISE_MODEL.triton_model]
+
+    async def check(self) -> tuple[bool, dict]:
+        server, models = await self.triton.readiness(self.models, self.config.readiness_timeout_s)
+        # Triton reports ready only when every model it loaded is READY; we also need one of ours among them
+        # (a model that was never exported is listed as not ready and its calls answer UNAVAILABLE)
+        up = server and any(models.values())
+        ready = up and not self.draining
+        if not server:
+            self.triton.forget()
+        self.metrics.triton_up.set(1 if up else 0)
+        if ready != self.ready:
+            log.info("readiness %s -> %s (triton server ready %s, models %s)", self.ready, ready, server, models)
+        self.ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+        return ready, {"triton_ready": server, "models": models}
+
+    async def probe_forever(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.check()
+            await asyncio.sleep(self.config.probe_interval_s)
+
+
+@dataclass
+class RunningGateway:
+    grpc_server: grpc.aio.Server
+    http_runner: web.AppRunner
+    state: GatewayState
+    triton: TritonClient
+    metrics: GatewayMetrics
+    servicer: GenerationServicer
+    grpc_port: int
+    http_port: int
+    probe: asyncio.Task
+
+    async def stop(self, grace: float) -> None:
+        """Drain: report not-ready, stop accepting, let in-flight requests finish for up to `grace` s."""
+        self.state.draining = True
+        for service in ("", SERVICE_NAME):
+            await self.state.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.probe.cancel()
+        deadline = time.monotonic() + grace
+        http_stop = asyncio.ensure_future(self._stop_http(deadline))
+        await self.grpc_server.stop(grace)
+        await http_stop
+        await self.triton.close()
+
+    async def _stop_http(self, deadline: float) -> None:
+        for site in list(self.http_runner.sites):
+            await site.stop()  # no new connections
+        while self.servicer.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # aiohttp's shutdown then waits for running handlers up to its shutdown_timeout, twice (finish, then
+        # cancel); its default of 60 s would let one slow HTTP request outlive the grace period by minutes
+        self.http_runner._shutdown_timeout = max(deadline - time.monotonic(), 0.25)
+        await self.http_runner.cleanup()
+
+
+async def start(config: GatewayConfig) -> RunningGateway:
+    """Start both servers on the running loop (ports 0 = pick free ones) and return handles to them."""
+    metrics = GatewayMetrics()
+    triton = TritonClient(config.triton_url, config.max_response_bytes)
+    servicer = GenerationServicer(triton, metrics, Limiter(config.max_concurrency, config.max_queue), config)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_send_message_length", config.max_response_bytes),
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    if grpc_port == 0:
+        raise OSError(f"cannot bind gRPC port {config.host}:{config.grpc_port}")
+    await server.start()
+    state = GatewayState(triton, metrics, health_servicer, config)
+    runner = web.AppRunner(HttpApi(servicer, state).app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.http_port, reuse_port=False)
+    await site.start()
+    http_port = runner.addresses[0][1]
+    await state.check()
+    probe = asyncio.create_task(state.probe_forever())
+    return RunningGateway(server, runner, state, triton, metrics, servicer, grpc_port, http_port, probe)
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain with config.stop_grace_s."""
+    gw = await start(config)
+    print(f"gateway listening: grpc {config.host}:{gw.grpc_port}, http http://{config.host}:{gw.http_port} "
+          f"(triton {config.triton_url}, ready {gw.state.ready})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.1f s", config.stop_grace_s)
+    await gw.stop(config.stop_grace_s)
+    log.info("gateway stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,72 @@
+"""Gateway configuration: the GatewayConfig dataclass, MNISTGEN_* environment defaults and the CLI."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+# the --help description (what the gateway is)
+DESCRIPTION = ("The gRPC + HTTP/JSON gateway: validates requests, samples GAN latents, calls Triton over gRPC, "
+               "returns images and metrics.")
+ENV_PREFIX = "MNISTGEN_"  # every GatewayConfig field can be set as MNISTGEN_<FIELD> (e.g. MNISTGEN_TRITON_URL)
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "0.0.0.0"  # interface both servers bind
+    grpc_port: int = 50051  # mnistgen.v1.GenerationService + grpc.health.v1 + reflection
+    http_port: int = 8080  # JSON API, /healthz, /readyz, /metrics
+    triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (host:port)
+    max_concurrency: int = 16  # requests running against Triton at once
+    max_queue: int = 64  # requests waiting for a slot; beyond that RESOURCE_EXHAUSTED / HTTP 429
+    request_timeout_s: float = 60.0  # deadline when the client sends none (gRPC deadline / X-Request-Timeout)
+    max_request_bytes: int = 8 << 20  # gRPC receive limit and HTTP body limit (RESOURCE_EXHAUSTED / HTTP 413)
+    max_response_bytes: int = 64 << 20  # gRPC send limit (1024 raw samples are 3.2 MB)
+    readiness_timeout_s: float = 1.0  # per Triton health call in /readyz and the background probe
+    probe_interval_s: float = 2.0  # background Triton probe (triton_up gauge, gRPC health status)
+    stop_grace_s: float = 10.0  # SIGTERM: finish in-flight requests for up to this long, then stop
+    log_level: str = "INFO"  # one of LOG_LEVELS
+
+    def __post_init__(self) -> None:
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= int(getattr(self, name)) < 65536:
+                raise ValueError(f"{name} must be in 0..65535 (0 = any free port), got {getattr(self, name)!r}")
+        for name in ("max_concurrency", "max_request_bytes", "max_response_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue!r}")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def env_defaults(environ=os.environ) -> GatewayConfig:
+    """GatewayConfig defaults overridden by MNISTGEN_<FIELD> environment variables."""
+    cfg = GatewayConfig()
+    for f in fields(GatewayConfig):
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            kind = type(getattr(cfg, f.name))
+            try:
+                setattr(cfg, f.name, kind(raw))
+            except ValueError:
+                raise SystemExit(f"{ENV_PREFIX}{f.name.upper()} must be a {kind.__name__}, got {raw!r}") from None
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None, environ=os.environ) -> GatewayConfig:
+    d = env_defaults(environ)
+    p = argparse.ArgumentParser(description=DESCRIPTION,
+                                epilog=f"Every option can also be set as {ENV_PREFIX}<OPTION> (e.g. MNISTGEN_TRITON_URL).")
+    for f in fields(GatewayConfig):
+        default = getattr(d, f.name)
+        kw = {"choices": LOG_LEVELS, "type": str.upper} if f.name == "log_level" else {"type": type(default)}
+        p.add_argument("--" + f.name.replace("_", "-"), default=default, **kw, help=f"default {default!r}")
+    a = p.parse_args(argv)
+    try:
+        return GatewayConfig(**{f.name: getattr(a, f.name) for f in fields(GatewayConfig)})
+    except ValueError as e:
+        p.error(str(e))

@@ -1,0 +1,231 @@
+"""mnistgen.v1.GenerationService: the gRPC servicer, its transport-independent core `run`, and pure helpers."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+import numpy as np
+
+from mnistgen.latent import sample_latent
+
+from .. import images as imgs
+from ..generated.mnistgen.v1 import generation_pb2 as pb
+from ..generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
+from ..metrics import GatewayMetrics
+from ..validation import (
+    DENOISE_MODEL, MODELS, SAMPLERS, ApiError, DenoiseParams, GenerateParams, validate_denoise, validate_generate,
+)
+from .admission import Limiter
+from .config import GatewayConfig
+from .triton_client import (
+    DENOISED, IMAGE, LATENT, NOISY, NUM_SAMPLES, SAMPLER, SEED, SIGMA, STEPS, TritonClient, tensor,
+)
+
+log = logging.getLogger("mnistgen.gateway")
+
+
+def images_message(x: np.ndarray, fmt: str) -> pb.Images:
+    """(N, 1, 28, 28) float32 in [-1, 1] -> pb.Images in the requested format."""
+    x = np.ascontiguousarray(x, dtype="<f4").reshape(-1, 1, imgs.SIDE, imgs.SIDE)  # (N, 1, 28, 28)
+    msg = pb.Images(format=pb.ImageFormat.Value(fmt), count=len(x), shape=list(x.shape))
+    if fmt == "RAW_FLOAT32":
+        msg.raw = x.tobytes()
+    elif fmt == "PNG":
+        msg.png.extend(imgs.encode_pngs(x))
+    else:
+        msg.grid_png = imgs.grid_png(x)
+    return msg
+
+
+def images_array(msg: pb.Images) -> np.ndarray:
+    """pb.Images (any format but PNG_GRID) -> (N, 1, 28, 28) float32; the inverse of images_message."""
+    if msg.format == pb.PNG:
+        u8 = np.stack([np.asarray(imgs.decode_png(b).convert("L")) for b in msg.png])  # (N, 28, 28)
+        return imgs.from_uint8(u8)
+    if msg.format == pb.PNG_GRID:
+        raise ValueError("a PNG_GRID response holds one tiled image, not separable samples")
+    return np.frombuffer(msg.raw, dtype="<f4").reshape(-1, 1, imgs.SIDE, imgs.SIDE).copy()
+
+
+def timing_message(start: float, triton_s: float, n: int) -> pb.Timing:
+    ms = (time.perf_counter() - start) * 1e3
+    return pb.Timing(server_ms=ms, per_sample_ms=ms / max(n, 1), triton_ms=triton_s * 1e3)
+
+
+def model_label(name: str) -> str:
+    """Metrics label for a requested model: only known names (unbounded user input never becomes a label)."""
+    name = name or "dcgan-baseline"
+    return name if name in MODELS else "unknown"
+
+
+def deadline_remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ApiError("deadline exceeded before the request reached Triton", code="DEADLINE_EXCEEDED")
+    return left
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """mnistgen.v1.GenerationService; the HTTP routes call the same coroutines (`run`)."""
+
+    def __init__(self, triton: TritonClient, metrics: GatewayMetrics, limiter: Limiter, config: GatewayConfig):
+        self.triton, self.metrics, self.limiter, self.config = triton, metrics, limiter, config
+        self.in_flight = 0  # requests inside run() now (drain waits for 0)
+
+    # -- transport-independent core --
+    async def run(self, rpc: str, transport: str, label: str, timeout_s: float | None, fn, request):
+        """Admission, deadline, metrics around one call of fn(request, deadline) -> (response, samples, triton_s)."""
+        start = time.perf_counter()
+        timeout_s = self.config.request_timeout_s if timeout_s is None else min(timeout_s,
+                                                                                self.config.request_timeout_s)
+        deadline = time.monotonic() + timeout_s
+        code, samples, triton_s = "OK", 0, 0.0
+        self.metrics.in_flight.inc()
+        self.in_flight += 1
+        try:
+            # the deadline covers the wait for a slot too (an HTTP client's X-Request-Timeout included)
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                async with self.limiter.slot():
+                    response, samples, triton_s = await fn(request, deadline, start)
+            return response
+        except ApiError as e:
+            code = e.code
+            raise
+        except TimeoutError:
+            code = "DEADLINE_EXCEEDED"
+            raise ApiError(f"deadline of {timeout_s:.3g} s exceeded", code=code) from None
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:  # a bug or an unexpected Triton answer: log it, keep serving
+            code = "INTERNAL"
+            log.exception("%s failed", rpc)
+            raise ApiError(f"internal error: {type(e).__name__}: {e}", code=code) from None
+        finally:
+            self.metrics.in_flight.dec()
+            self.in_flight -= 1
+            self.metrics.observe(rpc, label, transport, code, time.perf_counter() - start, samples, triton_s)
+
+    async def generate(self, req: pb.GenerateRequest, deadline: float, start: float):
+        p = validate_generate(req.model, req.num_samples, req.seed if req.HasField("seed") else None,
+                              req.steps, req.sampler, req.format)
+        t0 = time.perf_counter()
+        if p.model.kind == "gan":
+            x, version = await self._generate_gan(p, deadline)  # (N, 1, 28, 28)
+        else:
+            x, version = await self._generate_ddpm(p, deadline)
+        triton_s = time.perf_counter() - t0
+        self.metrics.diversity.add(p.model.name, x)
+        out = await encode(x, p.format)
+        resp = pb.GenerateResponse(model=p.model.name, model_version=version, seed=p.seed, images=out,
+                                   steps=p.steps, sampler=p.sampler)
+        resp.timing.CopyFrom(timing_message(start, triton_s, p.num_samples))
+        return resp, p.num_samples, triton_s
+
+    async def _generate_gan(self, p: GenerateParams, deadline: float) -> tuple[np.ndarray, str]:
+        model = p.model.triton_model
+        info = await self.triton.model_info(model, deadline_remaining(deadline))
+        z = sample_latent(p.num_samples, info.latent_dim, p.seed)  # (N, latent_dim)
+        step = info.max_batch_size or p.num_samples
+        results = await asyncio.gather(*(
+            self.triton.infer(model, [tensor(LATENT, z[i:i + step], "FP32")], [IMAGE], deadline_remaining(deadline))
+            for i in range(0, p.num_samples, step)))
+        x = np.concatenate([r.as_numpy(IMAGE) for r in results]).reshape(-1, 1, imgs.SIDE, imgs.SIDE)
+        return x, results[0].get_response().model_version
+
+    async def _generate_ddpm(self, p: GenerateParams, deadline: float) -> tuple[np.ndarray, str]:
+        model = p.model.triton_model
+        inputs = [
+            tensor(NUM_SAMPLES, np.array([p.num_samples], np.int32), "INT32"),
+            tensor(STEPS, np.array([p.steps], np.int32), "INT32"),
+            tensor(SAMPLER, np.array([p.sampler.encode()], np.object_), "BYTES"),
+            tensor(SEED, np.array([p.seed], np.int64), "INT64"),
+        ]
+        r = await self.triton.infer(model, inputs, [IMAGE], deadline_remaining(deadline))
+        x = r.as_numpy(IMAGE).reshape(-1, 1, imgs.SIDE, imgs.SIDE)  # (N, 1, 28, 28)
+        return x, r.get_response().model_version
+
+    async def denoise(self, req: pb.DenoiseRequest, deadline: float, start: float):
+        args = (list(req.png_images), req.raw_images, req.sigma, req.steps, req.sampler,
+                req.seed if req.HasField("seed") else None, req.format)
+        # decoding many PNGs is CPU work: keep it off the event loop
+        p = await asyncio.to_thread(validate_denoise, *args) if len(req.png_images) > 8 else validate_denoise(*args)
+        t0 = time.perf_counter()
+        noisy, denoised, version = await self._denoise(p, deadline)
+        triton_s = time.perf_counter() - t0
+        k = len(p.images)
+        resp = pb.DenoiseResponse(model=DENOISE_MODEL.name, model_version=version, seed=p.seed,
+                                  noisy=await encode(noisy, p.format), denoised=await encode(denoised, p.format),
+                                  sigma=p.sigma, steps=p.steps, sampler=p.sampler)
+        resp.timing.CopyFrom(timing_message(start, triton_s, k))
+        return resp, k, triton_s
+
+    async def _denoise(self, p: DenoiseParams, deadline: float) -> tuple[np.ndarray, np.ndarray, str]:
+        """Each image i gets its own noise seed (seed + i), so results do not depend on how Triton batches."""
+        model = DENOISE_MODEL.triton_model
+        info = await self.triton.model_info(model, deadline_remaining(deadline))
+        k = len(p.images)
+        seeds = (np.uint64(p.seed) + np.arange(k, dtype=np.uint64)) % np.uint64(2**63)
+        col = lambda v, dt: np.full((k, 1), v, dtype=dt)  # noqa: E731  (K, 1) per-image scalars
+        step = info.max_batch_size or k
+        calls = []
+        for i in range(0, k, step):
+            j = min(i + step, k)
+            inputs = [
+                tensor(IMAGE, np.ascontiguousarray(p.images[i:j], np.float32), "FP32"),  # (b, 1, 28, 28)
+                tensor(SIGMA, col(p.sigma, np.float32)[i:j], "FP32"),
+                tensor(STEPS, col(p.steps, np.int32)[i:j], "INT32"),
+                tensor(SAMPLER, col(p.sampler.encode(), np.object_)[i:j], "BYTES"),
+                tensor(SEED, seeds[i:j].astype(np.int64).reshape(-1, 1), "INT64"),
+            ]
+            calls.append(self.triton.infer(model, inputs, [NOISY, DENOISED], deadline_remaining(deadline)))
+        results = await asyncio.gather(*calls)
+        shape = (-1, 1, imgs.SIDE, imgs.SIDE)
+        noisy = np.concatenate([r.as_numpy(NOISY) for r in results]).reshape(shape)  # (K, 1, 28, 28)
+        denoised = np.concatenate([r.as_numpy(DENOISED) for r in results]).reshape(shape)  # (K, 1, 28, 28)
+        return noisy, denoised, results[0].get_response().model_version
+
+    async def list_models(self, req: pb.ListModelsRequest, deadline: float, start: float):
+        timeout = min(self.config.readiness_timeout_s, deadline_remaining(deadline))
+        specs = list(MODELS.values()) + [DENOISE_MODEL]
+        _, ready = await self.triton.readiness([s.triton_model for s in specs], timeout)
+        resp = pb.ListModelsResponse()
+        for spec in MODELS.values():
+            info = pb.ModelInfo(name=spec.name, triton_model=spec.triton_model, kind=spec.kind,
+                                ready=ready[spec.triton_model], max_num_samples=spec.max_num_samples)
+            if info.ready:
+                with contextlib.suppress(ApiError):
+                    t = await self.triton.model_info(spec.triton_model, timeout)
+                    info.version, info.latent_dim = t.version, t.latent_dim
+            if spec.kind == "ddpm":
+                info.samplers.extend(SAMPLERS)
+                info.supports_denoise = ready[DENOISE_MODEL.triton_model]
+            resp.models.append(info)
+        return resp, 0, 0.0
+
+    # -- gRPC --
+    async def _grpc(self, rpc, label, fn, request, context: grpc.aio.ServicerContext):
+        remaining = context.time_remaining()
+        try:
+            return await self.run(rpc, "grpc", label, remaining, fn, request)
+        except ApiError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+
+    async def Generate(self, request, context):
+        return await self._grpc("Generate", model_label(request.model), self.generate, request, context)
+
+    async def Denoise(self, request, context):
+        return await self._grpc("Denoise", DENOISE_MODEL.name, self.denoise, request, context)
+
+    async def ListModels(self, request, context):
+        return await self._grpc("ListModels", "", self.list_models, request, context)
+
+
+async def encode(x: np.ndarray, fmt: str) -> pb.Images:
+    """images_message, off the event loop when there are many PNGs to compress."""
+    if fmt != "RAW_FLOAT32" and len(x) > 16:
+        return await asyncio.to_thread(images_message, x, fmt)
+    return images_message(x, fmt)
