@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
+
 from . import bench_triton as bt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -335,35 +337,14 @@ def run(cfg: GatewayBenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = GatewayBenchConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-repository", type=Path, default=d.model_repository)
-    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
-    p.add_argument("--generator", choices=sorted(bt.GENERATOR_MODELS), default=d.generator)
-    p.add_argument("--generator-batches", type=int, nargs="+", default=list(d.generator_batches))
-    p.add_argument("--generator-repeats", type=int, default=d.generator_repeats)
-    p.add_argument("--denoise-batches", type=int, nargs="+", default=list(d.denoise_batches))
-    p.add_argument("--fast-sampler", default=d.fast_sampler, help="SAMPLER:STEPS compared with ddpm:100")
-    p.add_argument("--ddpm-repeats", type=int, default=d.ddpm_repeats)
-    p.add_argument("--fast-repeats", type=int, default=d.fast_repeats)
-    p.add_argument("--overhead-repeats", type=int, default=d.overhead_repeats)
-    p.add_argument("--sigma", type=float, default=d.sigma)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--paths", nargs="+", default=list(d.paths), help=f"subset of {PATHS}")
-    p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    add_dataclass_args(p, GatewayBenchConfig, exclude=("seed", "log_dir"),
+                       choices={"generator": sorted(bt.GENERATOR_MODELS), "paths": PATHS},
+                       help={"fast_sampler": "SAMPLER:STEPS compared with ddpm:100"})
     p.add_argument("--quick", action="store_true", help="5 generator repeats, 1 per denoise cell, batch 1 only")
     a = p.parse_args(argv)
-    try:
-        cfg = GatewayBenchConfig(
-            model_repository=a.model_repository, checkpoint_dir=a.checkpoint_dir, generator=a.generator,
-            generator_batches=tuple(a.generator_batches), generator_repeats=5 if a.quick else a.generator_repeats,
-            denoise_batches=(1,) if a.quick else tuple(a.denoise_batches), fast_sampler=a.fast_sampler,
-            ddpm_repeats=1 if a.quick else a.ddpm_repeats, fast_repeats=1 if a.quick else a.fast_repeats,
-            overhead_repeats=50 if a.quick else a.overhead_repeats,
-            sigma=a.sigma, warmup=a.warmup, threads=a.threads, paths=tuple(a.paths), out_dir=a.out_dir)
-    except ValueError as e:
-        p.error(str(e))
+    quick = dict(generator_repeats=5, denoise_batches=(1,), ddpm_repeats=1, fast_repeats=1, overhead_repeats=50)
+    cfg = dataclass_from_args(GatewayBenchConfig, a, parser=p, **(quick if a.quick else {}))
     # SIGTERM unwinds like Ctrl-C, so the Triton and gateway this run started are stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run(cfg)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.latent import sample_latent
 from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS
 
@@ -273,29 +274,11 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grpc-url", default=None, help="use a running Triton instead of starting one")
-    p.add_argument("--model-repository", type=Path, default=d.model_repository)
-    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
-    p.add_argument("--generator", choices=sorted(GENERATOR_MODELS), default=d.generator)
-    p.add_argument("--generator-batches", type=int, nargs="+", default=list(d.generator_batches))
-    p.add_argument("--generator-repeats", type=int, default=d.generator_repeats)
-    p.add_argument("--denoise-batches", type=int, nargs="+", default=list(d.denoise_batches))
-    p.add_argument("--denoise-samplers", nargs="+", default=list(d.denoise_samplers), help="SAMPLER:STEPS ...")
-    p.add_argument("--denoise-repeats", type=int, default=d.denoise_repeats)
-    p.add_argument("--sigma", type=float, default=d.sigma)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--out", type=Path, default=d.out)
-    a = p.parse_args(argv)
-    cfg = BenchConfig(
-        model_repository=a.model_repository, checkpoint_dir=a.checkpoint_dir, grpc_url=a.grpc_url,
-        generator=a.generator, generator_batches=tuple(a.generator_batches), generator_repeats=a.generator_repeats,
-        denoise_batches=tuple(a.denoise_batches), denoise_samplers=tuple(a.denoise_samplers),
-        denoise_repeats=a.denoise_repeats, sigma=a.sigma, warmup=a.warmup, threads=a.threads, out=a.out,
-    )
-    run(cfg)
+    add_dataclass_args(p, BenchConfig, exclude=("seed",), choices={"generator": sorted(GENERATOR_MODELS)},
+                       help={"grpc_url": "use a running Triton (host:port) instead of starting one",
+                             "denoise_samplers": "SAMPLER:STEPS ..."})
+    run(dataclass_from_args(BenchConfig, p.parse_args(argv), parser=p))
     return 0
 
 

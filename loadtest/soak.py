@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("grpc", "http")
 MAX_MESSAGE_BYTES = 64 << 20
@@ -417,36 +419,11 @@ def run(cfg: SoakConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = SoakConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=float, default=d.duration_s, help="soak seconds (default 600)")
-    p.add_argument("--load-fraction", type=float, default=d.load_fraction)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--num-samples", type=int, nargs="+", default=list(d.num_samples))
-    p.add_argument("--transports", nargs="+", default=list(d.transports), help=f"subset of {TRANSPORTS}")
-    p.add_argument("--ramp-clients", type=int, nargs="+", default=list(d.ramp_clients))
-    p.add_argument("--ramp-step-s", type=float, default=d.ramp_step_s)
-    p.add_argument("--window-s", type=float, default=d.window_s)
-    p.add_argument("--sample-interval-s", type=float, default=d.sample_interval_s)
-    p.add_argument("--timeout-s", type=float, default=d.timeout_s)
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--model-repository", type=Path, default=d.model_repository)
-    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
-    p.add_argument("--out-dir", type=Path, default=d.out_dir)
-    p.add_argument("--triton-url", default=d.triton_url, help="use a running Triton (host:port) instead of starting one")
-    p.add_argument("--triton-pid", type=int, default=d.triton_pid, help="with --triton-url: its pid, for RSS")
-    a = p.parse_args(argv)
-    try:
-        cfg = SoakConfig(
-            duration_s=a.duration, load_fraction=a.load_fraction, model=a.model, num_samples=tuple(a.num_samples),
-            transports=tuple(a.transports), ramp_clients=tuple(a.ramp_clients), ramp_step_s=a.ramp_step_s,
-            window_s=a.window_s, sample_interval_s=a.sample_interval_s, timeout_s=a.timeout_s, workers=a.workers,
-            seed=a.seed, model_repository=a.model_repository, checkpoint_dir=a.checkpoint_dir, out_dir=a.out_dir,
-            triton_url=a.triton_url, triton_pid=a.triton_pid)
-    except ValueError as e:
-        p.error(str(e))
-    res = run(cfg)
+    add_dataclass_args(p, SoakConfig, names={"duration_s": "--duration"}, choices={"transports": TRANSPORTS}, help={
+        "duration_s": "soak seconds", "triton_url": "use a running Triton (host:port) instead of starting one",
+        "triton_pid": "with --triton-url: its pid, for RSS"})
+    res = run(dataclass_from_args(SoakConfig, p.parse_args(argv), parser=p))
     return 0 if res["errors"] == 0 else 1
 
 

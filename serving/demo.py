@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.files import official_test_split
 
 from . import images as imgs
@@ -61,17 +62,10 @@ def run(c: DemoConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = DemoConfig()
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--transport", choices=TRANSPORTS, default=d.transport)
-    p.add_argument("--target", default=d.target)
-    p.add_argument("--out-dir", type=Path, default=d.out_dir)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--sigma", type=float, default=d.sigma)
-    p.add_argument("--steps", type=int, default=d.steps)
-    a = p.parse_args(argv)
-    return run(DemoConfig(transport=a.transport, target=a.target, out_dir=a.out_dir, model=a.model,
-                          sigma=a.sigma, steps=a.steps))
+    add_dataclass_args(p, DemoConfig, exclude=("num_samples", "num_digits", "seed"), choices={"transport": TRANSPORTS},
+                       help={"target": "gateway host:port (default: make run's, 127.0.0.1:50051 / :8080)"})
+    return run(dataclass_from_args(DemoConfig, p.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,8 @@ import argparse
 import json
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from serving.process import terminate
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from serving.process import ManagedProcess, http_ok, run_in_foreground
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO_ROOT / "prometheus"
@@ -82,17 +80,16 @@ def render_config(cfg: MonitorConfig, rules_file: Path = RULES_FILE) -> dict:
     return doc
 
 
-class PrometheusServer:
+class PrometheusServer(ManagedProcess):
     """One `prometheus` process: start(), wait_ready(), query(), stop(); also a context manager."""
+
+    stop_grace_s = 15.0
+    ready_interval_s = 0.2
 
     def __init__(self, config: MonitorConfig | None = None):
         self.config = config or MonitorConfig()
         self.binary = find_prometheus(self.config.binary)
-        self.proc: subprocess.Popen | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self._log = None
         self.config_path: Path | None = None
-        self.log_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -108,33 +105,17 @@ class PrometheusServer:
             storage.mkdir(parents=True, exist_ok=True)
         self.config_path = storage / "prometheus.rendered.yml"
         self.config_path.write_text(yaml.safe_dump(render_config(c), sort_keys=False))
-        self.log_path = Path(c.log_file) if c.log_file else storage / "prometheus.log"
-        self._log = open(self.log_path, "ab")
         cmd = [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={storage / 'data'}",
                f"--storage.tsdb.retention.time={c.retention}", f"--web.listen-address={c.host}:{c.port}",
                "--log.level=warn"]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._spawn(cmd, Path(c.log_file) if c.log_file else storage / "prometheus.log")
         return self
 
-    def log_tail(self, n: int = 30) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+    def describe(self) -> str:
+        return f"prometheus ({self.url})"
 
-    def wait_ready(self, timeout: float | None = None) -> "PrometheusServer":
-        timeout = self.config.startup_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited before becoming ready; log {self.log_path}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus not ready after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+    def _check_ready(self) -> bool:
+        return http_ok(f"{self.url}/-/ready")
 
     def api(self, path: str, **params) -> dict | list:
         """GET /api/v1/<path>?params -> the `data` field; RuntimeError on an API error."""
@@ -156,63 +137,22 @@ class PrometheusServer:
         """{job: health} of the active scrape targets ("up", "down" or "unknown")."""
         return {t["labels"]["job"]: t["health"] for t in self.api("targets")["activeTargets"]}
 
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        terminate(self.proc, 15)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> "PrometheusServer":
-        return self.start().wait_ready()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def main(argv: list[str] | None = None) -> int:
-    d = MonitorConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gateway", default=d.gateway, help="gateway HTTP host:port")
-    p.add_argument("--triton", default=d.triton, help="Triton metrics host:port")
-    p.add_argument("--host", default=d.host, help="Prometheus listen address")
-    p.add_argument("--port", type=int, default=d.port, help="Prometheus web UI / API port")
-    p.add_argument("--storage", type=Path, default=Path("out/prometheus"), help="TSDB directory")
-    p.add_argument("--scrape-interval", default=d.scrape_interval)
-    p.add_argument("--evaluation-interval", default=d.evaluation_interval)
-    p.add_argument("--retention", default=d.retention)
+    defaults = MonitorConfig(storage=Path("out/prometheus"))
+    add_dataclass_args(p, MonitorConfig, defaults, exclude=("startup_timeout_s", "log_file", "binary"), help={
+        "gateway": "gateway HTTP host:port", "triton": "Triton metrics host:port", "host": "Prometheus listen address",
+        "port": "Prometheus web UI / API port", "storage": "TSDB directory"})
     a = p.parse_args(argv)
     try:
-        cfg = MonitorConfig(gateway=a.gateway, triton=a.triton, host=a.host, port=a.port, storage=a.storage,
-                            scrape_interval=a.scrape_interval, evaluation_interval=a.evaluation_interval,
-                            retention=a.retention)
+        cfg = dataclass_from_args(MonitorConfig, a, base=defaults)
         server = PrometheusServer(cfg)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    stop = {"sig": None}
-    signal.signal(signal.SIGTERM, lambda s, _f: stop.update(sig=s))
-    signal.signal(signal.SIGINT, lambda s, _f: stop.update(sig=s))
-    try:
-        server.start().wait_ready()
-    except (RuntimeError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        server.close()
-        return 1
-    print(f"Prometheus ready: {server.url} (scraping gateway {cfg.gateway}, triton {cfg.triton} every "
-          f"{cfg.scrape_interval}; config {server.config_path}, log {server.log_path})", flush=True)
-    while stop["sig"] is None and server.proc.poll() is None:
-        time.sleep(0.5)
-    code = server.proc.poll()
-    server.close()
-    return 0 if code in (None, 0) else 1
+    return run_in_foreground(server, "prometheus", lambda: (
+        f"Prometheus ready: {server.url} (scraping gateway {cfg.gateway}, triton {cfg.triton} every "
+        f"{cfg.scrape_interval}; config {server.config_path}, log {server.log_path})"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,85 @@
-"""Subprocess helper shared by the launchers (Triton, Prometheus, test gateways): stop a child politely."""
+"""Subprocess helpers shared by every launcher (Triton, Prometheus, the gateway in `make run`, benchmarks and
+tests): wait until a child is ready, stop it politely, read its log tail, run one in the foreground, and
+ManagedProcess, the start/wait_ready/stop/close life cycle of the server classes built on them."""
 from __future__ import annotations
 
+import http.client
 import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Protocol, TypeVar
+
+T = TypeVar("T")
+LogSource = Callable[[], str] | Path | str | None
+
+
+class NotReady(Exception):
+    """Raised by a readiness check to say why it is not ready yet (the last one is quoted on timeout)."""
+
+
+# what a readiness check may raise while the thing it polls is still coming up
+RETRY_ON: tuple[type[BaseException], ...] = (NotReady, OSError, ValueError, http.client.HTTPException)
+
+
+def log_tail(path: Path | str | None, n_lines: int = 40) -> str:
+    """The last n_lines of a text log ("(no log)" when there is none yet)."""
+    if path is None or not Path(path).exists():
+        return "(no log)"
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n_lines:])
+
+
+def _describe_log(log: LogSource) -> str:
+    if log is None:
+        return ""
+    if callable(log):
+        return f"; log:\n{log()}"
+    return f"; log {log}:\n{log_tail(log)}"
+
+
+def wait_until(check: Callable[[], T], timeout_s: float, what: str, *, proc: subprocess.Popen | None = None,
+               log: LogSource = None, interval_s: float = 0.25,
+               retry_on: tuple[type[BaseException], ...] = RETRY_ON) -> T:
+    """Call `check` every `interval_s` until it returns something truthy, and return that.
+
+    `check` may also raise one of `retry_on` (e.g. NotReady("/readyz 503"), a refused connection) to mean
+    "not yet". Fails fast with RuntimeError when `proc` exits first (its exit code), and with TimeoutError
+    after `timeout_s` (the last error or result); both name `what` and end with the log tail (`log`: a path,
+    or a callable returning the tail). `check` is always called at least once.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before becoming ready "
+                               f"(last: {last}){_describe_log(log)}")
+        try:
+            result = check()
+        except retry_on as e:
+            last = f"{type(e).__name__}: {e}" if not isinstance(e, NotReady) else str(e)
+        else:
+            if result:
+                return result
+            last = repr(result)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{what} not ready after {timeout_s:g} s (last: {last}){_describe_log(log)}")
+        time.sleep(min(interval_s, remaining))
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    """GET `url` answers 200; NotReady with the status otherwise (connection errors propagate as OSError)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            if r.status == 200:
+                return True
+            raise NotReady(f"GET {url}: {r.status}")
+    except urllib.error.HTTPError as e:
+        raise NotReady(f"GET {url}: {e.code} {e.read()[:200]!r}") from None
 
 
 def terminate(proc: subprocess.Popen, grace_s: float) -> int | None:
@@ -15,3 +92,138 @@ def terminate(proc: subprocess.Popen, grace_s: float) -> int | None:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+class ManagedProcess:
+    """One child server process: start(), wait_ready(), stop(), close(); also a context manager.
+
+    A subclass builds its command in start() and launches it with `_spawn`, says what "ready" means in
+    `_check_ready` (return True, or raise NotReady / OSError) and how to name itself in `describe()`;
+    `startup_timeout_s` and `stop_grace_s` come from its config. A temporary directory a subclass keeps in
+    `_tmp` is deleted by close().
+    """
+
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None  # the child's stdout + stderr (None: inherited from us)
+    ready_interval_s: float = 0.25
+    _log_fh = None
+    _tmp = None  # tempfile.TemporaryDirectory | None
+
+    @property
+    def startup_timeout_s(self) -> float:
+        return self.config.startup_timeout_s
+
+    @property
+    def stop_grace_s(self) -> float:
+        return self.config.stop_grace_s
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def _check_ready(self) -> bool:
+        raise NotImplementedError
+
+    def _spawn(self, cmd: list[str], log_path: Path | None, **popen_kw) -> subprocess.Popen:
+        """Popen `cmd` with stdout + stderr appended to `log_path` (None: ours) and no stdin."""
+        self.log_path = Path(log_path) if log_path is not None else None
+        out = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_fh = out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     stdin=subprocess.DEVNULL, **popen_kw)
+        return self.proc
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n_lines: int = 40) -> str:
+        return log_tail(self.log_path, n_lines)
+
+    def wait_ready(self, timeout: float | None = None):
+        """Block until ready; RuntimeError (it exited) / TimeoutError name it and carry the log tail."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.describe()} was not started: call start() first")
+        wait_until(self._check_ready, self.startup_timeout_s if timeout is None else timeout, self.describe(),
+                   proc=self.proc, log=self.log_path, interval_s=self.ready_interval_s)
+        return self
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after the grace period; returns the exit code (None if never started)."""
+        if self.proc is None:
+            return None
+        terminate(self.proc, self.stop_grace_s)
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+        return self.proc.returncode
+
+    def close(self) -> None:
+        """stop() and delete the temporary directory, if any."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self):
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Server(Protocol):
+    proc: subprocess.Popen | None
+
+    def start(self): ...
+
+    def wait_ready(self, timeout: float | None = None): ...
+
+    def close(self) -> None: ...
+
+
+def run_in_foreground(server: Server, name: str, ready_message: Callable[[], str],
+                      alive: Callable[[], bool] | None = None, exit_message: Callable[[], str] | None = None,
+                      errors: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError, FileNotFoundError),
+                      poll_s: float = 0.5) -> int:
+    """A launcher's main(): start `server`, wait until ready, print `ready_message()`, then run until SIGTERM/
+    SIGINT or until it stops on its own (`alive()` false; default: its `proc` exited); always close() it.
+
+    Returns the exit status: 0 after a signal; 1 when it failed to start (the error is printed) or stopped on its
+    own (`exit_message()` is printed; default: `<name> exited with code N`); 128 + signal when interrupted
+    during startup (a signal interrupts the readiness wait).
+    """
+    alive = alive or (lambda: server.proc is not None and server.proc.poll() is None)
+    state = {"sig": None, "starting": True}
+
+    def on_signal(signum, _frame):
+        state["sig"] = signum
+        if state["starting"]:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    died = False
+    try:
+        server.start()
+        server.wait_ready()
+        state["starting"] = False
+        print(ready_message(), flush=True)
+        while state["sig"] is None and alive():
+            time.sleep(poll_s)
+        died = state["sig"] is None
+        if died:
+            print("error: " + (exit_message() if exit_message else f"{name} exited with code {server.proc.returncode}"),
+                  file=sys.stderr)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted during startup", file=sys.stderr)
+        return 128 + (state["sig"] or signal.SIGINT)
+    finally:
+        state["starting"] = False  # a signal from now on only marks the stop as requested
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
+        server.close()
+    return 1 if died else 0

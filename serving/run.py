@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
+
+from .process import http_ok, run_in_foreground, terminate, wait_until
 from .triton_server import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonConfig, TritonServer
 
 
@@ -35,23 +34,8 @@ def export_models() -> None:
         raise RuntimeError(f"python -m training.export failed with exit code {r.returncode}")
 
 
-def wait_http_ok(url: str, timeout: float, alive) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"process exited while waiting for {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
-
-
 def banner(c: RunConfig, models: list[str]) -> str:
-    shown = "127.0.0.1" if c.host in ("0.0.0.0", "") else c.host
+    shown = shown_host(c)
     return "\n".join([
         "",
         "mnistgen-serve is up (Ctrl-C stops both servers)",
@@ -71,89 +55,69 @@ def banner(c: RunConfig, models: list[str]) -> str:
     ])
 
 
+class Stack:
+    """Triton, then the gateway in front of it: what run_in_foreground starts, watches and stops."""
+
+    def __init__(self, c: RunConfig):
+        self.c = c
+        self.triton = TritonServer(TritonConfig(
+            model_repository=c.model_repository, http_port=c.triton_http_port, grpc_port=c.triton_grpc_port,
+            metrics_port=c.triton_metrics_port, startup_timeout_s=c.startup_timeout_s,
+            log_file=c.log_dir / "tritonserver.log",
+        ))
+        self.proc: subprocess.Popen | None = None  # the gateway
+
+    def start(self) -> "Stack":
+        print(f"starting Triton (log {self.c.log_dir / 'tritonserver.log'}) ...", flush=True)
+        self.triton.start()
+        return self
+
+    def wait_ready(self) -> "Stack":
+        c = self.c
+        self.triton.wait_ready()
+        print(f"Triton ready with {self.triton.models}; starting the gateway ...", flush=True)
+        self.proc = subprocess.Popen([
+            sys.executable, "-m", "serving.gateway", "--host", c.host, "--grpc-port", str(c.grpc_port),
+            "--http-port", str(c.http_port), "--triton-url", f"127.0.0.1:{c.triton_grpc_port}",
+        ], cwd=REPO_ROOT, start_new_session=True)  # own group: Ctrl-C reaches it through us, in order
+        wait_until(lambda: http_ok(f"http://{shown_host(c)}:{c.http_port}/readyz"), 60, "the gateway", proc=self.proc)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.triton.running
+
+    def exit_message(self) -> str:
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"gateway exited with code {self.proc.returncode}"
+        return f"Triton exited; log {self.triton.log_path}:\n{self.triton.log_tail()}"
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            print("stopping the gateway (draining in-flight requests) ...", flush=True)
+            terminate(self.proc, 30)
+        print("stopping Triton ...", flush=True)
+        self.triton.close()
+        print("stopped.", flush=True)
+
+
+def shown_host(c: RunConfig) -> str:
+    return "127.0.0.1" if c.host in ("0.0.0.0", "") else c.host
+
+
 def run(c: RunConfig) -> int:
     if c.export:
         export_models()
     c.log_dir.mkdir(parents=True, exist_ok=True)
-    triton = TritonServer(TritonConfig(
-        model_repository=c.model_repository, http_port=c.triton_http_port, grpc_port=c.triton_grpc_port,
-        metrics_port=c.triton_metrics_port, startup_timeout_s=c.startup_timeout_s,
-        log_file=c.log_dir / "tritonserver.log",
-    ))
-    gateway: subprocess.Popen | None = None
-    stop = {"sig": None, "starting": True}
-
-    def on_signal(signum, _frame):
-        stop["sig"] = signum
-        if stop["starting"]:  # interrupt the waits for readiness
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    code = 0
-    try:
-        print(f"starting Triton (log {c.log_dir / 'tritonserver.log'}) ...", flush=True)
-        triton.start()
-        triton.wait_ready()
-        print(f"Triton ready with {triton.models}; starting the gateway ...", flush=True)
-        gateway = subprocess.Popen([
-            sys.executable, "-m", "serving.gateway", "--host", c.host, "--grpc-port", str(c.grpc_port),
-            "--http-port", str(c.http_port), "--triton-url", f"127.0.0.1:{c.triton_grpc_port}",
-        ], cwd=REPO_ROOT, start_new_session=True)  # own group: Ctrl-C reaches it through us, in order
-        shown = "127.0.0.1" if c.host in ("0.0.0.0", "") else c.host
-        wait_http_ok(f"http://{shown}:{c.http_port}/readyz", 60, lambda: gateway.poll() is None)
-        stop["starting"] = False
-        print(banner(c, triton.models), flush=True)
-        while stop["sig"] is None:
-            if gateway.poll() is not None:
-                print(f"gateway exited with code {gateway.returncode}", file=sys.stderr)
-                code = 1
-                break
-            if not triton.running:
-                print(f"Triton exited; log {triton.log_path}:\n{triton.log_tail()}", file=sys.stderr)
-                code = 1
-                break
-            time.sleep(0.5)
-    except (RuntimeError, TimeoutError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print("interrupted during startup", file=sys.stderr)
-        code = 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
-        if gateway is not None and gateway.poll() is None:
-            print("stopping the gateway (draining in-flight requests) ...", flush=True)
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(30)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-                gateway.wait()
-        print("stopping Triton ...", flush=True)
-        triton.close()
-        print("stopped.", flush=True)
-    return code
+    stack = Stack(c)
+    return run_in_foreground(stack, "mnistgen-serve", lambda: banner(c, stack.triton.models), alive=stack.alive,
+                             exit_message=stack.exit_message)
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = RunConfig()
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--host", default=d.host, help="gateway bind address")
-    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
-    p.add_argument("--http-port", type=int, default=d.http_port)
-    p.add_argument("--triton-http-port", type=int, default=d.triton_http_port)
-    p.add_argument("--triton-grpc-port", type=int, default=d.triton_grpc_port)
-    p.add_argument("--triton-metrics-port", type=int, default=d.triton_metrics_port)
-    p.add_argument("--model-repository", type=Path, default=d.model_repository)
-    p.add_argument("--no-export", dest="export", action="store_false", help="skip `python -m training.export`")
-    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout_s)
-    a = p.parse_args(argv)
-    return run(RunConfig(
-        host=a.host, grpc_port=a.grpc_port, http_port=a.http_port, triton_http_port=a.triton_http_port,
-        triton_grpc_port=a.triton_grpc_port, triton_metrics_port=a.triton_metrics_port,
-        model_repository=a.model_repository, export=a.export, startup_timeout_s=a.startup_timeout,
-    ))
+    add_dataclass_args(p, RunConfig, exclude=("log_dir",), names={"startup_timeout_s": "--startup-timeout"},
+                       help={"host": "gateway bind address", "export": "run `python -m training.export` first"})
+    return run(dataclass_from_args(RunConfig, p.parse_args(argv)))
 
 
 if __name__ == "__main__":

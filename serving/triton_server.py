@@ -5,16 +5,13 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.process import terminate
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from serving.process import RETRY_ON, ManagedProcess, http_ok, run_in_foreground
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -124,7 +121,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-class TritonServer:
+class TritonServer(ManagedProcess):
     """One tritonserver process: `start()`, `wait_ready()`, `stop()`; also a context manager.
 
     `grpc_url` and `http_url` are `host:port` (what tritonclient.grpc / tritonclient.http take);
@@ -134,11 +131,7 @@ class TritonServer:
     def __init__(self, config: TritonConfig | None = None):
         self.config = config or TritonConfig()
         self.install = find_tritonserver()
-        self.proc: subprocess.Popen | None = None
         self.models: list[str] = []
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self.log_path: Path | None = None
-        self._log_fh = None
 
     # -- addresses -------------------------------------------------------------------------------
     @property
@@ -222,135 +215,59 @@ class TritonServer:
             raise RuntimeError(f"Triton already running (pid {self.proc.pid})")
         self.models = self._select_models()
         backends = self._backends()
-        out = None
+        log = None
         if not self.config.log_to_stdout:
-            self.log_path = Path(self.config.log_file) if self.config.log_file else backends.parent / "tritonserver.log"
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_fh = out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT if out else None,
-            stdin=subprocess.DEVNULL, start_new_session=True,  # own process group: stubs die with it
-        )
+            log = Path(self.config.log_file) if self.config.log_file else backends.parent / "tritonserver.log"
+        self._spawn(self.command(), log, env=self.env(),
+                    start_new_session=True)  # own process group: stubs die with it
         return self
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def describe(self) -> str:
+        c = self.config
+        return (f"tritonserver (http {c.http_port}, grpc {c.grpc_port}, metrics {c.metrics_port}, "
+                f"models {self.models})")
 
-    def log_tail(self, n_lines: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return "(no log)"
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n_lines:])
+    def _check_ready(self) -> bool:
+        """GET /v2/health/ready is 200 and gRPC accepts connections; NotReady / OSError say why not."""
+        import socket
+
+        http_ok(f"http://{self.http_url}/v2/health/ready")
+        with socket.create_connection((self.config.host, self.config.grpc_port), timeout=2):
+            return True
 
     def is_ready(self) -> bool:
         """GET /v2/health/ready on the HTTP port is 200 (every loaded model READY) and gRPC accepts connections."""
-        import socket
-
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                if r.status != 200:
-                    return False
-            with socket.create_connection((self.config.host, self.config.grpc_port), timeout=2):
-                return True
-        except (urllib.error.URLError, ConnectionError, OSError):
+            return self._check_ready()
+        except RETRY_ON:
             return False
 
-    def wait_ready(self, timeout: float | None = None) -> "TritonServer":
-        """Block until the server reports ready; TimeoutError / RuntimeError carry the log tail."""
-        timeout = self.config.startup_timeout_s if timeout is None else timeout
-        c = self.config
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is None:
-                raise RuntimeError("Triton was not started: call start() first")
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"tritonserver exited with code {self.proc.returncode} before becoming ready "
-                    f"(http {c.http_port}, grpc {c.grpc_port}, metrics {c.metrics_port}); "
-                    f"log {self.log_path}:\n{self.log_tail()}"
-                )
-            if self.is_ready():
-                return self
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Triton not ready after {timeout:.0f} s (http {c.http_port}, grpc {c.grpc_port}, "
-                    f"metrics {c.metrics_port}, models {self.models}); log {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.25)
-
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after the grace period; returns the exit code (None if never started)."""
-        if self.proc is None:
-            return None
-        terminate(self.proc, self.config.stop_grace_s)
-        try:  # python-backend stubs orphaned by a SIGKILL live in the group this object created
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-        return self.proc.returncode
+        """SIGTERM, then SIGKILL after the grace period; returns the exit code (None if never started).
 
-    def close(self) -> None:
-        """stop() and delete the temporary backends copy (and the default log file with it)."""
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> "TritonServer":
-        return self.start().wait_ready()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        (close() also deletes the temporary backends copy, and the default log file with it.)"""
+        code = super().stop()
+        if self.proc is not None:
+            try:  # python-backend stubs orphaned by a SIGKILL live in the group this object created
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = TritonConfig()
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model-repository", type=Path, default=d.model_repository)
-    p.add_argument("--http-port", type=int, default=d.http_port)
-    p.add_argument("--grpc-port", type=int, default=d.grpc_port)
-    p.add_argument("--metrics-port", type=int, default=d.metrics_port)
-    p.add_argument("--bind-address", default=d.bind_address)
-    p.add_argument("--models", nargs="+", default=None, help="models to load (default: every exported one)")
-    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout_s)
-    p.add_argument("--log-verbose", type=int, choices=LOG_LEVELS, default=d.log_verbose)
-    p.add_argument("--log-file", type=Path, default=None, help="default: stream the server log to stdout")
+    add_dataclass_args(
+        p, TritonConfig, exclude=("host", "stop_grace_s", "log_to_stdout", "extra_args"),
+        names={"startup_timeout_s": "--startup-timeout"}, choices={"log_verbose": LOG_LEVELS},
+        help={"models": "models to load (none: every exported one)",
+              "log_file": "server log (none: stream it to stdout)"})
     a = p.parse_args(argv)
-    cfg = TritonConfig(
-        model_repository=a.model_repository, http_port=a.http_port, grpc_port=a.grpc_port,
-        metrics_port=a.metrics_port, bind_address=a.bind_address, models=a.models, startup_timeout_s=a.startup_timeout,
-        log_verbose=a.log_verbose, log_file=a.log_file, log_to_stdout=a.log_file is None,
-    )
+    cfg = dataclass_from_args(TritonConfig, a, log_to_stdout=a.log_file is None)
     server = TritonServer(cfg)
-    stop = {"sig": None}
-
-    def on_signal(signum, _frame):
-        stop["sig"] = signum
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        server.start()
-        server.wait_ready()
-        print(f"Triton ready: models {server.models}; grpc {server.grpc_url}, http {server.http_url}, "
-              f"metrics {server.metrics_url}", flush=True)
-        while stop["sig"] is None and server.running:
-            time.sleep(0.5)
-    except (TimeoutError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        server.close()
-        return 1
-    died = not server.running and stop["sig"] is None  # the server went away on its own
-    code = server.proc.returncode if died else 0
-    server.close()
-    if died:
-        print(f"error: tritonserver exited with code {code}", file=sys.stderr)
-        return 1
-    return 0
+    return run_in_foreground(server, "tritonserver", lambda: (
+        f"Triton ready: models {server.models}; grpc {server.grpc_url}, http {server.http_url}, "
+        f"metrics {server.metrics_url}"))
 
 
 if __name__ == "__main__":

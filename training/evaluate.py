@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from mnistgen.checkpoint import read_config
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .classifier import FeatureExtractor, load_classifier, predict
 from .data import DataConfig, load_mnist
 from mnistgen.registry import GAN_MODELS, load_generator, latent_tensor
@@ -202,7 +203,7 @@ def denoise_metrics(denoised: torch.Tensor, clean: torch.Tensor, labels: torch.T
 class EvalConfig:
     model: str = "dcgan-baseline"  # a GAN name, one of SPECIAL_MODELS, or a .safetensors checkpoint path
     task: str = "generate"  # one of TASKS (denoise needs a DDPM model)
-    num_samples: int = 0  # images to generate / denoise; 0 = 10,000 for generate (real-train: all 5,000), 1,000 for denoise
+    num_samples: int = 0  # images to generate / denoise; 0 = 10,000 for generate, 1,000 for denoise
     seed: int = 0  # latent / noise / subset seed
     batch_size: int = 500  # generation batch size
     sampler: str = "ddpm"  # DDPM sampler, one of SAMPLERS
@@ -376,15 +377,8 @@ def format_table(result: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    d = EvalConfig()
-    for f in fields(EvalConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(d, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help="print one JSON object")
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
-    return EvalConfig(**vars(p.parse_args(argv)))
+    add_dataclass_args(p, EvalConfig, help={"json": "print one JSON object"})
+    return dataclass_from_args(EvalConfig, p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

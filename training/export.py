@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.files import sha256
 from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
 
@@ -362,20 +363,11 @@ def _run(cfg: ExportConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = ExportConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=MODELS, default=None, help="models to export (default: all)")
-    p.add_argument("--force", action="store_true", help="re-export even when the outputs are fresh")
-    p.add_argument("--gpu-variant", action="store_true", help=f"also write {d.gpu_repository.name}/")
-    p.add_argument("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
-    p.add_argument("--model-repository", type=Path, default=d.model_repository)
-    p.add_argument("--gpu-repository", type=Path, default=d.gpu_repository)
-    p.add_argument("--tolerance", type=float, default=d.tolerance, help="max |export - PyTorch|, fp32")
-    a = p.parse_args(argv)
-    cfg = ExportConfig(
-        checkpoint_dir=a.checkpoint_dir, model_repository=a.model_repository, gpu_repository=a.gpu_repository,
-        only=a.only, force=a.force, gpu_variant=a.gpu_variant, tolerance=a.tolerance,
-    )
+    add_dataclass_args(p, ExportConfig, exclude=("opset", "parity_batch", "seed"), choices={"only": MODELS}, help={
+        "only": "models to export (default: all)", "force": "re-export even when the outputs are fresh",
+        "gpu_variant": "also write --gpu-repository", "tolerance": "max |export - PyTorch|, fp32"})
+    cfg = dataclass_from_args(ExportConfig, p.parse_args(argv))
     try:
         run(cfg)
     except ExportError as e:

@@ -7,13 +7,14 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .classifier import load_classifier
 from .data import to_uint8
 from .evaluate import EvalConfig, evaluate, reference_images
@@ -355,11 +356,8 @@ def write_report(cfg: ReportConfig) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> ReportConfig:
     p = argparse.ArgumentParser(description=__doc__)
-    d = ReportConfig()
-    for f in fields(ReportConfig):
-        default = getattr(d, f.name)
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default, help=f"default: {default}")
-    cfg = ReportConfig(**vars(p.parse_args(argv)))
+    add_dataclass_args(p, ReportConfig)
+    cfg = dataclass_from_args(ReportConfig, p.parse_args(argv))
     for name in ("num_samples", "latency_batch", "latency_repeats", "threads"):
         if getattr(cfg, name) < (2 if name == "num_samples" else 1):
             p.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'num_samples' else 1}")

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from mnistgen.checkpoint import REPO_ROOT  # noqa: E402
+from mnistgen.cli import add_dataclass_args, dataclass_from_args  # noqa: E402
 from .data import DataConfig, load_mnist, to_uint8  # noqa: E402
 from mnistgen.diffusion import SAMPLERS, denoise, generate, load_unet, make_scheduler, sigma_to_timestep  # noqa: E402
 from .plots import save_grid  # noqa: E402
@@ -243,11 +244,8 @@ def run(cfg: ReportConfig) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> ReportConfig:
     p = argparse.ArgumentParser(description=__doc__)
-    for f in dataclasses.fields(ReportConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                       type=int if f.type in (int, "int") else str)
-    a = p.parse_args(argv)
-    return dataclasses.replace(ReportConfig(), **{k: v for k, v in vars(a).items() if v is not None})
+    add_dataclass_args(p, ReportConfig)
+    return dataclass_from_args(ReportConfig, p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

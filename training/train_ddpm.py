@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mnistgen.checkpoint import REPO_ROOT, save_checkpoint
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .data import DataConfig, load_mnist
 from mnistgen.diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate
 
@@ -211,38 +212,16 @@ class DDPMTrainer:
                 "checkpoint": str(_path(cfg.checkpoint))}
 
 
-def _arg_type(t):
-    s = str(t)
-    return float if "float" in s else int if "int" in s else str
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--resume", action="store_true", help="continue from run_dir/state.pt")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name != "unet":
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_arg_type(f.type), default=None)
-    for f in dataclasses.fields(UNetConfig):
-        kind = "comma list" if "tuple" in str(f.type) else "value"
-        p.add_argument(f"--unet-{f.name.replace('_', '-')}", dest=f"unet_{f.name}", default=None,
-                       help=f"override unet.{f.name} ({kind})")
-    a = p.parse_args(argv)
     base = TrainConfig()
-    unet_over = {}
-    for f in dataclasses.fields(UNetConfig):
-        v = getattr(a, f"unet_{f.name}")
-        if v is None:
-            continue
-        if f.name == "attention":
-            unet_over[f.name] = tuple(s.strip().lower() in ("1", "true", "yes") for s in v.split(","))
-        elif "tuple" in str(f.type):
-            unet_over[f.name] = tuple(int(s) for s in v.split(","))
-        else:
-            unet_over[f.name] = int(v)
-    over = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
-            if f.name != "unet" and getattr(a, f.name) is not None}
-    cfg = dataclasses.replace(base, unet=dataclasses.replace(base.unet, **unet_over), **over)
-    return cfg, a.resume
+    add_dataclass_args(p, TrainConfig, base)  # every field but the nested unet
+    add_dataclass_args(p.add_argument_group("UNet (unet.<field>; tuples as comma lists)"), UNetConfig, base.unet,
+                       prefix="unet_")
+    a = p.parse_args(argv)
+    unet = dataclass_from_args(UNetConfig, a, prefix="unet_", base=base.unet)
+    return dataclass_from_args(TrainConfig, a, base=base, unet=unet), a.resume
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mnistgen.checkpoint import save_checkpoint
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .data import DataConfig, mnist_dataset
 from mnistgen.models import GANArch, build_discriminator, build_generator, weights_init
 from .plots import plot_losses, save_grid
@@ -266,38 +267,24 @@ def _jsonable(d: dict) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, epilog="Defaults shown are the baseline configuration's; "
+                                "each option overrides the value of the --config chosen.")
     p.add_argument("--config", default="baseline", choices=sorted(CONFIGS), help="named configuration")
     p.add_argument("--mitigations", default="", help=f"comma list of {MITIGATIONS} or 'all'")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/state.pt")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("name", "arch", "betas"):
-            continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                       type=_arg_type(f.type), help=f"override {f.name}")
-    for f in dataclasses.fields(GANArch):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"arch_{f.name}", default=None,
-                       type=_arg_type(f.type), help=f"override arch.{f.name}")
+    base = CONFIGS["baseline"]
+    add_dataclass_args(p, TrainConfig, base, exclude=("name", "betas"))  # (arch: its fields below)
+    add_dataclass_args(p.add_argument_group("architecture (arch.<field>)"), GANArch, base.arch, prefix="arch_",
+                       names={f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(GANArch)})
     a = p.parse_args(argv)
     cfg = CONFIGS[a.config]
     mitig = list(MITIGATIONS) if a.mitigations == "all" else [m for m in a.mitigations.split(",") if m]
     cfg = apply_mitigations(cfg, mitig)
     if mitig:
         cfg = dataclasses.replace(cfg, name=f"{cfg.name}+mitigated" if a.mitigations == "all" else f"{cfg.name}+{'+'.join(mitig)}")
-    over = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if getattr(a, f.name, None) is not None}
-    arch_over = {f.name: getattr(a, f"arch_{f.name}") for f in dataclasses.fields(GANArch) if getattr(a, f"arch_{f.name}") is not None}
-    cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, **arch_over), **over)
+    cfg = dataclass_from_args(TrainConfig, a, base=cfg, arch=dataclass_from_args(GANArch, a, "arch_", base=cfg.arch))
     cfg._resume = a.resume  # type: ignore[attr-defined]
     return cfg
-
-
-def _arg_type(t) -> type:
-    s = str(t)
-    if "float" in s:
-        return float
-    if "int" in s:
-        return int
-    return str
 
 
 def main(argv: list[str] | None = None) -> None:

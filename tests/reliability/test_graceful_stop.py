@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
+from serving.process import wait_until
 
 from reliability_support import write_figures
 
@@ -91,10 +92,9 @@ def test_sigterm_under_load_drains_and_refuses(make_gateway, triton):
     stop = threading.Event()
     threads = run_clients(gw, stop, outcomes, lock)
     try:
-        deadline = time.monotonic() + 30
-        while in_flight(gw) < GRPC_CLIENTS + HTTP_CLIENTS:  # every client has a request inside the gateway
-            assert time.monotonic() < deadline, "clients never had all their requests in flight"
-            time.sleep(0.02)
+        # every client has a request inside the gateway
+        wait_until(lambda: in_flight(gw) >= GRPC_CLIENTS + HTTP_CLIENTS, 30, "all clients' requests in flight",
+                   proc=gw.proc, interval_s=0.02)
         t_sig = time.monotonic()
         gw.proc.send_signal(signal.SIGTERM)
         code = gw.proc.wait(grace + EXIT_SLACK_S)
@@ -153,10 +153,7 @@ def test_sigterm_grace_is_a_bound(make_gateway, triton):
     threads = [threading.Thread(target=grpc_long), threading.Thread(target=http_long)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 30
-    while in_flight(gw) < 2:
-        assert time.monotonic() < deadline, "the long requests never started"
-        time.sleep(0.02)
+    wait_until(lambda: in_flight(gw) >= 2, 30, "the two long requests in flight", proc=gw.proc, interval_s=0.02)
     t_sig = time.monotonic()
     gw.proc.send_signal(signal.SIGTERM)
     code = gw.proc.wait(grace + EXIT_SLACK_S + 5)

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
+from serving.process import wait_until
 
 from reliability_support import percentile, rss_bytes, write_figures
 
@@ -135,10 +136,7 @@ def test_deadlines_while_queued_and_the_server_cap(make_gateway, triton):
 
     h = threading.Thread(target=holder)
     h.start()
-    t_wait = time.monotonic() + 30
-    while in_flight(gw.metrics()) < 1:
-        assert time.monotonic() < t_wait, "the long request never started"
-        time.sleep(0.01)
+    wait_until(lambda: in_flight(gw.metrics()) >= 1, 30, "the long request in flight", proc=gw.proc, interval_s=0.01)
 
     def queued_grpc(name: str, req: pb.GenerateRequest) -> None:
         t0 = time.monotonic()

@@ -76,7 +76,7 @@ def test_one_epoch_trains(tmp_path):
     from training.classifier import train
 
     out = tmp_path / "clf.safetensors"
-    model, cfg = train(ClassifierConfig(epochs=1, out=str(out)))
+    model, cfg = train(ClassifierConfig(epochs=1, data_source="embedded", out=str(out)))
     assert out.exists()
     assert cfg["test_accuracy"] > 0.8  # one epoch on 5k images
     assert math.isfinite(cfg["train_time_s"])

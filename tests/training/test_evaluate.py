@@ -124,8 +124,8 @@ def test_evaluate_standin_gan_and_bad_options(standin_gan):
         evaluate(EvalConfig(model="noise", sampler="euler"))
     with pytest.raises(ValueError, match="unknown model 'vae'.*dcgan-baseline"):
         evaluate(EvalConfig(model="vae"))
-    with pytest.raises(ValueError, match=r"--num-samples must be in \[2, 5000\]"):
-        evaluate(EvalConfig(model="real-train", num_samples=6000))
+    with pytest.raises(ValueError, match=r"--num-samples must be in \[2, 60000\]"):  # the full training split
+        evaluate(EvalConfig(model="real-train", num_samples=60001))
     with pytest.raises(ValueError, match="--task denoise needs a DDPM model"):
         evaluate(EvalConfig(model="noise", task="denoise"))
 
