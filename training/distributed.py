@@ -14,6 +14,7 @@ context (rank 0 of 1) and nothing changes. Started under `torchrun --nproc-per-n
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
@@ -65,15 +67,26 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def all_mean(self, value: float) -> float:
-        """The mean of a scalar over all ranks (a logged loss that stands for the whole global batch)."""
+    def all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each scalar averaged over all ranks (logged losses that stand for the whole global batch)."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64)
         if self.backend == "nccl":
             t = t.cuda(self.local_rank)
         dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return dict(zip(values, (t / self.world_size).tolist()))
+
+    def sampler(self, dataset, seed: int) -> DistributedSampler:
+        """This rank's shard of a shuffled dataset (call set_epoch(e) every epoch for a new shuffle)."""
+        return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed,
+                                  drop_last=True)
+
+    def no_sync(self, module: nn.Module):
+        """DDP's no_sync (accumulate gradients locally, all-reduce at the next synced backward); a no-op otherwise."""
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            return module.no_sync()
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
@@ -120,8 +133,8 @@ def broadcast_buffers(ctx: DistContext, module: nn.Module) -> None:
             dist.broadcast(b.data, src=0)
 
 
-def assert_replicas_identical(ctx: DistContext, **modules: nn.Module) -> dict[str, str]:
-    """Gather every rank's weight digests and raise unless all ranks agree; returns {name: digest}.
+def assert_replicas_identical(ctx: DistContext, **modules: nn.Module) -> list[dict[str, str]]:
+    """Every rank's weight digests ({name: sha256}, one dict per rank); raises unless all ranks agree.
 
     Buffers are first made rank 0's (broadcast_buffers), so what is compared is what the checkpoint holds.
     """
@@ -129,10 +142,10 @@ def assert_replicas_identical(ctx: DistContext, **modules: nn.Module) -> dict[st
         broadcast_buffers(ctx, m)
     mine = {name: weights_digest(m) for name, m in modules.items()}
     if not ctx.enabled:
-        return mine
+        return [mine]
     everyone: list = [None] * ctx.world_size
     dist.all_gather_object(everyone, mine)
     for rank, theirs in enumerate(everyone):
         if theirs != mine:
             raise RuntimeError(f"replicas diverged: rank {ctx.rank} has {mine}, rank {rank} has {theirs}")
-    return mine
+    return everyone

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mnistgen.checkpoint import REPO_ROOT, save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from . import distributed
 from .data import DataConfig, load_mnist
 from mnistgen.diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate
 
@@ -35,6 +36,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1  # torch.set_num_threads: the CPU is shared, and 2 threads on a contended core ran 3-50x slower
     limit: int = 0  # >0: train on the first N images only (tests, quick runs)
+    data_source: str = "full"  # one of training.data.SOURCES: full = the 60,000 training images
+    max_steps: int = 0  # >0: iteration budget, stop after this many optimiser steps (CPU runs)
+    device: str = "cpu"  # cpu | cuda (torchrun: cuda:<local rank>, nccl; cpu: gloo)
     run_dir: str = "runs/ddpm"  # loss.csv, loss.png, samples/epoch_XXX.png, state.pt, train.log
     checkpoint: str = "checkpoints/ddpm.safetensors"  # EMA UNet + config, rewritten after every epoch
     sample_sampler: str = "ddim"  # fast sampler for the per-epoch 8x8 grid, one of SAMPLERS
@@ -76,7 +80,7 @@ def train_step(unet: nn.Module, x0: torch.Tensor, noise_sched: DDPMScheduler, op
     """One epsilon-prediction step: x_t = add_noise(x0, eps, t), loss = MSE(unet(x_t, t), eps) (Ho et al. eq. 14)."""
     unet.train()
     b = x0.shape[0]
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), dtype=torch.int64)  # (B,)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), dtype=torch.int64).to(x0.device)  # (B,)
     eps = torch.randn_like(x0)  # (B, 1, 28, 28)
     x_t = noise_sched.add_noise(x0, eps, t)  # (B, 1, 28, 28)
     loss = nn.functional.mse_loss(unet(x_t, t).sample, eps)
@@ -106,22 +110,43 @@ class DDPMTrainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
+        # torchrun: a process group, one rank each; a plain run: rank 0 of 1 and nothing changes
+        self.dist = distributed.setup(cfg.device)
+        self.is_main = self.dist.is_main
+        self.device = self.dist.device(cfg.device)
+        torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
         self.run_dir = _path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        x, _ = load_mnist("train", DataConfig(limit=cfg.limit or None))
-        self.data = x  # (N, 1, 28, 28) in [-1, 1]
-        self.unet = build_unet(cfg.unet)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        x, _ = load_mnist("train", DataConfig(source=cfg.data_source, limit=cfg.limit or None))
+        self.data = x  # (N, 1, 28, 28) in [-1, 1], on the CPU; batches move to self.device
+        self.unet = build_unet(cfg.unet).to(self.device)
+        self.unet_train = self.dist.wrap(self.unet)  # DistributedDataParallel under torchrun
         self.ema = EMA(self.unet, cfg.ema_decay)
         self.noise_sched = DDPMScheduler(**DEFAULT_SCHEDULER)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.local_batch = self.dist.local_batch(cfg.batch_size)  # batch_size is global
+        self.sampler = self.dist.sampler(range(len(self.data)), cfg.seed) if self.dist.enabled else None
+        if self.dist.enabled:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # after init: each rank draws its own t and noise
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
         self.history: list[dict] = []  # one row per epoch
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.sampler is not None:  # each rank: its shard of len(data) // world_size, in local batches
+            return len(self.sampler) // self.local_batch
         return math.ceil(len(self.data) / self.cfg.batch_size)
+
+    def epoch_batches(self):
+        """This epoch's batches of indices into self.data (this rank's shard under torchrun)."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)  # a new shuffle per epoch, the same on every rank
+            idx = torch.tensor(list(self.sampler))
+        else:
+            idx = torch.randperm(len(self.data), generator=self.shuffle)
+        return [idx[i * self.local_batch:(i + 1) * self.local_batch] for i in range(self.steps_per_epoch)]
 
     def state_path(self) -> Path:
         return self.run_dir / "state.pt"
@@ -137,14 +162,16 @@ class DDPMTrainer:
     def load_state(self) -> bool:
         if not self.state_path().exists():
             return False
-        s = torch.load(self.state_path(), weights_only=False)
+        s = torch.load(self.state_path(), weights_only=False, map_location=self.device)
         self.unet.load_state_dict(s["unet"])
         self.ema.model.load_state_dict(s["ema"])
         self.ema.updates = s["ema_updates"]
         self.opt.load_state_dict(s["opt"])
         self.epoch, self.step, self.elapsed, self.history = s["epoch"], s["step"], s["elapsed"], s["history"]
-        torch.set_rng_state(s["rng"])
-        self.shuffle.set_state(s["shuffle"])
+        torch.set_rng_state(s["rng"].cpu())
+        self.shuffle.set_state(s["shuffle"].cpu())
+        if self.dist.enabled:  # rank 0 saved its own RNG; every rank continues from a seed of its own
+            torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
         return True
 
     def save_checkpoint(self) -> Path:
@@ -155,6 +182,7 @@ class DDPMTrainer:
             "scheduler": dict(DEFAULT_SCHEDULER),
             "train": {k: v for k, v in self.cfg.to_dict().items() if k != "unet"},
             "summary": {"train_time_s": round(self.elapsed, 1), "epochs": self.epoch, "steps": self.step,
+                        "world_size": self.dist.world_size, "images_seen": self.step * self.cfg.batch_size,
                         "final_loss": final_loss,
                         "params": sum(p.numel() for p in self.unet.parameters())},
         }
@@ -173,43 +201,63 @@ class DDPMTrainer:
     def _sample_grid(self) -> None:
         from .plots import save_grid
 
-        imgs = generate(self.ema.model, 64, self.cfg.sample_sampler, self.cfg.sample_steps, seed=0)  # (64, 1, 28, 28)
+        model = self.ema.model if self.device.type == "cpu" else copy.deepcopy(self.ema.model).cpu()
+        imgs = generate(model, 64, self.cfg.sample_sampler, self.cfg.sample_steps, seed=0)  # (64, 1, 28, 28)
         save_grid(imgs, self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
 
     def train(self) -> dict:
-        cfg, total = self.cfg, self.cfg.epochs * self.steps_per_epoch
+        cfg = self.cfg
+        total = self.cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)  # the learning-rate schedule plans for the budget
         n_params = sum(p.numel() for p in self.unet.parameters())
-        print(f"DDPM: {n_params / 1e6:.2f} M params, {len(self.data)} images, {self.steps_per_epoch} steps/epoch, "
-              f"epochs {self.epoch + 1}..{cfg.epochs}", flush=True)
-        while self.epoch < cfg.epochs:
+        if self.is_main:
+            print(f"DDPM: {n_params / 1e6:.2f} M params, {len(self.data)} images, {self.steps_per_epoch} steps/epoch"
+                  f" ({self.dist.world_size} process(es), global batch {cfg.batch_size}), epochs "
+                  f"{self.epoch + 1}..{cfg.epochs}" + (f", at most {cfg.max_steps} steps" if cfg.max_steps else ""),
+                  flush=True)
+        budget_hit = False
+        while self.epoch < cfg.epochs and not budget_hit:
             t0 = time.time()
-            perm = torch.randperm(len(self.data), generator=self.shuffle)
             losses = []
-            bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", mininterval=30)
-            for i in bar:
+            bar = tqdm(self.epoch_batches(), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", mininterval=30,
+                       disable=not self.is_main)
+            for idx in bar:
                 for g in self.opt.param_groups:
                     g["lr"] = lr_at(self.step, total, cfg)
-                batch = self.data[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]]  # (B, 1, 28, 28)
-                losses.append(train_step(self.unet, batch, self.noise_sched, self.opt, cfg.grad_clip))
+                batch = self.data[idx].to(self.device)  # (B / world_size, 1, 28, 28)
+                losses.append(train_step(self.unet_train, batch, self.noise_sched, self.opt, cfg.grad_clip))
                 self.ema.update(self.unet)
                 self.step += 1
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
+                if cfg.max_steps and self.step >= cfg.max_steps:
+                    budget_hit = True
+                    break
             self.epoch += 1
             self.elapsed += time.time() - t0
-            self.history.append({"epoch": self.epoch, "step": self.step, "loss": sum(losses) / len(losses),
+            loss = self.dist.all_mean({"loss": sum(losses) / len(losses)})["loss"]  # over every rank's shard
+            self.history.append({"epoch": self.epoch, "step": self.step, "loss": loss,
                                  "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(self.elapsed, 1)})
-            if cfg.sample_every and self.epoch % cfg.sample_every == 0:
-                self._sample_grid()
-            self._write_logs()
-            self.save_checkpoint()
-            self.save_state()
-            print(json.dumps(self.history[-1]), flush=True)
+            if self.is_main:  # rank 0 writes every file
+                if cfg.sample_every and self.epoch % cfg.sample_every == 0:
+                    self._sample_grid()
+                self._write_logs()
+                self.save_checkpoint()
+                self.save_state()
+                print(json.dumps(self.history[-1]), flush=True)
             if cfg.time_budget_min and self.elapsed > cfg.time_budget_min * 60 and self.epoch < cfg.epochs:
-                print(f"time budget {cfg.time_budget_min} min reached after epoch {self.epoch}; stopping", flush=True)
+                if self.is_main:
+                    print(f"time budget {cfg.time_budget_min} min reached after epoch {self.epoch}; stopping",
+                          flush=True)
                 break
+        # every rank: the replicas must agree (raises otherwise)
+        digests = distributed.assert_replicas_identical(self.dist, unet=self.unet, ema=self.ema.model)
+        self.dist.barrier()
+        self.dist.close()
         return {"train_time_s": round(self.elapsed, 1), "epochs": self.epoch, "steps": self.step,
+                "world_size": self.dist.world_size, "images_seen": self.step * cfg.batch_size,
                 "final_loss": self.history[-1]["loss"] if self.history else None,
-                "checkpoint": str(_path(cfg.checkpoint))}
+                "checkpoint": str(_path(cfg.checkpoint)), "replica_digests": digests}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
@@ -227,10 +275,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
 def main(argv: list[str] | None = None) -> None:
     cfg, resume = parse_args(argv)
     trainer = DDPMTrainer(cfg)
-    if resume and trainer.load_state():
+    if resume and trainer.load_state() and trainer.is_main:
         print(f"resumed at epoch {trainer.epoch} (step {trainer.step})", flush=True)
     summary = trainer.train()
-    print(json.dumps(summary, indent=2), flush=True)
+    if trainer.is_main:
+        print(json.dumps(summary, indent=2), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from mnistgen.checkpoint import save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from . import distributed
 from .data import DataConfig, mnist_dataset
 from mnistgen.models import GANArch, build_discriminator, build_generator, weights_init
 from .plots import plot_losses, save_grid
@@ -45,11 +47,11 @@ class TrainConfig:
     instance_noise: float = 0.0  # std of Gaussian noise added to D's inputs, annealed linearly to 0
     d_dropout: float | None = None  # overrides arch.dropout in D only (mitigation: 0.4)
     data_limit: int | None = None  # keep only the first N training images (d-overfit: 1,000)
-    data_source: str = "embedded"
+    data_source: str = "full"  # one of training.data.SOURCES: full = the 60,000 training images
     data_dir: str | None = None
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "auto"  # one of DEVICES: auto = cuda when available, else cpu
-    max_iters: int | None = None  # stop early (tests, smoke runs)
+    max_iters: int | None = None  # iteration budget: stop after this many (CPU runs, tests, smoke runs)
     log_every: int = 1  # write every n-th iteration's losses to CSV
     run_dir: str | None = None  # default runs/gan/<name>[+mitigations]
     checkpoint: str | None = None  # also write the generator checkpoint here (e.g. checkpoints/dcgan-baseline.safetensors)
@@ -122,20 +124,34 @@ class GANTrainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
+        # torchrun: a process group, one rank each; a plain run: rank 0 of 1 and nothing changes
+        self.dist = distributed.setup(resolve_device(cfg.device).type)
+        self.is_main = self.dist.is_main
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
         self.run_dir = Path(cfg.run_dir or REPO_ROOT / "runs" / "gan" / cfg.name)
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.device)
+        if self.is_main:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.device = self.dist.device(resolve_device(cfg.device).type)
         self.G = build_generator(cfg.arch).to(self.device)
         self.D = build_discriminator(cfg.arch, cfg.d_dropout).to(self.device)
         self.G.apply(weights_init)
         self.D.apply(weights_init)
+        # what the training step calls: DistributedDataParallel wrappers under torchrun, the models themselves otherwise
+        self.g_train, self.d_train = self.dist.wrap(self.G), self.dist.wrap(self.D)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
         data = mnist_dataset("train", DataConfig(cfg.data_source, cfg.data_dir, cfg.data_limit))
-        self.loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                 generator=torch.Generator().manual_seed(cfg.seed))
+        batch = self.dist.local_batch(cfg.batch_size)  # batch_size is global: each rank takes its share
+        if self.dist.enabled:
+            self.sampler = self.dist.sampler(data, cfg.seed)
+            self.loader = DataLoader(data, batch_size=batch, sampler=self.sampler, drop_last=True)
+        else:
+            self.sampler = None
+            self.loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
+                                     generator=torch.Generator().manual_seed(cfg.seed))
         self.fixed_z = torch.randn(64, cfg.arch.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(self.device)
+        if self.dist.enabled:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # after init: each rank draws its own z and noise
         self.epoch = 0
         self.iteration = 0
         self.history: dict[str, list] = {"iter": [], "epoch": [], "loss_d": [], "loss_g": [], "d_real": [], "d_fake": []}
@@ -152,15 +168,22 @@ class GANTrainer:
         real = real.to(self.device, non_blocking=True)
         for _ in range(cfg.d_steps):
             z = torch.randn(b, cfg.arch.latent_dim, device=self.device)
-            fake = self.G(z).detach()  # (B, 1, 28, 28)
-            logits_real, logits_fake = self.D(self._noisy(real)), self.D(self._noisy(fake))
-            loss_d = (F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, cfg.real_label))
-                      + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake)))
+            with torch.no_grad():
+                fake = self.g_train(z)  # (B, 1, 28, 28), no graph back into G
             self.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+            # two forwards through D, so two backwards: under torchrun the first accumulates locally (no_sync) and
+            # the second all-reduces the sum, which is the gradient of loss_real + loss_fake
+            with self.dist.no_sync(self.d_train):
+                logits_real = self.d_train(self._noisy(real))
+                loss_real = F.binary_cross_entropy_with_logits(logits_real, torch.full_like(logits_real, cfg.real_label))
+                loss_real.backward()
+            logits_fake = self.d_train(self._noisy(fake))
+            loss_fake = F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+            loss_fake.backward()
+            loss_d = loss_real.detach() + loss_fake.detach()
             self.opt_d.step()
         z = torch.randn(b, cfg.arch.latent_dim, device=self.device)
-        logits = self.D(self._noisy(self.G(z)))
+        logits = self.d_train(self._noisy(self.g_train(z)))
         loss_g = generator_loss(logits, cfg.g_loss)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -173,20 +196,26 @@ class GANTrainer:
         cfg = self.cfg
         csv_path = self.run_dir / "losses.csv"
         new_file = not csv_path.exists() or self.iteration == 0
-        with open(csv_path, "w" if new_file else "a", newline="") as f:
-            writer = csv.writer(f)
-            if new_file:
+        log_file = open(csv_path, "w" if new_file else "a", newline="") if self.is_main else contextlib.nullcontext()
+        with log_file as f:
+            writer = csv.writer(f) if self.is_main else None  # rank 0 writes every file
+            if writer and new_file:
                 writer.writerow(["iter", "epoch", "loss_d", "loss_g", "d_real", "d_fake"])
             while self.epoch < cfg.epochs:
                 t0 = time.perf_counter()
+                if self.sampler is not None:
+                    self.sampler.set_epoch(self.epoch)  # a new shuffle per epoch, the same on every rank
                 self.G.train()
                 self.D.train()
-                bar = tqdm(self.loader, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False)
+                bar = tqdm(self.loader, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
+                           disable=not self.is_main)
                 for real, _ in bar:
                     m = self.step(real)
                     if self.iteration % cfg.log_every == 0:
+                        m = self.dist.all_mean(m)  # under torchrun: the mean over the ranks' shards
                         row = [self.iteration, self.epoch, m["loss_d"], m["loss_g"], m["d_real"], m["d_fake"]]
-                        writer.writerow(row)
+                        if writer:
+                            writer.writerow(row)
                         for k, v in zip(self.history, row):
                             self.history[k].append(v)
                     self.iteration += 1
@@ -195,12 +224,13 @@ class GANTrainer:
                         break
                 self.epoch_times.append(time.perf_counter() - t0)
                 self.epoch += 1
-                self._save_grid()
-                self.save_state()
-                f.flush()
-                tqdm.write(f"[{cfg.name}] epoch {self.epoch}/{cfg.epochs} loss_d={m['loss_d']:.4f} "
-                           f"loss_g={m['loss_g']:.4f} D(x)={m['d_real']:.3f} D(G(z))={m['d_fake']:.3f} "
-                           f"({self.epoch_times[-1]:.1f}s)")
+                if self.is_main:
+                    self._save_grid()
+                    self.save_state()
+                    f.flush()
+                    tqdm.write(f"[{cfg.name}] epoch {self.epoch}/{cfg.epochs} loss_d={m['loss_d']:.4f} "
+                               f"loss_g={m['loss_g']:.4f} D(x)={m['d_real']:.3f} D(G(z))={m['d_fake']:.3f} "
+                               f"({self.epoch_times[-1]:.1f}s)")
                 if cfg.max_iters is not None and self.iteration >= cfg.max_iters:
                     break
         return self.finish()
@@ -218,10 +248,20 @@ class GANTrainer:
             "train_time_s": sum(self.epoch_times),
             "time_per_epoch_s": sum(self.epoch_times) / max(1, len(self.epoch_times)),
             "epochs": self.epoch, "iterations": self.iteration, "threads": torch.get_num_threads(),
+            "world_size": self.dist.world_size, "images_seen": self.iteration * self.cfg.batch_size,
         }
 
     def finish(self) -> dict:
-        summary = self.summary()
+        # every rank: the replicas must agree (raises otherwise); the digest names the weights the checkpoint holds
+        digests = distributed.assert_replicas_identical(self.dist, generator=self.G, discriminator=self.D)
+        summary = {**self.summary(), "replica_digests": digests}
+        if self.is_main:
+            self._write_outputs(summary)
+        self.dist.barrier()
+        self.dist.close()
+        return summary
+
+    def _write_outputs(self, summary: dict) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_losses(self.history["iter"], {"G": self.history["loss_g"], "D": self.history["loss_d"]},
                     self.run_dir / "loss_curve.png", title=f"{self.cfg.name}: losses")
@@ -234,7 +274,6 @@ class GANTrainer:
         paths = [self.run_dir / "generator.safetensors"] + ([Path(self.cfg.checkpoint)] if self.cfg.checkpoint else [])
         for p in paths:
             save_checkpoint(p, {"generator": self.G.state_dict()}, config)
-        return summary
 
     # --- resume --------------------------------------------------------------------------------
     def save_state(self) -> None:
@@ -243,7 +282,8 @@ class GANTrainer:
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "epoch": self.epoch, "iteration": self.iteration, "history": self.history,
             "epoch_times": self.epoch_times, "rng": torch.get_rng_state(),
-            "loader_rng": self.loader.generator.get_state(),
+            "loader_rng": self.loader.generator.get_state() if self.sampler is None else None,
+            "world_size": self.dist.world_size,
         }, self.run_dir / "state.pt")
 
     def load_state(self) -> bool:
@@ -258,7 +298,10 @@ class GANTrainer:
         self.epoch, self.iteration, self.history = s["epoch"], s["iteration"], s["history"]
         self.epoch_times = s["epoch_times"]
         torch.set_rng_state(s["rng"].cpu())
-        self.loader.generator.set_state(s["loader_rng"])
+        if self.sampler is None and s.get("loader_rng") is not None:
+            self.loader.generator.set_state(s["loader_rng"])
+        if self.dist.enabled:  # rank 0 saved its own RNG; every rank continues from a seed of its own
+            torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.iteration)
         return True
 
 
@@ -290,10 +333,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     trainer = GANTrainer(cfg)
-    if getattr(cfg, "_resume", False) and trainer.load_state():
+    if getattr(cfg, "_resume", False) and trainer.load_state() and trainer.is_main:
         print(f"resumed {cfg.name} at epoch {trainer.epoch}")
     summary = trainer.train()
-    print(json.dumps({"name": cfg.name, "run_dir": str(trainer.run_dir), **summary}, indent=2))
+    if trainer.is_main:
+        print(json.dumps({"name": cfg.name, "run_dir": str(trainer.run_dir), **summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed 
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "tls")  # tls: the cpu overlay with TLS on the gateway
 K8S_VERSION = "1.32.0"  # the Kubernetes release the manifests are validated against
 NAMESPACE = "mnistgen"
 TRITON_METRICS = {  # counters Triton exports on :8002 that the autoscaling rule may use
@@ -73,15 +73,17 @@ def strategic_merge(base, patch, key: str | None = None):
         merge_key = MERGE_KEYS.get(key) or (_ports_merge_key(base + patch) if key == "ports" else None)
         if merge_key is None:
             return copy.deepcopy(patch)  # lists without a merge key (args, tolerations, metrics) are replaced
-        out = copy.deepcopy(base)
+        # kustomize's order: the patch's items first (merged with their namesakes), then the base's others
+        out, merged = [], set()
         for item in patch:
-            for i, existing in enumerate(out):
+            for i, existing in enumerate(base):
                 if existing.get(merge_key) == item.get(merge_key):
-                    out[i] = strategic_merge(existing, item, None)
+                    out.append(strategic_merge(existing, item, None))
+                    merged.add(i)
                     break
             else:
                 out.append(copy.deepcopy(item))
-        return out
+        return out + [copy.deepcopy(b) for i, b in enumerate(base) if i not in merged]
     return copy.deepcopy(patch)
 
 
@@ -219,7 +221,7 @@ def test_strategic_merge_subset():
     out = strategic_merge(base, patch)
     a, b = out["spec"]["containers"]
     assert a["args"] == ["3"]  # scalar lists are replaced
-    assert [e["name"] for e in a["env"]] == ["X", "Y"]  # env merges on name
+    assert [e["name"] for e in a["env"]] == ["Y", "X"]  # env merges on name (patch items first, as kustomize)
     assert a["ports"] == [{"containerPort": 80, "name": "http", "protocol": "TCP"}]  # ports merge on containerPort
     assert b == {"name": "b"}
     assert out["spec"]["tolerations"] == [{"key": "gpu"}]  # no merge key: replaced
@@ -277,6 +279,19 @@ SERVICE_MONITOR_SCHEMA = {
                               "properties": {"port": {"type": "string"},
                                              "path": {"type": "string", "pattern": "^/"},
                                              "scheme": {"enum": ["http", "https"]},
+                                             "tlsConfig": {
+                                                 "type": "object", "additionalProperties": False,
+                                                 "properties": {
+                                                     "serverName": {"type": "string"},
+                                                     "insecureSkipVerify": {"type": "boolean"},
+                                                     "ca": {"type": "object", "additionalProperties": False,
+                                                            "properties": {"secret": {
+                                                                "type": "object", "additionalProperties": False,
+                                                                "required": ["name", "key"],
+                                                                "properties": {"name": {"type": "string"},
+                                                                               "key": {"type": "string"},
+                                                                               "optional": {"type": "boolean"}}}}},
+                                                 }},
                                              "interval": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
                                              "scrapeTimeout": {"type": "string",
                                                                "pattern": r"^(\d+(ms|s|m|h))+$"}}},
@@ -424,6 +439,55 @@ def test_gateway_hardening(overlay):
     assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
 
 
+def _gateway_env(cont: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in cont.get("env", []) if "value" in e}
+
+
+def test_gateway_auth_and_tls_from_optional_secrets(overlay):
+    """Tokens (and in the tls overlay the certificate) come from optional Secrets mounted read-only; never inline."""
+    name, docs = overlay
+    gw = by_kind(docs, "Deployment")["gateway"]
+    pod, c = gw["spec"]["template"]["spec"], container(gw)
+    env = _gateway_env(c)
+    vol = next(v for v in pod["volumes"] if v["name"] == "auth")
+    sources = vol["projected"]["sources"]
+    assert all(s["secret"]["optional"] is True for s in sources), "a missing auth Secret must not block the pod"
+    secrets = {s["secret"]["name"] for s in sources}
+    assert secrets == {"gateway-tokens", "gateway-tls"}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "auth")
+    assert mount["readOnly"] is True
+    if vol["projected"]["defaultMode"] & 0o004 == 0:  # not world-readable: the gateway's group must own the files
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert not any(e["name"] == "MNISTGEN_API_TOKENS" for e in c.get("env", [])), "tokens belong in the Secret"
+    assert Path(env["MNISTGEN_API_TOKEN_FILE"]).parent == Path(mount["mountPath"])
+    probes = [c[p]["httpGet"].get("scheme", "HTTP") for p in ("readinessProbe", "livenessProbe")]
+    svc_ports = by_kind(docs, "Service")["gateway"]["spec"]["ports"]
+    (endpoint,) = by_kind(docs, "ServiceMonitor")["gateway"]["spec"]["endpoints"]
+    if name == "tls":
+        for var in ("MNISTGEN_TLS_CERT", "MNISTGEN_TLS_KEY"):
+            assert Path(env[var]).parent == Path(mount["mountPath"]), var
+        assert probes == ["HTTPS", "HTTPS"]
+        assert all(p.get("appProtocol") == "https" for p in svc_ports)
+        assert endpoint["scheme"] == "https"
+        assert endpoint["tlsConfig"]["ca"]["secret"]["name"] in secrets
+    else:
+        # TLS only where the overlay says so: plain probes and scrapes would fail against a TLS port
+        assert "MNISTGEN_TLS_CERT" not in env and "MNISTGEN_TLS_KEY" not in env
+        assert probes == ["HTTP", "HTTP"] and endpoint.get("scheme", "http") == "http"
+
+
+def test_gateway_cli_accepts_the_deployment(overlay):
+    """The real gateway CLI parses the Deployment's args and MNISTGEN_* env (TLS both-or-neither included)."""
+    gateway = pytest.importorskip("serving.gateway")
+    name, docs = overlay
+    c = container(by_kind(docs, "Deployment")["gateway"])
+    env = _gateway_env(c)
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]  # the kubelet's expansion
+    cfg = gateway.parse_args(argv, environ=env)
+    assert cfg.api_token_file == env["MNISTGEN_API_TOKEN_FILE"] and cfg.api_tokens == ""
+    assert bool(cfg.tls_cert) == bool(cfg.tls_key) == (name == "tls")
+
+
 def test_triton_shm_and_resources(overlay):
     name, docs = overlay
     d = by_kind(docs, "Deployment")["triton"]
@@ -546,11 +610,23 @@ def test_training_jobs():
         assert pod["securityContext"]["runAsNonRoot"] is True
         claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
         assert claims and set(claims) <= set(pvcs)
-        modules.add(c["args"][0])  # the image's entrypoint is `python -m`
+        launcher, module, _ = torchrun_args(c)
+        assert launcher[:2] == ["torch.distributed.run", "--standalone"]
+        nproc = launcher[launcher.index("--nproc-per-node") + 1]
+        env = {e["name"]: e["value"] for e in c.get("env", [])}
+        assert nproc == "$(NPROC_PER_NODE)" and int(env["NPROC_PER_NODE"]) == c["resources"]["limits"]["nvidia.com/gpu"]
+        modules.add(module)
     assert modules == {"training.train_gan", "training.train_ddpm"}
     for module in modules:
         path = REPO / (module.replace(".", "/") + ".py")
         assert path.exists(), f"{module}: {path} missing"
+
+
+def torchrun_args(container: dict) -> tuple[list[str], str, list[str]]:
+    """A training Job's args (the image's entrypoint is `python -m`): torchrun's options, the module, its argv."""
+    args = container["args"]
+    i = args.index("-m")
+    return args[:i], args[i + 1], args[i + 2:]
 
 
 @pytest.mark.parametrize("job", ["train-gan", "train-ddpm"])
@@ -558,7 +634,7 @@ def test_training_job_arguments_parse(job):
     """The real training CLIs accept the Job's arguments, and the checkpoint lands on the volume."""
     (doc,) = [d for d in render(K8S / "training") if d["kind"] == "Job" and d["metadata"]["name"] == job]
     c = doc["spec"]["template"]["spec"]["containers"][0]
-    module, *argv = c["args"]
+    _, module, argv = torchrun_args(c)
     mod = importlib.import_module(module)
     parsed = mod.parse_args(argv)
     cfg = parsed[0] if isinstance(parsed, tuple) else parsed

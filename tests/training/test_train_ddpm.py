@@ -23,7 +23,7 @@ def one_thread():
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=16, limit=32, threads=1, run_dir=str(tmp_path / "run"),
+    base = dict(epochs=2, batch_size=16, limit=32, data_source="embedded", threads=1, run_dir=str(tmp_path / "run"),
                 checkpoint=str(tmp_path / "ddpm.safetensors"), sample_steps=2, warmup_steps=1,
                 time_budget_min=0.0, unet=TINY)
     base.update(kw)

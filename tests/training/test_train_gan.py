@@ -9,7 +9,7 @@ from mnistgen.checkpoint import load_checkpoint
 from mnistgen.registry import load_generator
 from training.train_gan import CONFIGS, GANTrainer, apply_mitigations, parse_args
 
-SMALL = dict(epochs=1, max_iters=2, batch_size=16, threads=1, data_limit=64)
+SMALL = dict(epochs=1, max_iters=2, batch_size=16, threads=1, data_limit=64, data_source="embedded")
 
 
 def _small(name, tmp_path, **kw):
