@@ -19,6 +19,10 @@ class NotReady(Exception):
     """Raised by a readiness check to say why it is not ready yet (the last one is quoted on timeout)."""
 
 
+class Interrupted(Exception):
+    """A wait was abandoned because a stop was requested (a signal set the flag that `abort` reads)."""
+
+
 # what a readiness check may raise while the thing it polls is still coming up
 RETRY_ON: tuple[type[BaseException], ...] = (NotReady, OSError, ValueError, http.client.HTTPException)
 
@@ -40,17 +44,20 @@ def _describe_log(log: LogSource) -> str:
 
 def wait_until(check: Callable[[], T], timeout_s: float, what: str, *, proc: subprocess.Popen | None = None,
                log: LogSource = None, interval_s: float = 0.25,
-               retry_on: tuple[type[BaseException], ...] = RETRY_ON) -> T:
+               retry_on: tuple[type[BaseException], ...] = RETRY_ON, abort: Callable[[], bool] | None = None) -> T:
     """Call `check` every `interval_s` until it returns something truthy, and return that.
 
     `check` may also raise one of `retry_on` (e.g. NotReady("/readyz 503"), a refused connection) to mean
     "not yet". Fails fast with RuntimeError when `proc` exits first (its exit code), and with TimeoutError
     after `timeout_s` (the last error or result); both name `what` and end with the log tail (`log`: a path,
-    or a callable returning the tail). `check` is always called at least once.
+    or a callable returning the tail). `check` is always called at least once. When `abort()` turns true (a
+    signal handler set a flag) the wait stops with Interrupted: nothing is raised from inside a signal handler.
     """
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while True:
+        if abort is not None and abort():
+            raise Interrupted(f"stopped while waiting for {what}")
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode} before becoming ready "
                                f"(last: {last}){_describe_log(log)}")
@@ -141,12 +148,13 @@ class ManagedProcess:
     def log_tail(self, n_lines: int = 40) -> str:
         return log_tail(self.log_path, n_lines)
 
-    def wait_ready(self, timeout: float | None = None):
-        """Block until ready; RuntimeError (it exited) / TimeoutError name it and carry the log tail."""
+    def wait_ready(self, timeout: float | None = None, abort: Callable[[], bool] | None = None):
+        """Block until ready; RuntimeError (it exited) / TimeoutError name it and carry the log tail;
+        Interrupted as soon as `abort()` is true."""
         if self.proc is None:
             raise RuntimeError(f"{self.describe()} was not started: call start() first")
         wait_until(self._check_ready, self.startup_timeout_s if timeout is None else timeout, self.describe(),
-                   proc=self.proc, log=self.log_path, interval_s=self.ready_interval_s)
+                   proc=self.proc, log=self.log_path, interval_s=self.ready_interval_s, abort=abort)
         return self
 
     def stop(self) -> int | None:
@@ -178,9 +186,12 @@ class Server(Protocol):
 
     def start(self): ...
 
-    def wait_ready(self, timeout: float | None = None): ...
+    def wait_ready(self, timeout: float | None = None, abort: Callable[[], bool] | None = None): ...
 
     def close(self) -> None: ...
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each one means: stop cleanly
 
 
 def run_in_foreground(server: Server, name: str, ready_message: Callable[[], str],
@@ -188,42 +199,48 @@ def run_in_foreground(server: Server, name: str, ready_message: Callable[[], str
                       errors: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError, FileNotFoundError),
                       poll_s: float = 0.5) -> int:
     """A launcher's main(): start `server`, wait until ready, print `ready_message()`, then run until SIGTERM/
-    SIGINT or until it stops on its own (`alive()` false; default: its `proc` exited); always close() it.
+    SIGINT/SIGHUP or until it stops for good; close() it exactly once, whatever arrives when.
 
+    `alive()` is called every `poll_s` while running: a supervisor may repair things there (restart a child) and
+    return True; False means the server is gone for good (default: its `proc` exited). The signal handlers only
+    set a flag; waits read it (`abort`), so no exception ever fires between a Popen and its bookkeeping, and a
+    second signal cannot cut the cleanup short.
     Returns the exit status: 0 after a signal; 1 when it failed to start (the error is printed) or stopped on its
-    own (`exit_message()` is printed; default: `<name> exited with code N`); 128 + signal when interrupted
-    during startup (a signal interrupts the readiness wait).
+    own (`exit_message()` is printed; default: `<name> exited with code N`); 128 + signal when stopped during
+    startup.
     """
     alive = alive or (lambda: server.proc is not None and server.proc.poll() is None)
-    state = {"sig": None, "starting": True}
+    stop: dict[str, int | None] = {"sig": None}
 
     def on_signal(signum, _frame):
-        state["sig"] = signum
-        if state["starting"]:
-            raise KeyboardInterrupt
+        if stop["sig"] is None:
+            stop["sig"] = signum
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def stop_requested() -> bool:
+        return stop["sig"] is not None
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     died = False
     try:
         server.start()
-        server.wait_ready()
-        state["starting"] = False
+        server.wait_ready(abort=stop_requested)
         print(ready_message(), flush=True)
-        while state["sig"] is None and alive():
+        while not stop_requested() and alive():
             time.sleep(poll_s)
-        died = state["sig"] is None
+        died = not stop_requested()
         if died:
             print("error: " + (exit_message() if exit_message else f"{name} exited with code {server.proc.returncode}"),
                   file=sys.stderr)
+        else:
+            print(f"{name}: {signal.Signals(stop['sig']).name} received, stopping", flush=True)
+    except Interrupted:
+        print(f"{name}: {signal.Signals(stop['sig']).name} during startup, stopping", file=sys.stderr)
+        return 128 + int(stop["sig"])
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted during startup", file=sys.stderr)
-        return 128 + (state["sig"] or signal.SIGINT)
     finally:
-        state["starting"] = False  # a signal from now on only marks the stop as requested
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
-        server.close()
+        server.close()  # once: the handlers only set the flag, so nothing interrupts this
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 1 if died else 0

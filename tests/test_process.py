@@ -85,23 +85,23 @@ class SleepServer:
     """The shape run_in_foreground drives: start(), wait_ready(), proc, close()."""
 
     def __init__(self, code: str = "import time; time.sleep(60)"):
-        self.code, self.proc, self.closed = code, None, False
+        self.code, self.proc, self.closed = code, None, 0
 
     def start(self):
         self.proc = child(self.code)
         return self
 
-    def wait_ready(self, timeout=None):
+    def wait_ready(self, timeout=None, abort=None):
         return self
 
     def close(self):
-        self.closed = True
+        self.closed += 1
         terminate(self.proc, 5)
 
 
 @pytest.fixture
 def restore_signals():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield
     for s, h in saved.items():
         signal.signal(s, h)
@@ -124,9 +124,35 @@ def test_run_in_foreground_reports_a_server_that_dies(restore_signals, capsys):
 
 def test_run_in_foreground_reports_a_failed_start(restore_signals, capsys):
     class Failing(SleepServer):
-        def wait_ready(self, timeout=None):
+        def wait_ready(self, timeout=None, abort=None):
             raise TimeoutError("sleeper not ready after 1 s")
 
     server = Failing()
     assert run_in_foreground(server, "sleeper", lambda: "up") == 1
     assert server.closed and "error: sleeper not ready after 1 s" in capsys.readouterr().err
+
+
+def test_sighup_stops_like_sigterm_and_a_second_signal_cannot_skip_the_cleanup(restore_signals, capsys):
+    class SlowClose(SleepServer):
+        def close(self):
+            signal.raise_signal(signal.SIGTERM)  # a second signal while cleaning up: only sets the flag
+            super().close()
+
+    server = SlowClose()
+    threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGHUP)).start()
+    assert run_in_foreground(server, "sleeper", lambda: "up", poll_s=0.05) == 0
+    assert server.closed == 1 and server.proc.poll() is not None  # cleaned up exactly once
+    assert "SIGHUP received" in capsys.readouterr().out
+
+
+def test_a_signal_during_startup_interrupts_the_readiness_wait(restore_signals, capsys):
+    class NeverReady(SleepServer):
+        def wait_ready(self, timeout=None, abort=None):
+            wait_until(lambda: False, 30, "the sleeper", abort=abort, interval_s=0.02)
+
+    server = NeverReady()
+    threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGTERM)).start()
+    t0 = time.monotonic()
+    assert run_in_foreground(server, "sleeper", lambda: "up") == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 5 and server.closed == 1 and server.proc.poll() is not None
+    assert "SIGTERM during startup" in capsys.readouterr().err
