@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm report-ddpm train-classifier evaluate report clean deploy-check k8s-render images soak reliability
+.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm report-ddpm train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -71,7 +71,7 @@ report: setup ## GAN comparison report (markdown + PNGs) into reports/gan/
 deploy-check: setup ## lint the Dockerfile, validate + cross-check the k8s manifests (offline)
 	$(PY) -m pytest -q tests/deploy
 
-k8s-render: ## print an overlay's manifests: make k8s-render OVERLAY=cpu|gpu (needs kubectl)
+k8s-render: ## print an overlay's manifests: make k8s-render OVERLAY=cpu|gpu|tls (needs kubectl)
 	kubectl kustomize k8s/overlays/$(or $(OVERLAY),cpu)
 
 REGISTRY ?= mnistgen
@@ -106,6 +106,9 @@ soak: setup ## ~10 min at 70% of measured capacity: errors, per-minute p99, gate
 
 reliability: setup ## only the fault / overload / bad-input / drain tests (they are part of make test too)
 	$(PY) -m pytest -q tests/reliability
+
+reliability-report: setup ## render docs/reliability.md from the committed reports/reliability/*.json (to refresh those: python -m loadtest.reliability_report -h)
+	$(PY) -m loadtest.reliability_report
 
 clean: ## remove generated files (exports, runs, outputs); keeps .venv and committed checkpoints
 	rm -rf runs out bench model_repository_gpu .pytest_cache

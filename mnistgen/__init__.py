@@ -1,6 +1,7 @@
 """mnistgen: the runtime core that training, export, Triton's models and the gateway share.
 
-- latent: seeded latent noise (numpy only; the gateway's one import from here)
+- latent: seeded latent noise (numpy only; the gateway imports it)
+- limits: request limits (pure constants) the gateway's validation and the Triton models share
 - checkpoint: safetensors checkpoints carrying their config
 - models: GAN generator/discriminator architectures
 - registry: names of the committed models and how to load them

@@ -3,20 +3,27 @@
     python -m serving.client generate --model dcgan-baseline --n 64 --out grid.png
     python -m serving.client denoise --input digit.png --sigma 0.5 --out result.png   # clean | noisy | denoised
     python -m serving.client models --transport http --target 127.0.0.1:8080
+    MNISTGEN_TOKEN=... python -m serving.client models --ca ca.crt   # a gateway with auth and TLS
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
+import re
+import ssl
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from . import images as imgs
 from .generated.mnistgen.v1 import generation_pb2 as pb
@@ -25,6 +32,7 @@ from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 TRANSPORTS = ("grpc", "http")
 DEFAULT_TARGETS = {"grpc": "127.0.0.1:50051", "http": "127.0.0.1:8080"}
 MAX_MESSAGE_BYTES = 64 << 20  # responses of 1024 raw samples are 3.2 MB
+TOKEN_ENV = "MNISTGEN_TOKEN"  # the CLI's --token when not given (a command line is visible to other users)
 
 
 class ClientError(Exception):
@@ -40,11 +48,18 @@ class ClientConfig:
     transport: str = "grpc"  # one of TRANSPORTS
     target: str | None = None  # host:port; None = DEFAULT_TARGETS[transport]
     timeout_s: float = 60.0  # gRPC deadline / HTTP timeout (sent as X-Request-Timeout)
+    token: str | None = field(default=None, repr=False)  # bearer token, sent as `authorization: Bearer <token>`
+    ca: Path | None = None  # PEM CA certificate(s) to verify the gateway's TLS certificate; implies tls
+    tls: bool = False  # TLS (https / a secure gRPC channel); without `ca`, the system's CAs verify
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         self.target = self.target or DEFAULT_TARGETS[self.transport]
+        if self.token is not None and not re.fullmatch(r"[\x21-\x7e]+", self.token):
+            raise ValueError("token must be printable ASCII without spaces")
+        self.ca = Path(self.ca) if self.ca is not None else None
+        self.tls = bool(self.tls or self.ca is not None)
 
 
 class GatewayClient:
@@ -54,12 +69,20 @@ class GatewayClient:
         self.config = config or ClientConfig(**kw)
         self._channel = None
         self._stub = None
-        if self.config.transport == "grpc":
-            self._channel = grpc.insecure_channel(self.config.target, options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ])
+        c = self.config
+        self._metadata = (("authorization", f"Bearer {c.token}"),) if c.token else None
+        self._ssl = None  # HTTP: the client SSL context
+        if c.transport == "grpc":
+            options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+            if c.tls:
+                creds = grpc.ssl_channel_credentials(root_certificates=c.ca.read_bytes() if c.ca else None)
+                self._channel = grpc.secure_channel(c.target, creds, options=options)
+            else:
+                self._channel = grpc.insecure_channel(c.target, options=options)
             self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        elif c.tls:
+            self._ssl = ssl.create_default_context(cafile=str(c.ca) if c.ca else None)
 
     def close(self) -> None:
         if self._channel is not None:
@@ -74,20 +97,22 @@ class GatewayClient:
     # -- transports --
     def _grpc(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.config.timeout_s)
+            return getattr(self._stub, method)(request, timeout=self.config.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise ClientError(e.code().name, e.details() or "") from None
 
     def _http(self, method: str, path: str, request, response_type):
-        url = f"http://{self.config.target}{path}"
+        url = f"{'https' if self.config.tls else 'http'}://{self.config.target}{path}"
         data = None
         headers = {"X-Request-Timeout": str(self.config.timeout_s), "Accept": "application/json"}
+        if self.config.token:
+            headers["Authorization"] = f"Bearer {self.config.token}"
         if request is not None:
             data = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True)).encode()
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=self.config.timeout_s + 5) as r:
+            with urllib.request.urlopen(req, timeout=self.config.timeout_s + 5, context=self._ssl) as r:
                 body = r.read()
         except urllib.error.HTTPError as e:
             raw = e.read()
@@ -96,8 +121,10 @@ class GatewayClient:
                 raise ClientError(err["code"], err["message"], e.code) from None
             except (ValueError, KeyError, TypeError):
                 raise ClientError("UNKNOWN", f"HTTP {e.code}: {raw[:200]!r}", e.code) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            raise ClientError("UNAVAILABLE", f"{url}: {e}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+            # (HTTPException: e.g. plain HTTP against a TLS port answers no HTTP status line)
+            raise ClientError("UNAVAILABLE", f"{url}: {e!r}" if isinstance(e, http.client.HTTPException)
+                              else f"{url}: {e}") from None
         return json_format.Parse(body, response_type(), ignore_unknown_fields=True)
 
     # -- calls --
@@ -184,9 +211,12 @@ def _cmd_models(c: GatewayClient, a) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--transport", choices=TRANSPORTS, default="grpc")
-    common.add_argument("--target", default=None, help=f"host:port (default {DEFAULT_TARGETS})")
-    common.add_argument("--timeout", type=float, default=ClientConfig.timeout_s, help="seconds")
+    add_dataclass_args(common, ClientConfig, choices={"transport": TRANSPORTS}, names={"timeout_s": "--timeout"},
+                       help={"target": f"host:port (default {DEFAULT_TARGETS})", "timeout_s": "seconds",
+                             "token": f"bearer token for a gateway with auth (default: ${TOKEN_ENV}, which is "
+                                      "safer: a command line is visible to other users)",
+                             "ca": "PEM CA certificate that signed the gateway's TLS certificate (implies --tls)",
+                             "tls": "connect with TLS; without --ca the system's CAs verify the gateway"})
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common], help="sample a grid of digits")
     g.add_argument("--model", default="dcgan-baseline", help="dcgan-baseline, dcgan-modified, mlp, ddpm")
@@ -211,14 +241,14 @@ COMMANDS = {"generate": _cmd_generate, "denoise": _cmd_denoise, "models": _cmd_m
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    env_token = {"token": os.environ[TOKEN_ENV]} if a.token is None and os.environ.get(TOKEN_ENV) else {}
+    config = dataclass_from_args(ClientConfig, a, parser=p, **env_token)  # a bad value: usage + exit 2
     try:
-        with GatewayClient(ClientConfig(a.transport, a.target, a.timeout)) as c:
+        with GatewayClient(config) as c:
             print(COMMANDS[a.command](c, a))
-    except ClientError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
+    except (ClientError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -101,6 +101,10 @@ class GatewayMetrics:
                                registry=r)
         self.triton_up = Gauge(f"{PREFIX}_triton_up", "1 when Triton and the served models are ready, else 0",
                                registry=r)
+        self.auth_failures = Counter(f"{PREFIX}_auth_failures", "Requests refused UNAUTHENTICATED / HTTP 401, by "
+                                     "transport and reason (missing, malformed, invalid)", ["transport", "reason"],
+                                     registry=r)
+        self.auth_enabled = Gauge(f"{PREFIX}_auth_enabled", "1 when bearer tokens are required, else 0", registry=r)
         self.diversity = DiversityTracker(diversity_window)
         r.register(self.diversity)
 

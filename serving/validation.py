@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import math
+import reprlib
 import secrets
 from dataclasses import dataclass
 
 import numpy as np
 
+from mnistgen.limits import MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES, MAX_GAN_SAMPLES, MAX_STEPS
+
 from .images import PIXELS, SIDE, decode_png
 
 # ---- limits and choices (the API contract; the proto comments and docs/api.md repeat them) -------------
-MAX_GAN_SAMPLES = 1024  # num_samples upper bound for the GAN generators
-MAX_DDPM_SAMPLES = 64  # num_samples upper bound for ddpm (a sampling loop per request)
-MAX_DENOISE_IMAGES = 64  # images per Denoise request
-MAX_STEPS = 1000  # the DDPM's training timesteps: more sampling steps than this make no sense
+# MAX_GAN_SAMPLES, MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES, MAX_STEPS: mnistgen.limits (shared with the Triton models)
 MAX_SEED = 2**63 - 1  # seeds are int64 >= 0 (numpy's default_rng rejects negative seeds)
 RANDOM_SEED_BITS = 32  # an absent seed is drawn from 0..2^32-1 (exact in JSON numbers too)
 RAW_TOLERANCE = 1e-3  # raw pixels may overshoot [-1, 1] by this much (float rounding), no more
@@ -43,6 +43,53 @@ MODELS: dict[str, ModelSpec] = {
 }
 DEFAULT_MODEL = "dcgan-baseline"
 DENOISE_MODEL = ModelSpec("ddpm", "ddpm_denoise", "ddpm", MAX_DENOISE_IMAGES)
+
+
+# ---- echoing user input -------------------------------------------------------------------------------
+ECHO_CHARS = 64  # at most this much of any user-supplied value goes into an error message or a log line
+CLIP_CHARS = 240  # free text that may hold user input (a library's error message): cut to this
+_REPR = reprlib.Repr()  # containers from JSON: a few items, two levels, no recursion into hostile depth
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = ECHO_CHARS, ECHO_CHARS, ECHO_CHARS
+
+
+def escape(text: str) -> str:
+    """Control and other non-printable characters (NUL, newlines, ESC, bidi overrides, lone surrogates) as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def echo(value, limit: int = ECHO_CHARS) -> str:
+    """A user-supplied value for an error message or a log line: quoted like repr(), non-printables escaped, at
+    most `limit` characters of it, with the original length when cut: `'aaaa…' (10000 chars)`.
+
+    Every message that repeats user input goes through here (or clip()), so an error stays small: a gRPC status
+    carries its message in a trailer, and a client drops a stream whose trailers pass its metadata limit (8 KB).
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value)
+    if isinstance(value, (str, bytes)):
+        r = escape(repr(value[:limit]))
+        if len(r) > 4 * limit + 2:  # mostly escapes (\U000e0001 is 10 characters): keep the message small anyway
+            r = r[:4 * limit + 1] + r[-1]
+        elif len(value) <= limit:
+            return r
+        return f"{r[:-1]}…{r[-1]} ({len(value)} {'chars' if isinstance(value, str) else 'bytes'})"
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile object's repr (an int over Python's 4300-digit str limit, ...)
+        text = f"<{type(value).__name__}>"
+    return clip(text, 2 * limit)
+
+
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """Free text that may contain user input: non-printables escaped, cut to `limit` characters (+ the length)."""
+    text = str(text)
+    cut = escape(text[:limit])
+    if len(text) <= limit and len(cut) <= limit:
+        return cut
+    return f"{cut[:limit]}… ({len(text)} chars)"
 
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -92,13 +139,13 @@ class DenoiseParams:
 def check_model(model: str) -> ModelSpec:
     name = model or DEFAULT_MODEL
     if name not in MODELS:
-        raise ValidationError("model", f"unknown model {model!r}: expected one of {list(MODELS)}")
+        raise ValidationError("model", f"unknown model {echo(model)}: expected one of {list(MODELS)}")
     return MODELS[name]
 
 
 def check_int(field: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValidationError(field, f"must be an integer in {lo}..{hi}, got {value!r}")
+        raise ValidationError(field, f"must be an integer in {lo}..{hi}, got {echo(value)}")
     if not lo <= int(value) <= hi:
         raise ValidationError(field, f"must be in {lo}..{hi}, got {int(value)}")
     return int(value)
@@ -114,7 +161,7 @@ def check_seed(seed) -> int:
 def check_sampler(sampler: str) -> str:
     s = sampler or DEFAULT_SAMPLER
     if s not in SAMPLERS:
-        raise ValidationError("sampler", f"unknown sampler {sampler!r}: expected one of {list(SAMPLERS)}")
+        raise ValidationError("sampler", f"unknown sampler {echo(sampler)}: expected one of {list(SAMPLERS)}")
     return s
 
 
@@ -127,11 +174,11 @@ def check_steps(steps, default: int) -> int:
 
 def check_format(fmt) -> str:
     """ImageFormat enum number (0 = RAW_FLOAT32) or its name -> the name."""
-    if isinstance(fmt, str) and fmt.upper() in FORMAT_NAMES:
+    if isinstance(fmt, str) and fmt.isascii() and fmt.upper() in FORMAT_NAMES:  # ASCII only: "png_grıd" is no name
         return fmt.upper()
     if isinstance(fmt, (int, np.integer)) and not isinstance(fmt, bool) and int(fmt) in FORMATS:
         return FORMATS[int(fmt)]
-    raise ValidationError("format", f"unknown image format {fmt!r}: expected one of {list(FORMAT_NAMES)}")
+    raise ValidationError("format", f"unknown image format {echo(fmt)}: expected one of {list(FORMAT_NAMES)}")
 
 
 def validate_generate(model: str, num_samples: int, seed: int | None, steps: int, sampler: str, fmt) -> GenerateParams:
@@ -146,10 +193,10 @@ def validate_generate(model: str, num_samples: int, seed: int | None, steps: int
     if spec.kind == "gan":
         if steps:
             raise ValidationError("steps", f"only model 'ddpm' takes steps (1..{MAX_STEPS}); "
-                                           f"leave it 0 for {spec.name!r}, got {steps!r}")
+                                           f"leave it 0 for {spec.name!r}, got {echo(steps)}")
         if sampler:
             raise ValidationError("sampler", f"only model 'ddpm' takes a sampler {list(SAMPLERS)}; "
-                                             f"leave it empty for {spec.name!r}, got {sampler!r}")
+                                             f"leave it empty for {spec.name!r}, got {echo(sampler)}")
         s, st = "", 0
     else:
         s = check_sampler(sampler)
@@ -159,7 +206,7 @@ def validate_generate(model: str, num_samples: int, seed: int | None, steps: int
 
 def check_sigma(sigma) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating)):
-        raise ValidationError("sigma", f"must be a number with 0 < sigma <= 1, got {sigma!r}")
+        raise ValidationError("sigma", f"must be a number with 0 < sigma <= 1, got {echo(sigma)}")
     s = float(sigma)
     if not math.isfinite(s) or not 0.0 < s <= 1.0:
         raise ValidationError("sigma", f"must satisfy 0 < sigma <= 1, got {s!r}")
@@ -183,12 +230,12 @@ def decode_png_image(data: bytes, index: int) -> np.ndarray:
     try:
         img = decode_png(data)
     except ValueError as e:
-        raise ValidationError(field, str(e)) from None
+        raise ValidationError(field, clip(str(e))) from None
     if img.size != (SIDE, SIDE):
         raise ValidationError(field, f"image is {img.size[0]}x{img.size[1]}, expected {SIDE}x{SIDE} "
                                      "(resize it first; the service does not rescale)")
     if img.mode not in PNG_MODES:
-        raise ValidationError(field, f"unsupported PNG mode {img.mode!r}: expected one of {list(PNG_MODES)}")
+        raise ValidationError(field, f"unsupported PNG mode {echo(img.mode)}: expected one of {list(PNG_MODES)}")
     if img.mode.startswith("I"):  # 16-bit grayscale: keep the top 8 bits
         u8 = (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
     else:

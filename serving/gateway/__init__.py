@@ -9,10 +9,13 @@ Modules:
 - service: GenerationServicer (mnistgen.v1.GenerationService over gRPC; its `run` is the transport-independent
   core the HTTP routes share) and its pure helpers (images_message, images_array, timing_message, ...).
 - http_api: HttpApi (aiohttp routes transcoded onto the servicer) and the HTTP helpers (error_response, ...).
+- auth: TokenAuth (optional bearer tokens, re-read token file), AuthInterceptor (gRPC), TlsMaterial (TLS on both
+  ports), ConfigError; the HTTP side is http_api.auth_middleware.
 - app: GatewayState (readiness, gRPC health, draining), start(), RunningGateway, serve() and main().
 """
 from .admission import Limiter
 from .app import SERVICE_NAME, GatewayState, RunningGateway, main, serve, start
+from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
 from .config import ENV_PREFIX, LOG_LEVELS, GatewayConfig, env_defaults, parse_args
 from .http_api import (
     HTTP_STATUS, PNG_VIEWS, TIMEOUT_HEADER, HttpApi, decode_any, error_response, http_timeout, message_json,
@@ -27,6 +30,7 @@ from .triton_client import (
 )
 
 __all__ = [
+    "AuthInterceptor", "ConfigError", "TlsMaterial", "TokenAuth",
     "DENOISED", "ENV_PREFIX", "HTTP_STATUS", "IMAGE", "LATENT", "LOG_LEVELS", "NOISY", "NUM_SAMPLES", "PNG_VIEWS",
     "SAMPLER", "SEED", "SERVICE_NAME", "SIGMA", "STEPS", "TIMEOUT_HEADER", "GatewayConfig", "GatewayState",
     "GenerationServicer", "HttpApi", "Limiter", "RunningGateway", "TritonClient", "TritonModelInfo",

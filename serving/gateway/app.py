@@ -14,13 +14,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..generated.mnistgen.v1 import generation_pb2 as pb
-from ..generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 from ..metrics import GatewayMetrics
 from ..validation import DENOISE_MODEL, MODELS
 from .admission import Limiter
+from .auth import AuthInterceptor, ConfigError, TokenAuth, load_tls
 from .config import GatewayConfig, parse_args
 from .http_api import HttpApi
-from .service import GenerationServicer
+from .service import GenerationServicer, add_to_server
 from .triton_client import TritonClient
 
 log = logging.getLogger("mnistgen.gateway")
@@ -52,7 +52,17 @@ class GatewayState:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
-        return ready, {"triton_ready": server, "models": models}
+        return ready, {"triton_ready": server, "models": models, "reason": self.reason(server, models)}
+
+    def reason(self, server: bool, models: dict[str, bool]) -> str:
+        """Why the gateway is (not) ready, in words for /readyz."""
+        if self.draining:
+            return "draining: the gateway is shutting down"
+        if not server:
+            return f"Triton at {self.config.triton_url} is not answering (down or restarting)"
+        if not any(models.values()):
+            return f"Triton is up but none of the models {sorted(models)} is ready (loading, or not exported)"
+        return "ready"
 
     async def probe_forever(self) -> None:
         while True:
@@ -72,6 +82,7 @@ class RunningGateway:
     grpc_port: int
     http_port: int
     probe: asyncio.Task
+    auth: TokenAuth | None = None
 
     async def stop(self, grace: float) -> None:
         """Drain: report not-ready, stop accepting, let in-flight requests finish for up to `grace` s."""
@@ -97,40 +108,50 @@ class RunningGateway:
 
 
 async def start(config: GatewayConfig) -> RunningGateway:
-    """Start both servers on the running loop (ports 0 = pick free ones) and return handles to them."""
+    """Start both servers on the running loop (ports 0 = pick free ones) and return handles to them.
+
+    Raises ConfigError (before anything listens) for unusable tokens or TLS files."""
     metrics = GatewayMetrics()
+    auth = TokenAuth.from_config(config, metrics)  # None: auth off
+    tls = load_tls(config)  # None: plain text
     triton = TritonClient(config.triton_url, config.max_response_bytes)
     servicer = GenerationServicer(triton, metrics, Limiter(config.max_concurrency, config.max_queue), config)
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[AuthInterceptor(auth)] if auth is not None else None, options=[
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", config.max_response_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)  # the generated add_..._to_server, but bad bytes -> INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    address = f"{config.host}:{config.grpc_port}"
+    grpc_port = (server.add_secure_port(address, tls.grpc_credentials()) if tls is not None
+                 else server.add_insecure_port(address))
     if grpc_port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.grpc_port}")
     await server.start()
     state = GatewayState(triton, metrics, health_servicer, config)
-    runner = web.AppRunner(HttpApi(servicer, state).app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(HttpApi(servicer, state, auth).app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.http_port, reuse_port=False)
+    site = web.TCPSite(runner, config.host, config.http_port, reuse_port=False,
+                       ssl_context=tls.ssl_context() if tls is not None else None)
     await site.start()
     http_port = runner.addresses[0][1]
     await state.check()
     probe = asyncio.create_task(state.probe_forever())
-    return RunningGateway(server, runner, state, triton, metrics, servicer, grpc_port, http_port, probe)
+    return RunningGateway(server, runner, state, triton, metrics, servicer, grpc_port, http_port, probe, auth)
 
 
 async def serve(config: GatewayConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain with config.stop_grace_s."""
     gw = await start(config)
-    print(f"gateway listening: grpc {config.host}:{gw.grpc_port}, http http://{config.host}:{gw.http_port} "
-          f"(triton {config.triton_url}, ready {gw.state.ready})", flush=True)
+    scheme = "https" if config.tls_cert else "http"
+    auth = gw.auth.describe() if gw.auth is not None else "auth off"
+    print(f"gateway listening: grpc {config.host}:{gw.grpc_port}, http {scheme}://{config.host}:{gw.http_port} "
+          f"(triton {config.triton_url}, ready {gw.state.ready}; tls {'on' if config.tls_cert else 'off'}, {auth})",
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -144,5 +165,8 @@ async def serve(config: GatewayConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as e:
+        raise SystemExit(f"gateway: {e}") from None
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 # the --help description (what the gateway is)
 DESCRIPTION = ("The gRPC + HTTP/JSON gateway: validates requests, samples GAN latents, calls Triton over gRPC, "
@@ -26,8 +26,17 @@ class GatewayConfig:
     probe_interval_s: float = 2.0  # background Triton probe (triton_up gauge, gRPC health status)
     stop_grace_s: float = 10.0  # SIGTERM: finish in-flight requests for up to this long, then stop
     log_level: str = "INFO"  # one of LOG_LEVELS
+    # auth (serving/gateway/auth.py): off unless tokens are configured; both sources add up (rotation)
+    api_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens (prefer the env var)
+    api_token_file: str = ""  # file of bearer tokens, one per line, # comments; re-read when it changes
+    tls_cert: str = ""  # PEM certificate chain: TLS on both ports (with tls_key)
+    tls_key: str = ""  # PEM private key of tls_cert
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs both the certificate and its key "
+                             f"(--tls-cert/--tls-key or MNISTGEN_TLS_CERT/MNISTGEN_TLS_KEY), or neither")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         for name in ("grpc_port", "http_port"):
@@ -41,6 +50,7 @@ class GatewayConfig:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SECRET_FIELDS = ("api_tokens",)  # never shown (--help defaults, repr)
 
 
 def env_defaults(environ=os.environ) -> GatewayConfig:
@@ -64,7 +74,9 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> GatewayConf
     for f in fields(GatewayConfig):
         default = getattr(d, f.name)
         kw = {"choices": LOG_LEVELS, "type": str.upper} if f.name == "log_level" else {"type": type(default)}
-        p.add_argument("--" + f.name.replace("_", "-"), default=default, **kw, help=f"default {default!r}")
+        shown = ("set from " + ENV_PREFIX + f.name.upper() if default else "none") if f.name in SECRET_FIELDS \
+            else repr(default)
+        p.add_argument("--" + f.name.replace("_", "-"), default=default, **kw, help=f"default {shown}")
     a = p.parse_args(argv)
     try:
         return GatewayConfig(**{f.name: getattr(a, f.name) for f in fields(GatewayConfig)})

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
 
 import grpc
 import numpy as np
@@ -16,7 +17,8 @@ from ..generated.mnistgen.v1 import generation_pb2 as pb
 from ..generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 from ..metrics import GatewayMetrics
 from ..validation import (
-    DENOISE_MODEL, MODELS, SAMPLERS, ApiError, DenoiseParams, GenerateParams, validate_denoise, validate_generate,
+    DENOISE_MODEL, MODELS, SAMPLERS, ApiError, DenoiseParams, GenerateParams, ValidationError, clip,
+    validate_denoise, validate_generate,
 )
 from .admission import Limiter
 from .config import GatewayConfig
@@ -25,6 +27,52 @@ from .triton_client import (
 )
 
 log = logging.getLogger("mnistgen.gateway")
+MAX_STATUS_BYTES = 2048  # a gRPC error message (UTF-8): it travels percent-encoded in a trailer, and a client drops
+#                          a stream whose metadata passes its limit (8 KB by default) as RESOURCE_EXHAUSTED
+
+
+class Undecodable:
+    """What the gRPC deserializer hands over for bytes that are no valid request message (bad wire format, strings
+    that are not UTF-8): the servicer answers INVALID_ARGUMENT instead of grpc's UNKNOWN for a deserializer raise."""
+
+    model = "\0"  # (Generate's metrics label: "unknown")
+
+    def __init__(self, message_type, data: bytes, error: Exception):
+        self.message_type, self.size, self.error = message_type, len(data), error
+
+    async def refuse(self, request, deadline: float, start: float):
+        raise ValidationError("body", f"not a valid {self.message_type.DESCRIPTOR.full_name} protobuf message "
+                                      f"({self.size} bytes: {clip(self.error, 120)})")
+
+
+def lenient(message_type):
+    """request_deserializer: message_type.FromString, or an Undecodable when the bytes do not parse."""
+    def deserialize(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # google.protobuf.message.DecodeError, RecursionError on deep nesting...
+            return Undecodable(message_type, data, e)
+    return deserialize
+
+
+def add_to_server(servicer: "GenerationServicer", server) -> None:
+    """pb_grpc.add_GenerationServiceServicer_to_server with lenient request deserializers."""
+    methods = {"Generate": (pb.GenerateRequest, pb.GenerateResponse),
+               "Denoise": (pb.DenoiseRequest, pb.DenoiseResponse),
+               "ListModels": (pb.ListModelsRequest, pb.ListModelsResponse)}
+    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=lenient(req),
+                                                          response_serializer=resp.SerializeToString)
+                for name, (req, resp) in methods.items()}
+    service = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def status_message(message: str) -> str:
+    """A gRPC status message within MAX_STATUS_BYTES (the messages echo user input short already: a last guard)."""
+    if len(message.encode("utf-8", "backslashreplace")) <= MAX_STATUS_BYTES:
+        return message
+    return clip(message, MAX_STATUS_BYTES // 4)
 
 
 def images_message(x: np.ndarray, fmt: str) -> pb.Images:
@@ -102,8 +150,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise
         except Exception as e:  # a bug or an unexpected Triton answer: log it, keep serving
             code = "INTERNAL"
-            log.exception("%s failed", rpc)
-            raise ApiError(f"internal error: {type(e).__name__}: {e}", code=code) from None
+            # the traceback's frames, and the exception's text cut and escaped (it may quote the request)
+            log.error("%s failed: %s: %s\n%s", rpc, type(e).__name__, clip(e),
+                      "".join(traceback.format_tb(e.__traceback__)).rstrip())
+            raise ApiError(f"internal error: {type(e).__name__}: {clip(e)}", code=code) from None
         finally:
             self.metrics.in_flight.dec()
             self.in_flight -= 1
@@ -138,14 +188,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _generate_ddpm(self, p: GenerateParams, deadline: float) -> tuple[np.ndarray, str]:
         model = p.model.triton_model
+        info = await self.triton.model_info(model, deadline_remaining(deadline))
+        row = (1, 1) if info.max_batch_size else (1,)  # batched ddpm_generate: one row (1, 1) per request
         inputs = [
-            tensor(NUM_SAMPLES, np.array([p.num_samples], np.int32), "INT32"),
-            tensor(STEPS, np.array([p.steps], np.int32), "INT32"),
-            tensor(SAMPLER, np.array([p.sampler.encode()], np.object_), "BYTES"),
-            tensor(SEED, np.array([p.seed], np.int64), "INT64"),
+            tensor(NUM_SAMPLES, np.full(row, p.num_samples, np.int32), "INT32"),
+            tensor(STEPS, np.full(row, p.steps, np.int32), "INT32"),
+            tensor(SAMPLER, np.full(row, p.sampler.encode(), np.object_), "BYTES"),
+            tensor(SEED, np.full(row, p.seed, np.int64), "INT64"),
         ]
         r = await self.triton.infer(model, inputs, [IMAGE], deadline_remaining(deadline))
-        x = r.as_numpy(IMAGE).reshape(-1, 1, imgs.SIDE, imgs.SIDE)  # (N, 1, 28, 28)
+        x = r.as_numpy(IMAGE).reshape(-1, 1, imgs.SIDE, imgs.SIDE)  # (N, 1, 28, 28) from (1, N, 1, 28, 28) or (N, ...)
         return x, r.get_response().model_version
 
     async def denoise(self, req: pb.DenoiseRequest, deadline: float, start: float):
@@ -209,10 +261,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     # -- gRPC --
     async def _grpc(self, rpc, label, fn, request, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
+        if isinstance(request, Undecodable):
+            fn = request.refuse
         try:
             return await self.run(rpc, "grpc", label, remaining, fn, request)
         except ApiError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+            await context.abort(getattr(grpc.StatusCode, e.code), status_message(e.message))
 
     async def Generate(self, request, context):
         return await self._grpc("Generate", model_label(request.model), self.generate, request, context)

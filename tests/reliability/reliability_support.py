@@ -53,6 +53,60 @@ def restart_triton(triton, timeout: float = 300.0) -> float:
     return time.monotonic()
 
 
+def http_exchange(target: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                  chunks: list[int] | None = None, timeout: float = 10.0) -> HttpReply:
+    """One HTTP/1.1 request on its own connection, written by hand (any method, headers as given, `Connection:
+    close`); `chunks`: send the body with Transfer-Encoding: chunked, cut at these sizes (the rest in one last chunk).
+    A server may answer before the body is all sent (a 405, a 413) and close: the answer is read all the same."""
+    import http.client
+    import socket
+
+    host, port = target.rsplit(":", 1)
+    head = [f"{method} {path} HTTP/1.1", f"Host: {target}", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body is not None and chunks is not None:
+        pieces, rest = [], body
+        for n in chunks:
+            pieces.append(rest[:n])
+            rest = rest[n:]
+        pieces.append(rest)
+        payload = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
+        head.append("Transfer-Encoding: chunked")
+    else:
+        payload = body or b""
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}")
+    data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered (and closed) early: read that answer
+        r = http.client.HTTPResponse(s, method=method)
+        r.begin()
+        return HttpReply(r.status, dict(r.getheaders()), r.read())
+
+
+def raw_http(target: str, data: bytes, timeout: float = 10.0) -> tuple[int | None, bytes]:
+    """Bytes straight onto a TCP connection to the gateway's HTTP port (a request http.client refuses to send:
+    give it whole, with `Connection: close`); returns (status of the first response line or None, what was read
+    until the server closed or `timeout` passed)."""
+    import socket
+
+    host, port = target.rsplit(":", 1)
+    out = b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    first = out.split(b"\r\n", 1)[0].split()
+    status = int(first[1]) if len(first) >= 2 and first[0].startswith(b"HTTP/") and first[1].isdigit() else None
+    return status, out
+
+
 def rss_bytes(pid: int, with_children: bool = False) -> int:
     """Resident memory of a live process (and, optionally, of all its descendants): loadtest.soak.rss_mib in bytes."""
     psutil.Process(pid)  # raises NoSuchProcess for a dead pid, as a test wants

@@ -1,0 +1,12 @@
+"""Request limits shared by the gateway (serving.validation) and the Triton models (model_repository/): one source.
+
+Pure constants (no numpy, no torch): the serve-only gateway and Triton's python-backend stubs both import this.
+model_repository/ddpm_generate/config.pbtxt repeats MAX_DDPM_SAMPLES as its `max_num_samples` parameter (what
+model.py reads); tests/serving/test_limits.py keeps the two equal.
+"""
+from __future__ import annotations
+
+MAX_GAN_SAMPLES = 1024  # num_samples upper bound for the GAN generators
+MAX_DDPM_SAMPLES = 64  # num_samples upper bound for ddpm: a whole sampling loop per request (seconds per sample on CPU)
+MAX_DENOISE_IMAGES = 64  # images per Denoise request
+MAX_STEPS = 1000  # the DDPM's training timesteps: more sampling steps than this make no sense
