@@ -22,6 +22,10 @@ Seeds: item i of a call with `seed` uses its own `torch.Generator().manual_seed(
 randomness (initial noise, the denoise noise n, DDPM's per-step noise), so an item's result does not depend on the
 batch it is computed in: generate(n=4, seed=0)[2] == generate(n=1, seed=2)[0] up to float rounding. A server that
 batches several requests passes `seeds=[...]` (one per item) so every item keeps its own request's seed.
+
+Stopping: `should_stop()` (optional, on generate / denoise / sample_loop) is called once before every UNet evaluation;
+when it returns True the loop raises SamplingStopped (which says how many evaluations ran), so a server can abandon a
+cancelled request within one UNet step.
 """
 from __future__ import annotations
 
@@ -52,6 +56,15 @@ DEFAULT_SCHEDULER: dict = {
 }
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StopFn = Callable[[], bool]
+
+
+class SamplingStopped(Exception):
+    """should_stop() returned True: the loop stopped before UNet evaluation `step` (0-based) of `steps`."""
+
+    def __init__(self, step: int, steps: int):
+        super().__init__(f"sampling stopped before UNet evaluation {step + 1} of {steps}")
+        self.step, self.steps = step, steps
 
 
 @dataclass
@@ -180,17 +193,21 @@ def sample_loop(
     scheduler,
     timesteps: Sequence[int],
     generator: torch.Generator | list[torch.Generator] | None = None,
+    should_stop: StopFn | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from x_t at timesteps[0] down to x0: `eps_fn(x, t)` then `scheduler.step(...)`.
 
     `scheduler` must be fresh (DPM-Solver++ keeps multistep state). `generator`: one per batch item for
-    batch-independent DDPM noise. Returns x0 (B, 1, 28, 28), not clamped.
+    batch-independent DDPM noise. `should_stop()`: asked before every UNet evaluation; True raises SamplingStopped.
+    Returns x0 (B, 1, 28, 28), not clamped.
     """
     timesteps = [int(t) for t in timesteps]
     _set_timesteps(scheduler, timesteps)
     ddim_gaps = _ddim_gaps(scheduler.config.num_train_timesteps) if isinstance(scheduler, DDIMScheduler) else None
     x = x_t  # (B, 1, 28, 28)
     for i, t in enumerate(timesteps):
+        if should_stop is not None and should_stop():
+            raise SamplingStopped(i, len(timesteps))
         t_batch = torch.full((x.shape[0],), t, dtype=torch.int64)  # (B,)
         eps = eps_fn(x, t_batch)  # (B, 1, 28, 28)
         if ddim_gaps is not None:  # DDIM derives the previous timestep from num_inference_steps
@@ -247,8 +264,12 @@ def generate(
     batch_size: int = 256,
     scheduler_config: dict | None = None,
     seeds: Sequence[int] | None = None,
+    should_stop: StopFn | None = None,
 ) -> torch.Tensor:
-    """n samples (n, 1, 28, 28) in [-1, 1]; item i is seeded with seed + i (or seeds[i] when given)."""
+    """n samples (n, 1, 28, 28) in [-1, 1]; item i is seeded with seed + i (or seeds[i] when given).
+
+    `should_stop()`: asked before every UNet evaluation; True raises SamplingStopped.
+    """
     _check(sampler, steps)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -261,7 +282,7 @@ def generate(
     for start in range(0, n, batch_size):
         gens = [torch.Generator().manual_seed(s) for s in item_seeds[start:start + batch_size]]
         x_t = torch.cat([torch.randn((1, 1, 28, 28), generator=g) for g in gens])  # (B, 1, 28, 28) ~ N(0, I)
-        x0 = sample_loop(eps_fn, x_t, make_scheduler(sampler, cfg), timesteps, gens)
+        x0 = sample_loop(eps_fn, x_t, make_scheduler(sampler, cfg), timesteps, gens, should_stop)
         out.append(x0.clamp(-1, 1))
     return torch.cat(out)  # (n, 1, 28, 28)
 
@@ -275,10 +296,12 @@ def denoise(
     seed: int = 0,
     scheduler_config: dict | None = None,
     seeds: Sequence[int] | None = None,
+    should_stop: StopFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy y = x0 + sigma * n, denoised) for clean images x0 (B, 1, 28, 28) in [-1, 1]; see the module doc.
 
     Item i is seeded with seed + i (or seeds[i] when given); one sigma, sampler and steps for the whole batch.
+    `should_stop()`: asked before every UNet evaluation; True raises SamplingStopped.
     """
     _check(sampler, steps)
     if x0.ndim != 4 or tuple(x0.shape[1:]) != (1, 28, 28):
@@ -299,5 +322,5 @@ def denoise(
     t_star = sigma_to_timestep(float(sigma), alphas_cumprod)
     x_t = math.sqrt(float(alphas_cumprod[t_star])) * noisy  # x_t* = sqrt(abar_t*) * y
     timesteps = inference_timesteps(t_star, steps, cfg["num_train_timesteps"])
-    denoised = sample_loop(as_eps_fn(model_or_eps_fn), x_t, sched, timesteps, gens)
+    denoised = sample_loop(as_eps_fn(model_or_eps_fn), x_t, sched, timesteps, gens, should_stop)
     return noisy, denoised.clamp(-1, 1)

@@ -6,6 +6,12 @@
 
 A model's export is "fresh" (skipped) when its outputs exist and the ONNX file records the sha256 of the
 checkpoint it came from: stricter than comparing timestamps, and immune to `git checkout` touching mtimes.
+
+Engines: after the export, ONNX Runtime and the TorchScript file (as served: frozen, optimize_for_inference) are timed
+per batch size on this machine with the threads the model's config.pbtxt gives it; the result lands in
+<model>/1/engines.json (per batch ms/sample, the chosen threshold, machine and threads) and a summary in the
+config.pbtxt parameter `engines` (what clients see through Triton's model config). Re-measured when the export,
+the machine or the thread count changes (or with --force); --no-measure-engines skips it.
 """
 from __future__ import annotations
 
@@ -64,6 +70,8 @@ class ExportConfig:
     tolerance: float = 1e-4  # max |onnx - torch| (and |torchscript - torch|) on random inputs, fp32
     parity_batch: int = 8  # rows of random input in the parity check
     seed: int = 0  # parity-check inputs
+    measure_engines: bool = True  # time ONNX Runtime vs TorchScript per batch size into engines.json when stale
+    engine_budget_s: float = 0.5  # timing budget per batch size and model (more rounds = steadier on busy machines)
 
     def __post_init__(self) -> None:
         self.checkpoint_dir = Path(self.checkpoint_dir)
@@ -209,6 +217,8 @@ def export_generator(model: str, cfg: ExportConfig) -> dict | None:
             d_ts = float((traced(z) - gen(z)).abs().max())
         _check_parity(f"{model} TorchScript", d_ts, cfg.tolerance)
         traced.save(str(tmp_ts))
+        d_ts = max(d_ts, served_torchscript_diff(tmp_ts, gen, (z,)))
+        _check_parity(f"{model} TorchScript (frozen, optimised)", d_ts, cfg.tolerance)
         _atomic_replace(tmp_ts, ts_path)
         _atomic_replace(tmp_onnx, onnx_path)  # last: model.onnx present == export complete
     print(f"- {model}: exported {ckpt.name} (latent_dim {latent_dim}); max|diff| onnx {d_onnx:.2e}, "
@@ -230,8 +240,19 @@ class UNetEps(nn.Module):
         return self.unet(sample, timestep).sample  # (B, 1, 28, 28)
 
 
+def served_torchscript_diff(path: Path, module: nn.Module, example: tuple[torch.Tensor, ...]) -> float:
+    """max |served TorchScript - module|: the file as Triton runs it (frozen, optimize_for_inference)."""
+    from mnistgen.engine import load_torchscript
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        served = load_torchscript(path)
+        return float((served(*example) - module(*example)).abs().max())
+
+
 def export_ddpm(cfg: ExportConfig, models: tuple[str, ...]) -> dict | None:
-    """EMA UNet -> ddpm_unet/1/model.onnx (`sample`, `timestep` -> `noise_pred`), copied into the loop models."""
+    """EMA UNet -> ddpm_unet/1/model.onnx (`sample`, `timestep` -> `noise_pred`) + a traced model.pt (the TorchScript
+    engine), both copied into the loop models."""
     from mnistgen.diffusion import DEFAULT_SCHEDULER, load_unet
 
     ckpt = cfg.checkpoint_dir / DDPM_CHECKPOINT
@@ -240,7 +261,8 @@ def export_ddpm(cfg: ExportConfig, models: tuple[str, ...]) -> dict | None:
         return None
     sha = sha256(ckpt)
     targets = [cfg.model_repository / m / "1" / ONNX_FILE for m in models]
-    if not cfg.force and is_fresh(targets, sha):
+    ts_targets = [t.with_name(TORCHSCRIPT_FILE) for t in targets]
+    if not cfg.force and is_fresh(targets + ts_targets, sha):
         print(f"- {', '.join(models)}: up to date ({ckpt.name})")
         return {"model": UNET_MODEL, "skipped": True}
 
@@ -258,12 +280,90 @@ def export_ddpm(cfg: ExportConfig, models: tuple[str, ...]) -> dict | None:
                     ["sample", "timestep"], ["noise_pred"], cfg.opset, meta)
         diff = onnx_max_abs_diff(tmp_onnx, module, {"sample": x, "timestep": t}, "noise_pred")
         _check_parity("ddpm_unet ONNX", diff, cfg.tolerance)
+        tmp_ts = Path(tmp) / TORCHSCRIPT_FILE
+        xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit deprecation; tracer warnings on diffusers' shape checks
+            traced = torch.jit.trace(module, (xt[:2], tt[:2]), check_trace=False)  # checked at parity_batch rows
+            d_ts = float((traced(xt, tt) - module(xt, tt)).abs().max())
+        _check_parity("ddpm_unet TorchScript", d_ts, cfg.tolerance)
+        traced.save(str(tmp_ts))
+        d_ts = max(d_ts, served_torchscript_diff(tmp_ts, module, (xt, tt)))
+        _check_parity("ddpm_unet TorchScript (frozen, optimised)", d_ts, cfg.tolerance)
         for target in targets:
-            copy = Path(tmp) / f"{target.parent.parent.name}.onnx"
-            shutil.copyfile(tmp_onnx, copy)
-            _atomic_replace(copy, target)
-    print(f"- {', '.join(models)}: exported {ckpt.name}; max|diff| onnx {diff:.2e}")
-    return {"model": UNET_MODEL, "onnx_max_abs_diff": diff}
+            for src, dst in ((tmp_ts, target.with_name(TORCHSCRIPT_FILE)), (tmp_onnx, target)):  # model.onnx last
+                copy = Path(tmp) / f"{target.parent.parent.name}{src.suffix}"
+                shutil.copyfile(src, copy)
+                _atomic_replace(copy, dst)
+    print(f"- {', '.join(models)}: exported {ckpt.name}; max|diff| onnx {diff:.2e}, torchscript {d_ts:.2e}")
+    return {"model": UNET_MODEL, "onnx_max_abs_diff": diff, "torchscript_max_abs_diff": d_ts}
+
+
+# -- engines -----------------------------------------------------------------------------------------
+
+ENGINES_PARAM = "engines"  # config.pbtxt parameter: export's summary of 1/engines.json for clients
+_ENGINES_BLOCK = re.compile(r'# [^\n]*engines\.json[^\n]*\n(?:# [^\n]*\n)*parameters \{\s*key: "engines"\s*'
+                            r"value \{ string_value: '[^']*' \}\s*\}\n?")
+
+
+def model_params(config_path: Path) -> dict[str, str]:
+    return {k: v.string_value for k, v in read_model_config(config_path).parameters.items()}
+
+
+def sync_engines_param(config_path: Path, summary: dict) -> bool:
+    """Write `summary` as the config.pbtxt parameter `engines` (one line of JSON); True if the file changed."""
+    if model_params(config_path).get(ENGINES_PARAM) == json.dumps(summary):
+        return False
+    value = json.dumps(summary).replace("'", "").replace("\\", "")  # single-quoted text-format string
+    block = ("# written by `python -m training.export` from 1/engines.json (its summary; edit runtime /\n"
+             "# engine_threshold above to override, not this)\n"
+             f"parameters {{\n  key: \"{ENGINES_PARAM}\"\n  value {{ string_value: '{value}' }}\n}}\n")
+    text = config_path.read_text()
+    text, n = _ENGINES_BLOCK.subn(lambda _: block, text)
+    if n == 0:
+        text = text.rstrip("\n") + "\n" + block
+    config_path.write_text(text)
+    read_model_config(config_path)  # still parses
+    return True
+
+
+def measure_model_engines(cfg: ExportConfig, models: tuple[str, ...], batches: tuple[int, ...]) -> dict | None:
+    """ONNX Runtime vs TorchScript for models sharing one export (the UNet's three copies: measured once) ->
+    each model's 1/engines.json and `engines` parameter. Skipped when every record matches this export, machine and
+    thread count (unless --force)."""
+    from mnistgen import engine as eng
+
+    dirs = [cfg.model_repository / m for m in models]
+    first = dirs[0] / "1"
+    onnx_path, ts_path = first / ONNX_FILE, first / TORCHSCRIPT_FILE
+    if not (onnx_path.exists() and ts_path.exists()):
+        return None
+    params = model_params(dirs[0] / "config.pbtxt")
+    threads = eng.resolve_threads(params.get("intra_op_threads", "0"))
+    sha = onnx_metadata(onnx_path).get(META_SHA, "")
+    records = [eng.read_record(d / "1" / eng.ENGINES_FILE) for d in dirs]
+    if not cfg.force and all(eng.record_matches(r, sha, threads) for r in records):
+        record = records[0]
+        print(f"- {', '.join(models)}: engines up to date (threshold {record['threshold']}, {threads} threads)")
+    else:
+        with eng.measuring_lock():
+            record = eng.measure_in_subprocess(onnx_path, ts_path, batches, threads, params.get("allow_spinning", "0"),
+                                               budget_s=cfg.engine_budget_s, measured_by="export",
+                                               checkpoint_sha256=sha)
+        for d in dirs:
+            eng.write_record(d / "1" / eng.ENGINES_FILE, record)
+        ms = record["ms_per_sample"]
+        cells = ", ".join(f"{b}: {ms[eng.ORT][str(b)]:.3g}/{ms[eng.TORCHSCRIPT][str(b)]:.3g}" for b in batches)
+        print(f"- {', '.join(models)}: engines measured with {threads} threads, ms/sample onnxruntime/torchscript "
+              f"{cells}; threshold {record['threshold']}")
+    for d in dirs:
+        p = model_params(d / "config.pbtxt")
+        threshold, source = eng.effective_threshold(p.get("runtime", "auto"), p.get("engine_threshold"), record)
+        summary = eng.summary(record, threshold, source)
+        summary["measured_threshold"] = record["threshold"]
+        if sync_engines_param(d / "config.pbtxt", summary):
+            print(f"  {d / 'config.pbtxt'}: parameter engines = {json.dumps(summary)}")
+    return record
 
 
 # -- GPU variant -----------------------------------------------------------------------------------
@@ -356,6 +456,14 @@ def _run(cfg: ExportConfig) -> list[dict]:
         r = export_ddpm(cfg, ddpm)
         if r:
             results.append(r)
+    if cfg.measure_engines:
+        from mnistgen import engine as eng
+
+        for model in GENERATORS:
+            if model in wanted:
+                measure_model_engines(cfg, (model,), eng.GENERATOR_BATCHES)
+        if ddpm:
+            measure_model_engines(cfg, ddpm, eng.UNET_BATCHES)
     if cfg.gpu_variant:
         written = write_gpu_repository(cfg.model_repository, cfg.gpu_repository)
         print(f"- GPU variant: {len(written)} models written to {cfg.gpu_repository}")
@@ -365,7 +473,9 @@ def _run(cfg: ExportConfig) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, ExportConfig, exclude=("opset", "parity_batch", "seed"), choices={"only": MODELS}, help={
-        "only": "models to export (default: all)", "force": "re-export even when the outputs are fresh",
+        "only": "models to export (default: all)", "force": "re-export (and re-measure) even when fresh",
+        "measure_engines": "time ONNX Runtime vs TorchScript per batch size into engines.json when stale",
+        "engine_budget_s": "timing budget per batch size and model, seconds",
         "gpu_variant": "also write --gpu-repository", "tolerance": "max |export - PyTorch|, fp32"})
     cfg = dataclass_from_args(ExportConfig, p.parse_args(argv))
     try:

@@ -1,13 +1,19 @@
-"""Every config.pbtxt (CPU repository and generated GPU variant) parses as a Triton ModelConfig and keeps the contract."""
+"""Every config.pbtxt (CPU repository and generated GPU variant) parses as a Triton ModelConfig and keeps the contract;
+the engine choice (mnistgen.engine: threads, threshold, overrides) and what export records of it."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
+from mnistgen import engine as eng
 from mnistgen.checkpoint import read_config
-from training.export import GENERATORS, MODELS, SINGLE_SHOT, read_model_config, write_gpu_repository
+from training.export import (
+    ENGINES_PARAM, GENERATORS, MODELS, SINGLE_SHOT, read_model_config, sync_engines_param, write_gpu_repository,
+)
 from mnistgen.registry import GAN_MODELS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,9 +30,11 @@ CONTRACT = {
     "ddpm_denoise": (256, {"image": (FP32, IMG), "sigma": (FP32, [1]), "steps": (INT32, [1]),
                            "sampler": (BYTES, [1]), "seed": (INT64, [1])},
                      {"noisy": (FP32, IMG), "denoised": (FP32, IMG)}),
-    "ddpm_generate": (0, {"num_samples": (INT32, [1]), "steps": (INT32, [1]), "sampler": (BYTES, [1]),
+    # batched across requests: each input is (rows, 1), `image` is (rows, num_samples, 1, 28, 28)
+    "ddpm_generate": (8, {"num_samples": (INT32, [1]), "steps": (INT32, [1]), "sampler": (BYTES, [1]),
                           "seed": (INT64, [1])}, {"image": (FP32, [-1, 1, 28, 28])}),
 }
+LOOP_MODELS = ("ddpm_denoise", "ddpm_generate")
 LATENT_DIMS = {"dcgan_generator": 256, "dcgan_modified": 64, "mlp_generator": 100}  # the committed checkpoints'
 
 
@@ -49,6 +57,20 @@ def test_config_parses_and_matches_contract(model):
     assert got_in == want_in
     assert {o.name: (o.data_type, list(o.dims)) for o in cfg.output} == outputs
     assert (MODEL_REPOSITORY / model / "1" / "model.py").is_file()
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params["runtime"] in eng.RUNTIMES and params["intra_op_threads"] == "0"  # derived from the cores
+    eng.parse_threshold(params["engine_threshold"])  # a valid override (auto by default)
+    if ENGINES_PARAM in params:  # export's summary for clients: valid JSON naming the engines in use
+        summary = json.loads(params[ENGINES_PARAM])
+        assert set(summary["engines"]) <= set(eng.ENGINES) and "threshold" in summary
+
+
+@pytest.mark.parametrize("model", LOOP_MODELS)
+def test_loop_models_have_a_queue_policy(model):
+    cfg = read_model_config(MODEL_REPOSITORY / model / "config.pbtxt")
+    policy = cfg.dynamic_batching.default_queue_policy
+    assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.allow_timeout_override
+    assert policy.max_queue_size > 0 and policy.default_timeout_microseconds > 0
 
 
 @pytest.mark.parametrize("model", sorted(GENERATORS))
@@ -84,3 +106,101 @@ def test_gpu_variant_configs_parse(tmp_path):
             assert cfg.backend == "python" and not cfg.platform
             assert (tmp_path / model / "1" / "model.py").read_text() == \
                    (MODEL_REPOSITORY / model / "1" / "model.py").read_text()
+
+
+# -- engine choice (mnistgen.engine) -----------------------------------------------------------------
+
+
+def test_threads_come_from_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    monkeypatch.setattr(eng.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(eng, "cgroup_cpu_quota", lambda root="": None)
+    assert eng.available_cores() == 4 and eng.resolve_threads("0") == 4 and eng.resolve_threads(None) == 4
+    assert eng.resolve_threads("3") == 3  # intra_op_threads given: as given
+    monkeypatch.setattr(eng, "cgroup_cpu_quota", lambda root="": 1.5)  # cpu.max "150000 100000"
+    assert eng.available_cores() == 2
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        eng.resolve_threads("-1")
+
+
+def test_cgroup_quota_files(tmp_path):
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert eng.cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert eng.cgroup_cpu_quota(tmp_path) == 2.5
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert eng.cgroup_cpu_quota(v1) == 0.5
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1")
+    assert eng.cgroup_cpu_quota(v1) is None
+
+
+def _table(ort: list[float], ts: list[float], batches=(1, 4, 16, 64, 256)) -> dict:
+    return {eng.ORT: dict(zip(map(str, batches), ort)), eng.TORCHSCRIPT: dict(zip(map(str, batches), ts))}
+
+
+@pytest.mark.parametrize("ort, ts, want", [
+    ([0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.5, 0.2, 0.15, 0.2], 16),  # TorchScript from 16 on
+    ([0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.5, 0.4, 0.4, 0.4], None),  # never faster
+    ([0.3, 0.3, 0.3, 0.3, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2], 1),  # faster everywhere
+    ([0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.5, 0.2, 0.15, 0.31], 16),  # one noisy cell above does not move it
+    ([0.3, 0.3, 0.3, 0.3, 0.3], [1.0, 0.2, 0.5, 0.5, 0.2], 256),  # a lone win at 4 is noise, not a threshold
+])
+def test_threshold_is_where_torchscript_wins_and_stays_ahead(ort, ts, want):
+    assert eng.choose_threshold(_table(ort, ts), [1, 4, 16, 64, 256]) == want
+
+
+def test_measure_times_every_engine_at_every_batch_and_the_threshold_follows():
+    import time
+
+    fixed = lambda feeds: time.sleep(0.002)  # noqa: E731  2 ms a call: cheap rows, costly small batches
+    per_row = lambda feeds: time.sleep(0.0005 * len(feeds["x"]))  # noqa: E731  0.5 ms a row
+    table = eng.measure({eng.ORT: per_row, eng.TORCHSCRIPT: fixed}, lambda b: {"x": np.zeros((b, 1))},
+                        (1, 2, 8, 16), budget_s=0.05, min_rounds=3, max_rounds=3, warmup=1)
+    assert table["batches"] == [1, 2, 8, 16] and set(table["ms_per_sample"]) == {eng.ORT, eng.TORCHSCRIPT}
+    assert table["ms_per_sample"][eng.TORCHSCRIPT]["16"] < table["ms_per_sample"][eng.ORT]["16"]
+    assert eng.choose_threshold(table["ms_per_sample"], table["batches"]) == 8  # 2 ms < 0.5 ms * 8 rows
+
+
+def test_overrides_beat_the_measurement():
+    record = {"threshold": 64}
+    assert eng.effective_threshold("auto", "auto", record) == (64, eng.ENGINES_FILE)
+    assert eng.effective_threshold("auto", None, None) == (None, "no measurement")
+    assert eng.effective_threshold("auto", "none", record) == (None, "engine_threshold parameter")
+    assert eng.effective_threshold("auto", "8", record) == (8, "engine_threshold parameter")
+    assert eng.effective_threshold("onnxruntime", "8", record) == (None, "runtime=onnxruntime")
+    assert eng.effective_threshold("torchscript", "auto", record) == (1, "runtime=torchscript")
+    for bad in ("0", "-3", "fast"):
+        with pytest.raises(ValueError, match="engine_threshold"):
+            eng.effective_threshold("auto", bad, record)
+    with pytest.raises(ValueError, match="runtime"):
+        eng.effective_threshold("tensorrt", "auto", record)
+    assert eng.summary(record, 64, eng.ENGINES_FILE)["engines"] == [eng.ORT, eng.TORCHSCRIPT]
+    assert eng.warmup_batches(64, 256) == [64, 128, 256] and eng.warmup_batches(None, 256) == []
+
+
+def test_record_is_trusted_only_for_the_same_export_machine_and_threads(tmp_path):
+    record = {"threshold": 16, "checkpoint_sha256": "abc", "machine": eng.machine(2)}
+    assert eng.write_record(tmp_path / eng.ENGINES_FILE, record)
+    back = eng.read_record(tmp_path / eng.ENGINES_FILE)
+    assert back == record and eng.record_matches(back, "abc", 2)
+    assert not eng.record_matches(back, "abc", 1)  # other thread count
+    assert not eng.record_matches(back, "new-export", 2)
+    assert not eng.record_matches(dict(back, machine=dict(back["machine"], cpu="other")), "abc", 2)
+    assert eng.read_record(tmp_path / "missing.json") is None
+
+
+def test_engines_param_is_written_once_and_replaced(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    path.write_text((MODEL_REPOSITORY / "dcgan_generator" / "config.pbtxt").read_text())
+    first = {"engines": ["onnxruntime", "torchscript"], "threshold": 16, "source": "engines.json", "threads": 2,
+             "cpu": "Some CPU", "measured_threshold": 16}
+    sync_engines_param(path, first)
+    assert not sync_engines_param(path, first)  # unchanged: not rewritten
+    second = dict(first, threshold=None, engines=["onnxruntime"], measured_threshold=None)
+    assert sync_engines_param(path, second)
+    text = path.read_text()
+    assert text.count('key: "engines"') == 1 and "# DCGAN generator" in text
+    params = {k: v.string_value for k, v in read_model_config(path).parameters.items()}
+    assert json.loads(params[ENGINES_PARAM]) == second and params["intra_op_threads"] == "0"

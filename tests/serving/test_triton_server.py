@@ -1,6 +1,9 @@
-"""The Triton launcher (start/ready/stop, errors) and every served model over gRPC and HTTP against PyTorch."""
+"""The Triton launcher (start/ready/stop, errors) and every served model over gRPC and HTTP against PyTorch;
+the engine choice per batch size (ONNX Runtime / TorchScript) and ddpm_generate's batching across requests."""
 from __future__ import annotations
 
+import json
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -300,12 +303,14 @@ def test_ddpm_denoise_bad_values_get_clear_errors(triton, field, value, match):
     assert client.is_server_live() and client.is_model_ready("ddpm_denoise")
 
 
-def generate_inputs(n, steps, sampler, seed):
+def generate_inputs(n, steps, sampler, seed, rows=1):
+    """One ddpm_generate request: `rows` rows (rows, 1) of (n, steps, sampler, seed + 1000 * row)."""
+    seeds = [[seed + 1000 * r] for r in range(rows)]
     return {
-        "num_samples": (np.array([n], np.int32), "INT32"),
-        "steps": (np.array([steps], np.int32), "INT32"),
-        "sampler": (np.array([sampler.encode()], dtype=object), "BYTES"),
-        "seed": (np.array([seed], np.int64), "INT64"),
+        "num_samples": (np.full((rows, 1), n, np.int32), "INT32"),
+        "steps": (np.full((rows, 1), steps, np.int32), "INT32"),
+        "sampler": (np.full((rows, 1), sampler.encode(), dtype=object), "BYTES"),
+        "seed": (np.array(seeds, np.int64), "INT64"),
     }
 
 
@@ -317,8 +322,99 @@ def test_ddpm_generate_matches_pytorch_loop(triton, unet, protocol):
     triton.require_checkpoint("ddpm_generate", path)
     (images,) = infer(triton, protocol, "ddpm_generate", generate_inputs(2, 4, "dpm-solver++", 42), ["image"])
     ref = generate(model, 2, "dpm-solver++", 4, 42, scheduler_config=config.get("scheduler")).numpy()
-    assert images.shape == (2, 1, 28, 28)
-    assert np.abs(images - ref).max() <= LOOP_TOL
+    assert images.shape == (1, 2, 1, 28, 28)  # (rows, num_samples, 1, 28, 28)
+    assert np.abs(images[0] - ref).max() <= LOOP_TOL
+
+
+def _stats(client, model) -> tuple[int, int]:
+    """(inference_count, execution_count) of a model: rows served, and execute() calls that served them."""
+    s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+
+def test_ddpm_generate_batches_requests_and_items_keep_their_seeds(triton):
+    """Concurrent requests queued behind a running loop are handed over together and run as batched loops; an
+    item's images do not depend on the batch: generate(n=4, seed=0)[2] == generate(n=1, seed=2)[0]."""
+    triton.require("ddpm_generate")
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    count0, exec0 = _stats(client, "ddpm_generate")
+    results: dict[str, object] = {}
+
+    def send(key, inputs):
+        ins = []
+        for name, (arr, dtype) in inputs.items():
+            i = grpcclient.InferInput(name, list(arr.shape), dtype)
+            i.set_data_from_numpy(arr)
+            ins.append(i)
+        client.async_infer("ddpm_generate", ins,
+                           lambda result, error: results.__setitem__(key, error or result.as_numpy("image")))
+
+    send("blocker", generate_inputs(1, 60, "ddim", 9))  # keeps the instance busy while the others queue
+    time.sleep(0.3)
+    requests = {
+        "a": generate_inputs(4, 3, "ddim", 0),  # items seeded 0, 1, 2, 3
+        "b": generate_inputs(1, 3, "ddim", 2),  # item seeded 2: a's third
+        "c": generate_inputs(2, 3, "ddpm", 2),  # another group (sampler), same seeds
+        "d": generate_inputs(2, 3, "ddim", 1, rows=2),  # two rows: seeds 1, 2 and 1001, 1002
+    }
+    for key, inputs in requests.items():
+        send(key, inputs)
+    deadline = time.monotonic() + 300
+    while len(results) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for key in ("blocker", *requests):
+        assert not isinstance(results.get(key), (Exception, type(None))), (key, results.get(key))
+    a, b, c, d = (results[k] for k in "abcd")
+    assert a.shape == (1, 4, 1, 28, 28) and b.shape == (1, 1, 1, 28, 28) and d.shape == (2, 2, 1, 28, 28)
+    assert np.abs(a[0, 2] - b[0, 0]).max() <= 1e-4  # the same seed, batched differently
+    assert np.abs(a[0, 1:3] - d[0]).max() <= 1e-4  # seeds 1, 2 in another request's batch
+    assert np.abs(c[0] - a[0, 2:4]).max() > 1e-2  # ddpm is not ddim: a separate group, really run
+    count, execs = _stats(client, "ddpm_generate")
+    assert count - count0 == 6  # rows: blocker 1 + a, b, c 1 each + d 2
+    assert execs - exec0 < 5, "the queued requests were not batched into one execute()"
+
+
+def test_generator_engines_are_visible_in_the_model_config(triton):
+    """What export measured (1/engines.json) is summarised in the `engines` parameter the gateway reads."""
+    triton.require("dcgan_generator")
+    cfg = grpcclient.InferenceServerClient(triton.grpc_url).get_model_config("dcgan_generator", as_json=True)["config"]
+    params = {k: v["string_value"] for k, v in cfg["parameters"].items()}
+    summary = json.loads(params["engines"])
+    assert summary["engines"] in (["onnxruntime"], ["onnxruntime", "torchscript"], ["torchscript"])
+    assert summary["threads"] >= 1 and params["runtime"] == "auto"
+    record = json.loads((triton.server.config.model_repository / "dcgan_generator" / "1" / "engines.json").read_text())
+    assert set(record["ms_per_sample"]) == {"onnxruntime", "torchscript"} and record["machine"]["threads"] >= 1
+
+
+def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_record(tmp_path, checkpoint_dir):
+    """A private Triton: dcgan_generator with engine_threshold 4 (ONNX Runtime below 4 rows, TorchScript from 4)
+    and mlp_generator without engines.json (measured at initialize, written beside the model)."""
+    src = Path(__file__).resolve().parents[2] / "model_repository"
+    repo = tmp_path / "repo"
+    for model in ("dcgan_generator", "mlp_generator"):
+        if not (src / model / "1" / "model.pt").exists():
+            pytest.skip(f"{model} not exported")
+        shutil.copytree(src / model, repo / model, ignore=shutil.ignore_patterns("__pycache__", "engines.json"))
+    cfg_path = repo / "dcgan_generator" / "config.pbtxt"
+    text = cfg_path.read_text()
+    old = 'key: "engine_threshold"\n  value { string_value: "auto" }'
+    assert old in text
+    cfg_path.write_text(text.replace(old, 'key: "engine_threshold"\n  value { string_value: "4" }'))
+    with TritonServer(tiny_config(repo, tmp_path)) as server:
+        server.wait_ready(timeout=300)
+        log = server.log_tail(400)
+        assert "dcgan_generator: engines onnxruntime below batch 4, torchscript from 4" in log, log
+        assert "mlp_generator: no engines.json for this machine" in log, log
+        record = json.loads((repo / "mlp_generator" / "1" / "engines.json").read_text())
+        assert record["measured_by"] == "triton-initialize" and record["batches"][0] == 1
+        gen, config = load_generator(checkpoint_dir / GAN_MODELS["dcgan-baseline"])
+        dim = config["arch"]["latent_dim"]
+        for b in (1, 3, 4, 37):  # both engines, batch sizes never seen before
+            z = sample_latent(b, dim, seed=b)
+            (image,) = _grpc_infer(server.grpc_url, "dcgan_generator", {"latent": (z, "FP32")}, ["image"])
+            with torch.inference_mode():
+                ref = gen(torch.from_numpy(z)).numpy()
+            assert image.shape == (b, 1, 28, 28) and np.abs(image - ref).max() <= GEN_TOL, b
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -332,6 +428,14 @@ def test_ddpm_generate_bad_values_get_clear_errors(triton, kw, match):
     with pytest.raises(InferenceServerException, match=match):
         infer(triton, "http", "ddpm_generate", generate_inputs(**args), ["image"])
     assert grpcclient.InferenceServerClient(triton.grpc_url).is_model_ready("ddpm_generate")
+
+
+def test_ddpm_generate_rows_of_one_request_must_agree_on_num_samples(triton):
+    triton.require("ddpm_generate")
+    inputs = generate_inputs(2, 2, "ddim", 0, rows=2)
+    inputs["num_samples"] = (np.array([[2], [3]], np.int32), "INT32")
+    with pytest.raises(InferenceServerException, match="same num_samples"):
+        infer(triton, "grpc", "ddpm_generate", inputs, ["image"])
 
 
 def test_metrics_endpoint_counts_inferences(triton):

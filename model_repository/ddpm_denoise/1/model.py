@@ -5,6 +5,9 @@ naming the field and the allowed range, the others still run), grouped by (sigma
 group runs as one batch through mnistgen.diffusion's loop with an ONNX Runtime UNet as eps_fn.
 Row i draws all its noise from torch.Generator().manual_seed(seed[i]), exactly as mnistgen.diffusion.denoise
 does for item i with seed + i, so a row's result does not depend on what it was batched with.
+Cancellation: before every UNet evaluation the loop asks whether the group's requests are still wanted
+(request.is_cancelled(): the gRPC client cancelled or its deadline passed); when none is, it stops and they get
+CANCELLED. A group also serving live requests runs on; its cancelled requests get CANCELLED at the end.
 """
 from __future__ import annotations
 
@@ -12,12 +15,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 sys.path.append(str(Path(__file__).resolve().parents[3]))  # the source tree, used when mnistgen is not installed
+# serving.triton_backend first: it sets torch's OpenMP environment (OMP_WAIT_POLICY) before torch is imported
+from serving.triton_backend import (  # noqa: E402
+    SEED_MAX, DiffusionLoopModel, StopWhenAllCancelled, cancelled_response, error_response, is_cancelled, log, text,
+)
+import torch  # noqa: E402
+
 from mnistgen import diffusion  # noqa: E402
-from serving.triton_backend import SEED_MAX, DiffusionLoopModel, error_response, text  # noqa: E402
 
 
 class TritonPythonModel(DiffusionLoopModel):
@@ -70,13 +77,22 @@ class TritonPythonModel(DiffusionLoopModel):
                 groups.setdefault(key, []).append((r, i))
 
         failed: dict[int, str] = {}
+        cancelled: dict[int, str] = {}
         for (sigma, steps, sampler), members in groups.items():
+            rs = sorted({r for r, _ in members})
             x0 = torch.from_numpy(np.stack([parsed[r]["rows"]["image"][i] for r, i in members]))  # (G, 1, 28, 28)
             seeds = [int(parsed[r]["rows"]["seed"][i]) for r, i in members]
             try:
                 with torch.inference_mode():
                     noisy, denoised = diffusion.denoise(self.eps, x0, sigma, sampler, steps, seeds=seeds,
-                                                         scheduler_config=self.eps.scheduler_config)
+                                                         scheduler_config=self.eps.scheduler_config,
+                                                         should_stop=StopWhenAllCancelled([requests[r] for r in rs]))
+            except diffusion.SamplingStopped as e:
+                log("info", f"ddpm_denoise: {len(rs)} request(s) cancelled ({len(members)} images, {sampler}-{steps}): "
+                            f"stopped at UNet evaluation {e.step + 1} of {e.steps}")
+                for r in rs:
+                    cancelled[r] = f"; stopped at UNet evaluation {e.step + 1} of {e.steps}"
+                continue
             except Exception as e:  # e.g. ONNX Runtime failure: fail only the requests in this group
                 for r, _ in members:
                     failed[r] = f"denoise failed: {e}"
@@ -88,6 +104,9 @@ class TritonPythonModel(DiffusionLoopModel):
         for r, p in parsed.items():
             if r in failed:
                 responses[r] = error_response(failed[r])
+                continue
+            if r in cancelled or is_cancelled(requests[r]):
+                responses[r] = cancelled_response(cancelled.get(r, ""))
                 continue
             responses[r] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("noisy", p["noisy"]),  # (B, 1, 28, 28)

@@ -1,0 +1,414 @@
+"""Which engine runs a single-shot model at a given batch size: ONNX Runtime below a measured threshold, TorchScript
+(frozen, torch.jit.optimize_for_inference, oneDNN) at and above it. Shared by training.export (measures once, after
+the export) and serving.triton_backend (reads the measurement, or measures at the first start when it is missing).
+
+Why per batch size: on CPU, ONNX Runtime has the lower fixed cost (fastest at batch 1), but its ConvTranspose loops
+over the batch while PyTorch's oneDNN deconvolution takes the whole batch (faster from tens of rows on).
+
+The measurement lands in <model>/<version>/engines.json (ENGINES_FILE):
+    {"threshold": 16 | null,                # TorchScript at batch >= threshold; null = ONNX Runtime at every batch
+     "batches": [1, 4, ...],
+     "ms_per_sample": {"onnxruntime": {"1": 0.31, ...}, "torchscript": {...}},   # best of interleaved calls
+     "median_ms_per_sample": {...},
+     "machine": {"cpu": ..., "cores": 2, "threads": 2, "omp_wait_policy": "PASSIVE", "onnxruntime": ..., "torch": ...},
+     "checkpoint_sha256": ..., "measured_by": "export" | "triton-initialize", "measured_at": ISO time}
+
+Threads: `resolve_threads("0")` = the cores this process may use (CPU affinity, capped by a cgroup CPU quota).
+torch's OpenMP pool runs with OMP_WAIT_POLICY=PASSIVE (OMP_ENV, set before torch is imported; an explicit setting
+wins): idle OpenMP threads sleep instead of spinning. On shared cores, and next to ONNX Runtime's own pool in the same
+process, spinning threads made TorchScript 10-100x slower at small batches (each parallel region waits for a thread
+the OS descheduled). Measurements run in a subprocess with the same environment as the served models
+(`python -m mnistgen.engine`, measure_in_subprocess).
+Only numpy, onnxruntime and (lazily) torch: importable inside Triton's python-backend stub.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ENGINES_FILE = "engines.json"
+ORT, TORCHSCRIPT = "onnxruntime", "torchscript"
+ENGINES = (ORT, TORCHSCRIPT)
+RUNTIMES = ("auto",) + ENGINES  # config.pbtxt parameter `runtime`: auto = per batch size, or one engine always
+GENERATOR_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what export measures for the GAN generators
+UNET_BATCHES = (1, 4, 16, 64)  # the DDPM UNet: 10-100x the work per row, so fewer and smaller cells
+
+Feeds = dict  # input name -> np.ndarray with a leading batch axis
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # defaults for the processes that run TorchScript (before torch loads)
+
+
+def set_torch_env() -> None:
+    """OMP_ENV defaults into os.environ; effective only before torch is first imported in this process."""
+    for k, v in OMP_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+# -- cores and threads -----------------------------------------------------------------------------
+
+
+def cgroup_cpu_quota(root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """CPUs granted by the cgroup CPU quota (v2 cpu.max, v1 cpu.cfs_quota_us / cpu.cfs_period_us); None = no quota."""
+    root = Path(root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # "max 100000" or "150000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity set, capped by the cgroup quota (rounded up), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, math.ceil(quota))
+    return max(1, n)
+
+
+def resolve_threads(value: str | int | None) -> int:
+    """The `intra_op_threads` parameter: a positive number as given; "0", "" or absent = available_cores()."""
+    try:
+        n = int(value or 0)
+    except ValueError:
+        raise ValueError(f"intra_op_threads must be an integer >= 0 (0 = the cores this process may use), "
+                         f"got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"intra_op_threads must be >= 0 (0 = the cores this process may use), got {n}")
+    return n or available_cores()
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(threads: int) -> dict:
+    """What a measurement depends on besides the model: compared before a recorded threshold is trusted."""
+    import onnxruntime as ort
+    import torch
+
+    return {"cpu": cpu_name(), "cores": available_cores(), "threads": int(threads),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", OMP_ENV["OMP_WAIT_POLICY"]),  # what serving uses
+            "onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+# -- engines -----------------------------------------------------------------------------------------
+
+
+def ort_session(onnx_path: str | Path, threads: int, allow_spinning: str = "0", providers: list | None = None):
+    """An ONNX Runtime session with `threads` intra-op threads (inter-op 1), all graph optimisations."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    # spinning worker threads burn the core they wait on: on a shared machine, and next to torch's own thread pool
+    # in the same process (onnxruntime issue 13808), they slow everything down
+    opts.add_session_config_entry("session.intra_op.allow_spinning", str(allow_spinning))
+    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def load_torchscript(path: str | Path, channels_last: bool = False):
+    """model.pt frozen and optimised for inference (conv-bn folding, oneDNN layouts where they pay)."""
+    import torch
+
+    module = torch.jit.load(str(path), map_location="cpu").eval()
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return torch.jit.optimize_for_inference(torch.jit.freeze(module))
+
+
+class OrtRunner:
+    """feeds -> list of outputs (in output_names order) through an ONNX Runtime session."""
+
+    engine = ORT
+
+    def __init__(self, session, output_names: list[str]):
+        self.session, self.output_names = session, list(output_names)
+
+    def __call__(self, feeds: Feeds) -> list[np.ndarray]:
+        return self.session.run(self.output_names, feeds)
+
+
+class TorchScriptRunner:
+    """feeds -> list of outputs through a TorchScript module; inputs are passed positionally, in `input_names` order
+    (the order of the traced forward's arguments, which is also the ONNX export's input order)."""
+
+    engine = TORCHSCRIPT
+
+    def __init__(self, module, input_names: list[str]):
+        import torch
+
+        self.torch, self.module, self.input_names = torch, module, list(input_names)
+
+    def __call__(self, feeds: Feeds) -> list[np.ndarray]:
+        with self.torch.inference_mode():
+            out = self.module(*[self.torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names])
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.contiguous().numpy() for o in outs]
+
+
+# -- measurement -------------------------------------------------------------------------------------
+
+
+def random_feeds(session, batch: int) -> Feeds:
+    """Measurement inputs for an ONNX Runtime session's inputs: standard normal floats, integers in [0, 1000)
+    (the UNet's timesteps)."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in session.get_inputs():
+        shape = (batch, *[int(d) for d in i.shape[1:]])
+        if "int" in i.type:
+            feeds[i.name] = rng.integers(0, 1000, size=shape, dtype=np.int64)
+        else:
+            feeds[i.name] = rng.standard_normal(shape, dtype=np.float32)
+    return feeds
+
+
+def _quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def measure(runners: dict[str, Callable[[Feeds], object]], make_feeds: Callable[[int], Feeds],
+            batches: tuple[int, ...], budget_s: float = 1.0, min_rounds: int = 5, max_rounds: int = 30,
+            warmup: int = 3) -> dict:
+    """ms per sample of every runner at every batch size.
+
+    Per batch: `warmup` untimed calls of each runner, then rounds of one timed call per runner, the order alternating
+    round to round (so slow phases of a shared machine hit both engines alike), as many rounds as fit `budget_s`
+    (between min_rounds and max_rounds). Reports the fastest call (what decides: on a shared machine other load only
+    ever adds time, so the minimum is the engine's own speed) and the median.
+    """
+    names = list(runners)
+    best: dict[str, dict[str, float]] = {n: {} for n in names}
+    med: dict[str, dict[str, float]] = {n: {} for n in names}
+    for b in batches:
+        feeds = make_feeds(b)
+        first = {}
+        for n in names:
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                runners[n](feeds)
+            first[n] = (time.perf_counter() - t0) / max(warmup, 1)
+        per_round = sum(first.values())
+        rounds = int(min(max_rounds, max(min_rounds, budget_s / max(per_round, 1e-6))))
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                runners[n](feeds)
+                times[n].append((time.perf_counter() - t0) * 1e3 / b)
+        for n in names:
+            best[n][str(b)] = round(min(times[n]), 5)
+            med[n][str(b)] = round(_quantile(times[n], 0.5), 5)
+    return {"batches": list(batches), "ms_per_sample": best, "median_ms_per_sample": med}
+
+
+def choose_threshold(ms_per_sample: dict[str, dict[str, float]], batches: list[int]) -> int | None:
+    """The smallest measured batch b at which TorchScript is faster and stays faster: it wins at most of the measured
+    batches from b on, and its total over them is lower (one noisy cell does not move the threshold).
+    None: TorchScript never qualifies (ONNX Runtime at every batch size)."""
+    ort, ts = ms_per_sample.get(ORT, {}), ms_per_sample.get(TORCHSCRIPT, {})
+    sizes = sorted(b for b in batches if str(b) in ort and str(b) in ts)
+    for i, b in enumerate(sizes):
+        above = sizes[i:]
+        wins = sum(ts[str(c)] < ort[str(c)] for c in above)
+        if (ts[str(b)] < ort[str(b)] and 2 * wins > len(above)
+                and sum(ts[str(c)] for c in above) < sum(ort[str(c)] for c in above)):
+            return b
+    return None
+
+
+def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[int, ...], threads: int,
+                    allow_spinning: str = "0", budget_s: float = 1.0, **record) -> dict:
+    """Measure ONNX Runtime vs TorchScript (as served: frozen, optimised) on these files with `threads` threads, on
+    random inputs (random_feeds); returns the engines.json record (`record` adds fields, e.g. measured_by)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        session = ort_session(onnx_path, threads, allow_spinning)
+        inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        runners = {ORT: OrtRunner(session, outputs), TORCHSCRIPT: TorchScriptRunner(load_torchscript(ts_path), inputs)}
+        table = measure(runners, lambda b: random_feeds(session, b), tuple(batches), budget_s=budget_s)
+    finally:
+        torch.set_num_threads(before)
+    return {"threshold": choose_threshold(table["ms_per_sample"], table["batches"]), **table,
+            "machine": machine(threads), "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"), **record}
+
+
+def measure_in_subprocess(onnx_path: str | Path, ts_path: str | Path, batches: tuple[int, ...], threads: int,
+                          allow_spinning: str = "0", budget_s: float = 1.0, **record) -> dict:
+    """measure_engines in a fresh `python -m mnistgen.engine` with OMP_ENV (as the served models run), not in a
+    process whose torch is already loaded with other settings (export's)."""
+    env = dict(os.environ)
+    for k, v in OMP_ENV.items():
+        env.setdefault(k, v)
+    cmd = [sys.executable, "-m", "mnistgen.engine", str(onnx_path), str(ts_path), "--batches",
+           ",".join(map(str, batches)), "--threads", str(threads), "--allow-spinning", str(allow_spinning),
+           "--budget-s", str(budget_s), "--record", json.dumps(record)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"engine measurement failed ({' '.join(cmd[:4])} ...): {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mnistgen.engine MODEL.onnx MODEL.pt --threads N`: the engines.json record on stdout."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("onnx")
+    p.add_argument("torchscript")
+    p.add_argument("--batches", default=",".join(map(str, GENERATOR_BATCHES)))
+    p.add_argument("--threads", default="0", help="0 = the cores this process may use")
+    p.add_argument("--allow-spinning", default="0")
+    p.add_argument("--budget-s", type=float, default=1.0)
+    p.add_argument("--record", default="{}", help="JSON object of extra fields for the record")
+    a = p.parse_args(argv)
+    import warnings
+
+    warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation notices
+    record = measure_engines(a.onnx, a.torchscript, tuple(int(b) for b in a.batches.split(",")),
+                             resolve_threads(a.threads), a.allow_spinning, a.budget_s, **json.loads(a.record))
+    print(json.dumps(record))
+    return 0
+
+
+# -- the record --------------------------------------------------------------------------------------
+
+
+def read_record(path: str | Path) -> dict | None:
+    """engines.json, or None when missing or unreadable."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "threshold" in record else None
+
+
+def write_record(path: str | Path, record: dict) -> bool:
+    """Atomically (re)write engines.json; False when the directory is read-only (the record stays in memory)."""
+    path = Path(path)
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".engines-", suffix=".tmp", delete=False) as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+        os.replace(f.name, path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(f.name)
+        return False
+
+
+def record_matches(record: dict | None, checkpoint_sha: str, threads: int) -> bool:
+    """The record was measured for this export, with these threads, on this kind of machine."""
+    if not record:
+        return False
+    m = record.get("machine", {})
+    here = machine(threads)
+    return (record.get("checkpoint_sha256") == checkpoint_sha
+            and all(m.get(k) == here[k] for k in ("cpu", "cores", "threads", "omp_wait_policy", "onnxruntime",
+                                                  "torch")))
+
+
+@contextlib.contextmanager
+def measuring_lock():
+    """One measurement at a time on this machine (Triton loads models in parallel; they would time each other)."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "mnistgen-engine-measure.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# -- the choice --------------------------------------------------------------------------------------
+
+
+def parse_threshold(value: str | None) -> tuple[bool, int | None]:
+    """The `engine_threshold` parameter: (overridden?, threshold). "" / "auto" = use the measurement; "none" = ONNX
+    Runtime at every batch; N >= 1 = TorchScript from batch N on."""
+    v = (value or "auto").strip().lower()
+    if v == "auto":
+        return False, None
+    if v in ("none", "never", "off"):
+        return True, None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"engine_threshold must be auto, none or an integer >= 1, got {value!r}")
+    return True, n
+
+
+def effective_threshold(runtime: str, engine_threshold: str | None, record: dict | None) -> tuple[int | None, str]:
+    """(threshold, where it came from) for a model's runtime / engine_threshold parameters and its record."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == ORT:
+        return None, "runtime=onnxruntime"
+    if runtime == TORCHSCRIPT:
+        return 1, "runtime=torchscript"
+    overridden, threshold = parse_threshold(engine_threshold)
+    if overridden:
+        return threshold, "engine_threshold parameter"
+    if record is None:
+        return None, "no measurement"
+    return record.get("threshold"), ENGINES_FILE
+
+
+def summary(record: dict | None, threshold: int | None, source: str) -> dict:
+    """What the gateway shows (config.pbtxt parameter `engines`): engines used, threshold, threads, cpu."""
+    m = (record or {}).get("machine", {})
+    return {"engines": [ORT] if threshold is None else ([TORCHSCRIPT] if threshold <= 1 else [ORT, TORCHSCRIPT]),
+            "threshold": threshold, "source": source, "threads": m.get("threads"), "cpu": m.get("cpu")}
+
+
+def warmup_batches(threshold: int | None, max_batch: int) -> list[int]:
+    """TorchScript warm-up sizes: the threshold and powers of two above it up to max_batch (its profiling executor
+    specialises on the first calls at a shape: the first requests should not pay for it)."""
+    if threshold is None:
+        return []
+    sizes, b = [threshold], 1
+    while b <= max_batch:
+        if b > threshold:
+            sizes.append(b)
+        b *= 2
+    return sorted(set(min(s, max_batch) for s in sizes))
+
+
+if __name__ == "__main__":
+    set_torch_env()
+    sys.exit(main())
