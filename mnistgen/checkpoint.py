@@ -55,6 +55,14 @@ def load_checkpoint(path: str | Path, module: str | None = None) -> tuple[dict[s
     return tensors, config
 
 
+def load_module(path: str | Path, module: str, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors of `module`, config) from a checkpoint whose config says it is a `kind` ("gan", "ddpm", ...)."""
+    tensors, config = load_checkpoint(path, module)
+    if config.get("kind") != kind:
+        raise ValueError(f"{path} is a {config.get('kind')!r} checkpoint, not a {kind!r} one")
+    return tensors, config
+
+
 def split_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Inverse of the flattening in save_checkpoint."""
     out: dict[str, dict[str, torch.Tensor]] = {}

@@ -39,7 +39,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from torch import nn
 
-from .checkpoint import CHECKPOINT_DIR, load_checkpoint
+from .checkpoint import CHECKPOINT_DIR, load_module
 from .registry import DDPM_CHECKPOINT
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
@@ -115,9 +115,7 @@ def build_unet(cfg: UNetConfig | None = None) -> UNet2DModel:
 def load_unet(path: str | Path | None = None) -> tuple[UNet2DModel, dict]:
     """Rebuild the EMA UNet (eval mode, CPU) from a checkpoint (default checkpoints/ddpm.safetensors)."""
     path = Path(path) if path is not None else CHECKPOINT_DIR / DDPM_CHECKPOINT
-    tensors, config = load_checkpoint(path, "ema")
-    if config.get("kind") != "ddpm":
-        raise ValueError(f"{path} is a {config.get('kind')!r} checkpoint, not a 'ddpm' one")
+    tensors, config = load_module(path, "ema", "ddpm")
     unet = build_unet(UNetConfig(**config["unet"]))
     unet.load_state_dict(tensors)
     return unet.eval(), config

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import latent
-from .checkpoint import CHECKPOINT_DIR, load_checkpoint
+from .checkpoint import CHECKPOINT_DIR, load_module
 from .models import GANArch, build_generator
 
 # Committed GAN generators: service name -> checkpoint file under checkpoints/.
@@ -35,9 +35,7 @@ def resolve(name_or_path: str | Path, table: dict[str, str] = GAN_MODELS) -> Pat
 def load_generator(name_or_path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a GAN generator (eval mode, CPU) and return it with its checkpoint config."""
     path = resolve(name_or_path)
-    tensors, config = load_checkpoint(path, "generator")
-    if config.get("kind") != "gan":
-        raise ValueError(f"{path} is a {config.get('kind')!r} checkpoint, not a GAN")
+    tensors, config = load_module(path, "generator", "gan")
     gen = build_generator(GANArch(**config["arch"]))
     gen.load_state_dict(tensors)
     return gen.eval(), config

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mnistgen.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from mnistgen.checkpoint import CHECKPOINT_DIR, load_module, save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .data import DataConfig, load_mnist
 from mnistgen.registry import CLASSIFIER_CHECKPOINT
@@ -164,9 +164,7 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     if key not in _CACHE:
         if not path.exists():
             raise FileNotFoundError(f"classifier checkpoint not found: {path} (train it: python -m training.classifier)")
-        tensors, config = load_checkpoint(path, "classifier")
-        if config.get("kind") != "classifier":
-            raise ValueError(f"{path} is a {config.get('kind')!r} checkpoint, not a classifier")
+        tensors, config = load_module(path, "classifier", "classifier")
         model = DigitClassifier(feature_dim=int(config.get("feature_dim", FEATURE_DIM)))
         model.load_state_dict(tensors)
         _CACHE[key] = model.eval()

@@ -17,6 +17,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from loadtest.bench_triton import _grpc_inputs
 from mnistgen.diffusion import SamplingStopped, denoise, generate
 
 BIG_STEPS = 1000  # a whole DDPM-1000 loop: minutes on a few CPU cores
@@ -64,17 +65,8 @@ def test_should_stop_ends_denoise_and_is_asked_once_per_evaluation():
 # -- Triton ---------------------------------------------------------------------------------------------
 
 
-def grpc_inputs(arrays: dict) -> list:
-    ins = []
-    for name, (arr, dtype) in arrays.items():
-        i = grpcclient.InferInput(name, list(arr.shape), dtype)
-        i.set_data_from_numpy(arr)
-        ins.append(i)
-    return ins
-
-
 def generate_request(n: int, steps: int, sampler: str = "ddpm", seed: int = 0) -> list:
-    return grpc_inputs({
+    return _grpc_inputs({
         "num_samples": (np.full((1, 1), n, np.int32), "INT32"),
         "steps": (np.full((1, 1), steps, np.int32), "INT32"),
         "sampler": (np.full((1, 1), sampler.encode(), dtype=object), "BYTES"),
@@ -84,7 +76,7 @@ def generate_request(n: int, steps: int, sampler: str = "ddpm", seed: int = 0) -
 
 def denoise_request(k: int, sigma: float, steps: int, sampler: str = "ddpm") -> list:
     x0 = np.tanh(np.random.default_rng(0).standard_normal((k, 1, 28, 28)).astype(np.float32))
-    return grpc_inputs({
+    return _grpc_inputs({
         "image": (x0, "FP32"),
         "sigma": (np.full((k, 1), sigma, np.float32), "FP32"),
         "steps": (np.full((k, 1), steps, np.int32), "INT32"),
