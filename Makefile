@@ -95,19 +95,20 @@ loadtest: setup ## Locust (gRPC + HTTP users) against a running `make run`, repo
 		--stop-timeout 30 --csv out/loadtest/locust --html out/loadtest/locust.html --only-summary $(LOADTEST_ARGS) $(LOADTEST_CLASSES); \
 	rc=$$?; $(PY) -m loadtest.report out/loadtest/requests.csv --out out/loadtest && exit $$rc
 
-bench: export ## serving paths side by side (eager, ONNX Runtime, Triton, gateway gRPC/HTTP) into bench/results.{json,md}
-	$(PY) -m loadtest.bench
+BENCH_ARGS ?=
+bench: setup ## serving paths side by side + batch-1 concurrency sweep -> bench/results.{json,md} [DEVICE=cuda] [BENCH_ARGS=--quick]
+	$(PY) -m loadtest.bench $(if $(DEVICE),--device $(DEVICE)) $(BENCH_ARGS)
 
 monitor: setup prometheus-install ## Prometheus on :9090 scraping `make run`'s gateway :8080 and Triton :8002 [MONITOR_ARGS="--gateway H:P --triton H:P --port N"]
 	$(PY) -m serving.monitor --storage out/prometheus $(MONITOR_ARGS)
 
-soak: setup ## ~10 min at 70% of measured capacity: errors, per-minute p99, gateway/Triton RSS -> out/soak/ (not in make test) [DURATION=600]
+soak: setup ## ~10 min at 70% of measured capacity, Generate + Denoise mixed: errors, per-minute p99, gateway/Triton RSS -> out/soak/ (not in make test) [DURATION=600]
 	$(PY) -m loadtest.soak $(if $(DURATION),--duration $(DURATION))
 
 reliability: setup ## only the fault / overload / bad-input / drain tests (they are part of make test too)
 	$(PY) -m pytest -q tests/reliability
 
-reliability-report: setup ## render docs/reliability.md from the committed reports/reliability/*.json (to refresh those: python -m loadtest.reliability_report -h)
+reliability-report: ## render docs/reliability.md from the committed reports/reliability/*.json (to refresh those: python -m loadtest.reliability_report -h)
 	$(PY) -m loadtest.reliability_report
 
 clean: ## remove generated files (exports, runs, outputs); keeps .venv and committed checkpoints

@@ -3,11 +3,20 @@
     python -m loadtest.soak                          # 10 minutes (starts its own Triton + gateway on free ports)
     python -m loadtest.soak --duration 60 --window-s 10   # a short proof run
 
-Steps: start Triton (only the generator the soak calls) and the gateway; measure capacity with a short
+The mix: a `--denoise-share` of the requests (default 0.2, i.e. 4 Generate : 1 Denoise, the Locust default too;
+spread evenly over each stream of requests) are Denoise, the rest Generate of the GAN `--model` (batch from
+`--num-samples`). A Denoise sends `--denoise-images` (1, 2 or 4) images of the vendored official MNIST test split
+as raw floats at sigma `--sigma` 0.5, with the gateway's default sampler and steps (DPM-Solver++, 20 UNet calls);
+its answer is checked (shape, finite values in [-1, 1], the sampler and steps echoed). `--denoise-share 0` is the
+Generate-only soak. The capacity ramp and the soak draw from the same mix.
+
+Steps: start Triton (the GAN the soak calls and `ddpm_denoise`) and the gateway; measure capacity with a
 closed-loop ramp (1, 2, 4, 8 ... clients, `--ramp-step-s` each; capacity = the best throughput); then send
 requests open-loop at `--load-fraction` x capacity for `--duration` seconds (fixed arrival times; a request's
 latency counts from its scheduled time, so a stalled server cannot hide behind a slowed-down client); sample
-the RSS of the gateway and of Triton (tritonserver + its python-backend stub processes) every second.
+the RSS of the gateway and of Triton (tritonserver + its python-backend stub processes) and the machine's
+1-minute load average every second. RSS growth is end minus start of the soak phase (after the ramp warmed
+every path), also as a percentage of the start.
 Writes out/soak/soak.json, soak.md and soak.png (p99 per window and RSS over time).
 A command, not a test: the full 10-minute soak is not part of `make test`.
 """
@@ -29,10 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from mnistgen.limits import MAX_DENOISE_IMAGES, MAX_STEPS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("grpc", "http")
+KINDS = ("generate", "denoise")
 MAX_MESSAGE_BYTES = 64 << 20
+PIXELS = 28 * 28
+RAW_SLACK = 1e-3  # denoised raw pixels must lie in [-1, 1] up to float rounding
 
 
 @dataclass
@@ -40,10 +53,15 @@ class SoakConfig:
     duration_s: float = 600.0  # the soak itself (after the capacity ramp)
     load_fraction: float = 0.7  # offered rate = this x measured capacity
     model: str = "dcgan-baseline"  # a GAN from serving.validation.MODELS (cheap, batched by Triton)
-    num_samples: tuple[int, ...] = (1, 4, 16)  # each request picks one uniformly
+    num_samples: tuple[int, ...] = (1, 4, 16)  # each Generate picks one uniformly
+    denoise_share: float = 0.2  # share of requests that are Denoise, spread evenly (0.2 = 4 Generate : 1 Denoise)
+    denoise_images: tuple[int, ...] = (1, 2, 4)  # each Denoise picks one uniformly (test-split images)
+    sigma: float = 0.5  # Denoise noise level
+    denoise_sampler: str = ""  # "" = the gateway's default (dpm-solver++)
+    denoise_steps: int = 0  # 0 = the gateway's default (20)
     transports: tuple[str, ...] = ("grpc", "http")  # from TRANSPORTS; requests alternate between them
     ramp_clients: tuple[int, ...] = (1, 2, 4, 8)  # closed-loop clients per ramp step
-    ramp_step_s: float = 5.0  # seconds per ramp step
+    ramp_step_s: float = 15.0  # seconds per ramp step (Denoise calls take ~0.1-1 s: 5 s steps measured noise)
     window_s: float = 60.0  # p99 and error counts per window of this length ("per-minute p99")
     sample_interval_s: float = 1.0  # RSS sampling period
     timeout_s: float = 10.0  # per request: gRPC deadline / X-Request-Timeout
@@ -69,28 +87,83 @@ class SoakConfig:
         limit = MODELS[self.model].max_num_samples
         if not self.num_samples or any(not 1 <= n <= limit for n in self.num_samples):
             raise ValueError(f"num_samples must be in 1..{limit}, got {list(self.num_samples)}")
+        if not 0 <= self.denoise_share <= 1:
+            raise ValueError(f"denoise_share must be in [0, 1], got {self.denoise_share}")
+        if not self.denoise_images or any(not 1 <= n <= MAX_DENOISE_IMAGES for n in self.denoise_images):
+            raise ValueError(f"denoise_images must be in 1..{MAX_DENOISE_IMAGES}, got {list(self.denoise_images)}")
+        if not 0 < self.sigma <= 1:
+            raise ValueError(f"sigma must be in (0, 1], got {self.sigma}")
+        if not 0 <= self.denoise_steps <= MAX_STEPS:
+            raise ValueError(f"denoise_steps must be in 0..{MAX_STEPS} (0 = default), got {self.denoise_steps}")
         for name in ("duration_s", "ramp_step_s", "window_s", "sample_interval_s", "timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 # ---- one request over either transport ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One request of the mix: Generate (n samples) or Denoise (n test-split images)."""
+
+    kind: str  # one of KINDS
+    transport: str  # one of TRANSPORTS
+    n: int
+    seed: int
+
+
+def denoise_inputs() -> np.ndarray:
+    """The vendored official MNIST test split as (10000, 784) float32 in [-1, 1] (the Denoise inputs)."""
+    from mnistgen.files import official_test_split
+
+    images, _ = official_test_split()
+    return (images.reshape(len(images), PIXELS).astype(np.float32) / 127.5 - 1.0).astype("<f4")
+
+
+class Mix:
+    """A stream of requests of the mix (each ramp client and the soak own one): exactly cfg.denoise_share of them
+    are Denoise, spread evenly (an accumulator from a random phase, not a coin per request), so a short ramp step
+    measures the same mix as the soak; batch sizes, seeds (and transports, unless given) are drawn from rng."""
+
+    def __init__(self, cfg: SoakConfig, rng: random.Random):
+        self.cfg, self.rng = cfg, rng
+        self.acc = rng.random()
+
+    def next(self, transport: str | None = None) -> Job:
+        self.acc += self.cfg.denoise_share
+        kind = "generate"
+        if self.acc >= 1.0:
+            self.acc -= 1.0
+            kind = "denoise"
+        n = self.rng.choice(self.cfg.denoise_images if kind == "denoise" else self.cfg.num_samples)
+        return Job(kind, transport or self.rng.choice(self.cfg.transports), n, self.rng.randrange(2**31))
+
+
 class Client:
-    """Thread-safe Generate over gRPC (one shared channel) or HTTP (one connection per request)."""
+    """Thread-safe Generate/Denoise over gRPC (one shared channel) or HTTP (one connection per request)."""
 
     def __init__(self, grpc_target: str, http_url: str, cfg: SoakConfig):
         import grpc
 
         from serving.generated.mnistgen.v1 import generation_pb2 as pb
         from serving.generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
+        from serving.validation import DEFAULT_DENOISE_STEPS, DEFAULT_SAMPLER
 
         self.pb, self.cfg, self.http_url = pb, cfg, http_url
+        self.expect_sampler = cfg.denoise_sampler or DEFAULT_SAMPLER
+        self.expect_steps = cfg.denoise_steps or DEFAULT_DENOISE_STEPS
+        self.images = denoise_inputs() if cfg.denoise_share > 0 else np.zeros((0, PIXELS), np.float32)
         self.channel = grpc.insecure_channel(grpc_target, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
 
+    def call(self, job: Job) -> str:
+        """"OK" or the error's code name (gRPC status / the HTTP error body's code / CLIENT:<exception>),
+        WRONG_SHAPE / WRONG_ANSWER when a success does not hold the images asked for."""
+        if job.kind == "denoise":
+            return self.denoise(job)
+        return self.generate(job.transport, job.n, job.seed)
+
     def generate(self, transport: str, n: int, seed: int) -> str:
-        """"OK" or the error's code name (gRPC status / the HTTP error body's code / CLIENT:<exception>)."""
         import grpc
 
         if transport == "grpc":
@@ -99,19 +172,56 @@ class Client:
                                        timeout=self.cfg.timeout_s)
             except grpc.RpcError as e:
                 return e.code().name
-            return "OK" if r.images.count == n and len(r.images.raw) == n * 784 * 4 else "WRONG_SHAPE"
-        return self._http(n, seed)
+            return "OK" if r.images.count == n and len(r.images.raw) == n * PIXELS * 4 else "WRONG_SHAPE"
+        out = self._http("/v1/generate", {"model": self.cfg.model, "num_samples": n, "seed": seed})
+        if isinstance(out, str):
+            return out
+        return "OK" if len(base64.b64decode(out["images"]["raw"])) == n * PIXELS * 4 else "WRONG_SHAPE"
 
-    def _http(self, n: int, seed: int) -> str:
+    def denoise_body(self, job: Job) -> tuple[bytes, dict]:
+        """Raw float32 bytes of job.n test-split images (picked by the job's seed) and the other fields."""
+        rows = random.Random(job.seed).sample(range(len(self.images)), job.n)
+        raw = self.images[rows].tobytes()
+        fields = {"sigma": self.cfg.sigma, "seed": job.seed}
+        if self.cfg.denoise_sampler:
+            fields["sampler"] = self.cfg.denoise_sampler
+        if self.cfg.denoise_steps:
+            fields["steps"] = self.cfg.denoise_steps
+        return raw, fields
+
+    def denoise(self, job: Job) -> str:
+        import grpc
+
+        raw, fields = self.denoise_body(job)
+        if job.transport == "grpc":
+            try:
+                r = self.stub.Denoise(self.pb.DenoiseRequest(raw_images=raw, **fields), timeout=self.cfg.timeout_s)
+            except grpc.RpcError as e:
+                return e.code().name
+            return self._check_denoised(job.n, r.denoised.raw, r.sampler, r.steps)
+        out = self._http("/v1/denoise", {"raw_images": base64.b64encode(raw).decode(), **fields})
+        if isinstance(out, str):
+            return out
+        return self._check_denoised(job.n, base64.b64decode(out["denoised"]["raw"]), out["sampler"], out["steps"])
+
+    def _check_denoised(self, n: int, raw: bytes, sampler: str, steps: int) -> str:
+        if len(raw) != n * PIXELS * 4:
+            return "WRONG_SHAPE"
+        x = np.frombuffer(raw, "<f4")
+        ok = np.isfinite(x).all() and np.abs(x).max() <= 1 + RAW_SLACK
+        return "OK" if ok and sampler == self.expect_sampler and steps == self.expect_steps else "WRONG_ANSWER"
+
+    def _http(self, path: str, payload: dict) -> dict | str:
+        """The JSON answer of a 200, else the error's code (the error body's, HTTP<status> or CLIENT:<exception>)."""
         import urllib.error
         import urllib.request
 
-        body = json.dumps({"model": self.cfg.model, "num_samples": n, "seed": seed}).encode()
-        req = urllib.request.Request(f"{self.http_url}/v1/generate", data=body, method="POST", headers={
-            "Content-Type": "application/json", "X-Request-Timeout": str(self.cfg.timeout_s)})
+        req = urllib.request.Request(f"{self.http_url}{path}", data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "X-Request-Timeout": str(self.cfg.timeout_s)})
         try:
             with urllib.request.urlopen(req, timeout=self.cfg.timeout_s + 2) as r:
-                images = json.loads(r.read())["images"]
+                return json.loads(r.read())
         except urllib.error.HTTPError as e:
             try:
                 return json.loads(e.read())["error"]["code"]
@@ -119,7 +229,6 @@ class Client:
                 return f"HTTP{e.code}"
         except OSError as e:
             return f"CLIENT:{type(getattr(e, 'reason', e)).__name__}"
-        return "OK" if len(base64.b64decode(images["raw"])) == n * 784 * 4 else "WRONG_SHAPE"
 
     def close(self) -> None:
         self.channel.close()
@@ -145,22 +254,22 @@ def rss_mib(pid: int, with_children: bool) -> float:
 
 
 class RssSampler(threading.Thread):
-    """Every interval: (t, gateway MiB, Triton MiB = tritonserver + its stub processes)."""
+    """Every interval: (t, gateway MiB, Triton MiB = tritonserver + its stub processes, 1-minute load average)."""
 
     def __init__(self, gateway_pid: int, triton_pid: int, interval_s: float):
         super().__init__(daemon=True)
         self.pids, self.interval = (gateway_pid, triton_pid), interval_s
-        self.samples: list[tuple[float, float, float]] = []
+        self.samples: list[tuple[float, float, float, float]] = []
         self.stop_event = threading.Event()
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             gw = rss_mib(self.pids[0], False) if self.pids[0] else float("nan")
             tr = rss_mib(self.pids[1], True) if self.pids[1] else float("nan")
-            self.samples.append((time.monotonic(), gw, tr))
+            self.samples.append((time.monotonic(), gw, tr, os.getloadavg()[0]))
             self.stop_event.wait(self.interval)
 
-    def stop(self) -> list[tuple[float, float, float]]:
+    def stop(self) -> list[tuple[float, float, float, float]]:
         self.stop_event.set()
         self.join(5)
         return self.samples
@@ -168,18 +277,22 @@ class RssSampler(threading.Thread):
 
 # ---- capacity ramp and the soak -------------------------------------------------------------------------
 def closed_loop(client: Client, cfg: SoakConfig, clients: int, seconds: float, rng_seed: int) -> dict:
-    """`clients` threads back to back for `seconds`: throughput (OK requests/s), latency percentiles, errors."""
+    """`clients` threads back to back for `seconds` with the soak's mix: throughput (OK requests/s), latency
+    percentiles, errors, requests per kind."""
     lat: list[float] = []
     errors: dict[str, int] = {}
+    kinds = dict.fromkeys(KINDS, 0)
     lock = threading.Lock()
     end = time.monotonic() + seconds
 
     def loop(k: int) -> None:
-        rng = random.Random(rng_seed * 1000 + k)
+        mix = Mix(cfg, random.Random(rng_seed * 1000 + k))
         while time.monotonic() < end:
             t0 = time.monotonic()
-            code = client.generate(rng.choice(cfg.transports), rng.choice(cfg.num_samples), rng.randrange(2**31))
+            job = mix.next()
+            code = client.call(job)
             with lock:
+                kinds[job.kind] += 1
                 if code == "OK":
                     lat.append(time.monotonic() - t0)
                 else:
@@ -192,8 +305,9 @@ def closed_loop(client: Client, cfg: SoakConfig, clients: int, seconds: float, r
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    return {"clients": clients, "seconds": round(wall, 2), "ok": len(lat), "errors": errors,
-            "throughput_rps": len(lat) / wall, "p50_ms": pct_ms(lat, 50), "p99_ms": pct_ms(lat, 99)}
+    return {"clients": clients, "seconds": round(wall, 2), "ok": len(lat), "errors": errors, "kinds": kinds,
+            "throughput_rps": round(len(lat) / wall, 2), "p50_ms": round(pct_ms(lat, 50), 2),
+            "p99_ms": round(pct_ms(lat, 99), 2)}
 
 
 def pct_ms(seconds: list[float], q: float) -> float:
@@ -201,29 +315,35 @@ def pct_ms(seconds: list[float], q: float) -> float:
 
 
 def measure_capacity(client: Client, cfg: SoakConfig) -> tuple[float, list[dict]]:
-    """Best closed-loop throughput over the ramp (stops early once more clients stop helping)."""
+    """Best closed-loop throughput over the ramp (stops early once two steps in a row do not beat the best by 5%:
+    one step is not enough on shared cores, where a single slow step is often noise)."""
     steps: list[dict] = []
+    flat = 0
     for i, c in enumerate(cfg.ramp_clients):
         s = closed_loop(client, cfg, c, cfg.ramp_step_s, i)
         steps.append(s)
         print(f"  ramp: {c:3d} clients -> {s['throughput_rps']:7.1f} req/s, p50 {s['p50_ms']:.1f} ms, "
-              f"p99 {s['p99_ms']:.1f} ms, errors {s['errors'] or 0}", flush=True)
+              f"p99 {s['p99_ms']:.1f} ms, errors {s['errors'] or 0}, {s['kinds']}", flush=True)
         best_before = max((x["throughput_rps"] for x in steps[:-1]), default=0.0)
-        if best_before and s["throughput_rps"] < 1.05 * best_before:
+        flat = flat + 1 if best_before and s["throughput_rps"] < 1.05 * best_before else 0
+        if flat == 2:
             break
     return max(s["throughput_rps"] for s in steps), steps
 
 
-def open_loop(client: Client, cfg: SoakConfig, rate: float) -> list[tuple[float, float, str, str, int]]:
-    """Requests at fixed arrival times (rate per second) for cfg.duration_s: (scheduled, end, transport, code, n)."""
-    rng = random.Random(cfg.seed)
-    records: list[tuple[float, float, str, str, int]] = []
+Record = tuple[float, float, str, str, str, int]  # (scheduled, end, transport, kind, code, n)
+
+
+def open_loop(client: Client, cfg: SoakConfig, rate: float) -> list[Record]:
+    """Requests of the mix at fixed arrival times (rate per second) for cfg.duration_s; transports alternate."""
+    mix = Mix(cfg, random.Random(cfg.seed))
+    records: list[Record] = []
     lock = threading.Lock()
 
-    def one(t_sched: float, transport: str, n: int, seed: int) -> None:
-        code = client.generate(transport, n, seed)
+    def one(t_sched: float, job: Job) -> None:
+        code = client.call(job)
         with lock:
-            records.append((t_sched, time.monotonic(), transport, code, n))
+            records.append((t_sched, time.monotonic(), job.transport, job.kind, code, job.n))
 
     t0 = time.monotonic()
     total = int(cfg.duration_s * rate)
@@ -233,26 +353,29 @@ def open_loop(client: Client, cfg: SoakConfig, rate: float) -> list[tuple[float,
             delay = t_sched - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            pool.submit(one, t_sched, cfg.transports[k % len(cfg.transports)], rng.choice(cfg.num_samples),
-                        rng.randrange(2**31))
+            pool.submit(one, t_sched, mix.next(cfg.transports[k % len(cfg.transports)]))
     return records
 
 
-def windows(records, rss, t0: float, window_s: float) -> list[dict]:
-    """Per window (by scheduled time): requests, errors, p50/p99 from the scheduled time, RSS at its end."""
+def windows(records: list[Record], rss, t0: float, window_s: float) -> list[dict]:
+    """Per window (by scheduled time): requests, errors, p50/p99 from the scheduled time (all, and per kind),
+    RSS and load average at its end."""
     out = []
     n_win = max(1, int(np.ceil(max((r[0] - t0 for r in records), default=0) / window_s + 1e-9)))
     for w in range(n_win):
         lo, hi = t0 + w * window_s, t0 + (w + 1) * window_s
         rs = [r for r in records if lo <= r[0] < hi]
-        lat = [r[1] - r[0] for r in rs if r[3] == "OK"]
+        lat = [r[1] - r[0] for r in rs if r[4] == "OK"]
         mem = [s for s in rss if s[0] < hi + 1e-9]
         out.append({
             "window": w, "t_start_s": round(w * window_s, 1), "requests": len(rs),
-            "errors": sum(r[3] != "OK" for r in rs), "p50_ms": round(pct_ms(lat, 50), 2),
+            "errors": sum(r[4] != "OK" for r in rs), "p50_ms": round(pct_ms(lat, 50), 2),
             "p99_ms": round(pct_ms(lat, 99), 2),
+            "p99_ms_by_kind": {k: round(pct_ms([r[1] - r[0] for r in rs if r[3] == k and r[4] == "OK"], 99), 2)
+                               for k in KINDS},
             "gateway_rss_mib": round(mem[-1][1], 1) if mem else float("nan"),
             "triton_rss_mib": round(mem[-1][2], 1) if mem else float("nan"),
+            "load_avg_1m": round(mem[-1][3], 2) if mem else float("nan"),
         })
     return out
 
@@ -266,11 +389,29 @@ def slope_mib_per_min(rss, col: int) -> float:
     return float(np.polyfit((t[ok] - t[ok][0]) / 60.0, y[ok], 1)[0])
 
 
-def summarize(cfg: SoakConfig, capacity: float, ramp: list[dict], rate: float, records, rss, t0: float) -> dict:
-    lat_ok = [r[1] - r[0] for r in records if r[3] == "OK"]
+def config_json(cfg: SoakConfig) -> dict:
+    """The config as JSON: paths inside the repository relative to it (a committed summary names no home dir)."""
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v.relative_to(REPO_ROOT)) if v.is_relative_to(REPO_ROOT) else str(v)
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: plain(v) for k, v in asdict(cfg).items()}
+
+
+def summarize(cfg: SoakConfig, capacity: float, ramp: list[dict], rate: float, records: list[Record], rss,
+              t0: float, started_utc: str = "") -> dict:
+    lat_ok = [r[1] - r[0] for r in records if r[4] == "OK"]
     codes: dict[str, int] = {}
     for r in records:
-        codes[r[3]] = codes.get(r[3], 0) + 1
+        codes[r[4]] = codes.get(r[4], 0) + 1
+    by_kind = {}
+    for k in KINDS:
+        rs = [r for r in records if r[3] == k]
+        lat = [r[1] - r[0] for r in rs if r[4] == "OK"]
+        by_kind[k] = {"requests": len(rs), "errors": sum(r[4] != "OK" for r in rs),
+                      "images": sum(r[5] for r in rs), "p50_ms": round(pct_ms(lat, 50), 2),
+                      "p99_ms": round(pct_ms(lat, 99), 2), "max_ms": round(max(lat) * 1e3, 2) if lat else None}
     wins = windows(records, rss, t0, cfg.window_s)
     full = [w for w in wins if w["requests"]]
     first, last = (full[0], full[-1]) if full else ({}, {})
@@ -282,15 +423,21 @@ def summarize(cfg: SoakConfig, capacity: float, ramp: list[dict], rate: float, r
             "start_mib": round(ys[0], 1) if ys else None, "end_mib": round(ys[-1], 1) if ys else None,
             "peak_mib": round(max(ys), 1) if ys else None,
             "growth_mib": round(ys[-1] - ys[0], 1) if ys else None,
+            "growth_pct": round(100 * (ys[-1] - ys[0]) / ys[0], 2) if ys and ys[0] > 0 else None,
             "slope_mib_per_min": round(slope_mib_per_min(during, col), 3),
         }
+    loads = [s[3] for s in during]
     wall = max((r[1] for r in records), default=t0) - t0
     return {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": config_json(cfg),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "gpu_devices": len(list(Path("/dev").glob("nvidia[0-9]*"))), "started_utc": started_utc,
+                    "load_avg_1m": {"min": round(min(loads), 2), "mean": round(float(np.mean(loads)), 2),
+                                    "max": round(max(loads), 2)} if loads else None,
                     "load_avg_1m_end": round(os.getloadavg()[0], 2)},
         "capacity_rps": round(capacity, 2), "ramp": ramp, "offered_rps": round(rate, 2),
         "requests": len(records), "achieved_rps": round(len(records) / wall, 2) if wall > 0 else None,
+        "by_kind": by_kind,
         "codes": codes, "errors": sum(v for k, v in codes.items() if k != "OK"),
         "error_rate": round(sum(v for k, v in codes.items() if k != "OK") / max(len(records), 1), 6),
         "latency_ms": {"p50": round(pct_ms(lat_ok, 50), 2), "p99": round(pct_ms(lat_ok, 99), 2),
@@ -300,7 +447,7 @@ def summarize(cfg: SoakConfig, capacity: float, ramp: list[dict], rate: float, r
                       if full and first["p99_ms"] > 0 else None,
                       "max_window_ms": max((w["p99_ms"] for w in full), default=None)},
         "rss": rss_stats, "windows": wins,
-        "rss_series": [[round(s[0] - t0, 2), round(s[1], 1), round(s[2], 1)] for s in rss],
+        "rss_series": [[round(s[0] - t0, 2), round(s[1], 1), round(s[2], 1), round(s[3], 2)] for s in rss],
     }
 
 
@@ -308,14 +455,20 @@ def markdown(res: dict) -> str:
     c = res["config"]
     lines = [
         "# Soak run", "",
-        f"{res['machine']['cpus']} CPUs ({res['machine']['platform']}), load average at the end "
-        f"{res['machine']['load_avg_1m_end']}. Model `{c['model']}`, batch sizes {c['num_samples']}, "
-        f"transports {c['transports']}, request deadline {c['timeout_s']} s.", "",
+        f"{res['machine']['cpus']} CPUs ({res['machine']['platform']}), 1-minute load average during the soak "
+        f"{(res['machine']['load_avg_1m'] or {}).get('min')}-{(res['machine']['load_avg_1m'] or {}).get('max')} "
+        f"(at the end {res['machine']['load_avg_1m_end']}). Mix: {1 - c['denoise_share']:.0%} Generate "
+        f"`{c['model']}` (batch sizes {c['num_samples']}), {c['denoise_share']:.0%} Denoise (images "
+        f"{c['denoise_images']}, sigma {c['sigma']}, sampler {c['denoise_sampler'] or 'default'}, steps "
+        f"{c['denoise_steps'] or 'default'}); transports {c['transports']}, request deadline {c['timeout_s']} s.",
+        "",
         f"- capacity (closed-loop ramp {c['ramp_clients']}, {c['ramp_step_s']} s each): "
         f"**{res['capacity_rps']} req/s**",
         f"- offered: {c['load_fraction']:.0%} of it = {res['offered_rps']} req/s for {c['duration_s']:.0f} s "
         f"(achieved {res['achieved_rps']} req/s, {res['requests']} requests)",
         f"- errors: **{res['errors']}** ({res['error_rate']:.4%}); codes {res['codes']}",
+        *(f"- {k}: {v['requests']} requests ({v['images']} images), {v['errors']} errors, p50 {v['p50_ms']} ms, "
+          f"p99 {v['p99_ms']} ms, max {v['max_ms']} ms" for k, v in res["by_kind"].items()),
         f"- latency from scheduled time: p50 {res['latency_ms']['p50']} ms, p99 {res['latency_ms']['p99']} ms, "
         f"max {res['latency_ms']['max']} ms",
         f"- p99 drift: first window {res['p99_drift']['first_window_ms']} ms, last "
@@ -324,13 +477,15 @@ def markdown(res: dict) -> str:
     ]
     for name in ("gateway", "triton"):
         r = res["rss"][name]
-        lines.append(f"- {name} RSS: {r['start_mib']} -> {r['end_mib']} MiB (growth {r['growth_mib']} MiB, "
-                     f"peak {r['peak_mib']} MiB, trend {r['slope_mib_per_min']} MiB/min)")
-    lines += ["", f"| window ({c['window_s']:.0f} s) | requests | errors | p50 ms | p99 ms | gateway RSS MiB "
-                  "| Triton RSS MiB |", "|---|---|---|---|---|---|---|"]
+        lines.append(f"- {name} RSS: {r['start_mib']} -> {r['end_mib']} MiB (growth {r['growth_mib']} MiB = "
+                     f"{r['growth_pct']}%, peak {r['peak_mib']} MiB, trend {r['slope_mib_per_min']} MiB/min)")
+    lines += ["", f"| window ({c['window_s']:.0f} s) | requests | errors | p50 ms | p99 ms | p99 Generate ms "
+                  "| p99 Denoise ms | gateway RSS MiB | Triton RSS MiB | load avg |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for w in res["windows"]:
         lines.append(f"| {w['window']} | {w['requests']} | {w['errors']} | {w['p50_ms']} | {w['p99_ms']} | "
-                     f"{w['gateway_rss_mib']} | {w['triton_rss_mib']} |")
+                     f"{w['p99_ms_by_kind']['generate']} | {w['p99_ms_by_kind']['denoise']} | "
+                     f"{w['gateway_rss_mib']} | {w['triton_rss_mib']} | {w['load_avg_1m']} |")
     lines += ["", "![p99 and RSS over time](soak.png)", ""]
     return "\n".join(lines)
 
@@ -367,7 +522,7 @@ def plot(res: dict, path: Path) -> None:
 
 def run(cfg: SoakConfig) -> dict:
     from serving.triton_server import TritonConfig, TritonServer, free_ports
-    from serving.validation import MODELS
+    from serving.validation import DENOISE_MODEL, MODELS
 
     from .stack import GatewayProcess, GatewayProcessConfig
 
@@ -378,23 +533,25 @@ def run(cfg: SoakConfig) -> dict:
         from training.export import ExportConfig
         from training.export import run as export
 
-        model = MODELS[cfg.model].triton_model
-        export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository, only=(model,)))
+        models = (MODELS[cfg.model].triton_model,) + ((DENOISE_MODEL.triton_model,) if cfg.denoise_share > 0 else ())
+        export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository, only=models))
         http, grpc_port, metrics = free_ports(3)
         triton = TritonServer(TritonConfig(
-            model_repository=cfg.model_repository, models=(model,), bind_address="127.0.0.1", http_port=http,
+            model_repository=cfg.model_repository, models=models, bind_address="127.0.0.1", http_port=http,
             grpc_port=grpc_port, metrics_port=metrics, startup_timeout_s=600,
             log_file=cfg.out_dir / "tritonserver.log"))
     try:
         if triton is not None:
-            print(f"starting Triton ({triton.config.models[0]}) and the gateway ...", flush=True)
+            print(f"starting Triton ({', '.join(triton.config.models)}) and the gateway ...", flush=True)
             triton.start().wait_ready()
             triton_url, triton_pid = triton.grpc_url, triton.proc.pid
         with GatewayProcess(GatewayProcessConfig(triton_url=triton_url, startup_timeout_s=120,
                                                  log_file=cfg.out_dir / "gateway.log")) as gw:
             client = Client(gw.grpc_target, gw.http_url, cfg)
-            for t in cfg.transports:  # warm up both paths (model config cached, connections up)
+            for t in cfg.transports:  # warm up every path (model configs cached, connections up)
                 client.generate(t, max(cfg.num_samples), 0)
+                if cfg.denoise_share > 0:
+                    client.call(Job("denoise", t, max(cfg.denoise_images), 0))
             sampler = RssSampler(gw.proc.pid, triton_pid, cfg.sample_interval_s)
             sampler.start()
             print("measuring capacity ...", flush=True)
@@ -402,6 +559,7 @@ def run(cfg: SoakConfig) -> dict:
             rate = cfg.load_fraction * capacity
             print(f"capacity {capacity:.1f} req/s; soaking at {rate:.1f} req/s for {cfg.duration_s:.0f} s ...",
                   flush=True)
+            started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             t0 = time.monotonic()
             records = open_loop(client, cfg, rate)
             rss = sampler.stop()
@@ -409,7 +567,9 @@ def run(cfg: SoakConfig) -> dict:
     finally:
         if triton is not None:
             triton.close()
-    res = summarize(cfg, capacity, ramp, rate, records, rss, t0)
+    res = summarize(cfg, capacity, ramp, rate, records, rss, t0, started)
+    if cfg.denoise_share > 0:  # what every OK Denoise answer echoed (else it counted as WRONG_ANSWER)
+        res["denoise_checked"] = {"sampler": client.expect_sampler, "steps": client.expect_steps, "sigma": cfg.sigma}
     (cfg.out_dir / "soak.json").write_text(json.dumps(res, indent=2) + "\n")
     (cfg.out_dir / "soak.md").write_text(markdown(res))
     plot(res, cfg.out_dir / "soak.png")
@@ -422,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, SoakConfig, names={"duration_s": "--duration"}, choices={"transports": TRANSPORTS}, help={
         "duration_s": "soak seconds", "triton_url": "use a running Triton (host:port) instead of starting one",
-        "triton_pid": "with --triton-url: its pid, for RSS"})
+        "triton_pid": "with --triton-url: its pid, for RSS",
+        "denoise_share": "fraction of requests that are Denoise (0 = Generate only)",
+        "denoise_images": "images per Denoise (from the official test split); one is picked per request",
+        "denoise_sampler": "Denoise sampler ('' = the gateway's default)",
+        "denoise_steps": "Denoise steps (0 = the gateway's default)"})
     res = run(dataclass_from_args(SoakConfig, p.parse_args(argv), parser=p))
     return 0 if res["errors"] == 0 else 1
 

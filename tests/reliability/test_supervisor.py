@@ -58,6 +58,7 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
            "--log-dir", str(tmp_path), "--backoff-s", "0.5"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
+    new_pid = None
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     gateway = f"http://127.0.0.1:{http_port}"
     triton_ready_url = f"http://127.0.0.1:{t_http}/v2/health/ready"
@@ -118,7 +119,10 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
         assert {s for s, _ in during} <= {200, 503}, {s for s, _ in during}  # never a 500, never a dropped socket
         assert all(h.get("Retry-After") == "1" for s, h in during if s == 503)
         assert any("supervisor: Triton exited with code -9; restarting Triton" in ln for ln in lines), lines[-20:]
-        new_pid = int(re.search(r"Triton ready again after [\d.]+ s \(pid (\d+)\)", "".join(lines)).group(1))
+        # the supervisor polls every 0.5 s: its own "ready again" line may come after the client's first success
+        again = wait_until(lambda: re.search(r"Triton ready again after [\d.]+ s \(pid (\d+)\)", "".join(lines)),
+                           30, "the supervisor's 'Triton ready again' line", interval_s=0.1)
+        new_pid = int(again.group(1))
         assert new_pid != pid and get(f"{gateway}/readyz")[0] == 200
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -129,4 +133,4 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
             code = None
     assert code == 0, "".join(lines[-40:])
     assert "SIGTERM received" in "".join(lines)
-    assert not pid_alive(new_pid), f"the restarted Triton (pid {new_pid}) outlived make run"
+    assert new_pid is not None and not pid_alive(new_pid), f"the restarted Triton (pid {new_pid}) outlived make run"

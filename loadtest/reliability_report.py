@@ -1,0 +1,342 @@
+"""docs/reliability.md, generated: every figure in it is read from the committed JSON files in reports/reliability/.
+
+    python -m loadtest.reliability_report                 # render docs/reliability.md (make reliability-report)
+    python -m loadtest.reliability_report --check         # exit 1 when docs/reliability.md differs from a render
+    python -m loadtest.reliability_report collect-tests   # run tests/reliability, keep its figures + the run's context
+    python -m loadtest.reliability_report collect-soak    # copy out/soak/soak.json + soak.png (after `make soak`)
+
+The template is loadtest/reliability.md.in: Markdown with `{source.key.key}` fields (str.format syntax, format spec
+after a colon: `{soak.capacity_rps:.1f}`, literal braces doubled). `source` is a JSON file of reports/reliability/
+(`soak` = soak.json, `overload` = overload.json, ...), the keys walk into it (list items by index); `derived.*` are
+values computed here from those files (sums, ranges, tables), never typed in. A field the JSON lacks stops the render
+with the file and the key path (ReportError), so a renamed figure cannot silently vanish from the page.
+
+Inputs (all committed; refresh them with the collect commands, then render and commit the lot):
+- tests_run.json: context of the tests/reliability run the figures come from (written by collect-tests: machine,
+  1-minute load average over the run, wall time, pytest's outcome per test file from its JUnit XML);
+- bad_input.json, triton_faults.json, overload.json, deadlines.json, graceful_stop.json, graceful_stop_bound.json:
+  what the tests measured in that run (the `[name] {json}` lines they print with -s, which are also the content of
+  out/reliability/<name>.json; read from the run's own output, since a concurrent run may rewrite out/reliability/);
+- soak.json, soak.png: `make soak`'s summary and plot (loadtest/soak.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import string
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REPORTS_DIR = REPO_ROOT / "reports" / "reliability"
+TEMPLATE = Path(__file__).resolve().parent / "reliability.md.in"
+DOC = REPO_ROOT / "docs" / "reliability.md"
+TEST_FIGURES = ("bad_input", "triton_faults", "overload", "deadlines", "graceful_stop", "graceful_stop_bound")
+SOURCES = ("tests_run", *TEST_FIGURES, "soak")  # the JSON files the template reads (reports/reliability/<name>.json)
+RSS_GROWTH_BOUND_PCT = 10.0  # the soak's promise: RSS growth at most this, for the gateway and for Triton
+
+
+class ReportError(Exception):
+    """A committed input is missing or lacks a figure the template quotes."""
+
+
+# ---- rendering --------------------------------------------------------------------------------------------
+def load_sources(reports_dir: Path = REPORTS_DIR) -> dict[str, dict]:
+    out = {}
+    for name in SOURCES:
+        path = reports_dir / f"{name}.json"
+        if not path.is_file():
+            raise ReportError(f"{rel(path)} is missing: {collect_hint(name)}")
+        try:
+            out[name] = json.loads(path.read_text())
+        except ValueError as e:
+            raise ReportError(f"{rel(path)} is not valid JSON: {e}") from None
+    return out
+
+
+def collect_hint(name: str) -> str:
+    if name == "soak":
+        return "run `make soak`, then `python -m loadtest.reliability_report collect-soak`"
+    return "run `python -m loadtest.reliability_report collect-tests`"
+
+
+def rel(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def lookup(data: dict, path: str, origin: str):
+    """data["a"]["b"][0] for "a.b.0"; ReportError naming `origin` (the file) and the path when a key is missing."""
+    node, walked = data, []
+    for key in path.split("."):
+        walked.append(key)
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.lstrip("-").isdigit() and -len(node) <= int(key) < len(node):
+            node = node[int(key)]
+        else:
+            have = f"keys {list(node)[:12]}" if isinstance(node, dict) else f"a {type(node).__name__}"
+            raise ReportError(f"{origin}: no key {'.'.join(walked)!r} (found {have} there)")
+    return node
+
+
+class _Formatter(string.Formatter):
+    """str.format with `source.key.key` field names resolved by lookup(); `!` conversions as usual."""
+
+    def __init__(self, sources: dict[str, dict], reports_dir: Path):
+        self.sources, self.reports_dir = sources, reports_dir
+
+    def get_field(self, field_name, args, kwargs):
+        source, _, path = field_name.partition(".")
+        if source == "derived":
+            return lookup(self.sources["derived"], path, "derived figures (loadtest/reliability_report.py)"), field_name
+        if source not in self.sources:
+            raise ReportError(f"template field {{{field_name}}}: unknown source {source!r}, expected one of "
+                              f"{sorted(self.sources)}")
+        if not path:
+            raise ReportError(f"template field {{{field_name}}}: give a key inside {source}.json")
+        try:
+            return lookup(self.sources[source], path, rel(self.reports_dir / f"{source}.json")), field_name
+        except ReportError as e:
+            raise ReportError(f"{e}; the template quotes {{{field_name}}}") from None
+
+    def format_field(self, value, format_spec):
+        if value is None:
+            return "n/a"
+        return super().format_field(value, format_spec)
+
+
+def render(reports_dir: Path = REPORTS_DIR, template: Path = TEMPLATE) -> str:
+    """The Markdown page from the JSON files in reports_dir."""
+    sources = load_sources(reports_dir)
+    sources["derived"] = derive(sources, reports_dir)
+    return _Formatter(sources, reports_dir).format(Path(template).read_text())
+
+
+# ---- derived figures: computed from the JSON files, never typed in -------------------------------------------
+def need(sources: dict, source: str, path: str, reports_dir: Path):
+    return lookup(sources[source], path, rel(reports_dir / f"{source}.json"))
+
+
+def counts(d: dict) -> str:
+    """{"a": 3, "b": 1} -> "a 3, b 1" (in the file's order)."""
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+def fmt(x, spec: str = ".1f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def derive(s: dict, reports_dir: Path) -> dict:
+    def get(source: str, path: str):
+        try:
+            return need(s, source, path, reports_dir)
+        except ReportError as e:
+            raise ReportError(f"{e}; a derived figure needs {source}.{path}") from None
+
+    d: dict = {}
+    # the test run
+    files = get("tests_run", "files")
+    d["tests_outcome"] = "; ".join(
+        f"`{name}` " + ", ".join(f"{v} {k}" for k, v in f["outcome"].items() if v) + f" ({f['time_s']:.0f} s)"
+        for name, f in files.items())
+    d["tests_wall_min"] = get("tests_run", "wall_s") / 60
+    stale = get("tests_run", "not_written")
+    d["stale_note"] = ("" if not stale else
+                       f" The tests did not write {', '.join(f'`{n}.json`' for n in stale)} in that run: those "
+                       f"figures are from an earlier one.")
+    d["gpu"] = "no GPU" if not get("tests_run", "machine.gpu_devices") else "a GPU present (unused: Triton runs KIND_CPU)"
+    # bad input
+    d["bad_input_campaigns"] = counts(get("bad_input", "per_campaign"))
+    d["bad_input_answers"] = counts(get("bad_input", "structure_answers"))
+    # Triton faults
+    codes = get("triton_faults", "codes")
+    d["faults_failures"] = sum(v for k, v in codes.items() if k != "OK")
+    d["faults_failure_codes"] = ", ".join(f"{v} `{k}`" for k, v in codes.items() if k != "OK") or "none"
+    d["faults_clients"] = sum(get("triton_faults", "clients").values())
+    d["faults_readyz_ms"] = get("triton_faults", "readyz_false_after_kill_s") * 1e3
+    # overload
+    codes = get("overload", "codes")
+    d["overload_refused"] = sum(v for k, v in codes.items() if k != "OK")
+    d["overload_clients"] = sum(get("overload", "clients").values())
+    # graceful stop
+    refused = get("graceful_stop", "refused_after_sigterm")
+    d["stop_refused"] = sum(refused.values())
+    d["stop_refused_codes"] = ", ".join(f"{v} `{k}`" for k, v in refused.items())
+    d["stop_clients"] = sum(get("graceful_stop", "clients").values())
+    # the soak
+    soak = s["soak"]
+    d["soak_generate_pct"] = 100 * (1 - get("soak", "config.denoise_share"))
+    d["soak_denoise_pct"] = 100 * get("soak", "config.denoise_share")
+    d["soak_load_pct"] = 100 * get("soak", "config.load_fraction")
+    d["soak_ramp"] = ", ".join(f"{fmt(r['throughput_rps'])}" for r in get("soak", "ramp"))
+    d["soak_ramp_clients"] = ", ".join(str(r["clients"]) for r in get("soak", "ramp"))
+    d["soak_batch_sizes"] = "/".join(map(str, get("soak", "config.num_samples")))
+    d["soak_denoise_images"] = "/".join(map(str, get("soak", "config.denoise_images")))
+    wins = [w for w in get("soak", "windows") if w["requests"]]
+    p99s = [w["p99_ms"] for w in wins]
+    d["soak_window_p99_min"], d["soak_window_p99_max"] = (min(p99s), max(p99s)) if p99s else (None, None)
+    d["soak_codes"] = counts(get("soak", "codes"))
+    d["soak_errors_verdict"] = "**0 errors**" if soak["errors"] == 0 else f"**{soak['errors']} errors** (promise broken)"
+    verdicts = []
+    for name in ("gateway", "triton"):
+        g = get("soak", f"rss.{name}.growth_pct")
+        verdicts.append(g is not None and g <= RSS_GROWTH_BOUND_PCT)
+    d["soak_rss_bound_pct"] = RSS_GROWTH_BOUND_PCT
+    d["soak_rss_verdict"] = ("both within" if all(verdicts) else "**not** both within")
+    d["soak_windows_table"] = soak_table(wins, get("soak", "config.window_s"))
+    return d
+
+
+def soak_table(wins: list[dict], window_s: float) -> str:
+    head = (f"| window ({window_s:.0f} s) | requests | errors | p50 ms | p99 ms | p99 Generate ms | p99 Denoise ms | gateway RSS MiB "
+            "| Triton RSS MiB | load avg |\n|---|---|---|---|---|---|---|---|---|---|")
+    rows = [f"| {w['window'] + 1} | {w['requests']} | {w['errors']} | {fmt(w['p50_ms'])} | {fmt(w['p99_ms'])} | "
+            f"{fmt(w['p99_ms_by_kind']['generate'])} | {fmt(w['p99_ms_by_kind']['denoise'])} | "
+            f"{fmt(w['gateway_rss_mib'])} | {fmt(w['triton_rss_mib'])} | {fmt(w['load_avg_1m'], '.2f')} |"
+            for w in wins]
+    return "\n".join([head, *rows])
+
+
+# ---- collecting the inputs ------------------------------------------------------------------------------------
+class LoadSampler(threading.Thread):
+    """The machine's 1-minute load average every `interval` seconds."""
+
+    def __init__(self, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.interval, self.values, self.stop_event = interval, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.values.append(os.getloadavg()[0])
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> dict:
+        self.stop_event.set()
+        self.join(5)
+        v = self.values or [os.getloadavg()[0]]
+        return {"min": round(min(v), 2), "mean": round(sum(v) / len(v), 2), "max": round(max(v), 2)}
+
+
+def junit_outcomes(path: Path) -> dict[str, dict]:
+    """pytest's JUnit XML -> {test file: {"outcome": {passed, failed, error, skipped}, "time_s"}}."""
+    files: dict[str, dict] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("file") or (case.get("classname", "").rsplit(".", 1)[-1] + ".py")
+        name = Path(name).name
+        f = files.setdefault(name, {"outcome": {"passed": 0, "failed": 0, "error": 0, "skipped": 0}, "time_s": 0.0})
+        kinds = {c.tag for c in case}
+        outcome = ("failed" if "failure" in kinds else "error" if "error" in kinds
+                   else "skipped" if "skipped" in kinds else "passed")
+        f["outcome"][outcome] += 1
+        f["time_s"] = round(f["time_s"] + float(case.get("time", 0)), 1)
+    return dict(sorted(files.items()))
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "gpu_devices": len(list(Path("/dev").glob("nvidia[0-9]*")))}
+
+
+FIGURE_LINE = re.compile(r"^\[(\w+)\] (\{.*\})\s*$")  # what reliability_support.write_figures prints under -s
+
+
+def collect_tests(reports_dir: Path, pytest_args: list[str]) -> int:
+    """Run tests/reliability (pytest -s), then write the figures this run printed and tests_run.json.
+
+    The figures are taken from the run's own output (write_figures prints each file's content as
+    `[name] {json}`), not from out/reliability/: another run on the same checkout may rewrite those files
+    while this one runs."""
+    import tempfile
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability", "-s",
+               f"--junitxml={junit}", *pytest_args]
+        print("running:", " ".join(cmd), flush=True)
+        started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
+        sampler = LoadSampler()
+        sampler.start()
+        with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              bufsize=1) as proc:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                m = FIGURE_LINE.match(line)
+                if m and m.group(1) in TEST_FIGURES:
+                    figures[m.group(1)] = json.loads(m.group(2))
+        rc = proc.returncode
+        load = sampler.stop()
+        wall = time.monotonic() - t0
+        files = junit_outcomes(junit) if junit.is_file() else {}
+    stale = [name for name in TEST_FIGURES if name not in figures]
+    for name, data in figures.items():  # the format of write_figures' files
+        (reports_dir / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for name in stale:
+        print(f"warning: the run printed no [{name}] figures: {rel(reports_dir / f'{name}.json')} keeps "
+              f"{'an earlier run' if (reports_dir / f'{name}.json').is_file() else 'nothing'}", file=sys.stderr)
+    run = {"command": " ".join(["pytest", *cmd[3:]]).replace(f"--junitxml={junit}", "--junitxml=..."),
+           "started_utc": started, "wall_s": round(wall, 1), "exit_code": rc, "machine": machine(),
+           "load_avg_1m": load, "files": files, "copied": sorted(figures), "not_written": stale}
+    (reports_dir / "tests_run.json").write_text(json.dumps(run, indent=2) + "\n")
+    print(f"pytest exit {rc}; wrote {sorted(figures)} and tests_run.json into {rel(reports_dir)}", flush=True)
+    return rc
+
+
+def collect_soak(reports_dir: Path, soak_dir: Path) -> int:
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("soak.json", "soak.png"):
+        if not (soak_dir / name).is_file():
+            raise ReportError(f"{rel(soak_dir / name)} is missing: run `make soak` first")
+    res = json.loads((soak_dir / "soak.json").read_text())
+    if res.get("config", {}).get("duration_s", 0) < 600:
+        print(f"note: this soak ran {res['config']['duration_s']:.0f} s, not the full 10 minutes", file=sys.stderr)
+    for name in ("soak.json", "soak.png"):
+        shutil.copyfile(soak_dir / name, reports_dir / name)
+    print(f"copied soak.json, soak.png into {rel(reports_dir)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reports-dir", type=Path, default=REPORTS_DIR, help="the committed JSON inputs")
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("render", help="write docs/reliability.md from the JSON files (the default)")
+    for q in (p, r):
+        q.add_argument("--out", type=Path, default=DOC, help="the page to write (default: docs/reliability.md)")
+        q.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs from a render")
+    t = sub.add_parser("collect-tests", help="run tests/reliability and write the figures it printed into --reports-dir")
+    t.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
+    k = sub.add_parser("collect-soak", help="copy `make soak`'s soak.json + soak.png into --reports-dir")
+    k.add_argument("--soak-dir", type=Path, default=REPO_ROOT / "out" / "soak")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "collect-tests":
+            return collect_tests(a.reports_dir, a.pytest_args)
+        if a.command == "collect-soak":
+            return collect_soak(a.reports_dir, a.soak_dir)
+        text = render(a.reports_dir)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.check:
+        same = a.out.is_file() and a.out.read_text() == text
+        print(f"{rel(a.out)} {'is up to date' if same else 'differs from a render: make reliability-report'}")
+        return 0 if same else 1
+    a.out.write_text(text)
+    print(f"wrote {rel(a.out)} from {rel(a.reports_dir)}/*.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
