@@ -133,6 +133,8 @@ def _depth_label(arch: dict) -> str:
     return f"{arch['depth']}" if arch.get("arch") == "dcgan" else "3 (linear)"
 
 
+TRAINING_DATA = {"full": "60k (full)", "embedded": "5k (subset)"}  # training.data sources, as the table says them
+
 # (label, how to get it from a model's collected row, digits)
 TABLE_ROWS = [
     ("Architecture", lambda r: r["arch"]["arch"], 0),
@@ -143,6 +145,7 @@ TABLE_ROWS = [
     ("Final Disc Loss", lambda r: r["summary"].get("final_loss_d"), 4),
     ("Min Generator Loss", lambda r: r["summary"].get("min_loss_g"), 2),
     ("Min Discriminator Loss", lambda r: r["summary"].get("min_loss_d"), 4),
+    ("Training data", lambda r: TRAINING_DATA.get(r.get("data_source"), r.get("data_source")), 0),
     ("Epochs / Iterations", lambda r: _epochs_iters(r["summary"]), 0),
     ("Training Time (min)", lambda r: _div(r["summary"].get("train_time_s"), 60), 2),
     ("Time/Epoch (sec)", lambda r: r["summary"].get("time_per_epoch_s"), 2),
@@ -202,6 +205,8 @@ def collect(cfg: ReportConfig) -> dict:
             "checkpoint": path.name,
             "arch": config["arch"],
             "summary": config.get("summary", {}),
+            # checkpoints from before the `full` source record no data_source: they trained on the 5k subset
+            "data_source": config.get("train", {}).get("data_source", "embedded"),
             "inference_ms": inference_ms(gen, latent_dim, cfg.latency_batch, cfg.latency_repeats, cfg.seed),
             "metrics": evaluate(EvalConfig(model=str(path), num_samples=cfg.num_samples, seed=cfg.seed,
                                            threads=cfg.threads)),
