@@ -36,8 +36,11 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from None
     if "config" not in meta:
         raise ValueError(f"{path} has no 'config' metadata: not an mnistgen checkpoint")
     return json.loads(meta["config"])

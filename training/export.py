@@ -480,10 +480,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclass_from_args(ExportConfig, p.parse_args(argv))
     try:
         run(cfg)
-    except ExportError as e:
-        print(f"export FAILED: {e}", file=sys.stderr)
+    except EXPECTED_FAILURES as e:  # a missing/corrupt checkpoint, a failed parity check: a message, not a traceback
+        if os.environ.get("MNISTGEN_DEBUG"):
+            raise
+        print(f"export FAILED: {type(e).__name__}: {e} (MNISTGEN_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+# what a user can cause and fix (paths, files, parity); anything else is a bug and keeps its traceback
+EXPECTED_FAILURES = (ExportError, OSError, ValueError, KeyError)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,15 @@ def test_served_unet_onnx_matches_checkpoint():
         ref = unet(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
     for p in paths:  # ddpm_unet and the loop models' copies
         assert np.abs(ort_run(p, {"sample": x, "timestep": t}) - ref).max() <= TOL
+
+
+def test_a_corrupt_checkpoint_fails_with_a_message_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "dcgan-baseline.safetensors").write_bytes(b"not a safetensors file")
+    r = subprocess.run([sys.executable, "-m", "training.export", "--checkpoint-dir", str(tmp_path),
+                        "--model-repository", str(tmp_path / "repo"), "--only", "dcgan_generator",
+                        "--no-measure-engines"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "export FAILED:" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
