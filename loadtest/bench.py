@@ -6,18 +6,25 @@ batch 1/64/256, and DDPM denoising with DDPM-100 and a fast sampler (DPM-Solver+
 The first three paths are loadtest/bench_triton.py's measuring functions, reused as they are; this module adds
 the gateway paths with the same timing loop (bench_triton.timed), starts its own Triton + gateway on free
 ports, and writes bench/results.json and bench/results.md (headline: served / eager ratios).
+Then a concurrency sweep (results["concurrency"]): 1, 4, 16 closed-loop clients sending batch-1 Generate and
+batch-1 DPM-Solver++-20 denoise requests through the gateway over gRPC, against eager PyTorch serving the same
+stream in-process one request at a time: samples/s and request p50/p99 per level.
 
-    python -m loadtest.bench                                   # ~5-10 minutes on 2 CPU cores
+    python -m loadtest.bench                                   # ~10 minutes on 2 CPU cores
     python -m loadtest.bench --quick                           # fewer repeats, for a smoke run
+    python -m loadtest.bench --device cuda                     # the same table on a GPU (+ TensorRT EP, Locust)
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import signal
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +36,13 @@ from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from . import bench_triton as bt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PATHS = ("pytorch-eager", "onnxruntime", "triton-grpc", "gateway-grpc", "gateway-http")  # table column order
+# table column order; onnxruntime-trt (TensorRT EP) only runs with --device cuda
+PATHS = ("pytorch-eager", "onnxruntime", "onnxruntime-trt", "triton-grpc", "gateway-grpc", "gateway-http")
 SERVED = ("triton-grpc", "gateway-grpc", "gateway-http")
 DENOISE_TIMEOUT_S = 3600.0  # one DDPM-100 request at a large batch is minutes on a small CPU
+OVERHEAD_GOAL_MS = 1.0  # gateway-grpc p50 over Triton direct, batch-1 Generate
+CONCURRENCY_PATHS = ("pytorch-eager", "gateway-grpc")  # the sweep: in-process one at a time vs served
+LOCUST_TIME_S_CUDA = 30.0  # --device cuda runs Locust for this long unless --locust-time-s says otherwise
 
 
 @dataclass
@@ -71,12 +82,29 @@ class GatewayBenchConfig:
     out_dir: Path = REPO_ROOT / "bench"  # results.json, results.md
     paths: tuple[str, ...] = PATHS  # which paths to run (subset of PATHS)
     log_dir: Path = field(default_factory=lambda: REPO_ROOT / "out" / "bench")  # Triton and gateway logs
+    # concurrency sweep: closed-loop clients per level (empty or 0: no sweep), batch-1 requests per level and path
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    concurrency_requests: int = 400  # batch-1 Generate requests per level and path
+    concurrency_denoise_requests: int = 32  # batch-1 fast-sampler denoise requests per level and path (~0.4 s each)
+    # cpu | cuda: eager on the GPU, ONNX Runtime CUDA + TensorRT EPs (FP16, engines in trt_cache_dir), Triton on
+    # model_repository_gpu/ (`python -m training.export --gpu-variant`); refused at once without CUDA/onnxruntime-gpu
+    device: str = "cpu"
+    trt_cache_dir: Path = field(default_factory=lambda: REPO_ROOT / "out" / "bench" / "trt_cache")
+    locust_time_s: float | None = None  # Locust against the bench's gateway for this long; None: 30 on cuda, 0 on cpu
 
     def __post_init__(self) -> None:
         bad = [p for p in self.paths if p not in PATHS]
         if bad:
             raise ValueError(f"paths: unknown {bad}: expected a subset of {PATHS}")
-        for name in ("generator_repeats", "ddpm_repeats", "fast_repeats", "overhead_repeats"):
+        if self.device not in bt.DEVICES:
+            raise ValueError(f"device must be one of {bt.DEVICES}, got {self.device!r}")
+        if any(c < 0 for c in self.concurrency):
+            raise ValueError(f"concurrency levels must be >= 1 (0 = no sweep), got {self.concurrency}")
+        self.concurrency = tuple(c for c in self.concurrency if c > 0)
+        if self.locust_time_s is None:
+            self.locust_time_s = LOCUST_TIME_S_CUDA if self.device == "cuda" else 0.0
+        for name in ("generator_repeats", "ddpm_repeats", "fast_repeats", "overhead_repeats",
+                     "concurrency_requests", "concurrency_denoise_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.sigma <= 1:
@@ -89,7 +117,8 @@ class GatewayBenchConfig:
             model_repository=self.model_repository, checkpoint_dir=self.checkpoint_dir, generator=self.generator,
             generator_batches=self.generator_batches, generator_repeats=self.generator_repeats,
             denoise_batches=self.denoise_batches, denoise_samplers=denoise, denoise_repeats=repeats,
-            sigma=self.sigma, warmup=self.warmup, threads=self.threads, seed=self.seed)
+            sigma=self.sigma, warmup=self.warmup, threads=self.threads, seed=self.seed, device=self.device,
+            trt_cache_dir=self.trt_cache_dir)
 
 
 # ---- the gateway paths ------------------------------------------------------------------------------------
@@ -156,6 +185,145 @@ def bench_overhead(cfg: GatewayBenchConfig, tclient, gateway_client) -> dict:
     return out
 
 
+# ---- concurrency sweep ------------------------------------------------------------------------------------
+def closed_loop(make_call, clients: int, requests: int, serial: bool = False, warm: bool = False) -> dict:
+    """`clients` threads send `requests` requests in all, each client its next one as soon as the previous one is
+    answered (closed loop); request i is call(i) with call = make_call(), made once per client thread (e.g. its own
+    gRPC channel). serial=True: the calls run one at a time behind one lock (in-process serving of the same stream),
+    and a request's latency counts from when its client sent it, the wait for the lock included. warm=True: one
+    untimed call per client first (connections). Failed requests are counted, not timed."""
+    counter = itertools.count()
+    latencies: list[float] = []
+    errors: list[str] = []
+    gate = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        try:
+            call = make_call()
+            if warm:
+                call(0)  # (request 0's arguments, untimed)
+        except BaseException:
+            start.abort()
+            raise
+        start.wait()
+        while (i := next(counter)) < requests:
+            t0 = time.perf_counter()
+            try:
+                if serial:
+                    with gate:
+                        call(i)
+                else:
+                    call(i)
+            except Exception as e:  # noqa: BLE001  (RESOURCE_EXHAUSTED, UNAVAILABLE...: counted and shown)
+                errors.append(f"{type(e).__name__}: {e}"[:300])
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.asarray(latencies, np.float64) * 1e3
+    pct = (lambda q: float(np.percentile(ms, q))) if len(ms) else (lambda q: float("nan"))
+    return {"clients": clients, "requests": requests, "ok": len(latencies), "errors": len(errors),
+            "first_error": errors[0] if errors else "", "wall_s": wall, "samples_per_s": len(latencies) / wall,
+            "p50_ms": pct(50), "p99_ms": pct(99), "load_avg_1m": os.getloadavg()[0]}
+
+
+def bench_concurrency(cfg: GatewayBenchConfig, gateway_target: str | None, has_ddpm: bool) -> dict:
+    """{workload: {path: {clients: cell}}}: batch-1 requests from 1, 4, 16... closed-loop clients, through the
+    gateway (gRPC, one channel per client) and in-process eager PyTorch serving the same stream one at a time.
+    The level order alternates (eager first, then gateway first, ...) so load drifts hit both alike."""
+    import torch
+
+    from mnistgen.latent import sample_latent
+    from mnistgen.registry import GAN_MODELS, load_generator
+    from serving.client import GatewayClient
+
+    paths = [p for p in CONCURRENCY_PATHS if p in cfg.paths and (p != "gateway-grpc" or gateway_target)]
+    clients: list = []
+
+    def served(fn):
+        def make():
+            c = GatewayClient(transport="grpc", target=gateway_target, timeout_s=DENOISE_TIMEOUT_S)
+            clients.append(c)
+            return lambda i: fn(c, i)
+        return make
+
+    gen, gconf = load_generator(cfg.checkpoint_dir / GAN_MODELS[cfg.generator])
+    gen, dim = gen.to(cfg.device), gconf["arch"]["latent_dim"]
+
+    def eager_generate(i: int):
+        z = torch.from_numpy(sample_latent(1, dim, cfg.seed + i)).to(cfg.device)  # (1, latent_dim)
+        with torch.inference_mode():
+            return gen(z).cpu()  # (1, 1, 28, 28); .cpu() waits for the GPU
+
+    workloads = {f"generate {cfg.generator} batch 1": (
+        eager_generate, served(lambda c, i: c.generate(model=cfg.generator, num_samples=1, seed=cfg.seed + i)),
+        cfg.concurrency_requests)}
+    if has_ddpm:
+        from mnistgen.diffusion import denoise, load_unet
+
+        sampler, steps = cfg.fast_sampler.split(":")[0], int(cfg.fast_sampler.split(":")[1])
+        unet, uconf = load_unet(cfg.checkpoint_dir / bt.DDPM_CHECKPOINT)
+        eps = bt.CudaEps(unet) if cfg.device == "cuda" else unet
+        digits = clean_digits(64)  # (64, 1, 28, 28): request i denoises digit i % 64
+
+        def eager_denoise(i: int):
+            x0 = torch.from_numpy(digits[i % len(digits)][None])  # (1, 1, 28, 28)
+            return denoise(eps, x0, cfg.sigma, sampler, steps, cfg.seed + i, scheduler_config=uconf.get("scheduler"))
+
+        workloads[f"denoise {sampler}-{steps} batch 1"] = (eager_denoise, served(
+            lambda c, i: c.denoise(digits[i % len(digits)][None], sigma=cfg.sigma, steps=steps, sampler=sampler,
+                                   seed=cfg.seed + i)), cfg.concurrency_denoise_requests)
+    out: dict = {}
+    try:
+        for name, (eager, make_served, n) in workloads.items():
+            threads = bt.best_threads(lambda: eager(0), (1, cfg.threads)) if "pytorch-eager" in paths else 0
+            for k, level in enumerate(cfg.concurrency):
+                for path in (paths if k % 2 == 0 else paths[::-1]):
+                    if path == "pytorch-eager":
+                        c = closed_loop(lambda: eager, level, n, serial=True)
+                        c["torch_threads"] = threads
+                    else:
+                        c = closed_loop(make_served, level, n, warm=True)
+                    out.setdefault(name, {}).setdefault(path, {})[str(level)] = c
+                    err = f", {c['errors']} errors (first: {c['first_error']})" if c["errors"] else ""
+                    print(f"  {name:<32} {level:>3} clients {path:<14} {c['samples_per_s']:8.1f} samples/s  "
+                          f"p50 {c['p50_ms']:8.2f} ms  p99 {c['p99_ms']:8.2f} ms{err}", flush=True)
+    finally:
+        for c in clients:
+            c.close()
+    return out
+
+
+# ---- Locust (--locust-time-s; --device cuda runs it by default) -------------------------------------------------
+def run_locust(cfg: GatewayBenchConfig, grpc_target: str, http_url: str, has_ddpm: bool) -> dict:
+    """`make loadtest`'s Locust run (gRPC + HTTP users) against the bench's gateway, then loadtest.report's
+    per-request and per-sample latency; the raw CSV and summary land in <log_dir>/locust/."""
+    from .report import write_report
+
+    out = cfg.log_dir / "locust"
+    out.mkdir(parents=True, exist_ok=True)
+    users = 8
+    cmd = [sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "-u", str(users), "-r", "4", "-t", f"{max(int(cfg.locust_time_s), 1)}s", "--grpc-host", grpc_target,
+           "--http-host", http_url, "--raw-csv", str(out / "requests.csv"), "--stop-timeout", "30", "--only-summary",
+           "--model", cfg.generator, "--num-samples", "1,64", *(() if has_ddpm else ("--mix", "generate=1")),
+           "GrpcGatewayUser", "HttpGatewayUser"]
+    print(f"Locust: {users} users for {cfg.locust_time_s:g} s against the gateway ...", flush=True)
+    with open(out / "locust.log", "wb") as log:
+        subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=cfg.locust_time_s + 180)
+    rows = write_report(out / "requests.csv", out, plots=False)
+    return {"time_s": cfg.locust_time_s, "users": users, "csv": str(out / "requests.csv"),
+            "groups": [asdict(r) for r in rows]}
+
+
 # ---- results ----------------------------------------------------------------------------------------------
 def cell(row: dict) -> dict:
     """The figures kept per path and batch."""
@@ -196,15 +364,15 @@ def goals(res: dict, cfg: GatewayBenchConfig, overhead: dict | None = None) -> l
                     5.0, ">=", "x"))
     if overhead:
         out.append(Goal(f"gateway-grpc p50 overhead over Triton direct at generator batch 1 ({overhead['repeats']} "
-                        "interleaved pairs)", overhead["overhead_p50_ms"], 2.0, "<=", "ms"))
+                        "interleaved pairs)", overhead["overhead_p50_ms"], OVERHEAD_GOAL_MS, "<=", "ms"))
     elif 1 in cfg.generator_batches:
         out.append(Goal("gateway-grpc p50 overhead over Triton direct at generator batch 1",
                         _get(res, gen, "gateway-grpc", 1, "p50_ms") - _get(res, gen, "triton-grpc", 1, "p50_ms"),
-                        2.0, "<=", "ms"))
+                        OVERHEAD_GOAL_MS, "<=", "ms"))
     return out
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     import onnxruntime
     import torch
 
@@ -216,7 +384,8 @@ def machine_info() -> dict:
         cpu = platform.processor() or cpu
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
-            "load_avg_1m": os.getloadavg()[0]}
+            "load_avg_1m": os.getloadavg()[0], "device": device,
+            **({"gpu": torch.cuda.get_device_name(0)} if device == "cuda" else {})}
 
 
 def _f(v: float) -> str:
@@ -231,7 +400,8 @@ def markdown(result: dict) -> str:
     served = [p for p in paths if p != "pytorch-eager"]
     lines = [
         "# Serving benchmark: per-sample latency, served / eager", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; Python {m['python']}, torch {m['torch']} "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}"
+        + (f", GPU {m['gpu']} (--device cuda)" if m.get("gpu") else "") + f"; Python {m['python']}, torch {m['torch']} "
         f"(eager: the faster of 1 and {cfg['threads']} threads per cell, shown as thr), onnxruntime {m['onnxruntime']}. Load average (1 min) {m['load_avg_1m']:.1f} "
         f"at the start, {result['load_avg_end']:.1f} at the end (shared machine: figures are noisy).",
         f"Medians of {cfg['generator_repeats']} runs (generator), {cfg['ddpm_repeats']} (DDPM-100) and "
@@ -266,11 +436,54 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {w} | {b} | {label} | {_f(c['ms_per_sample'])} | {_f(c['samples_per_s'])} | "
                              f"{_f(c['p50_ms'])} | {_f(c['p99_ms'])} | {c['runs']} |")
     lines += ["", "p99 over this few runs is close to the slowest run.", ""]
+    lines += concurrency_markdown(result.get("concurrency") or {})
+    lines += locust_markdown(result.get("locust"))
     return "\n".join(lines)
+
+
+def concurrency_markdown(conc: dict) -> list[str]:
+    if not conc:
+        return []
+    lines = ["## Concurrency: batch-1 requests from N closed-loop clients", "",
+             "Through the gateway over gRPC (one channel per client), against eager PyTorch serving the same stream "
+             "in-process one request at a time (its latency includes the wait for its turn). samples/s = answered "
+             "requests / wall time; the last column is the served samples/s over eager's at the same level.", "",
+             "| workload | clients | path | samples/s | request p50 ms | request p99 ms | requests | errors | "
+             "vs eager | load avg 1m |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for w, by_path in conc.items():
+        levels = sorted({int(c) for cells in by_path.values() for c in cells})
+        for level in levels:
+            eager = by_path.get("pytorch-eager", {}).get(str(level), {}).get("samples_per_s", float("nan"))
+            for path in CONCURRENCY_PATHS:
+                c = by_path.get(path, {}).get(str(level))
+                if c is None:
+                    continue
+                label = f"{path} ({c['torch_threads']} thr)" if "torch_threads" in c else path
+                ratio = c["samples_per_s"] / eager if path != "pytorch-eager" and np.isfinite(eager) and eager else None
+                lines.append(f"| {w} | {level} | {label} | {_f(c['samples_per_s'])} | {_f(c['p50_ms'])} | "
+                             f"{_f(c['p99_ms'])} | {c['ok']} | {c['errors']} | "
+                             f"{f'{ratio:.2f}x' if ratio is not None else '-'} | {c['load_avg_1m']:.1f} |")
+    return lines + [""]
+
+
+def locust_markdown(loc: dict | None) -> list[str]:
+    if not loc:
+        return []
+    lines = [f"## Locust: {loc['users']} users for {loc['time_s']:g} s (gRPC + HTTP, closed loop)", "",
+             "| group | requests | errors | samples/s | request p50 ms | request p99 ms | per-sample p50 ms | "
+             "per-sample p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for g in loc["groups"]:
+        lines.append(f"| {g['group']} | {g['requests']} | {g['errors']} | {_f(g['samples_per_s'])} | "
+                     f"{_f(g['request_ms']['p50'])} | {_f(g['request_ms']['p99'])} | {_f(g['sample_ms']['p50'])} | "
+                     f"{_f(g['sample_ms']['p99'])} |")
+    return lines + ["", f"Raw per-request CSV: {loc['csv']}", ""]
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
 def run(cfg: GatewayBenchConfig) -> dict:
+    bt.check_device(cfg.device)  # --device cuda without CUDA / onnxruntime-gpu: refused here, before anything slow
+    import contextlib
+
     import torch
     import tritonclient.grpc as grpcclient
 
@@ -283,10 +496,13 @@ def run(cfg: GatewayBenchConfig) -> dict:
 
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
-    machine = machine_info()
+    machine = machine_info(cfg.device)
     gen_model = bt.GENERATOR_MODELS[cfg.generator]
-    export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
-                        only=(gen_model, "ddpm_unet", "ddpm_denoise")))
+    ecfg = ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
+                        only=(gen_model, "ddpm_unet", "ddpm_denoise"), gpu_variant=cfg.device == "cuda")
+    export(ecfg)
+    if cfg.device == "cuda":  # Triton and the in-process ONNX sessions use the GPU variant
+        cfg.model_repository = ecfg.gpu_repository
     has_ddpm = (cfg.checkpoint_dir / bt.DDPM_CHECKPOINT).is_file()
     models = (gen_model, "ddpm_denoise") if has_ddpm else (gen_model,)
     http, grpc_port, metrics = free_ports(3)
@@ -294,38 +510,59 @@ def run(cfg: GatewayBenchConfig) -> dict:
     triton = TritonServer(TritonConfig(
         model_repository=cfg.model_repository, models=models, bind_address="127.0.0.1", http_port=http,
         grpc_port=grpc_port, metrics_port=metrics, startup_timeout_s=600, log_file=cfg.log_dir / "tritonserver.log"))
-    print(f"starting Triton ({', '.join(models)}) and the gateway ...", flush=True)
+    print(f"starting Triton ({', '.join(models)}, {cfg.model_repository.name}) and the gateway ...", flush=True)
     rows: list[dict] = []
     overhead: dict | None = None
+    concurrency: dict = {}
+    locust: dict | None = None
+    skipped: dict[str, str] = {}
     try:
-        triton.start().wait_ready()
-        with GatewayProcess(GatewayProcessConfig(triton_url=triton.grpc_url, startup_timeout_s=120,
-                                                 log_file=cfg.log_dir / "gateway.log")) as gw:
-            tclient = grpcclient.InferenceServerClient(triton.grpc_url)
+        with contextlib.ExitStack() as stack:
+            gw = tclient = None
+            try:
+                triton.start().wait_ready()
+            except Exception as e:
+                if cfg.device != "cuda":
+                    raise
+                # e.g. a tritonserver without the onnxruntime backend the GPU variant's single-shot models use:
+                # the in-process GPU paths still run (NVIDIA's Triton container has every backend)
+                skipped["triton-grpc, gateway"] = f"Triton on {cfg.model_repository} did not start: {e}"
+                print(f"  Triton/gateway paths skipped: {e} (log: {cfg.log_dir / 'tritonserver.log'})", flush=True)
+            else:
+                gw = stack.enter_context(GatewayProcess(GatewayProcessConfig(
+                    triton_url=triton.grpc_url, startup_timeout_s=120, log_file=cfg.log_dir / "gateway.log")))
+                tclient = grpcclient.InferenceServerClient(triton.grpc_url)
             clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=DENOISE_TIMEOUT_S,
                                         target=gw.grpc_target if p == "gateway-grpc" else gw.http_url[7:])
-                       for p in ("gateway-grpc", "gateway-http") if p in cfg.paths}
+                       for p in ("gateway-grpc", "gateway-http") if p in cfg.paths and gw is not None}
             base = [p for p in cfg.paths if p in bt.BACKENDS]
-            rows += [r for r in bt.bench_generator(cfg.triton_config((), 1), tclient) if r["backend"] in base]
+            direct = tclient if "triton-grpc" in cfg.paths else None
+            rows += [r for r in bt.bench_generator(cfg.triton_config((), 1), direct) if r["backend"] in base]
             rows += bench_gateway_generator(cfg, clients)
-            if "gateway-grpc" in clients and "triton-grpc" in cfg.paths:
+            if "gateway-grpc" in clients and direct is not None:
                 overhead = bench_overhead(cfg, tclient, clients["gateway-grpc"])
             if has_ddpm:
                 for spec, repeats in (("ddpm:100", cfg.ddpm_repeats), (cfg.fast_sampler, cfg.fast_repeats)):
                     tcfg = cfg.triton_config((spec,), repeats)
-                    rows += [r for r in bt.bench_denoise(tcfg, tclient) if r["backend"] in base]
+                    rows += [r for r in bt.bench_denoise(tcfg, direct) if r["backend"] in base]
                     rows += bench_gateway_denoise(cfg, clients, spec, repeats)
             else:
                 print(f"no {bt.DDPM_CHECKPOINT} in {cfg.checkpoint_dir}: denoise workloads skipped", flush=True)
             for c in clients.values():
                 c.close()
+            if cfg.concurrency:
+                print(f"concurrency sweep: {list(cfg.concurrency)} clients, batch 1 ...", flush=True)
+                concurrency = bench_concurrency(cfg, gw.grpc_target if gw is not None else None, has_ddpm)
+            if cfg.locust_time_s and gw is not None:
+                locust = run_locust(cfg, gw.grpc_target, gw.http_url, has_ddpm)
     finally:
         triton.close()
     res = results_table(rows)
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": machine, "load_avg_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
-        "results": res, "overhead_batch1": overhead, "goals": [], "rows": rows,
+        "results": res, "overhead_batch1": overhead, "concurrency": concurrency, "locust": locust,
+        "skipped": skipped, "goals": [], "rows": rows,
     }
     result["goals"] = [{**asdict(g), "met": g.met} for g in goals(res, cfg, overhead)]
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,11 +576,20 @@ def run(cfg: GatewayBenchConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, GatewayBenchConfig, exclude=("seed", "log_dir"),
-                       choices={"generator": sorted(bt.GENERATOR_MODELS), "paths": PATHS},
-                       help={"fast_sampler": "SAMPLER:STEPS compared with ddpm:100"})
-    p.add_argument("--quick", action="store_true", help="5 generator repeats, 1 per denoise cell, batch 1 only")
+                       choices={"generator": sorted(bt.GENERATOR_MODELS), "paths": PATHS, "device": bt.DEVICES},
+                       help={"fast_sampler": "SAMPLER:STEPS compared with ddpm:100",
+                             "concurrency": "closed-loop client counts of the batch-1 sweep (0 = no sweep)",
+                             "device": "cuda: the same table on a GPU (eager CUDA, ONNX Runtime CUDA + TensorRT EPs, "
+                                       "Triton on model_repository_gpu/, gateway) plus Locust; needs "
+                                       "pip install -e '.[gpu]'",
+                             "locust_time_s": f"seconds of Locust against the gateway (default "
+                                              f"{LOCUST_TIME_S_CUDA:g} with --device cuda, else 0 = none)"})
+    p.add_argument("--quick", action="store_true", help="5 generator repeats, 1 per denoise cell, batch 1 only, "
+                                                        "concurrency 1 and 4 with few requests")
     a = p.parse_args(argv)
-    quick = dict(generator_repeats=5, denoise_batches=(1,), ddpm_repeats=1, fast_repeats=1, overhead_repeats=50)
+    quick = dict(generator_repeats=5, denoise_batches=(1,), ddpm_repeats=1, fast_repeats=1, overhead_repeats=50,
+                 concurrency=(1, 4), concurrency_requests=40, concurrency_denoise_requests=4)
+    quick = {k: v for k, v in quick.items() if getattr(a, k, None) is None}  # options given win over --quick
     cfg = dataclass_from_args(GatewayBenchConfig, a, parser=p, **(quick if a.quick else {}))
     # SIGTERM unwinds like Ctrl-C, so the Triton and gateway this run started are stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

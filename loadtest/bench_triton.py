@@ -27,7 +27,10 @@ from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.latent import sample_latent
 from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS
 
-BACKENDS = ("pytorch-eager", "onnxruntime", "triton-grpc")
+BACKENDS = ("pytorch-eager", "onnxruntime", "onnxruntime-trt", "triton-grpc")  # onnxruntime-trt: --device cuda only
+DEVICES = ("cpu", "cuda")
+GPU_INSTALL_HINT = ("pip install -e '.[gpu]' (onnxruntime-gpu, the CUDA build of ONNX Runtime; remove the CPU wheel "
+                    "first: pip uninstall -y onnxruntime) and a CUDA build of torch")
 GENERATOR_MODELS = {"dcgan-baseline": "dcgan_generator", "dcgan-modified": "dcgan_modified", "mlp": "mlp_generator"}
 
 
@@ -50,8 +53,14 @@ class BenchConfig:
     threads: int = 2
     seed: int = 0
     out: Path = REPO_ROOT / "bench" / "triton.json"
+    # cuda: eager PyTorch on the GPU, ONNX Runtime with the CUDA EP and the TensorRT EP (FP16, engines cached in
+    # trt_cache_dir); check_device() refuses at once where CUDA or onnxruntime-gpu is missing
+    device: str = "cpu"
+    trt_cache_dir: Path = REPO_ROOT / "out" / "bench" / "trt_cache"
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.generator not in GENERATOR_MODELS:
             raise ValueError(f"generator must be one of {sorted(GENERATOR_MODELS)}, got {self.generator!r}")
         from mnistgen.diffusion import MAX_STEPS, SAMPLERS
@@ -90,7 +99,53 @@ def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: 
     return best
 
 
-def ort_session(model_dir: Path):
+def check_device(device: str) -> None:
+    """Raise SystemExit at once, saying what to install, when `device` cannot be benchmarked on this machine."""
+    if device == "cpu":
+        return
+    if device not in DEVICES:
+        raise SystemExit(f"--device must be one of {DEVICES}, got {device!r}")
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + (f" built for CUDA {torch.version.cuda}" if torch.version.cuda
+                                                else " built without CUDA")
+        raise SystemExit(f"--device cuda: no CUDA device is usable here (torch.cuda.is_available() is False; "
+                         f"{build}). Run on a machine with an NVIDIA GPU and driver; needs {GPU_INSTALL_HINT}.")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SystemExit(f"--device cuda: onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: "
+                         f"{ort.get_available_providers()}); install {GPU_INSTALL_HINT}")
+
+
+def ort_providers(device: str, engine: str = "onnxruntime", trt_cache_dir: Path | None = None) -> list:
+    """ONNX Runtime execution providers of a bench path: CPU; CUDA; or TensorRT (FP16, engine cache) then CUDA."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if engine == "onnxruntime-trt":
+        cache = Path(trt_cache_dir or REPO_ROOT / "out" / "bench" / "trt_cache")
+        cache.mkdir(parents=True, exist_ok=True)
+        return [("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                               "trt_engine_cache_path": str(cache)}),
+                "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def ort_sessions(model_dir: Path, cfg: BenchConfig) -> dict:
+    """{path: session}: onnxruntime (CPU, or the CUDA EP), plus onnxruntime-trt on cuda when the TensorRT EP loads
+    (a machine without TensorRT libraries skips that column, saying why)."""
+    out = {"onnxruntime": ort_session(model_dir, ort_providers(cfg.device))}
+    if cfg.device == "cuda":
+        try:
+            sess = ort_session(model_dir, ort_providers(cfg.device, "onnxruntime-trt", cfg.trt_cache_dir))
+            if sess.get_providers()[0] != "TensorrtExecutionProvider":
+                raise RuntimeError(f"TensorRT EP not active (session providers {sess.get_providers()})")
+            out["onnxruntime-trt"] = sess
+        except Exception as e:  # noqa: BLE001  (missing libnvinfer, unsupported op...): skip the column, say why
+            print(f"  onnxruntime-trt skipped for {model_dir.name}: {type(e).__name__}: {e}", flush=True)
+    return out
+
+
+def ort_session(model_dir: Path, providers: list | None = None):
     """An ONNX Runtime session over <model_dir>/1/model.onnx with the thread settings of its config.pbtxt."""
     import onnxruntime as ort
 
@@ -102,7 +157,8 @@ def ort_session(model_dir: Path):
     opts.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_dir / "1" / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_dir / "1" / "model.onnx"), sess_options=opts,
+                                providers=providers or ["CPUExecutionProvider"])
 
 
 class OrtEps:
@@ -112,8 +168,34 @@ class OrtEps:
         self.session = session
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        feeds = {"sample": np.ascontiguousarray(x.numpy(), dtype=np.float32), "timestep": t.numpy().astype(np.int64)}
+        feeds = {"sample": np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32),
+                 "timestep": t.cpu().numpy().astype(np.int64)}
         return torch.from_numpy(self.session.run(["noise_pred"], feeds)[0])  # (B, 1, 28, 28)
+
+
+class CudaEps:
+    """eps_fn of the eager UNet on the GPU: the sampling loop stays on the CPU (its seeded generators), each
+    evaluation moves x and t over and eps back (as the python-backend models do with a GPU engine)."""
+
+    def __init__(self, unet):
+        self.unet = unet.to("cuda")
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x.to("cuda"), t.to("cuda")).sample.cpu()  # (B, 1, 28, 28); .cpu() synchronizes
+
+
+def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """fn, then wait for the GPU (CUDA kernels run asynchronously: without this a timing measures the launch)."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def _grpc_inputs(arrays: dict[str, tuple[np.ndarray, str]]):
@@ -132,23 +214,24 @@ def bench_generator(cfg: BenchConfig, client) -> list[dict]:
 
     model = GENERATOR_MODELS[cfg.generator]
     gen, config = load_generator(cfg.checkpoint_dir / GAN_MODELS[cfg.generator])
+    gen = gen.to(cfg.device)
     dim = config["arch"]["latent_dim"]
-    sess = ort_session(cfg.model_repository / model)
+    sessions = ort_sessions(cfg.model_repository / model, cfg)
     rows = []
     for b in cfg.generator_batches:
         z = sample_latent(b, dim, cfg.seed)  # (B, latent_dim)
-        zt = torch.from_numpy(z)
+        zt = torch.from_numpy(z).to(cfg.device)
         ins = _grpc_inputs({"latent": (z, "FP32")})
 
-        def eager():
+        def eager_call():
             with torch.inference_mode():
                 return gen(zt)
 
-        runs = {
-            "pytorch-eager": eager,
-            "onnxruntime": lambda: sess.run(["image"], {"latent": z}),
-            "triton-grpc": lambda: client.infer(model, ins).as_numpy("image"),
-        }
+        eager = synced(eager_call, cfg.device)
+        runs = {"pytorch-eager": eager}
+        runs.update({path: (lambda s=s: s.run(["image"], {"latent": z})) for path, s in sessions.items()})
+        if client is not None:
+            runs["triton-grpc"] = lambda: client.infer(model, ins).as_numpy("image")
         threads = best_threads(eager, (1, cfg.threads))
         for backend, fn in runs.items():
             times = timed(fn, cfg.generator_repeats, cfg.warmup)
@@ -165,7 +248,8 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
 
     unet, config = load_unet(cfg.checkpoint_dir / DDPM_CHECKPOINT)
     sched_cfg = config.get("scheduler")
-    eps = OrtEps(ort_session(cfg.model_repository / "ddpm_denoise"))
+    ort_eps = {path: OrtEps(s) for path, s in ort_sessions(cfg.model_repository / "ddpm_denoise", cfg).items()}
+    eager_eps = CudaEps(unet) if cfg.device == "cuda" else unet
     x_test, _ = load_mnist("test", DataConfig())  # (N, 1, 28, 28) in [-1, 1]
     t_star = sigma_to_timestep(cfg.sigma, make_scheduler("ddpm", sched_cfg).alphas_cumprod)
     rows = []
@@ -191,17 +275,17 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
             def run_with(eps_fn, n_steps):
                 return lambda: denoise(eps_fn, x0t, cfg.sigma, sampler, n_steps, cfg.seed, scheduler_config=sched_cfg)
 
-            runs = {
-                "pytorch-eager": (run_with(unet, steps), run_with(unet, 2)),
-                "onnxruntime": (run_with(eps, steps), run_with(eps, 2)),
-                "triton-grpc": (lambda: client.infer("ddpm_denoise", ins, client_timeout=3600).as_numpy("denoised"),
-                                lambda: client.infer("ddpm_denoise", warm_ins, client_timeout=3600)),
-            }
+            runs = {"pytorch-eager": (run_with(eager_eps, steps), run_with(eager_eps, 2))}
+            runs.update({path: (run_with(e, steps), run_with(e, 2)) for path, e in ort_eps.items()})
+            if client is not None:
+                runs["triton-grpc"] = (
+                    lambda: client.infer("ddpm_denoise", ins, client_timeout=3600).as_numpy("denoised"),
+                    lambda: client.infer("ddpm_denoise", warm_ins, client_timeout=3600))
             t_probe = torch.full((b,), t_star, dtype=torch.int64)  # (B,)
 
             def one_eval():
                 with torch.inference_mode():
-                    return unet(x0t, t_probe)
+                    return eager_eps(x0t, t_probe) if cfg.device == "cuda" else unet(x0t, t_probe)
 
             threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
             for backend, (fn, warm) in runs.items():
@@ -222,11 +306,12 @@ def markdown_table(rows: list[dict]) -> str:
     cells: dict[tuple[str, int], dict[str, float]] = {}
     for r in rows:
         cells.setdefault((r["workload"], r["batch"]), {})[r["backend"]] = r["per_sample_ms"]
-    head = ("| workload | batch | " + " | ".join(f"{b} ms/sample" for b in BACKENDS)
-            + " | Triton vs eager |\n|---|---:|" + "---:|" * len(BACKENDS) + "---:|")
+    backends = [b for b in BACKENDS if any(b in c for c in cells.values())]
+    head = ("| workload | batch | " + " | ".join(f"{b} ms/sample" for b in backends)
+            + " | Triton vs eager |\n|---|---:|" + "---:|" * len(backends) + "---:|")
     lines = [head]
     for (workload, batch), c in cells.items():
-        vals = " | ".join(f"{c[b]:.4g}" if b in c else "-" for b in BACKENDS)
+        vals = " | ".join(f"{c[b]:.4g}" if b in c else "-" for b in backends)
         ratio = c["pytorch-eager"] / c["triton-grpc"] if {"pytorch-eager", "triton-grpc"} <= c.keys() else float("nan")
         lines.append(f"| {workload} | {batch} | {vals} | {ratio:.2f}x |")
     return "\n".join(lines)
@@ -239,10 +324,14 @@ def run(cfg: BenchConfig) -> dict:
     from training.export import ExportConfig
     from training.export import run as export
 
+    check_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     gen_model = GENERATOR_MODELS[cfg.generator]
-    export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
-                        only=(gen_model, "ddpm_unet", "ddpm_denoise")))
+    ecfg = ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
+                        only=(gen_model, "ddpm_unet", "ddpm_denoise"), gpu_variant=cfg.device == "cuda")
+    export(ecfg)
+    if cfg.device == "cuda":  # Triton and the in-process sessions read the GPU variant (--gpu-variant)
+        cfg.model_repository = ecfg.gpu_repository
     server = None
     url = cfg.grpc_url
     if url is None:
@@ -275,9 +364,12 @@ def run(cfg: BenchConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(p, BenchConfig, exclude=("seed",), choices={"generator": sorted(GENERATOR_MODELS)},
+    add_dataclass_args(p, BenchConfig, exclude=("seed",),
+                       choices={"generator": sorted(GENERATOR_MODELS), "device": DEVICES},
                        help={"grpc_url": "use a running Triton (host:port) instead of starting one",
-                             "denoise_samplers": "SAMPLER:STEPS ..."})
+                             "denoise_samplers": "SAMPLER:STEPS ...",
+                             "device": "cuda: eager on the GPU, ONNX Runtime CUDA + TensorRT EPs, Triton on "
+                                       "model_repository_gpu/ (needs pip install -e '.[gpu]')"})
     run(dataclass_from_args(BenchConfig, p.parse_args(argv), parser=p))
     return 0
 

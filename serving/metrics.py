@@ -99,6 +99,12 @@ class GatewayMetrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.in_flight = Gauge(f"{PREFIX}_in_flight_requests", "Requests being served now (queued included)",
                                registry=r)
+        # admission by cost (serving/gateway/admission.py): read from the Limiter at scrape time (watch_admission)
+        self.cost_in_flight = Gauge(f"{PREFIX}_cost_in_flight", "Cost (model evaluations x samples) of the "
+                                    "requests running now", registry=r)
+        self.cost_queued = Gauge(f"{PREFIX}_cost_queued", "Cost of the requests waiting for admission", registry=r)
+        self.max_cost_in_flight = Gauge(f"{PREFIX}_max_cost_in_flight", "The admission budget "
+                                        "(--max-cost-in-flight)", registry=r)
         self.triton_up = Gauge(f"{PREFIX}_triton_up", "1 when Triton and the served models are ready, else 0",
                                registry=r)
         self.auth_failures = Counter(f"{PREFIX}_auth_failures", "Requests refused UNAUTHENTICATED / HTTP 401, by "
@@ -107,17 +113,35 @@ class GatewayMetrics:
         self.auth_enabled = Gauge(f"{PREFIX}_auth_enabled", "1 when bearer tokens are required, else 0", registry=r)
         self.diversity = DiversityTracker(diversity_window)
         r.register(self.diversity)
+        self._children: dict[tuple, object] = {}  # observe()'s labelled series, looked up once per label set
+
+    def watch_admission(self, limiter) -> None:
+        """The cost gauges follow `limiter` (a serving.gateway.admission.Limiter), read when scraped."""
+        self.cost_in_flight.set_function(lambda: limiter.cost_in_flight)
+        self.cost_queued.set_function(lambda: limiter.cost_queued)
+        self.max_cost_in_flight.set(limiter.max_cost)
 
     def observe(self, rpc: str, model: str, transport: str, code: str, seconds: float, samples: int,
                 triton_seconds: float = 0.0) -> None:
-        """Record one finished request (latency and sizes only for successful ones)."""
-        self.requests.labels(rpc, model, transport, code).inc()
+        """Record one finished request (latency and sizes only for successful ones). Label values are bounded
+        (callers pass known model names or "unknown"), so the series are cached per label set."""
+        key = (rpc, model, transport, code)
+        counter = self._children.get(key)
+        if counter is None:
+            counter = self._children[key] = self.requests.labels(rpc, model, transport, code)
+        counter.inc()
         if code == "OK":
-            self.latency.labels(rpc, model).observe(seconds)
+            series = self._children.get((rpc, model))  # histograms only for what succeeded at least once
+            if series is None:
+                series = self._children[(rpc, model)] = (
+                    self.latency.labels(rpc, model), self.sample_latency.labels(rpc, model),
+                    self.batch_size.labels(rpc, model), self.triton_latency.labels(rpc, model))
+            latency, sample_latency, batch_size, triton_latency = series
+            latency.observe(seconds)
             if samples > 0:
-                self.sample_latency.labels(rpc, model).observe(seconds / samples)
-                self.batch_size.labels(rpc, model).observe(samples)
-            self.triton_latency.labels(rpc, model).observe(triton_seconds)
+                sample_latency.observe(seconds / samples)
+                batch_size.observe(samples)
+            triton_latency.observe(triton_seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

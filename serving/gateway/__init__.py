@@ -3,9 +3,10 @@ and metrics. Run it with `python -m serving.gateway` (see `--help`).
 
 Modules:
 - config: GatewayConfig, MNISTGEN_* environment defaults (env_defaults) and the CLI (parse_args).
-- triton_client: TritonClient (one reused tritonclient aio channel, model configs cached), TritonModelInfo,
-  triton_error (tritonclient errors -> ApiError), tensor() and the Triton tensor names.
-- admission: Limiter, the admission control (bounded concurrency and queue; beyond: RESOURCE_EXHAUSTED).
+- triton_client: TritonClient (reused aio channels, model configs cached, ModelInfer requests built from numpy),
+  TritonModelInfo, triton_error (tritonclient errors -> ApiError), tensor() and the Triton tensor names.
+- admission: Limiter, the admission control by cost (model evaluations x samples running at once, bounded
+  concurrency and FIFO queue; beyond: RESOURCE_EXHAUSTED), Cost and the per-request cost functions.
 - service: GenerationServicer (mnistgen.v1.GenerationService over gRPC; its `run` is the transport-independent
   core the HTTP routes share) and its pure helpers (images_message, images_array, timing_message, ...).
 - http_api: HttpApi (aiohttp routes transcoded onto the servicer) and the HTTP helpers (error_response, ...).
@@ -13,7 +14,7 @@ Modules:
   ports), ConfigError; the HTTP side is http_api.auth_middleware.
 - app: GatewayState (readiness, gRPC health, draining), start(), RunningGateway, serve() and main().
 """
-from .admission import Limiter
+from .admission import Cost, Limiter, denoise_cost, generate_cost
 from .app import SERVICE_NAME, GatewayState, RunningGateway, main, serve, start
 from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
 from .config import ENV_PREFIX, LOG_LEVELS, GatewayConfig, env_defaults, parse_args
@@ -30,7 +31,7 @@ from .triton_client import (
 )
 
 __all__ = [
-    "AuthInterceptor", "ConfigError", "TlsMaterial", "TokenAuth",
+    "AuthInterceptor", "ConfigError", "Cost", "TlsMaterial", "TokenAuth", "denoise_cost", "generate_cost",
     "DENOISED", "ENV_PREFIX", "HTTP_STATUS", "IMAGE", "LATENT", "LOG_LEVELS", "NOISY", "NUM_SAMPLES", "PNG_VIEWS",
     "SAMPLER", "SEED", "SERVICE_NAME", "SIGMA", "STEPS", "TIMEOUT_HEADER", "GatewayConfig", "GatewayState",
     "GenerationServicer", "HttpApi", "Limiter", "RunningGateway", "TritonClient", "TritonModelInfo",

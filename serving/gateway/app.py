@@ -115,7 +115,9 @@ async def start(config: GatewayConfig) -> RunningGateway:
     auth = TokenAuth.from_config(config, metrics)  # None: auth off
     tls = load_tls(config)  # None: plain text
     triton = TritonClient(config.triton_url, config.max_response_bytes)
-    servicer = GenerationServicer(triton, metrics, Limiter(config.max_concurrency, config.max_queue), config)
+    limiter = Limiter(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
+    metrics.watch_admission(limiter)  # cost gauges
+    servicer = GenerationServicer(triton, metrics, limiter, config)
     server = grpc.aio.server(interceptors=[AuthInterceptor(auth)] if auth is not None else None, options=[
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", config.max_response_bytes),

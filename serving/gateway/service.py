@@ -20,7 +20,7 @@ from ..validation import (
     DENOISE_MODEL, MODELS, SAMPLERS, ApiError, DenoiseParams, GenerateParams, ValidationError, clip,
     validate_denoise, validate_generate,
 )
-from .admission import Limiter
+from .admission import FREE, Limiter, denoise_cost, generate_cost
 from .config import GatewayConfig
 from .triton_client import (
     DENOISED, IMAGE, LATENT, NOISY, NUM_SAMPLES, SAMPLER, SEED, SIGMA, STEPS, TritonClient, tensor,
@@ -75,10 +75,15 @@ def status_message(message: str) -> str:
     return clip(message, MAX_STATUS_BYTES // 4)
 
 
-def images_message(x: np.ndarray, fmt: str) -> pb.Images:
-    """(N, 1, 28, 28) float32 in [-1, 1] -> pb.Images in the requested format."""
+FORMAT_VALUES = {name: pb.ImageFormat.Value(name) for name in pb.ImageFormat.keys()}
+
+
+def fill_images(msg: pb.Images, x: np.ndarray, fmt: str) -> pb.Images:
+    """Write (N, 1, 28, 28) float32 in [-1, 1] into msg (a response's images field, in place: no copy of the
+    pixels into a separate message first) in the requested format; returns msg."""
     x = np.ascontiguousarray(x, dtype="<f4").reshape(-1, 1, imgs.SIDE, imgs.SIDE)  # (N, 1, 28, 28)
-    msg = pb.Images(format=pb.ImageFormat.Value(fmt), count=len(x), shape=list(x.shape))
+    msg.format, msg.count = FORMAT_VALUES[fmt], len(x)
+    msg.shape.extend(x.shape)
     if fmt == "RAW_FLOAT32":
         msg.raw = x.tobytes()
     elif fmt == "PNG":
@@ -86,6 +91,11 @@ def images_message(x: np.ndarray, fmt: str) -> pb.Images:
     else:
         msg.grid_png = imgs.grid_png(x)
     return msg
+
+
+def images_message(x: np.ndarray, fmt: str) -> pb.Images:
+    """(N, 1, 28, 28) float32 in [-1, 1] -> pb.Images in the requested format."""
+    return fill_images(pb.Images(), x, fmt)
 
 
 def images_array(msg: pb.Images) -> np.ndarray:
@@ -99,8 +109,14 @@ def images_array(msg: pb.Images) -> np.ndarray:
 
 
 def timing_message(start: float, triton_s: float, n: int) -> pb.Timing:
+    return set_timing(pb.Timing(), start, triton_s, n)
+
+
+def set_timing(msg: pb.Timing, start: float, triton_s: float, n: int) -> pb.Timing:
+    """Fill a response's timing field in place (server time since `start`)."""
     ms = (time.perf_counter() - start) * 1e3
-    return pb.Timing(server_ms=ms, per_sample_ms=ms / max(n, 1), triton_ms=triton_s * 1e3)
+    msg.server_ms, msg.per_sample_ms, msg.triton_ms = ms, ms / max(n, 1), triton_s * 1e3
+    return msg
 
 
 def model_label(name: str) -> str:
@@ -125,7 +141,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     # -- transport-independent core --
     async def run(self, rpc: str, transport: str, label: str, timeout_s: float | None, fn, request):
-        """Admission, deadline, metrics around one call of fn(request, deadline) -> (response, samples, triton_s)."""
+        """Deadline, errors and metrics around one call of fn(request, deadline, start) -> (response, samples,
+        triton_s). Admission is the handler's: it validates the request first (a bad one never waits in the queue),
+        then holds `async with self.limiter.slot(cost)` around its Triton work (admission.py, by cost)."""
         start = time.perf_counter()
         timeout_s = self.config.request_timeout_s if timeout_s is None else min(timeout_s,
                                                                                 self.config.request_timeout_s)
@@ -136,8 +154,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             # the deadline covers the wait for a slot too (an HTTP client's X-Request-Timeout included)
             async with asyncio.timeout(max(timeout_s, 0.0)):
-                async with self.limiter.slot():
-                    response, samples, triton_s = await fn(request, deadline, start)
+                response, samples, triton_s = await fn(request, deadline, start)
             return response
         except ApiError as e:
             code = e.code
@@ -162,17 +179,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def generate(self, req: pb.GenerateRequest, deadline: float, start: float):
         p = validate_generate(req.model, req.num_samples, req.seed if req.HasField("seed") else None,
                               req.steps, req.sampler, req.format)
-        t0 = time.perf_counter()
-        if p.model.kind == "gan":
-            x, version = await self._generate_gan(p, deadline)  # (N, 1, 28, 28)
-        else:
-            x, version = await self._generate_ddpm(p, deadline)
-        triton_s = time.perf_counter() - t0
-        self.metrics.diversity.add(p.model.name, x)
-        out = await encode(x, p.format)
-        resp = pb.GenerateResponse(model=p.model.name, model_version=version, seed=p.seed, images=out,
-                                   steps=p.steps, sampler=p.sampler)
-        resp.timing.CopyFrom(timing_message(start, triton_s, p.num_samples))
+        async with self.limiter.slot(generate_cost(p)):
+            t0 = time.perf_counter()
+            if p.model.kind == "gan":
+                x, version = await self._generate_gan(p, deadline)  # (N, 1, 28, 28)
+            else:
+                x, version = await self._generate_ddpm(p, deadline)
+            triton_s = time.perf_counter() - t0
+            self.metrics.diversity.add(p.model.name, x)
+            resp = pb.GenerateResponse(model=p.model.name, model_version=version, seed=p.seed, steps=p.steps,
+                                       sampler=p.sampler)
+            await encode_into(resp.images, x, p.format)
+        set_timing(resp.timing, start, triton_s, p.num_samples)
         return resp, p.num_samples, triton_s
 
     async def _generate_gan(self, p: GenerateParams, deadline: float) -> tuple[np.ndarray, str]:
@@ -180,6 +198,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         info = await self.triton.model_info(model, deadline_remaining(deadline))
         z = sample_latent(p.num_samples, info.latent_dim, p.seed)  # (N, latent_dim)
         step = info.max_batch_size or p.num_samples
+        if p.num_samples <= step:  # one call (every batch-1 request): no task, no gather, no concatenate
+            r = await self.triton.infer(model, [tensor(LATENT, z, "FP32")], [IMAGE], deadline_remaining(deadline))
+            return r.as_numpy(IMAGE).reshape(-1, 1, imgs.SIDE, imgs.SIDE), r.get_response().model_version
         results = await asyncio.gather(*(
             self.triton.infer(model, [tensor(LATENT, z[i:i + step], "FP32")], [IMAGE], deadline_remaining(deadline))
             for i in range(0, p.num_samples, step)))
@@ -205,14 +226,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 req.seed if req.HasField("seed") else None, req.format)
         # decoding many PNGs is CPU work: keep it off the event loop
         p = await asyncio.to_thread(validate_denoise, *args) if len(req.png_images) > 8 else validate_denoise(*args)
-        t0 = time.perf_counter()
-        noisy, denoised, version = await self._denoise(p, deadline)
-        triton_s = time.perf_counter() - t0
+        async with self.limiter.slot(denoise_cost(p)):
+            t0 = time.perf_counter()
+            noisy, denoised, version = await self._denoise(p, deadline)
+            triton_s = time.perf_counter() - t0
+            resp = pb.DenoiseResponse(model=DENOISE_MODEL.name, model_version=version, seed=p.seed, sigma=p.sigma,
+                                      steps=p.steps, sampler=p.sampler)
+            await encode_into(resp.noisy, noisy, p.format)
+            await encode_into(resp.denoised, denoised, p.format)
         k = len(p.images)
-        resp = pb.DenoiseResponse(model=DENOISE_MODEL.name, model_version=version, seed=p.seed,
-                                  noisy=await encode(noisy, p.format), denoised=await encode(denoised, p.format),
-                                  sigma=p.sigma, steps=p.steps, sampler=p.sampler)
-        resp.timing.CopyFrom(timing_message(start, triton_s, k))
+        set_timing(resp.timing, start, triton_s, k)
         return resp, k, triton_s
 
     async def _denoise(self, p: DenoiseParams, deadline: float) -> tuple[np.ndarray, np.ndarray, str]:
@@ -241,6 +264,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return noisy, denoised, results[0].get_response().model_version
 
     async def list_models(self, req: pb.ListModelsRequest, deadline: float, start: float):
+        async with self.limiter.slot(FREE):  # no model evaluation: counts toward max_concurrency only
+            return await self._list_models(deadline)
+
+    async def _list_models(self, deadline: float):
         timeout = min(self.config.readiness_timeout_s, deadline_remaining(deadline))
         specs = list(MODELS.values()) + [DENOISE_MODEL]
         _, ready = await self.triton.readiness([s.triton_model for s in specs], timeout)
@@ -280,6 +307,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
 async def encode(x: np.ndarray, fmt: str) -> pb.Images:
     """images_message, off the event loop when there are many PNGs to compress."""
+    return await encode_into(pb.Images(), x, fmt)
+
+
+async def encode_into(msg: pb.Images, x: np.ndarray, fmt: str) -> pb.Images:
+    """fill_images, off the event loop when there are many PNGs to compress."""
     if fmt != "RAW_FLOAT32" and len(x) > 16:
-        return await asyncio.to_thread(images_message, x, fmt)
-    return images_message(x, fmt)
+        return await asyncio.to_thread(fill_images, msg, x, fmt)
+    return fill_images(msg, x, fmt)

@@ -1,9 +1,18 @@
-"""loadtest/bench.py's result tables and goal arithmetic on synthetic rows (pure logic; the real run is `make bench`)."""
+"""loadtest/bench.py: result tables and goal arithmetic on synthetic rows, the concurrency sweep (a tiny real one
+against the session gateway), and --device cuda's refusal and argument plumbing (the real run is `make bench`)."""
 from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from loadtest import bench
+from loadtest import bench, bench_triton
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def row(workload, batch, path, runs_ms, **extra):
@@ -46,7 +55,7 @@ def test_goals(rows):
     g = by_start("dpm-solver++:20 speed-up")
     assert g.measured == pytest.approx(6.0) and g.met
     g = by_start("gateway-grpc p50 overhead")
-    assert g.measured == pytest.approx(1.5) and g.unit == "ms" and g.met
+    assert g.measured == pytest.approx(1.5) and g.unit == "ms" and g.target == 1.0 and not g.met
 
 
 def test_missing_cells_miss_their_goal_and_bad_paths_are_named():
@@ -62,3 +71,147 @@ def test_overhead_goal_prefers_the_interleaved_measurement(rows):
     g = [g for g in bench.goals(bench.results_table(rows), cfg, overhead) if "overhead" in g.name]
     assert len(g) == 1 and "200 interleaved pairs" in g[0].name
     assert g[0].measured == pytest.approx(2.4) and not g[0].met
+
+
+# -- concurrency sweep (results["concurrency"]) ------------------------------------------------------------------
+
+
+def conc_cell(clients, samples_per_s, p50, p99, ok=10, errors=0, **extra):
+    return {"clients": clients, "requests": ok + errors, "ok": ok, "errors": errors, "first_error": "",
+            "wall_s": ok / samples_per_s, "samples_per_s": samples_per_s, "p50_ms": p50, "p99_ms": p99,
+            "load_avg_1m": 2.0, **extra}
+
+
+def test_concurrency_section_in_the_markdown(rows):
+    cfg = bench.GatewayBenchConfig(generator_batches=(1, 64), denoise_batches=(1,))
+    conc = {"generate dcgan-baseline batch 1": {
+        "pytorch-eager": {"1": conc_cell(1, 500.0, 2.0, 3.0, torch_threads=1), "4": conc_cell(4, 500.0, 8.0, 9.0,
+                                                                                            torch_threads=1)},
+        "gateway-grpc": {"1": conc_cell(1, 250.0, 4.0, 6.0), "4": conc_cell(4, 1000.0, 4.0, 7.0, errors=1)}}}
+    result = {"config": {"threads": 2, "generator_repeats": 3, "ddpm_repeats": 2, "fast_repeats": 2, "warmup": 1,
+                         "fast_sampler": "dpm-solver++:20", "sigma": 0.5, "denoise_batches": [1]},
+              "machine": {"cpu": "x", "cores": 2, "platform": "p", "python": "3", "torch": "t", "onnxruntime": "o",
+                          "load_avg_1m": 1.0},
+              "load_avg_end": 1.5, "wall_s": 10.0, "results": bench.results_table(rows), "overhead_batch1": None,
+              "concurrency": conc, "locust": None,
+              "goals": [{**bench.asdict(g), "met": g.met} for g in bench.goals(bench.results_table(rows), cfg)]}
+    md = bench.markdown(result)
+    assert "## Concurrency: batch-1 requests from N closed-loop clients" in md
+    lines = [line for line in md.splitlines() if line.startswith("| generate dcgan-baseline batch 1 |")]
+    assert len(lines) == 4
+    assert "| generate dcgan-baseline batch 1 | 4 | gateway-grpc | 1000 | 4 | 7 | 10 | 1 | 2.00x | 2.0 |" in lines
+    assert "| generate dcgan-baseline batch 1 | 1 | pytorch-eager (1 thr) | 500 | 2 | 3 | 10 | 0 | - | 2.0 |" in lines
+    assert "## Locust" not in md
+
+
+def test_closed_loop_serial_vs_concurrent():
+    def make_call():
+        return lambda i: time.sleep(0.01)
+
+    serial = bench.closed_loop(make_call, clients=4, requests=12, serial=True)
+    parallel = bench.closed_loop(make_call, clients=4, requests=12, warm=True)
+    assert serial["ok"] == parallel["ok"] == 12 and serial["errors"] == 0
+    # one at a time: 4 clients wait for each other's turn; concurrent: each request takes one sleep
+    assert serial["p50_ms"] > 2 * parallel["p50_ms"] and parallel["samples_per_s"] > 2 * serial["samples_per_s"]
+
+    def call(i: int) -> None:
+        if i % 2:
+            raise RuntimeError("busy")
+
+    c = bench.closed_loop(lambda: call, clients=2, requests=6)
+    assert (c["ok"], c["errors"]) == (3, 3) and "RuntimeError: busy" in c["first_error"]
+
+
+def test_concurrency_config_and_quick_mode(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda cfg: seen.setdefault("cfg", cfg))
+    bench.main(["--quick"])
+    cfg = seen.pop("cfg")
+    assert cfg.concurrency == (1, 4) and cfg.concurrency_requests == 40 and cfg.concurrency_denoise_requests == 4
+    bench.main(["--quick", "--concurrency", "2", "--concurrency-requests", "7"])  # options given win over --quick
+    cfg = seen.pop("cfg")
+    assert cfg.concurrency == (2,) and cfg.concurrency_requests == 7
+    assert bench.GatewayBenchConfig().concurrency == (1, 4, 16)
+    assert bench.GatewayBenchConfig(concurrency=(0,)).concurrency == ()  # no sweep
+    with pytest.raises(ValueError, match="concurrency"):
+        bench.GatewayBenchConfig(concurrency=(-1,))
+
+
+def test_concurrency_sweep_against_a_real_gateway(gateway, triton, tmp_path):
+    """Tiny settings: 1 and 2 clients, a handful of batch-1 requests per path (the real sweep is `make bench`)."""
+    triton.require("dcgan_generator")
+    has_ddpm = "ddpm_denoise" in triton.models
+    cfg = bench.GatewayBenchConfig(concurrency=(1, 2), concurrency_requests=6, concurrency_denoise_requests=2,
+                                   fast_sampler="dpm-solver++:2", threads=1, out_dir=tmp_path)
+    conc = bench.bench_concurrency(cfg, gateway.grpc_target, has_ddpm)
+    expected = ["generate dcgan-baseline batch 1"] + (["denoise dpm-solver++-2 batch 1"] if has_ddpm else [])
+    assert list(conc) == expected
+    for w in expected:
+        for path in bench.CONCURRENCY_PATHS:
+            for level in ("1", "2"):
+                c = conc[w][path][level]
+                assert c["errors"] == 0, c["first_error"]
+                assert c["clients"] == int(level) and c["ok"] == c["requests"] > 0
+                assert c["samples_per_s"] > 0 and 0 < c["p50_ms"] <= c["p99_ms"]
+        assert "torch_threads" in conc[w]["pytorch-eager"]["1"]
+    json.dumps(conc)  # results.json material
+
+
+# -- --device cuda: refused at once without CUDA, argument plumbing ---------------------------------------------
+
+
+def test_device_cuda_fails_at_once_without_cuda(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cuda"])  # nothing exported, no Triton started
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert "--device cuda" in msg and "torch.cuda.is_available() is False" in msg and "pip install -e '.[gpu]'" in msg
+
+
+def test_device_cuda_names_onnxruntime_gpu_when_only_its_ep_is_missing(monkeypatch):
+    import onnxruntime
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(SystemExit) as e:
+        bench_triton.check_device("cuda")
+    assert "no CUDAExecutionProvider" in str(e.value) and "onnxruntime-gpu" in str(e.value)
+    bench_triton.check_device("cpu")  # nothing to check
+
+
+def test_device_argument_plumbing(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda cfg: seen.setdefault("cfg", cfg))
+    bench.main(["--device", "cuda", "--trt-cache-dir", str(tmp_path / "trt"), "--quick"])
+    cfg = seen["cfg"]
+    assert cfg.device == "cuda" and cfg.locust_time_s == bench.LOCUST_TIME_S_CUDA
+    tcfg = cfg.triton_config(("ddpm:100",), 1)
+    assert tcfg.device == "cuda" and tcfg.trt_cache_dir == tmp_path / "trt"
+    assert bench.GatewayBenchConfig().locust_time_s == 0 and bench.GatewayBenchConfig(locust_time_s=5).locust_time_s == 5
+    with pytest.raises(ValueError, match="device must be one of"):
+        bench.GatewayBenchConfig(device="tpu")
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "tpu"])  # argparse choices
+    assert bench_triton.ort_providers("cpu") == ["CPUExecutionProvider"]
+    assert bench_triton.ort_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt = bench_triton.ort_providers("cuda", "onnxruntime-trt", tmp_path / "cache")
+    assert trt[0][0] == "TensorrtExecutionProvider" and trt[0][1]["trt_fp16_enable"] is True
+    assert trt[0][1]["trt_engine_cache_path"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+
+
+def test_make_bench_passes_device():
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make")
+    r = subprocess.run([make, "-n", "-o", ".venv/.installed", "bench", "DEVICE=cuda", "BENCH_ARGS=--quick"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "-m loadtest.bench --device cuda --quick" in r.stdout
+    r = subprocess.run([make, "-n", "-o", ".venv/.installed", "bench"], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert "-m loadtest.bench" in r.stdout and "--device" not in r.stdout
