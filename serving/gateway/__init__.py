@@ -12,6 +12,7 @@ Modules:
 - http_api: HttpApi (aiohttp routes transcoded onto the servicer) and the HTTP helpers (error_response, ...).
 - auth: TokenAuth (optional bearer tokens, re-read token file), AuthInterceptor (gRPC), TlsMaterial (TLS on both
   ports), ConfigError; the HTTP side is http_api.auth_middleware.
+- json_body: JSON bodies bounded (depth, size, UTF-8, duplicate keys) and typed before protobuf parses them.
 - app: GatewayState (readiness, gRPC health, draining), start(), RunningGateway, serve() and main().
 """
 from .admission import Cost, Limiter, denoise_cost, generate_cost
@@ -20,8 +21,9 @@ from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
 from .config import ENV_PREFIX, LOG_LEVELS, GatewayConfig, env_defaults, parse_args
 from .http_api import (
     HTTP_STATUS, PNG_VIEWS, TIMEOUT_HEADER, HttpApi, decode_any, error_response, http_timeout, message_json,
-    parse_error, png_headers, query_number, wants_png,
+    png_headers, query_number, wants_png,
 )
+from .json_body import parse_error, parse_json_body
 from .service import (
     GenerationServicer, deadline_remaining, encode, images_array, images_message, model_label, timing_message,
 )
@@ -36,6 +38,6 @@ __all__ = [
     "SAMPLER", "SEED", "SERVICE_NAME", "SIGMA", "STEPS", "TIMEOUT_HEADER", "GatewayConfig", "GatewayState",
     "GenerationServicer", "HttpApi", "Limiter", "RunningGateway", "TritonClient", "TritonModelInfo",
     "deadline_remaining", "decode_any", "encode", "env_defaults", "error_response", "http_timeout", "images_array",
-    "images_message", "main", "message_json", "model_label", "parse_args", "parse_error", "png_headers",
+    "images_message", "main", "message_json", "model_label", "parse_args", "parse_error", "parse_json_body", "png_headers",
     "query_number", "serve", "start", "tensor", "timing_message", "triton_error", "wants_png",
 ]

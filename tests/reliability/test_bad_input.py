@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.gateway.http_api import MAX_JSON_DEPTH, MAX_JSON_ITEMS
+from serving.gateway.json_body import MAX_JSON_DEPTH, MAX_JSON_ITEMS
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
 from serving.validation import MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES, MAX_GAN_SAMPLES, MAX_STEPS, MODELS, SAMPLERS
 

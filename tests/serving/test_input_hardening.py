@@ -1,5 +1,5 @@
 """Bounded parsing and bounded echoes (no servers): serving.validation.echo/clip, the HTTP JSON body parser
-(serving.gateway.http_api.parse_json_body) and the gRPC lenient deserializer. The live campaign is
+(serving.gateway.json_body.parse_json_body) and the gRPC lenient deserializer. The live campaign is
 tests/reliability/test_bad_input.py."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serving.gateway.http_api import MAX_JSON_DEPTH, MAX_JSON_ITEMS, json_shape, parse_json_body
+from serving.gateway.json_body import MAX_JSON_DEPTH, MAX_JSON_ITEMS, json_shape, parse_json_body
 from serving.gateway.service import MAX_STATUS_BYTES, Undecodable, lenient, status_message
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
 from serving.validation import ECHO_CHARS, ValidationError, clip, echo, validate_generate

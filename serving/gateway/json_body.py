@@ -1,0 +1,204 @@
+"""JSON request bodies: bounded in depth, size and encoding before anything recurses, then typed field by field
+before protobuf's ParseDict sees them, so hostile structure gets a 400 naming the field, never a 500."""
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import re
+
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor as FD
+
+from ..generated.mnistgen.v1 import generation_pb2 as pb
+from ..validation import ECHO_CHARS, ValidationError, check_format, clip, echo
+
+log = logging.getLogger("mnistgen.gateway")
+
+MAX_JSON_DEPTH = 8  # nesting of arrays/objects in a body (a valid request has 2: {"png_images": [...]})
+MAX_JSON_ITEMS = 4096  # values in a body, counted as commas + arrays + objects (a valid Denoise has < 80)
+JSON_THREAD_BYTES = 256 << 10  # bodies over this are parsed off the event loop (64 raw images are ~270 KB)
+# a JSON string, possessive (no backtracking); an unterminated one runs to the end (no retry from each later quote,
+# which made a body of '"\\"\\"\\"...' quadratic): linear in the body whatever it holds
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.?)*+(?:"|\Z)', re.DOTALL)
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_OPEN = np.frombuffer(b"[{", np.uint8)
+
+
+def json_shape(body: bytes) -> tuple[int, int]:
+    """(deepest nesting, commas + arrays + objects) of a JSON text, from a scan of its bytes before any parsing.
+
+    json.loads and protobuf's ParseDict recurse once per level (100k `[` exhaust the interpreter's stack: a
+    RecursionError, once an HTTP 500), and a body of 4 million `1,` is 0.2 s and 40 MB of Python objects; both
+    are refused from this linear scan (a regex and numpy). String contents are skipped ("[" inside one counts
+    for nothing); the body must already be valid UTF-8, so no multi-byte sequence contains an ASCII byte.
+    """
+    skeleton = _JSON_STRING.sub(b"0", body)
+    brackets = np.frombuffer(skeleton.translate(None, _NOT_BRACKET), np.uint8)
+    opens = np.isin(brackets, _OPEN)
+    depth = int(np.cumsum(np.where(opens, np.int8(1), np.int8(-1)), dtype=np.int32).max(initial=0))
+    return depth, skeleton.count(b",") + int(opens.sum())
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads object_pairs_hook: a key given twice is refused (which one wins differs between parsers)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def json_kind(value) -> str:
+    """The JSON type of a parsed value, for messages: "an array", "a string", ..."""
+    if value is None:
+        return "null"
+    for types, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"),
+                        (dict, "an object")):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
+
+FLOAT_MAX = np.finfo(np.float64).max
+_NUMERIC = (FD.CPPTYPE_INT32, FD.CPPTYPE_INT64, FD.CPPTYPE_UINT32, FD.CPPTYPE_UINT64, FD.CPPTYPE_FLOAT,
+            FD.CPPTYPE_DOUBLE, FD.CPPTYPE_ENUM)
+
+
+def json_expects(f) -> str:
+    """What protobuf's JSON mapping takes for a (non-repeated) field, in words."""
+    if f.type == FD.TYPE_BYTES:
+        return "base64 bytes in a JSON string"
+    if f.cpp_type == FD.CPPTYPE_STRING:
+        return "a JSON string"
+    if f.cpp_type == FD.CPPTYPE_ENUM:
+        return f"one of {[v.name for v in f.enum_type.values]} or its number"
+    if f.cpp_type in (FD.CPPTYPE_FLOAT, FD.CPPTYPE_DOUBLE):
+        return 'a JSON number (or "NaN", "Infinity" as strings)'
+    if f.cpp_type == FD.CPPTYPE_BOOL:
+        return "true or false"
+    return "an integer (a JSON number or a string of digits)"
+
+
+def json_accepts(f, value) -> bool:
+    """Whether a value has a JSON type protobuf's mapping can read into this (non-repeated) field."""
+    if f.cpp_type == FD.CPPTYPE_STRING:
+        return isinstance(value, str)
+    if f.cpp_type == FD.CPPTYPE_BOOL:
+        return isinstance(value, bool)
+    if f.cpp_type in _NUMERIC:
+        return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    return isinstance(value, dict)  # a message
+
+
+def check_json_fields(obj: dict, descriptor) -> None:
+    """Every key a field of the message (by proto or JSON name, once), every value of a JSON type that field takes.
+
+    Refuses what protobuf's ParseDict would choke on or misread, with messages that echo at most ECHO_CHARS of
+    the input: unknown keys (any length, any characters), a field given under both of its names, arrays/objects/
+    booleans where scalars go, non-strings inside repeated fields. null means "unset", as in protobuf's mapping.
+    """
+    fields = {}
+    for f in descriptor.fields:
+        fields[f.name] = fields[f.json_name] = f
+    given: dict[str, str] = {}
+    for key, value in obj.items():
+        f = fields.get(key)
+        if f is None:
+            raise ValidationError(clip(key, ECHO_CHARS), f"{descriptor.full_name} has no field named {echo(key)}; "
+                                                         f"its fields: {[f.name for f in descriptor.fields]} "
+                                                         f"(see {descriptor.name} in docs/api.md)")
+        if f.name in given:
+            raise ValidationError(f.name, f"given twice, as {echo(given[f.name])} and {echo(key)}")
+        given[f.name] = key
+        if value is None:
+            continue
+        if f.is_repeated:
+            if not isinstance(value, list):
+                raise ValidationError(f.name, f"must be a JSON array of {json_expects(f)}, got {json_kind(value)} "
+                                              f"{echo(value)}")
+            for i, v in enumerate(value):
+                if not json_accepts(f, v):
+                    raise ValidationError(f"{f.name}[{i}]", f"must be {json_expects(f)}, got {json_kind(v)} {echo(v)}")
+        elif not json_accepts(f, value):
+            raise ValidationError(f.name, f"must be {json_expects(f)}, got {json_kind(value)} {echo(value)}")
+        elif f.cpp_type in (FD.CPPTYPE_FLOAT, FD.CPPTYPE_DOUBLE) and isinstance(value, int) and abs(value) > FLOAT_MAX:
+            raise ValidationError(f.name, f"must be a finite number, got {echo(value)}")  # (float() would overflow)
+
+
+def parse_error(e: json_format.ParseError, message_name: str, obj: dict | None = None,
+                descriptor=None) -> ValidationError:
+    """protobuf's JSON parse errors -> ValidationError naming the field. protobuf repeats the offending value in
+    full (or Python's 200 characters of it); the message says what the field takes and echoes the value short."""
+    text = str(e)
+    m = (re.search(r"Failed to parse (\w+) field", text) or re.search(r'no field named "?(\w+)"?', text)
+         or re.search(r" at \w+\.(\w+)", text))
+    key = m.group(1) if m else None
+    f = next((f for f in descriptor.fields if key in (f.name, f.json_name)), None) if descriptor and key else None
+    if f is None or key not in (obj or {}):
+        return ValidationError(f.name if f is not None else key or "body",
+                               f"{clip(text)} (see {message_name} in docs/api.md)")
+    reason = text.split(" field: ", 1)[-1].split(": ", 1)[0]  # "Couldn't parse integer", "Value out of range"...
+    reason = re.sub(r" at \w+(\.\w+)*\.?$", "", reason).rstrip(".")
+    value = obj[key]
+    return ValidationError(f.name, f"must be {json_expects(f)}, got {json_kind(value)} {echo(value)} "
+                                   f"({clip(reason, 80)}; see {message_name} in docs/api.md)")
+
+
+def parse_json_body(body: bytes, message_type):
+    """An HTTP body -> a request message; every way it can be wrong is a ValidationError (HTTP 400) naming `body`
+    or the field, never an exception that would become a 500. Bounded before anything recurses: UTF-8 only
+    (RFC 8259), nesting <= MAX_JSON_DEPTH, <= MAX_JSON_ITEMS values; then duplicate keys, unknown fields and wrong
+    JSON types are refused before protobuf's ParseDict reads the rest."""
+    name = message_type.DESCRIPTOR.name
+    if body.startswith(codecs.BOM_UTF8):
+        body = body[len(codecs.BOM_UTF8):]
+    if not body.strip():
+        return message_type()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValidationError("body", f"not UTF-8 (byte {e.start} is {echo(body[e.start:e.start + 1])}); send a "
+                                      f"{name} as JSON in UTF-8") from None
+    depth, items = json_shape(body)
+    if depth > MAX_JSON_DEPTH:
+        raise ValidationError("body", f"JSON nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH} "
+                                      f"(a {name} needs 2)")
+    if items > MAX_JSON_ITEMS:
+        raise ValidationError("body", f"JSON with {items} values, over the limit of {MAX_JSON_ITEMS} "
+                                      f"(a {name} needs fewer than 100)")
+    try:
+        obj = json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
+        raise ValidationError("body", f"key {echo(e.key)} given twice in one JSON object") from None
+    except (ValueError, RecursionError) as e:
+        raise ValidationError("body", f"not valid JSON ({clip(e)}); send a {name} as JSON") from None
+    if not isinstance(obj, dict):
+        raise ValidationError("body", f"must be a JSON object ({name}), got {json_kind(obj)} {echo(obj)}")
+    check_json_fields(obj, message_type.DESCRIPTOR)
+    fmt = obj.get("format")
+    if isinstance(fmt, float) and fmt.is_integer():
+        obj["format"] = fmt = int(fmt)
+    if isinstance(fmt, str):
+        obj["format"] = fmt = fmt.upper() if fmt.isascii() else fmt
+        if fmt not in pb.ImageFormat.keys():  # upb would read "PNG\u0000junk" as PNG (a C string)
+            check_format(fmt)  # raises
+    elif isinstance(fmt, (int, float)):
+        check_format(fmt)  # raises unless 0..3: protobuf reads 1.5 as 1 and drops numbers beyond int32 silently
+    try:
+        return json_format.ParseDict(obj, message_type())
+    except json_format.ParseError as e:
+        raise parse_error(e, name, obj, message_type.DESCRIPTOR) from None
+    except Exception as e:  # protobuf choking on something check_json_fields let through: still the body's fault
+        log.warning("ParseDict(%s) raised %s: %s", name, type(e).__name__, clip(e))
+        raise ValidationError("body", f"cannot be read as a {name} ({type(e).__name__}: {clip(e)})") from None
