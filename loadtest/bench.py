@@ -186,6 +186,27 @@ def bench_overhead(cfg: GatewayBenchConfig, tclient, gateway_client) -> dict:
 
 
 # ---- concurrency sweep ------------------------------------------------------------------------------------
+class FifoLock:
+    """A lock granted in arrival order (threading.Lock is not fair: the thread that releases it usually takes it
+    again at once, so one client would run its whole stream while the others wait, which is not a server's queue)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cv:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cv.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc) -> None:
+        with self._cv:
+            self._serving += 1
+            self._cv.notify_all()
+
+
 def closed_loop(make_call, clients: int, requests: int, serial: bool = False, warm: bool = False) -> dict:
     """`clients` threads send `requests` requests in all, each client its next one as soon as the previous one is
     answered (closed loop); request i is call(i) with call = make_call(), made once per client thread (e.g. its own
@@ -195,7 +216,7 @@ def closed_loop(make_call, clients: int, requests: int, serial: bool = False, wa
     counter = itertools.count()
     latencies: list[float] = []
     errors: list[str] = []
-    gate = threading.Lock()
+    gate = FifoLock()  # serial: first come, first served
     start = threading.Barrier(clients + 1)
 
     def client() -> None:
