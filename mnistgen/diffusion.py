@@ -41,19 +41,10 @@ from torch import nn
 
 from .checkpoint import CHECKPOINT_DIR, load_module
 from .registry import DDPM_CHECKPOINT
+from .schedule import DEFAULT_SCHEDULER, noise_to_signal, sigma_to_timestep  # noqa: F401  (re-exported)
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 MAX_STEPS = 1000  # upper bound on `steps` (= num_train_timesteps of the default schedule)
-
-# The training noise schedule (DDPMScheduler config); saved in the checkpoint under "scheduler".
-DEFAULT_SCHEDULER: dict = {
-    "num_train_timesteps": 1000,  # T
-    "beta_schedule": "linear",  # Ho et al. 2020
-    "beta_start": 1e-4,
-    "beta_end": 0.02,
-    "prediction_type": "epsilon",  # the UNet predicts the added noise
-    "clip_sample": True,  # clip predicted x0 to [-1, 1] (DDPM / DDIM)
-}
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StopFn = Callable[[], bool]
@@ -133,20 +124,6 @@ def make_scheduler(name: str, train_config: dict | None = None):
         # eta = 0 (deterministic); set_alpha_to_one: the last update lands on abar = 1, i.e. on x0
         return DDIMScheduler(**common, clip_sample=cfg.get("clip_sample", True), set_alpha_to_one=True)
     return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
-
-
-def noise_to_signal(alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """sqrt((1 - abar_t) / abar_t) for every t: the sigma of y = x0 + sigma * n that x_t corresponds to."""
-    a = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.sqrt((1.0 - a) / a)
-
-
-def sigma_to_timestep(sigma: float, alphas_cumprod: torch.Tensor) -> int:
-    """t* = argmin_t |sqrt((1 - abar_t) / abar_t) - sigma| (monotone in t; exact on the grid)."""
-    if not (sigma >= 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    ratio = noise_to_signal(alphas_cumprod)
-    return int(np.argmin(np.abs(ratio - float(sigma))))
 
 
 def _ddim_gaps(num_train_timesteps: int) -> dict[int, int]:

@@ -22,15 +22,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
+from mnistgen.schedule import default_alphas_cumprod, sigma_to_timestep
 
 from ..validation import ApiError, DenoiseParams, GenerateParams
 
-# mnistgen.diffusion.DEFAULT_SCHEDULER (the training noise schedule) without importing torch/diffusers into the
-# gateway: linear betas, T = 1000; t* = argmin_t |sqrt((1 - abar_t) / abar_t) - sigma|, as sigma_to_timestep.
-_T, _BETA_START, _BETA_END = 1000, 1e-4, 0.02
-_ABAR = np.cumprod(1.0 - np.linspace(_BETA_START, _BETA_END, _T, dtype=np.float32), dtype=np.float32)
-_NOISE_TO_SIGNAL = np.sqrt((1.0 - _ABAR.astype(np.float64)) / _ABAR.astype(np.float64))  # (T,) increasing in t
+# the default training schedule's abar_t (mnistgen.schedule is numpy-only: no torch/diffusers in the gateway)
+_ABAR = default_alphas_cumprod()
 
 
 def _free() -> str:
@@ -62,7 +59,7 @@ def _plural(n: int, word: str) -> str:
 
 def sigma_timestep(sigma: float) -> int:
     """t* for a denoise noise level (the default training schedule; mnistgen.diffusion.sigma_to_timestep)."""
-    return int(np.argmin(np.abs(_NOISE_TO_SIGNAL - float(sigma))))
+    return sigma_to_timestep(sigma, _ABAR)
 
 
 def denoise_evaluations(sigma: float, steps: int) -> int:
