@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm report-ddpm train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
+.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm train-ddpm-cond report-ddpm-cond report-ddpm train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 run: setup ## export stale models, start Triton + gateway (gRPC :50051, HTTP :8080, Triton :8000-8002); Ctrl-C stops both
 	$(PY) -m serving.run
 
-demo: ## with `make run` up in another terminal: out/generate.png and out/denoise.png via the client
+demo: ## with `make run` up in another terminal: out/generate.png, out/denoise.png, out/digits.png via the client
 	$(PY) -m serving.demo
 
 gateway: setup ## only the gateway, against a running Triton: make gateway TRITON_URL=127.0.0.1:8001
@@ -55,6 +55,12 @@ train-gan: setup ## train a GAN: make train-gan CONFIG=baseline|modified|mlp|van
 
 train-ddpm: setup ## train the DDPM UNet (about 45 min on 1 CPU thread) -> checkpoints/ddpm.safetensors + runs/ddpm/ [ARGS=--resume]
 	$(PY) -m training.train_ddpm $(ARGS)
+
+train-ddpm-cond: setup ## train the class-conditional DDPM (digits 0-9 + null class, label dropout 0.1; ~100 min on 1 CPU thread) -> checkpoints/ddpm-cond.safetensors + runs/ddpm-cond/ [ARGS=--resume]
+	$(PY) -m training.train_ddpm --unet-num-class-embeds 11 --run-dir runs/ddpm-cond --checkpoint checkpoints/ddpm-cond.safetensors --max-steps 24000 --epochs 40 --time-budget-min 100 --lr-min-ratio 0.2 $(ARGS)
+
+report-ddpm-cond: setup ## guidance sweep of ddpm-cond (agreement with the digit, FID per scale) -> reports/ddpm-cond/
+	$(PY) -m training.report_cond $(ARGS)
 
 report-ddpm: setup ## DDPM quality table + figures (samplers x steps, denoise at sigma 0.3/0.5/0.7) into reports/ddpm/
 	$(PY) -m training.report_ddpm

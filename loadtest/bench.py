@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistgen.registry import DDPM_COND_CHECKPOINT
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from . import bench_triton as bt
@@ -71,6 +72,8 @@ class GatewayBenchConfig:
     fast_sampler: str = "dpm-solver++:20"  # SAMPLER:STEPS compared against DDPM-100
     ddpm_repeats: int = 2  # DDPM-100 is slow: fewer timed runs
     fast_repeats: int = 4
+    cond_digit: int = 7  # class-conditional generate row (ddpm-cond, the fast sampler, the served default guidance)
+    cond_batches: tuple[int, ...] = (1, 16)  # "give me sixteen 7s"
     overhead_repeats: int = 200  # interleaved batch-1 pairs (Triton direct, gateway gRPC) for the overhead goal
     sigma: float = 0.5  # denoise noise level
     warmup: int = 1  # untimed runs per cell (denoise warm-ups use 2 steps)
@@ -159,6 +162,49 @@ def bench_gateway_denoise(cfg: GatewayBenchConfig, clients: dict, spec: str, rep
             times = bt.timed(call(steps), repeats, cfg.warmup, call(2))
             rows.append(bt._row(name, b, path, times, unet_evals=evals))
             print(f"  {name:<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample", flush=True)
+    return rows
+
+
+def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[dict]:
+    """Generate `cond_digit` from ddpm-cond with the fast sampler and the served default guidance: eager PyTorch
+    (the same guided loop in-process: labelled and null passes in one batch), Triton direct, the gateway."""
+    from mnistgen.diffusion import generate, load_unet
+    from mnistgen.limits import DEFAULT_GUIDANCE
+    from mnistgen.registry import DDPM_COND_CHECKPOINT
+
+    unet, config = load_unet(cfg.checkpoint_dir / DDPM_COND_CHECKPOINT)
+    sampler, steps = cfg.fast_sampler.split(":")[0], int(cfg.fast_sampler.split(":")[1])
+    name = f"generate ddpm-cond digit {cfg.cond_digit} {sampler}-{steps} (guidance {DEFAULT_GUIDANCE:g})"
+    rows = []
+    for b in cfg.cond_batches:
+        def eager(n_steps):
+            return lambda: generate(unet, b, sampler, n_steps, cfg.seed, scheduler_config=config.get("scheduler"),
+                                    labels=[cfg.cond_digit] * b, guidance=DEFAULT_GUIDANCE)
+
+        def triton(n_steps):
+            ins = bt._grpc_inputs({
+                "num_samples": (np.full((1, 1), b, np.int32), "INT32"), "steps": (np.full((1, 1), n_steps, np.int32),
+                                                                                  "INT32"),
+                "sampler": (np.array([[sampler.encode()]], dtype=object), "BYTES"),
+                "seed": (np.full((1, 1), cfg.seed, np.int64), "INT64"),
+                "digit": (np.full((1, 1), cfg.cond_digit, np.int32), "INT32"),
+                "guidance": (np.full((1, 1), DEFAULT_GUIDANCE, np.float32), "FP32")})
+            return lambda: direct.infer("ddpm_cond_generate", ins, client_timeout=DENOISE_TIMEOUT_S)
+
+        def gateway(c, n_steps):
+            return lambda: c.generate("ddpm-cond", b, cfg.seed, n_steps, sampler, digit=cfg.cond_digit)
+
+        runs = {"pytorch-eager": (eager(steps), eager(2))}
+        if direct is not None and "triton-grpc" in cfg.paths:
+            runs["triton-grpc"] = (triton(steps), triton(2))
+        runs.update({path: (gateway(c, steps), gateway(c, 2)) for path, c in clients.items()})
+        threads = bt.best_threads(eager(2), (1, cfg.threads))
+        for path, (fn, warm) in runs.items():
+            times = bt.timed(fn, cfg.fast_repeats, cfg.warmup, warm)
+            extra = {"torch_threads": threads} if path == "pytorch-eager" else {}
+            rows.append(bt._row(name, b, path, times, unet_evals=steps, **extra))
+            print(f"  {'generate ddpm-cond':<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample",
+                  flush=True)
     return rows
 
 
@@ -520,12 +566,14 @@ def run(cfg: GatewayBenchConfig) -> dict:
     machine = machine_info(cfg.device)
     gen_model = bt.GENERATOR_MODELS[cfg.generator]
     ecfg = ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
-                        only=(gen_model, "ddpm_unet", "ddpm_denoise"), gpu_variant=cfg.device == "cuda")
+                        only=(gen_model, "ddpm_unet", "ddpm_denoise", "ddpm_cond_generate"),
+                        gpu_variant=cfg.device == "cuda")
     export(ecfg)
     if cfg.device == "cuda":  # Triton and the in-process ONNX sessions use the GPU variant
         cfg.model_repository = ecfg.gpu_repository
     has_ddpm = (cfg.checkpoint_dir / bt.DDPM_CHECKPOINT).is_file()
-    models = (gen_model, "ddpm_denoise") if has_ddpm else (gen_model,)
+    has_cond = (cfg.checkpoint_dir / DDPM_COND_CHECKPOINT).is_file() and bool(cfg.cond_batches)
+    models = (gen_model,) + (("ddpm_denoise",) if has_ddpm else ()) + (("ddpm_cond_generate",) if has_cond else ())
     http, grpc_port, metrics = free_ports(3)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     triton = TritonServer(TritonConfig(
@@ -569,6 +617,8 @@ def run(cfg: GatewayBenchConfig) -> dict:
                     rows += bench_gateway_denoise(cfg, clients, spec, repeats)
             else:
                 print(f"no {bt.DDPM_CHECKPOINT} in {cfg.checkpoint_dir}: denoise workloads skipped", flush=True)
+            if has_cond:
+                rows += bench_conditional(cfg, clients, direct)
             for c in clients.values():
                 c.close()
             if cfg.concurrency:
@@ -609,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         "concurrency 1 and 4 with few requests")
     a = p.parse_args(argv)
     quick = dict(generator_repeats=5, denoise_batches=(1,), ddpm_repeats=1, fast_repeats=1, overhead_repeats=50,
+                 cond_batches=(1,),
                  concurrency=(1, 4), concurrency_requests=40, concurrency_denoise_requests=4)
     quick = {k: v for k, v in quick.items() if getattr(a, k, None) is None}  # options given win over --quick
     cfg = dataclass_from_args(GatewayBenchConfig, a, parser=p, **(quick if a.quick else {}))

@@ -68,6 +68,7 @@ class UNetConfig:
     attention: tuple[bool, ...] = (False, False, True)  # self-attention per level (7x7 only by default)
     norm_num_groups: int = 8  # GroupNorm groups; must divide every channel count
     attention_head_dim: int = 32  # channels per attention head
+    num_class_embeds: int = 0  # 0: unconditional; 11: class-conditional (digits 0-9 plus the null class 10)
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -100,7 +101,49 @@ def build_unet(cfg: UNetConfig | None = None) -> UNet2DModel:
         up_block_types=up,
         norm_num_groups=cfg.norm_num_groups,
         attention_head_dim=cfg.attention_head_dim,
+        num_class_embeds=cfg.num_class_embeds or None,  # nn.Embedding added to the timestep embedding
     )
+
+
+def null_class(unet_or_config) -> int | None:
+    """The label that means "no digit" (classifier-free guidance's unconditional pass), None if unconditional."""
+    n = (unet_or_config.num_class_embeds if isinstance(unet_or_config, UNetConfig)
+         else getattr(getattr(unet_or_config, "config", None), "num_class_embeds", None))
+    return int(n) - 1 if n else None
+
+
+def guided_eps_fn(model_or_fn, labels: torch.Tensor, guidance: float | torch.Tensor, null: int) -> EpsFn:
+    """Classifier-free guidance as an eps_fn(x, t): eps_null + w * (eps_label - eps_null) (Ho & Salimans 2022).
+
+    `model_or_fn`: a class-conditional UNet2DModel, or a callable eps(x, t, labels) (an ONNX/TorchScript engine).
+    `labels` (B,) int64, `null` where no digit was asked for (that item gets eps_null: unconditional sampling);
+    `guidance` w, a float or one per item (B,). The labelled and null passes run as one batch of 2B, not two calls;
+    items that need no second pass (w == 1, or the null label) are not doubled.
+    """
+    if isinstance(model_or_fn, nn.Module):
+        model = model_or_fn.eval()
+
+        @torch.inference_mode()
+        def call(x, t, c):
+            return model(x, t, class_labels=c).sample
+    else:
+        call = model_or_fn
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)  # (B,)
+    w = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(labels.shape[0]).clone()  # (B,)
+    w[labels == null] = 1.0  # eps_label == eps_null there: one pass gives the answer
+    guided = torch.nonzero(w != 1.0).reshape(-1)  # (G,) items that also need the null pass
+    w4 = w[guided].reshape(-1, 1, 1, 1)  # (G, 1, 1, 1)
+    nulls = torch.full((guided.numel(),), null, dtype=torch.int64)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guided.numel() == 0:
+            return call(x, t, labels)
+        out = call(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([labels, nulls]))  # (B + G, ...)
+        eps, eps_null = out[:x.shape[0]].clone(), out[x.shape[0]:]
+        eps[guided] = eps_null + w4 * (eps[guided] - eps_null)
+        return eps
+
+    return eps_fn
 
 
 def load_unet(path: str | Path | None = None) -> tuple[UNet2DModel, dict]:
@@ -240,15 +283,30 @@ def generate(
     scheduler_config: dict | None = None,
     seeds: Sequence[int] | None = None,
     should_stop: StopFn | None = None,
+    labels: Sequence[int] | None = None,
+    guidance: float | Sequence[float] = 1.0,
+    null: int | None = None,
 ) -> torch.Tensor:
     """n samples (n, 1, 28, 28) in [-1, 1]; item i is seeded with seed + i (or seeds[i] when given).
 
     `should_stop()`: asked before every UNet evaluation; True raises SamplingStopped.
+    Class-conditional models: `labels` (one per item; `null` = any digit) and classifier-free `guidance` (a float or
+    one per item); `model_or_eps_fn` is then the UNet or an eps(x, t, labels) callable, and `null` defaults to the
+    module's null class.
     """
     _check(sampler, steps)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    eps_fn = as_eps_fn(model_or_eps_fn)
+    if labels is not None:
+        null = null_class(model_or_eps_fn) if null is None else null
+        if null is None:
+            raise ValueError("labels given but the model is not class-conditional (num_class_embeds = 0)")
+        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+        w = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(n)
+        if labels.shape[0] != n or bool(((labels < 0) | (labels > null)).any()):
+            raise ValueError(f"labels must hold {n} values in [0, {null}], got {labels.tolist()[:16]}")
+    else:
+        eps_fn = as_eps_fn(model_or_eps_fn)
     cfg = dict(scheduler_config or DEFAULT_SCHEDULER)
     item_seeds = _item_seeds(seed, n, seeds)
     t_max = cfg["num_train_timesteps"] - 1
@@ -257,6 +315,9 @@ def generate(
     for start in range(0, n, batch_size):
         gens = [torch.Generator().manual_seed(s) for s in item_seeds[start:start + batch_size]]
         x_t = torch.cat([torch.randn((1, 1, 28, 28), generator=g) for g in gens])  # (B, 1, 28, 28) ~ N(0, I)
+        if labels is not None:
+            part = slice(start, start + len(gens))
+            eps_fn = guided_eps_fn(model_or_eps_fn, labels[part], w[part], null)
         x0 = sample_loop(eps_fn, x_t, make_scheduler(sampler, cfg), timesteps, gens, should_stop)
         out.append(x0.clamp(-1, 1))
     return torch.cat(out)  # (n, 1, 28, 28)

@@ -184,7 +184,9 @@ def random_feeds(session, batch: int) -> Feeds:
     feeds = {}
     for i in session.get_inputs():
         shape = (batch, *[int(d) for d in i.shape[1:]])
-        if "int" in i.type:
+        if i.name == "class_labels":  # a class-conditional UNet: digits 0-9 and the null class 10
+            feeds[i.name] = rng.integers(0, 11, size=shape, dtype=np.int64)
+        elif "int" in i.type:
             feeds[i.name] = rng.integers(0, 1000, size=shape, dtype=np.int64)
         else:
             feeds[i.name] = rng.standard_normal(shape, dtype=np.float32)

@@ -9,4 +9,9 @@ from __future__ import annotations
 MAX_GAN_SAMPLES = 1024  # num_samples upper bound for the GAN generators
 MAX_DDPM_SAMPLES = 64  # num_samples upper bound for ddpm: a whole sampling loop per request (seconds per sample on CPU)
 MAX_DENOISE_IMAGES = 64  # images per Denoise request
+DIGITS = 10  # class-conditional models draw digit 0..DIGITS-1; the UNet's null class (any digit) is DIGITS
+MAX_GUIDANCE = 10.0  # classifier-free guidance scale upper bound (0 = unconditional, 1 = conditional, no guidance)
+# guidance used when a ddpm-cond request gives none: chosen by the guidance sweep (python -m training.report_cond,
+# reports/ddpm-cond/guidance_sweep.json `recommended_guidance`; tests/training keep the two equal)
+DEFAULT_GUIDANCE = 3.0
 MAX_STEPS = 1000  # the DDPM's training timesteps: more sampling steps than this make no sense

@@ -17,6 +17,7 @@ GAN_MODELS = {
     "mlp": "mlp.safetensors",
 }
 DDPM_CHECKPOINT = "ddpm.safetensors"
+DDPM_COND_CHECKPOINT = "ddpm-cond.safetensors"  # class-conditional DDPM (digits 0-9 + null class)
 CLASSIFIER_CHECKPOINT = "classifier.safetensors"
 
 

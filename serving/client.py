@@ -129,10 +129,16 @@ class GatewayClient:
 
     # -- calls --
     def generate(self, model: str = "", num_samples: int = 1, seed: int | None = None, steps: int = 0,
-                 sampler: str = "", format: int = pb.RAW_FLOAT32) -> pb.GenerateResponse:
+                 sampler: str = "", format: int = pb.RAW_FLOAT32, digit: int | None = None,
+                 guidance: float | None = None) -> pb.GenerateResponse:
+        """digit (0..9) and guidance: class-conditional models (ddpm-cond) only; None = absent."""
         req = pb.GenerateRequest(model=model, num_samples=num_samples, steps=steps, sampler=sampler, format=format)
         if seed is not None:
             req.seed = seed
+        if digit is not None:
+            req.digit = digit
+        if guidance is not None:
+            req.guidance = guidance
         if self._stub is not None:
             return self._grpc("Generate", req)
         return self._http("POST", "/v1/generate", req, pb.GenerateResponse)
@@ -172,7 +178,8 @@ def load_images(paths: list[Path]) -> list[bytes]:
 
 # ---- CLI ------------------------------------------------------------------------------------------------
 def _cmd_generate(c: GatewayClient, a) -> str:
-    r = c.generate(a.model, a.n, a.seed, a.steps, a.sampler, pb.RAW_FLOAT32 if a.npy else pb.PNG_GRID)
+    r = c.generate(a.model, a.n, a.seed, a.steps, a.sampler, pb.RAW_FLOAT32 if a.npy else pb.PNG_GRID, a.digit,
+                   a.guidance)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     if a.npy:
         x = as_array(r.images)  # (N, 1, 28, 28)
@@ -181,6 +188,8 @@ def _cmd_generate(c: GatewayClient, a) -> str:
     else:
         a.out.write_bytes(r.images.grid_png)
     extra = f", {r.sampler} {r.steps} steps" if r.sampler else ""
+    if r.HasField("digit") or r.guidance:
+        extra += f", digit {r.digit if r.HasField('digit') else 'any'}, guidance {r.guidance:g}"
     return (f"{r.images.count} samples from {r.model} v{r.model_version} (seed {r.seed}{extra}) -> {a.out}; "
             f"server {r.timing.server_ms:.2f} ms ({r.timing.per_sample_ms:.3f} ms/sample, "
             f"triton {r.timing.triton_ms:.2f} ms)")
@@ -204,7 +213,9 @@ def _cmd_models(c: GatewayClient, a) -> str:
     for m in c.list_models().models:
         rows.append(f"{m.name:16} {m.triton_model:16} {m.kind:5} {str(m.ready):6} {m.version or '-':8} "
                     f"{m.latent_dim or '-':<7} {m.max_num_samples}"
-                    + (f"  samplers {list(m.samplers)}, denoise {m.supports_denoise}" if m.kind == "ddpm" else ""))
+                    + (f"  samplers {list(m.samplers)}, denoise {m.supports_denoise}" if m.kind == "ddpm" else "")
+                    + (f", digit 0-9 (guidance {m.default_guidance:g})" if m.accepts_digit else "")
+                    + (f"\n{'':16} engines: {m.engines}" if m.engines else ""))
     return "\n".join(rows)
 
 
@@ -219,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "tls": "connect with TLS; without --ca the system's CAs verify the gateway"})
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common], help="sample a grid of digits")
-    g.add_argument("--model", default="dcgan-baseline", help="dcgan-baseline, dcgan-modified, mlp, ddpm")
-    g.add_argument("--n", type=int, default=64, help="samples (GANs 1..1024, ddpm 1..64)")
+    g.add_argument("--model", default="dcgan-baseline", help="dcgan-baseline, dcgan-modified, mlp, ddpm, ddpm-cond")
+    g.add_argument("--n", type=int, default=64, help="samples (GANs 1..1024, ddpm and ddpm-cond 1..64)")
+    g.add_argument("--digit", type=int, default=None, help="ddpm-cond only: the digit to draw, 0..9 (default: any)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="ddpm-cond only: classifier-free guidance scale 0..10 (default: the service's)")
     g.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     g.add_argument("--steps", type=int, default=0, help="ddpm only; 0 = the sampler's default")
     g.add_argument("--sampler", default="", help="ddpm only: ddpm, ddim, dpm-solver++")

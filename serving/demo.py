@@ -1,4 +1,5 @@
-"""`make demo` (with `make run` up in another terminal): out/generate.png and out/denoise.png through the gateway client."""
+"""`make demo` (with `make run` up in another terminal): out/generate.png, out/denoise.png and out/digits.png (one
+row per digit from the class-conditional ddpm-cond) through the gateway client."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ class DemoConfig:
     sigma: float = 0.5  # noise std added before denoising
     steps: int = 0  # 0 = the gateway's default
     seed: int = 0  # same picture every run
+    digits_per_row: int = 8  # digits.png: 10 rows (0-9) of this many ddpm-cond samples
 
 
 def test_digits(n: int) -> np.ndarray:
@@ -58,12 +60,29 @@ def run(c: DemoConfig) -> int:
         (c.out_dir / "denoise.png").write_bytes(imgs.encode_png(strip))
         print(f"{c.out_dir / 'denoise.png'}: clean | noisy (sigma {d.sigma:g}) | denoised ({d.sampler}, {d.steps} "
               f"steps) for {len(clean)} test digits, server {d.timing.server_ms:.0f} ms")
+        return digits_grid(client, c)
+
+
+def digits_grid(client: GatewayClient, c: DemoConfig) -> int:
+    """out/digits.png: row d holds `digits_per_row` ddpm-cond samples of digit d (one Generate per digit)."""
+    rows, ms = [], 0.0
+    for d in range(10):
+        try:
+            r = client.generate("ddpm-cond", c.digits_per_row, c.seed, digit=d)
+        except ClientError as e:
+            print(f"generate digit {d} failed: {e}", file=sys.stderr)
+            return 1
+        rows.append(as_array(r.images))  # (digits_per_row, 1, 28, 28)
+        ms += r.timing.server_ms
+    (c.out_dir / "digits.png").write_bytes(imgs.grid_png(np.concatenate(rows), cols=c.digits_per_row))
+    print(f"{c.out_dir / 'digits.png'}: digits 0-9, {c.digits_per_row} each from ddpm-cond v{r.model_version} "
+          f"({r.sampler} {r.steps} steps, guidance {r.guidance:g}), server {ms / 10:.0f} ms per digit")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    add_dataclass_args(p, DemoConfig, exclude=("num_samples", "num_digits", "seed"), choices={"transport": TRANSPORTS},
+    add_dataclass_args(p, DemoConfig, exclude=("num_samples", "num_digits", "seed", "digits_per_row"), choices={"transport": TRANSPORTS},
                        help={"target": "gateway host:port (default: make run's, 127.0.0.1:50051 / :8080)"})
     return run(dataclass_from_args(DemoConfig, p.parse_args(argv)))
 

@@ -111,9 +111,16 @@ class GatewayMetrics:
                                      "transport and reason (missing, malformed, invalid)", ["transport", "reason"],
                                      registry=r)
         self.auth_enabled = Gauge(f"{PREFIX}_auth_enabled", "1 when bearer tokens are required, else 0", registry=r)
+        self.digits = Counter(f"{PREFIX}_generate_digits", "Successful Generate requests to class-conditional models, "
+                              "by model and requested digit (\"any\" when none was asked for)", ["model", "digit"],
+                              registry=r)
         self.diversity = DiversityTracker(diversity_window)
         r.register(self.diversity)
         self._children: dict[tuple, object] = {}  # observe()'s labelled series, looked up once per label set
+
+    def count_digit(self, model: str, digit: int) -> None:
+        """One Generate request to a class-conditional model (digit -1 = any); label values: known models, 0-9, any."""
+        self.digits.labels(model, str(digit) if 0 <= digit <= 9 else "any").inc()
 
     def watch_admission(self, limiter) -> None:
         """The cost gauges follow `limiter` (a serving.gateway.admission.Limiter), read when scraped."""

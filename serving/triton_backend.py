@@ -11,9 +11,10 @@
       intra_op_threads  0 / absent = the cores this process may use (affinity, cgroup quota); N = N threads
       allow_spinning    ONNX Runtime worker threads spin while idle ("0" on shared machines)
   TorchScript is warmed up at initialize at the batch sizes it will get, so first requests are not slow.
-- DiffusionLoopModel: the base of the DDPM loop models (ddpm_denoise, ddpm_generate): config, the UNet as eps_fn
-  (same engine choice, per group batch size), stop checks for cancelled requests (request.is_cancelled(), which
-  Triton sets when the gRPC client cancels or its deadline passes).
+- DiffusionLoopModel: the base of the DDPM loop models (ddpm_denoise, ddpm_generate, ddpm_cond_generate): config,
+  the UNet as eps_fn (same engine choice, per group batch size), stop checks for cancelled requests
+  (request.is_cancelled(), which Triton sets when the gRPC client cancels or its deadline passes).
+- GenerateLoopModel: ddpm_generate and ddpm_cond_generate (class-conditional, classifier-free guidance), whole.
 Only importable inside Triton's python-backend stub (it imports triton_python_backend_utils).
 """
 from __future__ import annotations
@@ -172,15 +173,18 @@ class EngineEps:
         self.scheduler_config = (json.loads(meta["scheduler"]) if "scheduler" in meta
                                  else dict(diffusion.DEFAULT_SCHEDULER))
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, labels=None):
+        """`labels` (B,) int64: class labels, for a class-conditional UNet (its ONNX input `class_labels`)."""
         import torch
 
         runner = self.engines.runner(x.shape[0])
         if runner is self.engines.ts:  # torch in, torch out
             with torch.inference_mode():
-                return runner.module(x.contiguous(), t)
+                return runner.module(x.contiguous(), t) if labels is None else runner.module(x.contiguous(), t, labels)
         feeds = {"sample": np.ascontiguousarray(x.detach().numpy(), dtype=np.float32),  # (B, 1, 28, 28)
                  "timestep": np.ascontiguousarray(t.numpy(), dtype=np.int64)}  # (B,)
+        if labels is not None:
+            feeds["class_labels"] = np.ascontiguousarray(labels.numpy(), dtype=np.int64)  # (B,)
         return torch.from_numpy(runner(feeds)[0])  # (B, 1, 28, 28)
 
 
@@ -266,3 +270,130 @@ class SingleShotModel:
 
     def finalize(self) -> None:
         self.engines = None
+
+
+class GenerateLoopModel(DiffusionLoopModel):
+    """DDPM sampling from x_T ~ N(0, I), the whole loop in-process: ddpm_generate and (class-conditional, with
+    classifier-free guidance) ddpm_cond_generate.
+
+    Requests are rows of (num_samples, steps, sampler, seed[, digit, guidance]); Triton's dynamic batcher hands over
+    every queued request at once. Rows are validated (a bad request gets its own INVALID_ARG error naming the field,
+    the others still run), grouped by (steps, sampler), and each group runs as one batched sampling loop
+    (mnistgen.diffusion.generate with per-item seeds, and per-item digit and guidance: a conditional group mixes
+    digits and scales freely, its labelled and null passes batched into one UNet call per step). Sample i of a row is
+    seeded with seed + i, exactly as diffusion.generate(n, seed=seed) seeds it, so a row's images do not depend on
+    what they were batched with. digit -1 = any digit (the null class: unconditional sampling).
+
+    Cancellation: the loop asks before every UNet evaluation whether the group's requests are still wanted
+    (request.is_cancelled(): the gRPC client cancelled or its deadline passed); when none is, it stops there and they
+    get CANCELLED. A group also serving live requests runs on; its cancelled requests get CANCELLED at the end.
+    Output `image`: (rows, num_samples, 1, 28, 28) per request (every row of one request asks for the same
+    num_samples).
+    """
+
+    def initialize(self, args: dict) -> None:
+        from mnistgen import limits
+
+        super().initialize(args)
+        self.max_num_samples = int(param(self.model_config, "max_num_samples", str(limits.MAX_DDPM_SAMPLES)))
+        self.loop_batch = int(param(self.model_config, "max_loop_batch", "256"))  # images per batched loop
+        self.batched = int(self.model_config.get("max_batch_size", 0)) > 0  # image gets the leading row axis
+        self.conditional = "class_labels" in self.engines.input_names  # the UNet takes a digit
+        self.null = limits.DIGITS  # the UNet's "no digit" class
+        self.max_guidance = limits.MAX_GUIDANCE
+
+    def _parse(self, request) -> tuple[list[tuple], str | None]:
+        """[(num_samples, steps, sampler, seed, digit, guidance)] per row, or an error naming the field and range."""
+        from mnistgen import diffusion
+
+        get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)  # noqa: E731
+        names = ["num_samples", "steps", "sampler", "seed"] + (["digit", "guidance"] if self.conditional else [])
+        cols = [get(name) for name in names]
+        if len({len(c) for c in cols}) != 1 or len(cols[0]) == 0:
+            return [], f"{', '.join(names)} must hold one value per row"
+        if not self.conditional:
+            cols += [np.full(len(cols[0]), -1), np.ones(len(cols[0]))]
+        rows = [(int(n), int(steps), text(sampler), int(seed), int(digit), float(w))
+                for n, steps, sampler, seed, digit, w in zip(*cols)]
+        for n, steps, sampler, seed, digit, w in rows:
+            if not 1 <= n <= self.max_num_samples:
+                return rows, f"num_samples must be an integer in [1, {self.max_num_samples}], got {n}"
+            if not 1 <= steps <= diffusion.MAX_STEPS:
+                return rows, f"steps must be an integer in [1, {diffusion.MAX_STEPS}], got {steps}"
+            if sampler not in diffusion.SAMPLERS:
+                return rows, f"sampler must be one of {list(diffusion.SAMPLERS)}, got {sampler!r}"
+            if not 0 <= seed <= SEED_MAX:
+                return rows, f"seed must be an integer in [0, {SEED_MAX}], got {seed}"
+            if not -1 <= digit < self.null:
+                return rows, f"digit must be an integer in [0, {self.null - 1}] or -1 (any digit), got {digit}"
+            if not (np.isfinite(w) and 0.0 <= w <= self.max_guidance):
+                return rows, f"guidance must be a number in [0, {self.max_guidance:g}], got {w}"
+        if len({r[0] for r in rows}) != 1:
+            return rows, f"every row of one request must ask for the same num_samples, got {[r[0] for r in rows]}"
+        return rows, None
+
+    def _sample(self, members: list[tuple], steps: int, sampler: str, stop) -> "torch.Tensor":
+        """One batched loop for a group's rows [(request, row, n, seed, digit, guidance)] -> (sum n, 1, 28, 28)."""
+        import torch
+
+        from mnistgen import diffusion
+
+        seeds = [seed + i for _, _, n, seed, _, _ in members for i in range(n)]  # sample i of a row: seed + i
+        cond = {}
+        if self.conditional:
+            cond = {"labels": [d if d >= 0 else self.null for _, _, n, _, d, _ in members for _ in range(n)],
+                    "guidance": [w for _, _, n, _, _, w in members for _ in range(n)], "null": self.null}
+        with torch.inference_mode():
+            return diffusion.generate(self.eps, len(seeds), sampler, steps, seeds=seeds, batch_size=self.loop_batch,
+                                      scheduler_config=self.eps.scheduler_config, should_stop=stop, **cond)
+
+    def execute(self, requests: list) -> list:
+        from mnistgen import diffusion
+
+        name = self.model_config.get("name", "ddpm_generate")
+        responses: list = [None] * len(requests)
+        images: dict[int, list] = {}  # request -> per-row (n, 1, 28, 28), filled group by group
+        groups: dict[tuple[int, str], list[tuple]] = {}  # (steps, sampler) -> [(r, row, n, seed, digit, guidance)]
+        for r, request in enumerate(requests):
+            try:
+                rows, error = self._parse(request)
+            except Exception as e:  # malformed tensors: answer this request, keep the model up
+                rows, error = [], f"bad request: {e}"
+            if error is not None:
+                responses[r] = error_response(error, "INVALID_ARG")
+                continue
+            images[r] = [None] * len(rows)
+            for j, (n, steps, sampler, seed, digit, w) in enumerate(rows):
+                groups.setdefault((steps, sampler), []).append((r, j, n, seed, digit, w))
+
+        for (steps, sampler), members in groups.items():
+            rs = sorted({m[0] for m in members})
+            if all(responses[r] is not None for r in rs):
+                continue
+            try:
+                x = self._sample(members, steps, sampler, StopWhenAllCancelled([requests[r] for r in rs]))
+            except diffusion.SamplingStopped as e:
+                log("info", f"{name}: {len(rs)} request(s) cancelled ({sampler}-{steps}): "
+                            f"stopped at UNet evaluation {e.step + 1} of {e.steps}")
+                for r in rs:
+                    responses[r] = cancelled_response(f"; stopped at UNet evaluation {e.step + 1} of {e.steps}")
+                continue
+            except Exception as e:  # e.g. an engine failure: fail only the requests in this group
+                for r in rs:
+                    responses[r] = error_response(f"generate failed: {e}")
+                continue
+            start = 0
+            for r, j, n, *_ in members:
+                images[r][j] = x[start:start + n].numpy()  # (n, 1, 28, 28)
+                start += n
+
+        for r, rows in images.items():
+            if responses[r] is not None:
+                continue
+            if is_cancelled(requests[r]):  # its group ran on for other requests
+                responses[r] = cancelled_response()
+                continue
+            out = np.stack(rows) if self.batched else rows[0]  # (rows, n, 1, 28, 28) or (n, 1, 28, 28)
+            responses[r] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor("image", np.ascontiguousarray(out, dtype=np.float32))])
+        return responses

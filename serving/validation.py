@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mnistgen.limits import MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES, MAX_GAN_SAMPLES, MAX_STEPS
+from mnistgen.limits import (
+    DEFAULT_GUIDANCE, DIGITS, MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES, MAX_GAN_SAMPLES, MAX_GUIDANCE, MAX_STEPS,
+)
 
 from .images import PIXELS, SIDE, decode_png
 
@@ -33,6 +35,7 @@ class ModelSpec:
     triton_model: str  # the Triton model behind it
     kind: str  # "gan" or "ddpm"
     max_num_samples: int
+    conditional: bool = False  # takes GenerateRequest.digit / guidance (class-conditional DDPM)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -40,7 +43,9 @@ MODELS: dict[str, ModelSpec] = {
     "dcgan-modified": ModelSpec("dcgan-modified", "dcgan_modified", "gan", MAX_GAN_SAMPLES),
     "mlp": ModelSpec("mlp", "mlp_generator", "gan", MAX_GAN_SAMPLES),
     "ddpm": ModelSpec("ddpm", "ddpm_generate", "ddpm", MAX_DDPM_SAMPLES),
+    "ddpm-cond": ModelSpec("ddpm-cond", "ddpm_cond_generate", "ddpm", MAX_DDPM_SAMPLES, conditional=True),
 }
+CONDITIONAL_MODELS = [name for name, spec in MODELS.items() if spec.conditional]
 DEFAULT_MODEL = "dcgan-baseline"
 DENOISE_MODEL = ModelSpec("ddpm", "ddpm_denoise", "ddpm", MAX_DENOISE_IMAGES)
 
@@ -124,6 +129,13 @@ class GenerateParams:
     steps: int  # 0 for GANs
     sampler: str  # "" for GANs
     format: str  # one of FORMAT_NAMES
+    digit: int = -1  # conditional models: 0..9, -1 = any digit
+    guidance: float = 0.0  # conditional models: the classifier-free guidance scale; 0.0 otherwise
+
+    @property
+    def guided(self) -> bool:
+        """Each sampling step evaluates the UNet twice (the digit's pass and the null pass, batched together)."""
+        return self.model.conditional and self.digit >= 0 and self.guidance != 1.0
 
 
 @dataclass(frozen=True)
@@ -181,27 +193,55 @@ def check_format(fmt) -> str:
     raise ValidationError("format", f"unknown image format {echo(fmt)}: expected one of {list(FORMAT_NAMES)}")
 
 
-def validate_generate(model: str, num_samples: int, seed: int | None, steps: int, sampler: str, fmt) -> GenerateParams:
-    """Check a Generate request (proto3 defaults: model "" -> dcgan-baseline, num_samples 0 -> 1)."""
+def check_digit(digit, spec: ModelSpec) -> int:
+    """None (absent) -> -1 (any digit); else 0..DIGITS-1, and only for a class-conditional model."""
+    if digit is None:
+        return -1
+    if not spec.conditional:
+        raise ValidationError("digit", f"model {spec.name!r} is unconditional and draws random digits; only "
+                                       f"{CONDITIONAL_MODELS} take a digit (0..{DIGITS - 1}); leave it out")
+    return check_int("digit", digit, 0, DIGITS - 1)
+
+
+def check_guidance(guidance, spec: ModelSpec) -> float:
+    """None (absent) -> DEFAULT_GUIDANCE for conditional models (0.0 otherwise); else a finite 0..MAX_GUIDANCE."""
+    if guidance is None:
+        return DEFAULT_GUIDANCE if spec.conditional else 0.0
+    if not spec.conditional:
+        raise ValidationError("guidance", f"model {spec.name!r} is unconditional; only {CONDITIONAL_MODELS} take a "
+                                          f"guidance scale (0..{MAX_GUIDANCE:g}); leave it out")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)):
+        raise ValidationError("guidance", f"must be a number in 0..{MAX_GUIDANCE:g}, got {echo(guidance)}")
+    g = float(guidance)
+    if not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
+        raise ValidationError("guidance", f"must be in 0..{MAX_GUIDANCE:g}, got {g!r}")
+    return g
+
+
+def validate_generate(model: str, num_samples: int, seed: int | None, steps: int, sampler: str, fmt,
+                      digit: int | None = None, guidance: float | None = None) -> GenerateParams:
+    """Check a Generate request (proto3 defaults: model "" -> dcgan-baseline, num_samples 0 -> 1; digit and guidance
+    None when absent)."""
     spec = check_model(model)
     n = 1 if num_samples == 0 and not isinstance(num_samples, bool) else num_samples
     if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and not 1 <= n <= spec.max_num_samples:
-        limits = f"dcgan-*/mlp: 1..{MAX_GAN_SAMPLES}, ddpm: 1..{MAX_DDPM_SAMPLES}"
+        limits = f"dcgan-*/mlp: 1..{MAX_GAN_SAMPLES}, ddpm and ddpm-cond: 1..{MAX_DDPM_SAMPLES}"
         raise ValidationError("num_samples", f"must be in 1..{spec.max_num_samples} for model {spec.name!r} "
                                              f"({limits}), got {int(n)}")
     n = check_int("num_samples", n, 1, spec.max_num_samples)
     if spec.kind == "gan":
         if steps:
-            raise ValidationError("steps", f"only model 'ddpm' takes steps (1..{MAX_STEPS}); "
+            raise ValidationError("steps", f"only the ddpm models ('ddpm', 'ddpm-cond') take steps (1..{MAX_STEPS}); "
                                            f"leave it 0 for {spec.name!r}, got {echo(steps)}")
         if sampler:
-            raise ValidationError("sampler", f"only model 'ddpm' takes a sampler {list(SAMPLERS)}; "
+            raise ValidationError("sampler", f"only the ddpm models ('ddpm', 'ddpm-cond') take a sampler {list(SAMPLERS)}; "
                                              f"leave it empty for {spec.name!r}, got {echo(sampler)}")
         s, st = "", 0
     else:
         s = check_sampler(sampler)
         st = check_steps(steps, DEFAULT_GENERATE_STEPS[s])
-    return GenerateParams(spec, n, check_seed(seed), st, s, check_format(fmt))
+    return GenerateParams(spec, n, check_seed(seed), st, s, check_format(fmt), check_digit(digit, spec),
+                          check_guidance(guidance, spec))
 
 
 def check_sigma(sigma) -> float:

@@ -35,7 +35,7 @@ from torch import nn
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.files import sha256
-from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
+from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator
 
 # Triton model name -> committed generator name (mnistgen.registry.GAN_MODELS).
 GENERATORS = {
@@ -46,7 +46,8 @@ GENERATORS = {
 UNET_MODEL = "ddpm_unet"  # single-shot UNet: sample, timestep -> noise_pred
 DDPM_LOOP_MODELS = ("ddpm_denoise", "ddpm_generate")  # python-backend loops; each gets a copy of the UNet ONNX
 DDPM_MODELS = (UNET_MODEL,) + DDPM_LOOP_MODELS
-MODELS = tuple(GENERATORS) + DDPM_MODELS  # every model directory in model_repository/
+COND_MODELS = ("ddpm_cond_generate",)  # class-conditional UNet (checkpoints/ddpm-cond.safetensors): + class_labels
+MODELS = tuple(GENERATORS) + DDPM_MODELS + COND_MODELS  # every model directory in model_repository/
 SINGLE_SHOT = tuple(GENERATORS) + (UNET_MODEL,)  # what the GPU variant serves with the native onnxruntime backend
 
 ONNX_FILE = "model.onnx"
@@ -240,6 +241,13 @@ class UNetEps(nn.Module):
         return self.unet(sample, timestep).sample  # (B, 1, 28, 28)
 
 
+class CondUNetEps(UNetEps):
+    """A class-conditional UNet: (sample, timestep, class_labels (B,) int64 in 0..10, 10 = no digit) -> noise_pred."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, class_labels=class_labels).sample  # (B, 1, 28, 28)
+
+
 def served_torchscript_diff(path: Path, module: nn.Module, example: tuple[torch.Tensor, ...]) -> float:
     """max |served TorchScript - module|: the file as Triton runs it (frozen, optimize_for_inference)."""
     from mnistgen.engine import load_torchscript
@@ -250,12 +258,13 @@ def served_torchscript_diff(path: Path, module: nn.Module, example: tuple[torch.
         return float((served(*example) - module(*example)).abs().max())
 
 
-def export_ddpm(cfg: ExportConfig, models: tuple[str, ...]) -> dict | None:
+def export_ddpm(cfg: ExportConfig, models: tuple[str, ...], checkpoint: str = DDPM_CHECKPOINT) -> dict | None:
     """EMA UNet -> ddpm_unet/1/model.onnx (`sample`, `timestep` -> `noise_pred`) + a traced model.pt (the TorchScript
-    engine), both copied into the loop models."""
-    from mnistgen.diffusion import DEFAULT_SCHEDULER, load_unet
+    engine), both copied into the loop models. A class-conditional checkpoint (ddpm-cond) adds the input
+    `class_labels` (B,) int64."""
+    from mnistgen.diffusion import DEFAULT_SCHEDULER, load_unet, null_class
 
-    ckpt = cfg.checkpoint_dir / DDPM_CHECKPOINT
+    ckpt = cfg.checkpoint_dir / checkpoint
     if not ckpt.exists():
         print(f"- {', '.join(models)}: skipped, checkpoint {ckpt} not found (train the DDPM first)")
         return None
@@ -267,36 +276,41 @@ def export_ddpm(cfg: ExportConfig, models: tuple[str, ...]) -> dict | None:
         return {"model": UNET_MODEL, "skipped": True}
 
     unet, config = load_unet(ckpt)
-    module = UNetEps(unet).eval()
+    null = null_class(unet)
+    module = (UNetEps(unet) if null is None else CondUNetEps(unet)).eval()
     rng = np.random.default_rng(cfg.seed)
     x = rng.standard_normal((cfg.parity_batch, 1, 28, 28), dtype=np.float32)  # (B, 1, 28, 28)
     t = rng.integers(0, 1000, size=(cfg.parity_batch,), dtype=np.int64)  # (B,)
+    names, feeds = ["sample", "timestep"], {"sample": x, "timestep": t}
+    if null is not None:
+        names.append("class_labels")
+        feeds["class_labels"] = rng.integers(0, null + 1, size=(cfg.parity_batch,), dtype=np.int64)  # (B,) with null
+    args = [torch.from_numpy(feeds[n]) for n in names]
+    what = models[0] if null is not None else "ddpm_unet"
     scheduler = config.get("scheduler", DEFAULT_SCHEDULER)  # the loop models rebuild their schedulers from this
     meta = {META_SHA: sha, "checkpoint": ckpt.name, "scheduler": json.dumps(scheduler, sort_keys=True),
             "unet": json.dumps(config.get("unet", {}), sort_keys=True)}
     with tempfile.TemporaryDirectory(dir=cfg.model_repository) as tmp:
         tmp_onnx = Path(tmp) / ONNX_FILE
-        export_onnx(module, (torch.from_numpy(x[:2]), torch.from_numpy(t[:2])), tmp_onnx,
-                    ["sample", "timestep"], ["noise_pred"], cfg.opset, meta)
-        diff = onnx_max_abs_diff(tmp_onnx, module, {"sample": x, "timestep": t}, "noise_pred")
-        _check_parity("ddpm_unet ONNX", diff, cfg.tolerance)
+        export_onnx(module, tuple(a[:2] for a in args), tmp_onnx, names, ["noise_pred"], cfg.opset, meta)
+        diff = onnx_max_abs_diff(tmp_onnx, module, feeds, "noise_pred")
+        _check_parity(f"{what} ONNX", diff, cfg.tolerance)
         tmp_ts = Path(tmp) / TORCHSCRIPT_FILE
-        xt, tt = torch.from_numpy(x), torch.from_numpy(t)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit deprecation; tracer warnings on diffusers' shape checks
-            traced = torch.jit.trace(module, (xt[:2], tt[:2]), check_trace=False)  # checked at parity_batch rows
-            d_ts = float((traced(xt, tt) - module(xt, tt)).abs().max())
-        _check_parity("ddpm_unet TorchScript", d_ts, cfg.tolerance)
+            traced = torch.jit.trace(module, tuple(a[:2] for a in args), check_trace=False)  # checked at parity_batch
+            d_ts = float((traced(*args) - module(*args)).abs().max())
+        _check_parity(f"{what} TorchScript", d_ts, cfg.tolerance)
         traced.save(str(tmp_ts))
-        d_ts = max(d_ts, served_torchscript_diff(tmp_ts, module, (xt, tt)))
-        _check_parity("ddpm_unet TorchScript (frozen, optimised)", d_ts, cfg.tolerance)
+        d_ts = max(d_ts, served_torchscript_diff(tmp_ts, module, tuple(args)))
+        _check_parity(f"{what} TorchScript (frozen, optimised)", d_ts, cfg.tolerance)
         for target in targets:
             for src, dst in ((tmp_ts, target.with_name(TORCHSCRIPT_FILE)), (tmp_onnx, target)):  # model.onnx last
                 copy = Path(tmp) / f"{target.parent.parent.name}{src.suffix}"
                 shutil.copyfile(src, copy)
                 _atomic_replace(copy, dst)
     print(f"- {', '.join(models)}: exported {ckpt.name}; max|diff| onnx {diff:.2e}, torchscript {d_ts:.2e}")
-    return {"model": UNET_MODEL, "onnx_max_abs_diff": diff, "torchscript_max_abs_diff": d_ts}
+    return {"model": what, "onnx_max_abs_diff": diff, "torchscript_max_abs_diff": d_ts}
 
 
 # -- engines -----------------------------------------------------------------------------------------
@@ -456,6 +470,11 @@ def _run(cfg: ExportConfig) -> list[dict]:
         r = export_ddpm(cfg, ddpm)
         if r:
             results.append(r)
+    cond = tuple(m for m in COND_MODELS if m in wanted)
+    if cond:
+        r = export_ddpm(cfg, cond, DDPM_COND_CHECKPOINT)
+        if r:
+            results.append(r)
     if cfg.measure_engines:
         from mnistgen import engine as eng
 
@@ -464,6 +483,8 @@ def _run(cfg: ExportConfig) -> list[dict]:
                 measure_model_engines(cfg, (model,), eng.GENERATOR_BATCHES)
         if ddpm:
             measure_model_engines(cfg, ddpm, eng.UNET_BATCHES)
+        if cond:
+            measure_model_engines(cfg, cond, eng.UNET_BATCHES)
     if cfg.gpu_variant:
         written = write_gpu_repository(cfg.model_repository, cfg.gpu_repository)
         print(f"- GPU variant: {len(written)} models written to {cfg.gpu_repository}")

@@ -20,7 +20,7 @@ from mnistgen.checkpoint import REPO_ROOT, save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from . import distributed
 from .data import DataConfig, load_mnist
-from mnistgen.diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate
+from mnistgen.diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate, null_class
 
 
 @dataclass
@@ -44,6 +44,8 @@ class TrainConfig:
     sample_sampler: str = "ddim"  # fast sampler for the per-epoch 8x8 grid, one of SAMPLERS
     sample_steps: int = 20
     sample_every: int = 1  # epochs between sample grids (0: never)
+    label_dropout: float = 0.1  # class-conditional UNets (unet.num_class_embeds > 0): P(label -> null class), CFG
+    sample_guidance: float = 3.0  # class-conditional UNets: guidance scale of the per-epoch grid (row = digit)
     time_budget_min: float = 50.0  # >0: stop after the epoch that crosses this many minutes of training
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(block_out_channels=(16, 32, 64)))
 
@@ -52,6 +54,11 @@ class TrainConfig:
             raise ValueError(f"sample_sampler must be one of {SAMPLERS}, got {self.sample_sampler!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.unet.num_class_embeds not in (0, 11):
+            raise ValueError(f"unet.num_class_embeds must be 0 (unconditional) or 11 (10 digits + null), "
+                             f"got {self.unet.num_class_embeds}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,14 +83,18 @@ class EMA:
 
 
 def train_step(unet: nn.Module, x0: torch.Tensor, noise_sched: DDPMScheduler, opt: torch.optim.Optimizer,
-               grad_clip: float = 1.0) -> float:
-    """One epsilon-prediction step: x_t = add_noise(x0, eps, t), loss = MSE(unet(x_t, t), eps) (Ho et al. eq. 14)."""
+               grad_clip: float = 1.0, labels: torch.Tensor | None = None) -> float:
+    """One epsilon-prediction step: x_t = add_noise(x0, eps, t), loss = MSE(unet(x_t, t), eps) (Ho et al. eq. 14).
+
+    `labels` (B,): class labels for a class-conditional UNet (already dropped to the null class where CFG wants it).
+    """
     unet.train()
     b = x0.shape[0]
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), dtype=torch.int64).to(x0.device)  # (B,)
     eps = torch.randn_like(x0)  # (B, 1, 28, 28)
     x_t = noise_sched.add_noise(x0, eps, t)  # (B, 1, 28, 28)
-    loss = nn.functional.mse_loss(unet(x_t, t).sample, eps)
+    pred = unet(x_t, t).sample if labels is None else unet(x_t, t, class_labels=labels).sample
+    loss = nn.functional.mse_loss(pred, eps)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -118,8 +129,10 @@ class DDPMTrainer:
         self.run_dir = _path(cfg.run_dir)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        x, _ = load_mnist("train", DataConfig(source=cfg.data_source, limit=cfg.limit or None))
+        x, y = load_mnist("train", DataConfig(source=cfg.data_source, limit=cfg.limit or None))
         self.data = x  # (N, 1, 28, 28) in [-1, 1], on the CPU; batches move to self.device
+        self.labels = torch.as_tensor(y, dtype=torch.int64)  # (N,) digits 0-9
+        self.null = null_class(cfg.unet)  # None: unconditional
         self.unet = build_unet(cfg.unet).to(self.device)
         self.unet_train = self.dist.wrap(self.unet)  # DistributedDataParallel under torchrun
         self.ema = EMA(self.unet, cfg.ema_decay)
@@ -178,6 +191,8 @@ class DDPMTrainer:
         final_loss = self.history[-1]["loss"] if self.history else float("nan")
         config = {
             "kind": "ddpm",
+            "conditional": (None if self.null is None
+                            else {"null_class": self.null, "label_dropout": self.cfg.label_dropout}),
             "unet": self.cfg.unet.to_dict(),
             "scheduler": dict(DEFAULT_SCHEDULER),
             "train": {k: v for k, v in self.cfg.to_dict().items() if k != "unet"},
@@ -202,7 +217,9 @@ class DDPMTrainer:
         from .plots import save_grid
 
         model = self.ema.model if self.device.type == "cpu" else copy.deepcopy(self.ema.model).cpu()
-        imgs = generate(model, 64, self.cfg.sample_sampler, self.cfg.sample_steps, seed=0)  # (64, 1, 28, 28)
+        cond = {} if self.null is None else {"labels": [i // 8 % 10 for i in range(64)],  # row r: digit r
+                                              "guidance": self.cfg.sample_guidance}
+        imgs = generate(model, 64, self.cfg.sample_sampler, self.cfg.sample_steps, seed=0, **cond)  # (64, 1, 28, 28)
         save_grid(imgs, self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
 
     def train(self) -> dict:
@@ -226,7 +243,12 @@ class DDPMTrainer:
                 for g in self.opt.param_groups:
                     g["lr"] = lr_at(self.step, total, cfg)
                 batch = self.data[idx].to(self.device)  # (B / world_size, 1, 28, 28)
-                losses.append(train_step(self.unet_train, batch, self.noise_sched, self.opt, cfg.grad_clip))
+                labels = None
+                if self.null is not None:  # classifier-free guidance: some labels become "no digit"
+                    labels = self.labels[idx].clone()
+                    labels[torch.rand(labels.shape[0]) < cfg.label_dropout] = self.null
+                    labels = labels.to(self.device)
+                losses.append(train_step(self.unet_train, batch, self.noise_sched, self.opt, cfg.grad_clip, labels))
                 self.ema.update(self.unet)
                 self.step += 1
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)

@@ -71,6 +71,9 @@ def generate_cost(p: GenerateParams) -> Cost:
     n = p.num_samples
     if p.model.kind == "gan":
         return Cost(n, lambda: f"{_plural(n, 'sample')} x 1 generator pass")
+    if p.guided:  # classifier-free guidance: the digit's and the null pass, batched together, every step
+        return Cost(2 * n * p.steps, lambda: f"{_plural(n, 'sample')} x {_plural(p.steps, 'step')} x 2 UNet passes "
+                                             f"(guidance {p.guidance:g})")
     return Cost(n * p.steps, lambda: f"{_plural(n, 'sample')} x {_plural(p.steps, 'step')}")
 
 

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from mnistgen.latent import sample_latent
+from mnistgen.limits import DEFAULT_GUIDANCE
 
 from .. import images as imgs
 from ..generated.mnistgen.v1 import generation_pb2 as pb
@@ -23,7 +24,7 @@ from ..validation import (
 from .admission import FREE, Limiter, denoise_cost, generate_cost
 from .config import GatewayConfig
 from .triton_client import (
-    DENOISED, IMAGE, LATENT, NOISY, NUM_SAMPLES, SAMPLER, SEED, SIGMA, STEPS, TritonClient, tensor,
+    DENOISED, DIGIT, GUIDANCE, IMAGE, LATENT, NOISY, NUM_SAMPLES, SAMPLER, SEED, SIGMA, STEPS, TritonClient, tensor,
 )
 
 log = logging.getLogger("mnistgen.gateway")
@@ -178,7 +179,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def generate(self, req: pb.GenerateRequest, deadline: float, start: float):
         p = validate_generate(req.model, req.num_samples, req.seed if req.HasField("seed") else None,
-                              req.steps, req.sampler, req.format)
+                              req.steps, req.sampler, req.format, req.digit if req.HasField("digit") else None,
+                              req.guidance if req.HasField("guidance") else None)
         async with self.limiter.slot(generate_cost(p)):
             t0 = time.perf_counter()
             if p.model.kind == "gan":
@@ -188,7 +190,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             triton_s = time.perf_counter() - t0
             self.metrics.diversity.add(p.model.name, x)
             resp = pb.GenerateResponse(model=p.model.name, model_version=version, seed=p.seed, steps=p.steps,
-                                       sampler=p.sampler)
+                                       sampler=p.sampler, guidance=p.guidance)
+            if p.model.conditional:
+                self.metrics.count_digit(p.model.name, p.digit)
+                if p.digit >= 0:
+                    resp.digit = p.digit
             await encode_into(resp.images, x, p.format)
         set_timing(resp.timing, start, triton_s, p.num_samples)
         return resp, p.num_samples, triton_s
@@ -217,6 +223,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             tensor(SAMPLER, np.full(row, p.sampler.encode(), np.object_), "BYTES"),
             tensor(SEED, np.full(row, p.seed, np.int64), "INT64"),
         ]
+        if p.model.conditional:  # ddpm_cond_generate: digit -1 = any
+            inputs += [tensor(DIGIT, np.full(row, p.digit, np.int32), "INT32"),
+                       tensor(GUIDANCE, np.full(row, p.guidance, np.float32), "FP32")]
         r = await self.triton.infer(model, inputs, [IMAGE], deadline_remaining(deadline))
         x = r.as_numpy(IMAGE).reshape(-1, 1, imgs.SIDE, imgs.SIDE)  # (N, 1, 28, 28) from (1, N, 1, 28, 28) or (N, ...)
         return x, r.get_response().model_version
@@ -274,11 +283,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         resp = pb.ListModelsResponse()
         for spec in MODELS.values():
             info = pb.ModelInfo(name=spec.name, triton_model=spec.triton_model, kind=spec.kind,
-                                ready=ready[spec.triton_model], max_num_samples=spec.max_num_samples)
+                                ready=ready[spec.triton_model], max_num_samples=spec.max_num_samples,
+                                accepts_digit=spec.conditional,
+                                default_guidance=DEFAULT_GUIDANCE if spec.conditional else 0.0)
             if info.ready:
                 with contextlib.suppress(ApiError):
                     t = await self.triton.model_info(spec.triton_model, timeout)
-                    info.version, info.latent_dim = t.version, t.latent_dim
+                    info.version, info.latent_dim, info.engines = t.version, t.latent_dim, t.engines
             if spec.kind == "ddpm":
                 info.samplers.extend(SAMPLERS)
                 info.supports_denoise = ready[DENOISE_MODEL.triton_model]

@@ -14,8 +14,8 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor, 
 from ..validation import ApiError
 
 # Triton tensor names (the same in config.pbtxt, export and tests)
-LATENT, IMAGE, SIGMA, STEPS, SAMPLER, SEED, NUM_SAMPLES, NOISY, DENOISED = (
-    "latent", "image", "sigma", "steps", "sampler", "seed", "num_samples", "noisy", "denoised")
+LATENT, IMAGE, SIGMA, STEPS, SAMPLER, SEED, NUM_SAMPLES, NOISY, DENOISED, DIGIT, GUIDANCE = (
+    "latent", "image", "sigma", "steps", "sampler", "seed", "num_samples", "noisy", "denoised", "digit", "guidance")
 
 
 def triton_error(e: InferenceServerException, model: str) -> ApiError:
@@ -39,6 +39,27 @@ class TritonModelInfo:
     max_batch_size: int  # 0 = the model is not batched
     latent_dim: int  # GANs: dims of the `latent` input; 0 otherwise
     version: str  # the newest version Triton serves
+    engines: str = ""  # which engine serves which batch sizes (config.pbtxt's `engines` parameter, in words)
+
+
+def describe_engines(summary: str) -> str:
+    """The `engines` parameter training.export writes into config.pbtxt (JSON: engines, threshold, source, threads)
+    in words: "onnxruntime for batch 1-31, torchscript from 32 (engines.json, 2 threads)"; "" when absent/unreadable."""
+    import json
+
+    try:
+        s = json.loads(summary)
+        threshold, engines = s.get("threshold"), list(s.get("engines") or [])
+    except (ValueError, TypeError, AttributeError):
+        return ""
+    if threshold is None:
+        how = f"{engines[0] if engines else 'onnxruntime'} at every batch size"
+    elif int(threshold) <= 1:
+        how = "torchscript at every batch size"
+    else:
+        how = f"onnxruntime for batch 1-{int(threshold) - 1}, torchscript from {int(threshold)}"
+    extra = ", ".join(str(x) for x in (s.get("source"), f"{s['threads']} threads" if s.get("threads") else None) if x)
+    return f"{how} ({extra})" if extra else how
 
 
 class TritonClient:
@@ -81,7 +102,8 @@ class TritonClient:
             versions = sorted(meta.get("versions", []), key=lambda v: int(v) if v.isdigit() else -1)
             self._info[model] = TritonModelInfo(
                 model, int(cfg.get("max_batch_size", 0)), int(latent[0]["dims"][-1]) if latent else 0,
-                versions[-1] if versions else "")
+                versions[-1] if versions else "",
+                describe_engines(cfg.get("parameters", {}).get("engines", {}).get("string_value", "")))
         return self._info[model]
 
     async def infer(self, model: str, inputs: list[Tensor], outputs: list[str], timeout: float) -> InferResult:

@@ -157,6 +157,29 @@ def test_concurrency_sweep_against_a_real_gateway(gateway, triton, tmp_path):
     json.dumps(conc)  # results.json material
 
 
+def test_conditional_row_against_a_real_gateway(gateway, triton, tmp_path, checkpoint_dir):
+    """The ddpm-cond generate workload on every path (eager, Triton direct, gateway gRPC/HTTP) at tiny settings."""
+    import tritonclient.grpc as grpcclient
+
+    from serving.client import GatewayClient
+
+    triton.require("ddpm_cond_generate")
+    cfg = bench.GatewayBenchConfig(cond_batches=(2,), fast_sampler="dpm-solver++:2", fast_repeats=1, threads=1,
+                                   checkpoint_dir=checkpoint_dir,
+                                   out_dir=tmp_path)
+    clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=60,
+                                target=gateway.grpc_target if p == "gateway-grpc" else gateway.http_url[len("http://"):])
+               for p in ("gateway-grpc", "gateway-http")}
+    rows = bench.bench_conditional(cfg, clients, grpcclient.InferenceServerClient(triton.grpc_url))
+    for c in clients.values():
+        c.close()
+    res = bench.results_table(rows)
+    (workload,) = res
+    assert workload.startswith("generate ddpm-cond digit 7 dpm-solver++-2")
+    assert sorted(res[workload]) == sorted(["pytorch-eager", "triton-grpc", "gateway-grpc", "gateway-http"])
+    assert all(res[workload][p]["2"]["ms_per_sample"] > 0 for p in res[workload])
+
+
 # -- --device cuda: refused at once without CUDA, argument plumbing ---------------------------------------------
 
 

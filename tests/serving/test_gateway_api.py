@@ -40,7 +40,7 @@ def raw_of(resp_images: pb.Images) -> np.ndarray:
 def test_list_models_grpc_and_http(ready_gateway, triton):
     g = ready_gateway.stub.ListModels(pb.ListModelsRequest(), timeout=10)
     h = ready_gateway.http("GET", "/v1/models").json()
-    assert [m.name for m in g.models] == ["dcgan-baseline", "dcgan-modified", "mlp", "ddpm"]
+    assert [m.name for m in g.models] == ["dcgan-baseline", "dcgan-modified", "mlp", "ddpm", "ddpm-cond"]
     assert [m["name"] for m in h["models"]] == [m.name for m in g.models]
     for m, j in zip(g.models, h["models"]):
         assert m.ready == (m.triton_model in triton.models) == j["ready"]
@@ -48,6 +48,12 @@ def test_list_models_grpc_and_http(ready_gateway, triton):
             assert m.latent_dim > 0 and m.version == "1" and m.max_num_samples == 1024
     ddpm = g.models[3]
     assert list(ddpm.samplers) == ["ddpm", "ddim", "dpm-solver++"] and ddpm.max_num_samples == 64
+    # the engine choice per batch range, from export's measurement (config.pbtxt `engines`), for every ready model
+    for m, j in zip(g.models, h["models"]):
+        assert bool(m.engines) == m.ready and j.get("engines", "") == m.engines
+        if m.ready:
+            assert re.match(r"(onnxruntime|torchscript) (at every batch size|for batch 1-\d+, torchscript from \d+)",
+                            m.engines), m.engines
 
 
 def test_health_and_reflection(ready_gateway):

@@ -27,7 +27,7 @@ CASES = [
      {"model": "ddpm", "num_samples": 65}, "num_samples", "1..64"),
     ("steps too many", "Generate", pb.GenerateRequest(model="ddpm", steps=1001), {"model": "ddpm", "steps": 1001},
      "steps", "1..1000"),
-    ("steps for a GAN", "Generate", pb.GenerateRequest(steps=5), {"steps": 5}, "steps", "only model 'ddpm'"),
+    ("steps for a GAN", "Generate", pb.GenerateRequest(steps=5), {"steps": 5}, "steps", "only the ddpm models"),
     ("unknown sampler", "Generate", pb.GenerateRequest(model="ddpm", sampler="euler"),
      {"model": "ddpm", "sampler": "euler"}, "sampler", "dpm-solver++"),
     ("negative seed", "Generate", pb.GenerateRequest(seed=-5), {"seed": -5}, "seed", "0..9223372036854775807"),

@@ -32,12 +32,15 @@ def test_gateway_limits_are_mnistgen_limits():
     assert validation.MAX_STEPS == limits.MAX_STEPS
 
 
-def test_triton_ddpm_generate_config_agrees():
-    cfg = model_config(DDPM_GENERATE)
+@pytest.mark.parametrize("model", ["ddpm_generate", "ddpm_cond_generate"])
+def test_triton_ddpm_generate_config_agrees(model):
+    cfg = model_config(DDPM_GENERATE.parent / model)
     assert cfg.parameters["max_num_samples"].string_value == str(limits.MAX_DDPM_SAMPLES), (
-        "model_repository/ddpm_generate/config.pbtxt's max_num_samples must equal mnistgen.limits.MAX_DDPM_SAMPLES")
-    source = (DDPM_GENERATE / "1" / "model.py").read_text()
+        f"model_repository/{model}/config.pbtxt's max_num_samples must equal mnistgen.limits.MAX_DDPM_SAMPLES")
+    assert "GenerateLoopModel" in (DDPM_GENERATE.parent / model / "1" / "model.py").read_text()
+    source = (REPO / "serving" / "triton_backend.py").read_text()  # GenerateLoopModel
     assert "limits.MAX_DDPM_SAMPLES" in source  # its fallback when the parameter is absent
+    assert validation.MODELS["ddpm-cond"].max_num_samples == limits.MAX_DDPM_SAMPLES
 
 
 def test_diffusion_steps_limit_agrees():

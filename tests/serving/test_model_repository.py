@@ -33,8 +33,12 @@ CONTRACT = {
     # batched across requests: each input is (rows, 1), `image` is (rows, num_samples, 1, 28, 28)
     "ddpm_generate": (8, {"num_samples": (INT32, [1]), "steps": (INT32, [1]), "sampler": (BYTES, [1]),
                           "seed": (INT64, [1])}, {"image": (FP32, [-1, 1, 28, 28])}),
+    # class-conditional: + digit (-1 = any) and the guidance scale per row
+    "ddpm_cond_generate": (8, {"num_samples": (INT32, [1]), "steps": (INT32, [1]), "sampler": (BYTES, [1]),
+                               "seed": (INT64, [1]), "digit": (INT32, [1]), "guidance": (FP32, [1])},
+                           {"image": (FP32, [-1, 1, 28, 28])}),
 }
-LOOP_MODELS = ("ddpm_denoise", "ddpm_generate")
+LOOP_MODELS = ("ddpm_denoise", "ddpm_generate", "ddpm_cond_generate")
 LATENT_DIMS = {"dcgan_generator": 256, "dcgan_modified": 64, "mlp_generator": 100}  # the committed checkpoints'
 
 

@@ -69,8 +69,8 @@ def test_generate_ddpm_defaults_per_sampler():
     (dict(model="ddpm", steps=1001), "steps", ["1..1000", "1001"]),
     (dict(model="ddpm", steps=-1), "steps", ["1..1000"]),
     (dict(model="ddpm", sampler="euler"), "sampler", ["'euler'", "ddpm", "ddim", "dpm-solver++"]),
-    (dict(steps=10), "steps", ["only model 'ddpm'"]),
-    (dict(sampler="ddim"), "sampler", ["only model 'ddpm'"]),
+    (dict(steps=10), "steps", ["only the ddpm models"]),
+    (dict(sampler="ddim"), "sampler", ["only the ddpm models"]),
     (dict(seed=-1), "seed", ["0..9223372036854775807"]),
     (dict(fmt=9), "format", ["RAW_FLOAT32", "PNG", "PNG_GRID"]),
 ])

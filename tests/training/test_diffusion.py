@@ -221,3 +221,68 @@ def test_numpy_default_schedule_is_diffusers_own():
 
     ref = make_scheduler("ddpm", DEFAULT_SCHEDULER).alphas_cumprod.numpy()
     np.testing.assert_allclose(default_alphas_cumprod(), ref, rtol=2e-6, atol=0)
+
+
+# ---- class-conditional UNet + classifier-free guidance -------------------------------------------------------
+COND = UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention=(False, True), attention_head_dim=8,
+                  num_class_embeds=11)
+
+
+@pytest.fixture(scope="module")
+def cond_unet(one_thread):
+    torch.manual_seed(1)
+    unet = build_unet(COND).eval()
+    with torch.no_grad():  # a random class embedding of real size, so labels change the prediction
+        unet.class_embedding.weight.normal_(0, 1)
+    return unet
+
+
+def test_guided_eps_is_the_cfg_combination_in_one_batched_call(cond_unet):
+    from mnistgen.diffusion import guided_eps_fn, null_class
+
+    assert null_class(cond_unet) == 10 and null_class(COND) == 10 and null_class(TINY) is None
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn((3, 1, 28, 28), generator=g), torch.tensor([999, 500, 10])
+    labels, w = torch.tensor([7, 10, 2]), torch.tensor([3.0, 3.0, 1.0])
+    calls = []
+
+    def eps3(x_, t_, c_):
+        calls.append(c_.tolist())
+        with torch.inference_mode():
+            return cond_unet(x_, t_, class_labels=c_).sample
+
+    got = guided_eps_fn(eps3, labels, w, null=10)(x, t)
+    assert calls == [[7, 10, 2, 10]]  # one call: only item 0 needs its null pass (item 1 is null, item 2 has w = 1)
+    with torch.inference_mode():
+        e = lambda c: cond_unet(x, t, class_labels=torch.tensor(c)).sample  # noqa: E731
+        e_lab, e_null = e([7, 10, 2]), e([10, 10, 10])
+    want = e_lab.clone()
+    want[0] = e_null[0] + 3.0 * (e_lab[0] - e_null[0])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert not torch.allclose(e_lab[0], e_null[0], atol=1e-3)  # the label matters
+    torch.testing.assert_close(guided_eps_fn(cond_unet, labels, w, null=10)(x, t), want, atol=1e-4, rtol=0)
+
+
+def test_conditional_generate_is_deterministic_and_batch_independent(cond_unet):
+    kw = dict(sampler="dpm-solver++", steps=3, guidance=2.5)
+    a = generate(cond_unet, 4, seed=5, labels=[3, 7, 10, 1], **kw)
+    assert a.shape == (4, 1, 28, 28) and a.abs().max() <= 1
+    torch.testing.assert_close(a, generate(cond_unet, 4, seed=5, labels=[3, 7, 10, 1], **kw), atol=0, rtol=0)
+    one = generate(cond_unet, 1, seeds=[7], labels=[10], **kw)  # item 2 alone: seed 5 + 2, the null label
+    torch.testing.assert_close(one[0], a[2], atol=BATCH_TOL, rtol=0)
+    mixed = generate(cond_unet, 2, seeds=[6, 6], labels=[7, 1], guidance=[2.5, 2.5], sampler="dpm-solver++", steps=3)
+    torch.testing.assert_close(mixed[0], a[1], atol=BATCH_TOL, rtol=0)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # same noise, other digit
+
+
+def test_labels_are_checked(cond_unet, unet):
+    with pytest.raises(ValueError, match="labels"):
+        generate(cond_unet, 2, steps=2, labels=[1, 11])
+    with pytest.raises(ValueError, match="labels"):
+        generate(cond_unet, 2, steps=2, labels=[1])
+    with pytest.raises(ValueError, match="not class-conditional"):
+        generate(unet, 1, steps=2, labels=[1])
+    with pytest.raises(ValueError, match="num_class_embeds"):
+        from training.train_ddpm import TrainConfig
+
+        TrainConfig(unet=UNetConfig(num_class_embeds=5))

@@ -77,3 +77,31 @@ def test_cli_overrides_and_validation():
     assert defaults == TrainConfig() and not resume
     with pytest.raises(ValueError, match="sample_sampler.*ddpm"):
         TrainConfig(sample_sampler="heun")
+
+
+def test_class_conditional_run_drops_labels_and_records_it(tmp_path, monkeypatch):
+    """num_class_embeds 11: labels reach the UNet, ~label_dropout of them as the null class 10; the checkpoint
+    says it is conditional and loads as such."""
+    seen = []
+    import training.train_ddpm as td
+
+    real = td.train_step
+
+    def spy(unet, x0, sched, opt, clip=1.0, labels=None):
+        seen.append(labels.clone())
+        return real(unet, x0, sched, opt, clip, labels)
+
+    monkeypatch.setattr(td, "train_step", spy)
+    cond = UNetConfig(**{**TINY.to_dict(), "num_class_embeds": 11})
+    trainer = DDPMTrainer(_cfg(tmp_path, epochs=1, limit=0, max_steps=4, batch_size=64, label_dropout=0.5, unet=cond))
+    trainer.train()
+    labels = torch.cat(seen)
+    assert labels.shape == (256,) and labels.min() >= 0 and labels.max() <= 10
+    assert 0.3 < float((labels == 10).float().mean()) < 0.7  # label_dropout 0.5
+    assert len(set(labels[labels < 10].tolist())) >= 8  # real digits for the rest
+    cfg = read_config(tmp_path / "ddpm.safetensors")
+    assert cfg["conditional"] == {"null_class": 10, "label_dropout": 0.5} and cfg["unet"]["num_class_embeds"] == 11
+    unet, _ = load_unet(tmp_path / "ddpm.safetensors")
+    out = unet(torch.zeros(2, 1, 28, 28), torch.tensor([10, 10]), class_labels=torch.tensor([3, 10])).sample
+    assert out.shape == (2, 1, 28, 28)
+    assert (tmp_path / "run" / "samples" / "epoch_001.png").exists()  # the per-epoch grid: row r = digit r

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmnistgen/v1/generation.proto\x12\x0bmnistgen.v1\"|\n\x06Images\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.mnistgen.v1.ImageFormat\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\r\n\x05shape\x18\x03 \x03(\x05\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\x12\x0b\n\x03png\x18\x05 \x03(\x0c\x12\x10\n\x08grid_png\x18\x06 \x01(\x0c\"E\n\x06Timing\x12\x11\n\tserver_ms\x18\x01 \x01(\x01\x12\x15\n\rper_sample_ms\x18\x02 \x01(\x01\x12\x11\n\ttriton_ms\x18\x03 \x01(\x01\"\x9b\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x0f\n\x07sampler\x18\x05 \x01(\t\x12(\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x18.mnistgen.v1.ImageFormatB\x07\n\x05_seed\"\xb0\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12#\n\x06images\x18\x04 \x01(\x0b\x32\x13.mnistgen.v1.Images\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.mnistgen.v1.Timing\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x0f\n\x07sampler\x18\x07 \x01(\t\"\xad\x01\n\x0e\x44\x65noiseRequest\x12\x12\n\npng_images\x18\x01 \x03(\x0c\x12\x12\n\nraw_images\x18\x02 \x01(\x0c\x12\r\n\x05sigma\x18\x03 \x01(\x02\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x0f\n\x07sampler\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12(\n\x06\x66ormat\x18\x07 \x01(\x0e\x32\x18.mnistgen.v1.ImageFormatB\x07\n\x05_seed\"\xe4\x01\n\x0f\x44\x65noiseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\"\n\x05noisy\x18\x04 \x01(\x0b\x32\x13.mnistgen.v1.Images\x12%\n\x08\x64\x65noised\x18\x05 \x01(\x0b\x32\x13.mnistgen.v1.Images\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.mnistgen.v1.Timing\x12\r\n\x05sigma\x18\x07 \x01(\x02\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x0f\n\x07sampler\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"\xb6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctriton_model\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nlatent_dim\x18\x06 \x01(\x05\x12\x17\n\x0fmax_num_samples\x18\x07 \x01(\x05\x12\x10\n\x08samplers\x18\x08 \x03(\t\x12\x18\n\x10supports_denoise\x18\t \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.mnistgen.v1.ModelInfo*S\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRAW_FLOAT32\x10\x01\x12\x07\n\x03PNG\x10\x02\x12\x0c\n\x08PNG_GRID\x10\x03\x32\xf1\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.mnistgen.v1.GenerateRequest\x1a\x1d.mnistgen.v1.GenerateResponse\x12\x44\n\x07\x44\x65noise\x12\x1b.mnistgen.v1.DenoiseRequest\x1a\x1c.mnistgen.v1.DenoiseResponse\x12M\n\nListModels\x12\x1e.mnistgen.v1.ListModelsRequest\x1a\x1f.mnistgen.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmnistgen/v1/generation.proto\x12\x0bmnistgen.v1\"|\n\x06Images\x12(\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x18.mnistgen.v1.ImageFormat\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\r\n\x05shape\x18\x03 \x03(\x05\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\x12\x0b\n\x03png\x18\x05 \x03(\x0c\x12\x10\n\x08grid_png\x18\x06 \x01(\x0c\"E\n\x06Timing\x12\x11\n\tserver_ms\x18\x01 \x01(\x01\x12\x15\n\rper_sample_ms\x18\x02 \x01(\x01\x12\x11\n\ttriton_ms\x18\x03 \x01(\x01\"\xdd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x0f\n\x07sampler\x18\x05 \x01(\t\x12(\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x18.mnistgen.v1.ImageFormat\x12\x12\n\x05\x64igit\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08guidance\x18\x08 \x01(\x02H\x02\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_digitB\x0b\n\t_guidance\"\xe0\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12#\n\x06images\x18\x04 \x01(\x0b\x32\x13.mnistgen.v1.Images\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.mnistgen.v1.Timing\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x0f\n\x07sampler\x18\x07 \x01(\t\x12\x12\n\x05\x64igit\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08guidance\x18\t \x01(\x02\x42\x08\n\x06_digit\"\xad\x01\n\x0e\x44\x65noiseRequest\x12\x12\n\npng_images\x18\x01 \x03(\x0c\x12\x12\n\nraw_images\x18\x02 \x01(\x0c\x12\r\n\x05sigma\x18\x03 \x01(\x02\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x0f\n\x07sampler\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12(\n\x06\x66ormat\x18\x07 \x01(\x0e\x32\x18.mnistgen.v1.ImageFormatB\x07\n\x05_seed\"\xe4\x01\n\x0f\x44\x65noiseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\"\n\x05noisy\x18\x04 \x01(\x0b\x32\x13.mnistgen.v1.Images\x12%\n\x08\x64\x65noised\x18\x05 \x01(\x0b\x32\x13.mnistgen.v1.Images\x12#\n\x06timing\x18\x06 \x01(\x0b\x32\x13.mnistgen.v1.Timing\x12\r\n\x05sigma\x18\x07 \x01(\x02\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x0f\n\x07sampler\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"\xf8\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0ctriton_model\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nlatent_dim\x18\x06 \x01(\x05\x12\x17\n\x0fmax_num_samples\x18\x07 \x01(\x05\x12\x10\n\x08samplers\x18\x08 \x03(\t\x12\x18\n\x10supports_denoise\x18\t \x01(\x08\x12\x15\n\raccepts_digit\x18\n \x01(\x08\x12\x18\n\x10\x64\x65\x66\x61ult_guidance\x18\x0b \x01(\x02\x12\x0f\n\x07\x65ngines\x18\x0c \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.mnistgen.v1.ModelInfo*S\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRAW_FLOAT32\x10\x01\x12\x07\n\x03PNG\x10\x02\x12\x0c\n\x08PNG_GRID\x10\x03\x32\xf1\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.mnistgen.v1.GenerateRequest\x1a\x1d.mnistgen.v1.GenerateResponse\x12\x44\n\x07\x44\x65noise\x12\x1b.mnistgen.v1.DenoiseRequest\x1a\x1c.mnistgen.v1.DenoiseResponse\x12M\n\nListModels\x12\x1e.mnistgen.v1.ListModelsRequest\x1a\x1f.mnistgen.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mnistgen.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEFORMAT']._serialized_start=1254
-  _globals['_IMAGEFORMAT']._serialized_end=1337
+  _globals['_IMAGEFORMAT']._serialized_start=1434
+  _globals['_IMAGEFORMAT']._serialized_end=1517
   _globals['_IMAGES']._serialized_start=45
   _globals['_IMAGES']._serialized_end=169
   _globals['_TIMING']._serialized_start=171
   _globals['_TIMING']._serialized_end=240
   _globals['_GENERATEREQUEST']._serialized_start=243
-  _globals['_GENERATEREQUEST']._serialized_end=398
-  _globals['_GENERATERESPONSE']._serialized_start=401
-  _globals['_GENERATERESPONSE']._serialized_end=577
-  _globals['_DENOISEREQUEST']._serialized_start=580
-  _globals['_DENOISEREQUEST']._serialized_end=753
-  _globals['_DENOISERESPONSE']._serialized_start=756
-  _globals['_DENOISERESPONSE']._serialized_end=984
-  _globals['_LISTMODELSREQUEST']._serialized_start=986
-  _globals['_LISTMODELSREQUEST']._serialized_end=1005
-  _globals['_MODELINFO']._serialized_start=1008
-  _globals['_MODELINFO']._serialized_end=1190
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1192
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1252
-  _globals['_GENERATIONSERVICE']._serialized_start=1340
-  _globals['_GENERATIONSERVICE']._serialized_end=1581
+  _globals['_GENERATEREQUEST']._serialized_end=464
+  _globals['_GENERATERESPONSE']._serialized_start=467
+  _globals['_GENERATERESPONSE']._serialized_end=691
+  _globals['_DENOISEREQUEST']._serialized_start=694
+  _globals['_DENOISEREQUEST']._serialized_end=867
+  _globals['_DENOISERESPONSE']._serialized_start=870
+  _globals['_DENOISERESPONSE']._serialized_end=1098
+  _globals['_LISTMODELSREQUEST']._serialized_start=1100
+  _globals['_LISTMODELSREQUEST']._serialized_end=1119
+  _globals['_MODELINFO']._serialized_start=1122
+  _globals['_MODELINFO']._serialized_end=1370
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1372
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1432
+  _globals['_GENERATIONSERVICE']._serialized_start=1520
+  _globals['_GENERATIONSERVICE']._serialized_end=1761
 # @@protoc_insertion_point(module_scope)

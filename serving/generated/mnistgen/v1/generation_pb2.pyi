@@ -45,23 +45,27 @@ class Timing(_message.Message):
     def __init__(self, server_ms: _Optional[float] = ..., per_sample_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "num_samples", "seed", "steps", "sampler", "format")
+    __slots__ = ("model", "num_samples", "seed", "steps", "sampler", "format", "digit", "guidance")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_samples: int
     seed: int
     steps: int
     sampler: str
     format: ImageFormat
-    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    digit: int
+    guidance: float
+    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., digit: _Optional[int] = ..., guidance: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("model", "model_version", "seed", "images", "timing", "steps", "sampler")
+    __slots__ = ("model", "model_version", "seed", "images", "timing", "steps", "sampler", "digit", "guidance")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +73,8 @@ class GenerateResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     seed: int
@@ -76,7 +82,9 @@ class GenerateResponse(_message.Message):
     timing: Timing
     steps: int
     sampler: str
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ...) -> None: ...
+    digit: int
+    guidance: float
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., digit: _Optional[int] = ..., guidance: _Optional[float] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
     __slots__ = ("png_images", "raw_images", "sigma", "steps", "sampler", "seed", "format")
@@ -123,7 +131,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "triton_model", "kind", "ready", "version", "latent_dim", "max_num_samples", "samplers", "supports_denoise")
+    __slots__ = ("name", "triton_model", "kind", "ready", "version", "latent_dim", "max_num_samples", "samplers", "supports_denoise", "accepts_digit", "default_guidance", "engines")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRITON_MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +141,9 @@ class ModelInfo(_message.Message):
     MAX_NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SAMPLERS_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_DENOISE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_DIGIT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
     name: str
     triton_model: str
     kind: str
@@ -142,7 +153,10 @@ class ModelInfo(_message.Message):
     max_num_samples: int
     samplers: _containers.RepeatedScalarFieldContainer[str]
     supports_denoise: bool
-    def __init__(self, name: _Optional[str] = ..., triton_model: _Optional[str] = ..., kind: _Optional[str] = ..., ready: _Optional[bool] = ..., version: _Optional[str] = ..., latent_dim: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., supports_denoise: _Optional[bool] = ...) -> None: ...
+    accepts_digit: bool
+    default_guidance: float
+    engines: str
+    def __init__(self, name: _Optional[str] = ..., triton_model: _Optional[str] = ..., kind: _Optional[str] = ..., ready: _Optional[bool] = ..., version: _Optional[str] = ..., latent_dim: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., supports_denoise: _Optional[bool] = ..., accepts_digit: _Optional[bool] = ..., default_guidance: _Optional[float] = ..., engines: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
