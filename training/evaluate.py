@@ -17,6 +17,22 @@ Every metric judges images through the committed digit classifier (`training.cla
 
 Denoising: `class_preservation` (classifier(denoised) == true label), `psnr` (dB, mean of per-image PSNR) and
 `ssim` (mean), both from torchmetrics.functional on [0, 1] images with data_range=1.
+
+Class-conditional DDPM (`--model ddpm-cond`, i.e. checkpoints/ddpm-cond.safetensors, or any DDPM checkpoint whose UNet
+has num_class_embeds > 0): item i of `--num-samples` (default 1,000) asks for digit i % 10, so the requests are
+balanced over the 10 digits, and is sampled with classifier-free guidance `--guidance` w, eps = eps_null +
+w * (eps_label - eps_null) (w = 1: plain conditional, w = 0: unconditional; default: the checkpoint config's
+`conditional.guidance`, else mnistgen.limits.DEFAULT_GUIDANCE = 3.0) by `--sampler` / `--steps` (default: the served
+dpm-solver++, 20 steps). Item i is seeded with seed + i as for the unconditional DDPM. Besides the generation metrics
+above (fid against the same 10k test split as every other model):
+- `digit_agreement`: fraction of samples whose classifier argmax equals the requested digit.
+- `agreement_per_digit`: that fraction per requested digit 0..9 (10 floats; None for a digit nobody asked for).
+- `fid_per_digit`: per requested digit, the FID of that digit's samples against the test-split images of that class
+  (10 floats; None below 2 samples). Each is computed on few samples (num_samples / 10: 100 at the default), so it is
+  biased upwards and noisy: compare it between runs with the same num_samples only, not with `fid`.
+- `requested_digits`: how many samples asked for each digit 0..9 (10 ints); `guidance`: the w used.
+Denoising with a conditional model runs its null-class ("any digit") pass; --guidance applies to generation only and
+is an error for an unconditional model.
 """
 from __future__ import annotations
 
@@ -34,20 +50,26 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
-from mnistgen.checkpoint import read_config
+from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .classifier import FeatureExtractor, load_classifier, predict
 from .data import DataConfig, load_mnist
-from mnistgen.registry import GAN_MODELS, load_generator, latent_tensor
+from mnistgen.limits import DEFAULT_GUIDANCE, MAX_GUIDANCE
+from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator, latent_tensor
 
 NUM_CLASSES = 10
 COVERAGE_MIN_FRACTION = 0.02  # a class "is covered" when it holds at least 2% of the samples
 PAIRWISE_SUBSAMPLE = 1000  # images used for the mean pairwise distance
-SPECIAL_MODELS = ("real-test", "real-train", "noise", "ddpm")  # besides GAN_MODELS names and checkpoint paths
+SPECIAL_MODELS = ("real-test", "real-train", "noise", "ddpm", "ddpm-cond")  # besides GAN_MODELS and checkpoint paths
+DDPM_MODELS = {"ddpm": DDPM_CHECKPOINT, "ddpm-cond": DDPM_COND_CHECKPOINT}  # name -> file under checkpoints/
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")  # must match mnistgen.diffusion.SAMPLERS
 TASKS = ("generate", "denoise")
 GENERATION_KEYS = ("fid", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
 DENOISE_KEYS = ("class_preservation", "psnr", "ssim")
+CONDITIONAL_KEYS = ("digit_agreement", "agreement_per_digit", "fid_per_digit", "requested_digits")
+UNCONDITIONAL_SAMPLING = ("ddpm", 100)  # --sampler / --steps defaults of an unconditional DDPM
+CONDITIONAL_SAMPLING = ("dpm-solver++", 20)  # ... of a conditional one: the served default (serving/validation.py)
+CONDITIONAL_NUM_SAMPLES = 1000  # --num-samples default of a conditional DDPM (generate)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -118,6 +140,7 @@ def _fid_metric() -> FrechetInceptionDistance:
 
 
 _FID_TEST: list[FrechetInceptionDistance] = []  # metric holding the default reference's (test split) statistics
+_FID_TEST_DIGIT: dict[int, FrechetInceptionDistance] = {}  # digit -> metric holding that class's test-split statistics
 
 
 @torch.no_grad()
@@ -141,14 +164,41 @@ def frechet_distance(samples: torch.Tensor, reference: torch.Tensor | None = Non
     return float(fid.compute())
 
 
+@torch.no_grad()
+def digit_frechet_distance(samples: torch.Tensor, digit: int, batch_size: int = 1000) -> float:
+    """frechet_distance of samples (N >= 2, 1, 28, 28) in [-1, 1] against the test-split images of class `digit`.
+
+    The class's feature statistics are computed once per process (like the default reference's).
+    """
+    if digit not in _FID_TEST_DIGIT:
+        fid = _fid_metric()
+        real = reference_images("test")[reference_labels("test") == digit]  # (~1000, 1, 28, 28)
+        for i in range(0, real.shape[0], batch_size):
+            fid.update(to_unit(real[i:i + batch_size]), real=True)
+        _FID_TEST_DIGIT[digit] = fid
+    fid = _FID_TEST_DIGIT[digit]
+    fid.reset()  # drops the fake features only (reset_real_features=False)
+    for i in range(0, samples.shape[0], batch_size):
+        fid.update(to_unit(samples[i:i + batch_size]), real=False)
+    return float(fid.compute())
+
+
 _REFERENCE: dict[str, torch.Tensor] = {}
+_REFERENCE_LABELS: dict[str, torch.Tensor] = {}
 
 
 def reference_images(split: str = "test") -> torch.Tensor:
     """The real split (cached), (N, 1, 28, 28) in [-1, 1]."""
     if split not in _REFERENCE:
-        _REFERENCE[split] = load_mnist(split, DataConfig())[0]
+        _REFERENCE[split], _REFERENCE_LABELS[split] = load_mnist(split, DataConfig())
     return _REFERENCE[split]
+
+
+def reference_labels(split: str = "test") -> torch.Tensor:
+    """The real split's labels (cached), (N,) int64 digits, aligned with reference_images(split)."""
+    if split not in _REFERENCE_LABELS:
+        _REFERENCE[split], _REFERENCE_LABELS[split] = load_mnist(split, DataConfig())
+    return _REFERENCE_LABELS[split]
 
 
 def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = None, seed: int = 0) -> dict:
@@ -170,6 +220,40 @@ def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = N
         "pairwise_distance": mean_pairwise_distance(samples, seed=seed),
         "class_histogram": hist,
         "num_samples": int(samples.shape[0]),
+    }
+
+
+def requested_digits(n: int) -> torch.Tensor:
+    """(n,) int64: the digit item i asks for, i % 10 (balanced over the 10 digits)."""
+    return torch.arange(n, dtype=torch.int64) % NUM_CLASSES
+
+
+@torch.no_grad()
+def conditional_metrics(samples: torch.Tensor, requested: torch.Tensor) -> dict:
+    """Does a class-conditional generator draw the digit it was asked for? See the module docstring.
+
+    `samples` (N, 1, 28, 28) in [-1, 1], `requested` (N,) digits 0..9. Returns digit_agreement (float in [0, 1]),
+    agreement_per_digit (10 floats or None), fid_per_digit (10 floats or None, vs the test split's class images)
+    and requested_digits (10 ints: samples asking for each digit).
+    """
+    samples = _check_images(samples, "samples", min_n=2)
+    requested = torch.as_tensor(requested).long().flatten()  # (N,)
+    if requested.shape[0] != samples.shape[0]:
+        raise ValueError(f"requested must have one digit per sample ({samples.shape[0]}), got {requested.shape[0]}")
+    if requested.min() < 0 or requested.max() >= NUM_CLASSES:
+        raise ValueError(f"requested digits must be in [0, {NUM_CLASSES - 1}]")
+    hit = predict(load_classifier(), samples.clamp(-1, 1)).argmax(1) == requested  # (N,) bool
+    agreement, fids = [], []
+    for d in range(NUM_CLASSES):
+        mask = requested == d  # (N,)
+        k = int(mask.sum())
+        agreement.append(int(hit[mask].sum()) / k if k else None)
+        fids.append(digit_frechet_distance(samples[mask], d) if k >= 2 else None)
+    return {
+        "digit_agreement": int(hit.sum()) / hit.shape[0],
+        "agreement_per_digit": agreement,
+        "fid_per_digit": fids,
+        "requested_digits": class_histogram(requested),
     }
 
 
@@ -206,8 +290,9 @@ class EvalConfig:
     num_samples: int = 0  # images to generate / denoise; 0 = 10,000 for generate, 1,000 for denoise
     seed: int = 0  # latent / noise / subset seed
     batch_size: int = 500  # generation batch size
-    sampler: str = "ddpm"  # DDPM sampler, one of SAMPLERS
-    steps: int = 100  # DDPM UNet evaluations per sample
+    sampler: str = ""  # DDPM sampler, one of SAMPLERS; "" = ddpm (unconditional DDPM), dpm-solver++ (conditional)
+    steps: int = 0  # DDPM UNet evaluations per sample; 0 = 100 (unconditional DDPM), 20 (conditional)
+    guidance: float | None = None  # conditional DDPM: classifier-free guidance w; None = checkpoint's, else 3.0
     sigma: float = 0.5  # denoise: std of the Gaussian noise added to [-1, 1] images
     threads: int = 1  # torch CPU threads
     json: bool = False  # print one JSON object instead of a table
@@ -218,7 +303,7 @@ def _model_kind(model: str) -> str:
     if model in GAN_MODELS:
         return "gan"
     if model in SPECIAL_MODELS:
-        return "ddpm" if model == "ddpm" else model
+        return "ddpm" if model in DDPM_MODELS else model
     path = Path(model)
     if path.suffix != ".safetensors" and not path.exists():
         raise ValueError(f"unknown model {model!r}: expected one of {sorted(GAN_MODELS) + list(SPECIAL_MODELS)} "
@@ -229,13 +314,32 @@ def _model_kind(model: str) -> str:
     return kind
 
 
+def _ddpm_path(model: str) -> Path:
+    """The checkpoint file of a DDPM model name ("ddpm", "ddpm-cond") or path."""
+    return CHECKPOINT_DIR / DDPM_MODELS[model] if model in DDPM_MODELS else Path(model)
+
+
+def _ddpm_config(model: str) -> dict:
+    """The checkpoint config of a DDPM model (reads the header only)."""
+    path = _ddpm_path(model)
+    if model == "ddpm-cond" and not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train it with `python -m training.train_ddpm "
+                                f"--unet-num-class-embeds 11 --checkpoint {path}`)")
+    return read_config(path)
+
+
+def _is_conditional(config: dict) -> bool:
+    """A DDPM checkpoint config whose UNet is class-conditional (num_class_embeds > 0)."""
+    return bool((config.get("unet") or {}).get("num_class_embeds"))
+
+
 def _load_ddpm(model: str) -> tuple[torch.nn.Module, dict]:
     """(UNet, extra kwargs for generate/denoise): the checkpoint's own noise schedule when the API takes one."""
     import inspect
 
     from mnistgen import diffusion
 
-    unet, config = diffusion.load_unet(None if model == "ddpm" else model)
+    unet, config = diffusion.load_unet(_ddpm_path(model))
     extra = {}
     if config.get("scheduler") and all("scheduler_config" in inspect.signature(f).parameters
                                        for f in (diffusion.generate, diffusion.denoise)):
@@ -291,6 +395,30 @@ def produce_samples(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor | None,
     return torch.cat(out), None, 1000 * elapsed / n  # (n, 1, 28, 28)
 
 
+def produce_conditional(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(samples (n, 1, 28, 28) in [-1, 1], requested digits (n,), ms per sample) of a class-conditional DDPM.
+
+    Item i asks for digit i % 10 with guidance cfg.guidance and is seeded with cfg.seed + i, so chunking does not
+    change the samples.
+    """
+    from mnistgen import diffusion
+
+    n = cfg.num_samples
+    unet, extra = _load_ddpm(cfg.model)
+    labels = requested_digits(n)  # (n,)
+    out, elapsed = [], 0.0
+    for start in tqdm(range(0, n, cfg.batch_size), desc=f"ddpm-cond {cfg.sampler}-{cfg.steps} w={cfg.guidance:g}",
+                      unit="batch", leave=False):
+        t0 = time.perf_counter()
+        part = labels[start:start + cfg.batch_size]  # (B,)
+        with torch.no_grad():
+            out.append(diffusion.generate(unet, part.shape[0], sampler=cfg.sampler, steps=cfg.steps,
+                                          seed=cfg.seed + start, batch_size=cfg.batch_size, labels=part.tolist(),
+                                          guidance=cfg.guidance, **extra))
+        elapsed += time.perf_counter() - t0
+    return torch.cat(out), labels, 1000 * elapsed / n
+
+
 def run_denoise(cfg: EvalConfig) -> dict:
     """Denoise cfg.num_samples seeded test images at cfg.sigma; metrics of the denoised and of the noisy input."""
     if _model_kind(cfg.model) != "ddpm":
@@ -300,11 +428,19 @@ def run_denoise(cfg: EvalConfig) -> dict:
     x, y = load_mnist("test", DataConfig())
     clean, labels = _subset(x, y, cfg.num_samples, cfg.seed, "denoise (test split)")
     unet, extra = _load_ddpm(cfg.model)
+    null = diffusion.null_class(unet)
+    if null is not None:  # a conditional UNet denoises with its null-class ("any digit") pass
+
+        @torch.inference_mode()
+        def model(x, t):  # (B, 1, 28, 28), (B,) -> eps (B, 1, 28, 28)
+            return unet(x, t, class_labels=torch.full((x.shape[0],), null, dtype=torch.int64)).sample
+    else:
+        model = unet
     noisy_parts, denoised_parts, elapsed = [], [], 0.0
     for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc=f"denoise sigma={cfg.sigma}", unit="batch"):
         t0 = time.perf_counter()
         with torch.no_grad():  # item i is seeded with seed + i, so chunking does not change the result
-            noisy, denoised = diffusion.denoise(unet, clean[start:start + cfg.batch_size], cfg.sigma,
+            noisy, denoised = diffusion.denoise(model, clean[start:start + cfg.batch_size], cfg.sigma,
                                                 sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed + start, **extra)
         elapsed += time.perf_counter() - t0
         noisy_parts.append(noisy)  # (B, 1, 28, 28)
@@ -327,6 +463,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         head.update({"sampler": cfg.sampler, "steps": cfg.steps})
     if cfg.task == "denoise":
         return {**head, **run_denoise(cfg)}
+    if cfg.guidance is not None:  # validate() sets it for (and only for) a conditional DDPM
+        samples, requested, ms = produce_conditional(cfg)
+        metrics = generation_metrics(samples, seed=cfg.seed)
+        return {**head, "guidance": cfg.guidance, **metrics, **conditional_metrics(samples, requested),
+                "ms_per_sample": ms}
     samples, reference, ms = produce_samples(cfg)
     metrics = generation_metrics(samples, reference, seed=cfg.seed)
     return {**head, **metrics, "ms_per_sample": ms}
@@ -336,10 +477,26 @@ def validate(cfg: EvalConfig) -> None:
     """Fill defaults and reject bad values with an error naming the field and the allowed range."""
     if cfg.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {cfg.task!r}")
-    if cfg.sampler not in SAMPLERS:
+    if cfg.sampler and cfg.sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
-    if cfg.num_samples == 0:  # defaults: 10,000 generated (at most the whole split for real-*), 1,000 denoised
+    config = _ddpm_config(cfg.model) if _model_kind(cfg.model) == "ddpm" else {}  # also rejects unknown models
+    conditional = _is_conditional(config)
+    if cfg.model == "ddpm-cond" and not conditional:
+        raise ValueError(f"{_ddpm_path(cfg.model)} is not class-conditional (unet.num_class_embeds = 0)")
+    if cfg.guidance is not None and not conditional:
+        raise ValueError(f"--guidance applies only to a class-conditional DDPM ('ddpm-cond' or a ddpm checkpoint with "
+                         f"unet.num_class_embeds > 0); {cfg.model!r} is unconditional")
+    if cfg.guidance is not None and cfg.task != "generate":
+        raise ValueError("--guidance applies to --task generate only (a conditional DDPM denoises unguided)")
+    sampler, steps = CONDITIONAL_SAMPLING if conditional else UNCONDITIONAL_SAMPLING
+    cfg.sampler, cfg.steps = cfg.sampler or sampler, cfg.steps or steps
+    if conditional and cfg.task == "generate" and cfg.guidance is None:
+        cfg.guidance = float((config.get("conditional") or {}).get("guidance", DEFAULT_GUIDANCE))
+    if cfg.num_samples == 0:  # defaults: 10,000 generated (1,000 by a conditional DDPM, at most the whole split for
+        # real-*), 1,000 denoised
         cfg.num_samples = 10_000 if cfg.task == "generate" else 1_000
+        if conditional:
+            cfg.num_samples = CONDITIONAL_NUM_SAMPLES
         if cfg.model == "real-train":
             cfg.num_samples = min(cfg.num_samples, reference_images("train").shape[0])
     if cfg.num_samples < 2:
@@ -350,9 +507,10 @@ def validate(cfg: EvalConfig) -> None:
         raise ValueError(f"--steps must be in [1, 1000], got {cfg.steps}")
     if not 0 <= cfg.sigma <= 10:
         raise ValueError(f"--sigma must be in [0, 10], got {cfg.sigma}")
+    if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and 0 <= cfg.guidance <= MAX_GUIDANCE):
+        raise ValueError(f"--guidance must be in [0, {MAX_GUIDANCE:g}], got {cfg.guidance}")
     if cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
-    _model_kind(cfg.model)
 
 
 # ---------------------------------------------------------------- CLI
@@ -360,6 +518,8 @@ def validate(cfg: EvalConfig) -> None:
 def _json_safe(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None  # strict JSON has no Infinity/NaN (e.g. PSNR of identical images)
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
     return v
 
 
@@ -370,6 +530,8 @@ def format_table(result: dict) -> str:
             v = f"{v:.4f}"
         elif v is None:
             v = "-"
+        elif isinstance(v, list) and any(isinstance(x, float) for x in v):  # per-digit figures
+            v = "[" + ", ".join("-" if x is None else f"{x:.4f}" for x in v) + "]"
         rows.append((k, str(v)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -377,7 +539,18 @@ def format_table(result: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_dataclass_args(p, EvalConfig, help={"json": "print one JSON object"})
+    add_dataclass_args(p, EvalConfig, help={
+        "json": "print one JSON object",
+        "sampler": f"DDPM sampler, one of {SAMPLERS}; \"\" = {UNCONDITIONAL_SAMPLING[0]} for an unconditional DDPM, "
+                   f"{CONDITIONAL_SAMPLING[0]} (the served default) for a conditional one",
+        "steps": f"DDPM UNet evaluations per sample; 0 = {UNCONDITIONAL_SAMPLING[1]} for an unconditional DDPM, "
+                 f"{CONDITIONAL_SAMPLING[1]} for a conditional one",
+        "num_samples": "images to generate / denoise; 0 = 10,000 generated (1,000 by a conditional DDPM), "
+                       "1,000 denoised",
+        "guidance": f"class-conditional DDPM only: classifier-free guidance w in [0, {MAX_GUIDANCE:g}] "
+                    "(eps = eps_null + w * (eps_label - eps_null)); default: the checkpoint's conditional.guidance, "
+                    f"else {DEFAULT_GUIDANCE:g}",
+    })
     return dataclass_from_args(EvalConfig, p.parse_args(argv))
 
 
