@@ -27,12 +27,8 @@ BATCH_TOL = 1e-4  # same item computed in different batches: float rounding only
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 OpenMP threads on the shared, contended CPU ran tiny UNets ~50x slower than 1 thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Every test here on 1 torch thread (tests/training/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,8 @@ STEPS = 2  # UNet evaluations per sample: plumbing, not quality
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Every test here on 1 torch thread (tests/training/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
