@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm train-ddpm-cond report-ddpm-cond report-ddpm train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
+.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,6 +61,9 @@ train-ddpm-cond: setup ## train the class-conditional DDPM (digits 0-9 + null cl
 
 report-ddpm-cond: setup ## guidance sweep of ddpm-cond (agreement with the digit, FID per scale) -> reports/ddpm-cond/
 	$(PY) -m training.report_cond $(ARGS)
+
+controlled-failures: setup ## re-run the controlled GAN failures (+ all mitigations; ~65 min on 1 CPU thread) -> reports/gan/controlled_failures.{json,md} [ARGS="--runs d-overfit,d-overfit+all"]
+	$(PY) -m training.controlled_failures $(ARGS)
 
 report-ddpm: setup ## DDPM quality table + figures (samplers x steps, denoise at sigma 0.3/0.5/0.7) into reports/ddpm/
 	$(PY) -m training.report_ddpm

@@ -71,7 +71,8 @@ EXTRA_ENTRY_POINTS = {
     "triton": ENTRY_POINTS["triton"] + ["serving.triton_server"],
     "export": ["training.export"],
     "train": ["training.train_gan", "training.train_ddpm", "training.evaluate", "training.report",
-              "training.report_ddpm", "training.report_cond", "training.sampler_study", "training.classifier",
+              "training.report_ddpm", "training.report_cond", "training.sampler_study", "training.controlled_failures",
+              "training.classifier",
               "training.export"],
     "loadtest": ["loadtest.locustfile", "loadtest.report", "serving.monitor"],
 }
