@@ -13,5 +13,5 @@ DIGITS = 10  # class-conditional models draw digit 0..DIGITS-1; the UNet's null 
 MAX_GUIDANCE = 10.0  # classifier-free guidance scale upper bound (0 = unconditional, 1 = conditional, no guidance)
 # guidance used when a ddpm-cond request gives none: chosen by the guidance sweep (python -m training.report_cond,
 # reports/ddpm-cond/guidance_sweep.json `recommended_guidance`; tests/training keep the two equal)
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_GUIDANCE = 2.0
 MAX_STEPS = 1000  # the DDPM's training timesteps: more sampling steps than this make no sense

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from mnistgen.limits import DEFAULT_GUIDANCE
 from mnistgen.checkpoint import load_checkpoint, read_config, save_checkpoint
 from training.evaluate import CONDITIONAL_KEYS, GENERATION_KEYS, EvalConfig, evaluate, main as evaluate_main
 from training.report_cond import CondReportConfig, main as report_main, recommend, run_sweep
@@ -56,7 +57,7 @@ def test_conditional_keys_shapes_and_ranges(cond_result):
     for key in (*GENERATION_KEYS, *CONDITIONAL_KEYS, "guidance", "num_samples", "ms_per_sample"):
         assert key in out, key
     assert out["sampler"] == "dpm-solver++" and out["steps"] == STEPS  # the served sampler by default
-    assert out["guidance"] == 3.0  # the checkpoint names none: mnistgen.limits.DEFAULT_GUIDANCE
+    assert out["guidance"] == DEFAULT_GUIDANCE  # the checkpoint names none: mnistgen.limits
     assert out["num_samples"] == N and out["requested_digits"] == [N // 10] * 10  # item i asks for i % 10
     assert 0.0 <= out["digit_agreement"] <= 1.0
     assert len(out["agreement_per_digit"]) == 10 and all(0.0 <= a <= 1.0 for a in out["agreement_per_digit"])
@@ -175,13 +176,9 @@ def test_sweep_rejects_an_unconditional_checkpoint(uncond_ckpt, tmp_path, capsys
     assert report_main(["--out-dir", str(tmp_path / "none"), "--from-json"]) == 2
 
 
-@pytest.mark.allow_skip  # the sweep runs once the real checkpoint is trained; before that there is nothing to compare
 def test_served_default_guidance_is_the_recommended_one():
     from mnistgen.checkpoint import REPO_ROOT
-    from mnistgen.limits import DEFAULT_GUIDANCE
 
-    sweep = REPO_ROOT / "reports" / "ddpm-cond" / "guidance_sweep.json"
-    if not sweep.exists():
-        pytest.skip(f"{sweep} not generated yet (python -m training.report_cond)")
+    sweep = REPO_ROOT / "reports" / "ddpm-cond" / "guidance_sweep.json"  # committed, from the real checkpoint
     assert json.loads(sweep.read_text())["recommended_guidance"] == DEFAULT_GUIDANCE, (
         "mnistgen.limits.DEFAULT_GUIDANCE must be the guidance sweep's recommended_guidance")
