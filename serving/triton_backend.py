@@ -373,7 +373,8 @@ class GenerateLoopModel(DiffusionLoopModel):
             try:
                 x = self._sample(members, steps, sampler, StopWhenAllCancelled([requests[r] for r in rs]))
             except diffusion.SamplingStopped as e:
-                log("info", f"{name}: {len(rs)} request(s) cancelled ({sampler}-{steps}): "
+                samples = sum(m[2] for m in members)
+                log("info", f"{name}: {len(rs)} request(s) cancelled ({samples} samples, {sampler}-{steps}): "
                             f"stopped at UNet evaluation {e.step + 1} of {e.steps}")
                 for r in rs:
                     responses[r] = cancelled_response(f"; stopped at UNet evaluation {e.step + 1} of {e.steps}")
