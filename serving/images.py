@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -66,8 +68,38 @@ def strip(columns: list[np.ndarray], pad: int = GRID_PAD) -> np.ndarray:
     return grid(stacked.reshape(-1, 1, SIDE, SIDE), cols=len(columns), pad=pad)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_chunks(data: bytes) -> None:
+    """Raise ValueError unless data is a complete PNG: the signature, then whole chunks with matching CRCs, ending
+    in IEND. PIL alone decodes a stream cut inside its last IDAT or missing IEND; a client that sent half a file
+    should hear so, not get a denoised half-image back."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG (the 8-byte PNG signature is missing)")
+    pos = len(PNG_SIGNATURE)
+    while True:
+        if pos + 8 > len(data):
+            raise ValueError(f"truncated PNG: it ends at byte {len(data)} inside a chunk header, before IEND")
+        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
+        end = pos + 8 + length + 4
+        if end > len(data):
+            raise ValueError(f"truncated PNG: chunk {kind!r} declares {length} bytes but the file ends at byte "
+                             f"{len(data)}, before IEND")
+        (crc,) = struct.unpack(">I", data[end - 4: end])
+        if zlib.crc32(data[pos + 4: end - 4]) != crc:
+            raise ValueError(f"corrupt PNG: CRC mismatch in chunk {kind!r} at byte {pos}")
+        pos = end
+        if kind == b"IEND":
+            return
+
+
 def decode_png(data: bytes) -> Image.Image:
-    """PNG bytes -> a loaded PIL image; raises ValueError when the bytes are not a PNG PIL can decode."""
+    """PNG bytes -> a loaded PIL image; raises ValueError when the bytes are not a complete PNG PIL can decode."""
+    try:
+        check_png_chunks(data)
+    except ValueError as e:
+        raise ValueError(f"not a decodable PNG: {e}") from None
     try:
         img = Image.open(io.BytesIO(data), formats=["PNG"])
         img.load()

@@ -131,6 +131,20 @@ def test_denoise_rejects(make, field, fragments):
         validate_denoise(**(args | kw))
 
 
+def test_every_truncation_and_corruption_of_a_png_is_refused():
+    """PIL decodes a PNG cut inside its last IDAT or without IEND (hypothesis found one reaching the model): every
+    proper prefix of a good PNG, and a flipped byte anywhere in a chunk, must be refused naming the image."""
+    good = png(DIGIT)
+    assert decode_png_image(good, 0).shape == (1, 28, 28)
+    for n in range(len(good)):
+        with raises("png_images[2]", "not a decodable PNG"):
+            decode_png_image(good[:n], 2)
+    for i in range(8, len(good)):  # every byte after the signature: lengths, chunk types, data, CRCs
+        flipped = good[:i] + bytes([good[i] ^ 0x5A]) + good[i + 1:]
+        with raises("png_images[0]"):
+            decode_png_image(flipped, 0)
+
+
 def test_raw_roundtrip_and_tolerance():
     x = np.linspace(-1, 1, 784 * 2, dtype=np.float32).reshape(2, 1, 28, 28)
     np.testing.assert_array_equal(decode_raw_images(x.astype("<f4").tobytes()), x)
