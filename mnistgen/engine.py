@@ -398,6 +398,29 @@ def summary(record: dict | None, threshold: int | None, source: str) -> dict:
             "threshold": threshold, "source": source, "threads": m.get("threads"), "cpu": m.get("cpu")}
 
 
+def describe(threshold: int | None, engines: list[str] | None = None, source: str | None = None,
+             threads: int | None = None) -> str:
+    """The engine choice in words, as Triton logs it and the gateway's ListModels shows it: "onnxruntime for batch
+    1-31, torchscript from 32 (engines.json, 2 threads)"."""
+    if threshold is None:
+        how = f"{engines[0] if engines else ORT} at every batch size"
+    elif int(threshold) <= 1:
+        how = f"{TORCHSCRIPT} at every batch size"
+    else:
+        how = f"{ORT} for batch 1-{int(threshold) - 1}, {TORCHSCRIPT} from {int(threshold)}"
+    extra = ", ".join(str(x) for x in (source, f"{threads} threads" if threads else None) if x)
+    return f"{how} ({extra})" if extra else how
+
+
+def describe_summary(summary: str) -> str:
+    """describe() of the `engines` config.pbtxt parameter (summary() as JSON); "" when absent or unreadable."""
+    try:
+        s = json.loads(summary)
+        return describe(s.get("threshold"), list(s.get("engines") or []), s.get("source"), s.get("threads"))
+    except (ValueError, TypeError, AttributeError):
+        return ""
+
+
 def warmup_batches(threshold: int | None, max_batch: int) -> list[int]:
     """TorchScript warm-up sizes: the threshold and powers of two above it up to max_batch (its profiling executor
     specialises on the first calls at a shape: the first requests should not pay for it)."""

@@ -145,14 +145,8 @@ class Engines:
                 self.ts(feeds)
 
     def describe(self) -> str:
-        s = eng.summary(self.record, self.threshold, self.source)
-        if self.threshold is None:
-            how = "onnxruntime at every batch size"
-        elif self.threshold <= 1:
-            how = "torchscript at every batch size"
-        else:
-            how = f"onnxruntime below batch {self.threshold}, torchscript from {self.threshold}"
-        return f"{how} ({s['source']}; {self.threads} threads; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})"
+        return (eng.describe(self.threshold, source=self.source, threads=self.threads)
+                + f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
     def runner(self, batch: int):
         return self.ts if self.threshold is not None and batch >= self.threshold else self.ort

@@ -11,6 +11,8 @@ from tritonclient.grpc import InferInput, InferResult, service_pb2, service_pb2_
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, triton_to_np_dtype
 
+from mnistgen.engine import describe_summary
+
 from ..validation import ApiError
 
 # Triton tensor names (the same in config.pbtxt, export and tests)
@@ -40,26 +42,6 @@ class TritonModelInfo:
     latent_dim: int  # GANs: dims of the `latent` input; 0 otherwise
     version: str  # the newest version Triton serves
     engines: str = ""  # which engine serves which batch sizes (config.pbtxt's `engines` parameter, in words)
-
-
-def describe_engines(summary: str) -> str:
-    """The `engines` parameter training.export writes into config.pbtxt (JSON: engines, threshold, source, threads)
-    in words: "onnxruntime for batch 1-31, torchscript from 32 (engines.json, 2 threads)"; "" when absent/unreadable."""
-    import json
-
-    try:
-        s = json.loads(summary)
-        threshold, engines = s.get("threshold"), list(s.get("engines") or [])
-    except (ValueError, TypeError, AttributeError):
-        return ""
-    if threshold is None:
-        how = f"{engines[0] if engines else 'onnxruntime'} at every batch size"
-    elif int(threshold) <= 1:
-        how = "torchscript at every batch size"
-    else:
-        how = f"onnxruntime for batch 1-{int(threshold) - 1}, torchscript from {int(threshold)}"
-    extra = ", ".join(str(x) for x in (s.get("source"), f"{s['threads']} threads" if s.get("threads") else None) if x)
-    return f"{how} ({extra})" if extra else how
 
 
 class TritonClient:
@@ -103,7 +85,7 @@ class TritonClient:
             self._info[model] = TritonModelInfo(
                 model, int(cfg.get("max_batch_size", 0)), int(latent[0]["dims"][-1]) if latent else 0,
                 versions[-1] if versions else "",
-                describe_engines(cfg.get("parameters", {}).get("engines", {}).get("string_value", "")))
+                describe_summary(cfg.get("parameters", {}).get("engines", {}).get("string_value", "")))
         return self._info[model]
 
     async def infer(self, model: str, inputs: list[Tensor], outputs: list[str], timeout: float) -> InferResult:
