@@ -34,7 +34,7 @@ from serving.generated.mnistgen.v1 import generation_pb2 as pb  # noqa: E402
 from serving.generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
 RPCS = ("generate", "denoise")
-SAMPLERS = ("", "ddpm", "ddim", "dpm-solver++")  # "" = the gateway's default
+SAMPLERS = ("", "ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++")  # "" = the gateway's default
 FORMATS = ("RAW_FLOAT32", "PNG", "PNG_GRID")
 MAX_MESSAGE_BYTES = 64 << 20  # 1024 raw samples are 3.2 MB
 SIDE = 28

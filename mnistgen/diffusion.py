@@ -3,7 +3,8 @@
 The loop is written once over a callable `eps_fn(x (B, 1, 28, 28) float32, t (B,) int64) -> eps (B, 1, 28, 28)`,
 so the same code drives an eager PyTorch UNet and (inside Triton) an ONNX Runtime session.
 The update rules are diffusers' own (`DDPMScheduler`, `DDIMScheduler`, `DPMSolverMultistepScheduler` with
-`algorithm_type="dpmsolver++"`); nothing here re-implements a scheduler step.
+`algorithm_type="dpmsolver++"`, and `"sde-dpmsolver++"` for the stochastic sampler `sde-dpm-solver++`, whose
+per-step noise comes from the per-item generators like DDPM's); nothing here re-implements a scheduler step.
 
 Denoise definition (the research's forward process, mapped onto DDPM's):
     y = x0 + sigma * n,  n ~ N(0, I) drawn from a seeded CPU generator.
@@ -40,11 +41,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from torch import nn
 
 from .checkpoint import CHECKPOINT_DIR, load_module
+from .limits import MAX_STEPS, SAMPLERS  # noqa: F401  (re-exported; MAX_STEPS = num_train_timesteps)
 from .registry import DDPM_CHECKPOINT
 from .schedule import DEFAULT_SCHEDULER, noise_to_signal, sigma_to_timestep  # noqa: F401  (re-exported)
-
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
-MAX_STEPS = 1000  # upper bound on `steps` (= num_train_timesteps of the default schedule)
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StopFn = Callable[[], bool]
@@ -166,7 +165,8 @@ def make_scheduler(name: str, train_config: dict | None = None):
     if name == "ddim":
         # eta = 0 (deterministic); set_alpha_to_one: the last update lands on abar = 1, i.e. on x0
         return DDIMScheduler(**common, clip_sample=cfg.get("clip_sample", True), set_alpha_to_one=True)
-    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    algorithm = "sde-dpmsolver++" if name == "sde-dpm-solver++" else "dpmsolver++"
+    return DPMSolverMultistepScheduler(**common, algorithm_type=algorithm, solver_order=2, final_sigmas_type="zero")
 
 
 def _ddim_gaps(num_train_timesteps: int) -> dict[int, int]:

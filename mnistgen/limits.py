@@ -14,4 +14,8 @@ MAX_GUIDANCE = 10.0  # classifier-free guidance scale upper bound (0 = unconditi
 # guidance used when a ddpm-cond request gives none: chosen by the guidance sweep (python -m training.report_cond,
 # reports/ddpm-cond/guidance_sweep.json `recommended_guidance`; tests/training keep the two equal)
 DEFAULT_GUIDANCE = 2.0
+# DDPM samplers, all one UNet evaluation per step: ancestral DDPM, deterministic DDIM (eta 0), DPM-Solver++ (2M, ODE)
+# and its stochastic variant SDE-DPM-Solver++ (2M SDE; per-item noise like ddpm: at 20 steps it sits nearest DDPM-100
+# in FID, reports/ddpm/sampler_study.md)
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++")
 MAX_STEPS = 1000  # the DDPM's training timesteps: more sampling steps than this make no sense

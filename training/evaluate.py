@@ -54,7 +54,7 @@ from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .classifier import FeatureExtractor, load_classifier, predict
 from .data import DataConfig, load_mnist
-from mnistgen.limits import DEFAULT_GUIDANCE, MAX_GUIDANCE
+from mnistgen.limits import DEFAULT_GUIDANCE, MAX_GUIDANCE, SAMPLERS
 from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator, latent_tensor
 
 NUM_CLASSES = 10
@@ -62,7 +62,6 @@ COVERAGE_MIN_FRACTION = 0.02  # a class "is covered" when it holds at least 2% o
 PAIRWISE_SUBSAMPLE = 1000  # images used for the mean pairwise distance
 SPECIAL_MODELS = ("real-test", "real-train", "noise", "ddpm", "ddpm-cond")  # besides GAN_MODELS and checkpoint paths
 DDPM_MODELS = {"ddpm": DDPM_CHECKPOINT, "ddpm-cond": DDPM_COND_CHECKPOINT}  # name -> file under checkpoints/
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")  # must match mnistgen.diffusion.SAMPLERS
 TASKS = ("generate", "denoise")
 GENERATION_KEYS = ("fid", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
 DENOISE_KEYS = ("class_preservation", "psnr", "ssim")

@@ -244,7 +244,8 @@ def clean_images(n: int) -> np.ndarray:
     return np.tanh(rng.standard_normal((n, 1, 28, 28)).astype(np.float32))  # (n, 1, 28, 28)
 
 
-@pytest.mark.parametrize("protocol, sampler, steps", [("grpc", "ddpm", 8), ("http", "ddim", 5), ("grpc", "dpm-solver++", 6)])
+@pytest.mark.parametrize("protocol, sampler, steps", [("grpc", "ddpm", 8), ("http", "ddim", 5), ("grpc", "dpm-solver++", 6),
+                                                    ("http", "sde-dpm-solver++", 6)])
 def test_ddpm_denoise_matches_pytorch_loop(triton, unet, protocol, sampler, steps):
     from mnistgen.diffusion import denoise
 
