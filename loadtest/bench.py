@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistgen import engine as eng
 from mnistgen.registry import DDPM_COND_CHECKPOINT
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
@@ -517,9 +518,45 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {w} | {b} | {label} | {_f(c['ms_per_sample'])} | {_f(c['samples_per_s'])} | "
                              f"{_f(c['p50_ms'])} | {_f(c['p99_ms'])} | {c['runs']} |")
     lines += ["", "p99 over this few runs is close to the slowest run.", ""]
+    lines += engines_markdown(result.get("engines") or {})
     lines += concurrency_markdown(result.get("concurrency") or {})
     lines += locust_markdown(result.get("locust"))
     return "\n".join(lines)
+
+
+def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
+    """{model: its 1/engines.json (the per-batch ONNX Runtime vs TorchScript measurement and the chosen threshold)}
+    for the exported models being benchmarked; models without a record are left out."""
+    from mnistgen import engine as eng
+
+    out = {}
+    for m in models:
+        record = eng.read_record(repo / m / "1" / eng.ENGINES_FILE)
+        if record is not None:
+            out[m] = {k: record.get(k) for k in ("threshold", "batches", "ms_per_sample", "measured_by", "measured_at")}
+            out[m]["threads"] = record.get("machine", {}).get("threads")
+            out[m]["choice"] = eng.describe(record.get("threshold"), source=eng.ENGINES_FILE,
+                                            threads=out[m]["threads"])
+    return out
+
+
+def engines_markdown(engines: dict) -> list[str]:
+    if not engines:
+        return []
+    lines = ["## Engine choice per batch size (each model's 1/engines.json, measured at export)", "",
+             "ms/sample of ONNX Runtime vs TorchScript (frozen, optimize_for_inference) as the served model runs "
+             "them, best of interleaved calls; the served model uses TorchScript from the threshold on.", "",
+             "| model | batch | onnxruntime | torchscript | served by |", "|---|---:|---:|---:|---|"]
+    for m, r in engines.items():
+        ms = r.get("ms_per_sample") or {}
+        for b in r.get("batches") or []:
+            ort = ms.get(eng.ORT, {}).get(str(b), float("nan"))
+            ts = ms.get(eng.TORCHSCRIPT, {}).get(str(b), float("nan"))
+            th = r.get("threshold")
+            lines.append(f"| {m} | {b} | {_f(ort)} | {_f(ts)} | "
+                         f"{eng.TORCHSCRIPT if th is not None and b >= th else eng.ORT} |")
+        lines.append(f"| {m} | | | | {r['choice']}; measured by {r.get('measured_by')} at {r.get('measured_at')} |")
+    return lines + [""]
 
 
 def concurrency_markdown(conc: dict) -> list[str]:
@@ -648,6 +685,7 @@ def run(cfg: GatewayBenchConfig) -> dict:
         "machine": machine, "load_avg_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
         "results": res, "overhead_batch1": overhead, "concurrency": concurrency, "locust": locust,
         "skipped": skipped, "goals": [], "rows": rows,
+        "engines": engine_records(cfg.model_repository, (gen_model, "ddpm_unet", "ddpm_cond_generate")),
     }
     result["goals"] = [{**asdict(g), "met": g.met} for g in goals(res, cfg, overhead, concurrency)]
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

@@ -258,3 +258,22 @@ def test_make_bench_passes_device():
     r = subprocess.run([make, "-n", "-o", ".venv/.installed", "bench"], cwd=REPO_ROOT, capture_output=True, text=True,
                        timeout=60)
     assert "-m loadtest.bench" in r.stdout and "--device" not in r.stdout
+
+
+def test_engine_records_shown_in_the_markdown(tmp_path):
+    """make bench shows each benchmarked model's engines.json: ms/sample per engine and batch, and which serves it."""
+    from mnistgen import engine as eng
+
+    d = tmp_path / "dcgan_generator" / "1"
+    d.mkdir(parents=True)
+    eng.write_record(d / eng.ENGINES_FILE, {
+        "threshold": 64, "batches": [1, 64], "measured_by": "export", "measured_at": "2026-12-01T00:00:00+00:00",
+        "ms_per_sample": {"onnxruntime": {"1": 0.3, "64": 0.3}, "torchscript": {"1": 2.0, "64": 0.2}},
+        "machine": {"threads": 2}})
+    records = bench.engine_records(tmp_path, ("dcgan_generator", "ddpm_unet"))  # ddpm_unet: no record, left out
+    assert list(records) == ["dcgan_generator"] and records["dcgan_generator"]["threads"] == 2
+    md = "\n".join(bench.engines_markdown(records))
+    assert "| dcgan_generator | 1 | 0.3 | 2 | onnxruntime |" in md
+    assert "| dcgan_generator | 64 | 0.3 | 0.2 | torchscript |" in md
+    assert "onnxruntime for batch 1-63, torchscript from 64 (engines.json, 2 threads)" in md
+    assert bench.engines_markdown({}) == []
