@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -55,6 +56,8 @@ class TrainConfig:
     log_every: int = 1  # write every n-th iteration's losses to CSV
     run_dir: str | None = None  # default runs/gan/<name>[+mitigations]
     checkpoint: str | None = None  # also write the generator checkpoint here (e.g. checkpoints/dcgan-baseline.safetensors)
+    g_ema: float = 0.0  # > 0: keep an exponential moving average of G's weights (decay per G step, e.g. 0.999) and
+    # write it as the checkpoint's generator (the raw G keeps training; samples and grids use the average)
 
 
 def _cfg(name: str, **kw) -> TrainConfig:
@@ -136,6 +139,9 @@ class GANTrainer:
         self.D = build_discriminator(cfg.arch, cfg.d_dropout).to(self.device)
         self.G.apply(weights_init)
         self.D.apply(weights_init)
+        if not 0.0 <= cfg.g_ema < 1.0:
+            raise ValueError(f"g_ema must be in [0, 1) (0 = off), got {cfg.g_ema}")
+        self.G_ema = self._ema_copy() if cfg.g_ema else None
         # what the training step calls: DistributedDataParallel wrappers under torchrun, the models themselves otherwise
         self.g_train, self.d_train = self.dist.wrap(self.G), self.dist.wrap(self.D)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
@@ -188,8 +194,30 @@ class GANTrainer:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
+        if self.G_ema is not None:
+            self._update_ema()
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
                 "d_real": torch.sigmoid(logits_real).mean().item(), "d_fake": torch.sigmoid(logits_fake).mean().item()}
+
+    # --- generator EMA ---------------------------------------------------------------------------
+    def _ema_copy(self) -> torch.nn.Module:
+        ema = copy.deepcopy(self.G).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        return ema
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * G for the weights; BatchNorm running statistics copied from G."""
+        for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            pe.lerp_(p, 1.0 - self.cfg.g_ema)
+        for be, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            be.copy_(b)
+
+    @property
+    def G_out(self) -> torch.nn.Module:
+        """The generator that is sampled and saved: the EMA when g_ema > 0, else G itself."""
+        return self.G_ema if self.G_ema is not None else self.G
 
     # --- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -238,7 +266,7 @@ class GANTrainer:
     def _save_grid(self) -> None:
         self.G.eval()
         with torch.no_grad():
-            save_grid(self.G(self.fixed_z), self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
+            save_grid(self.G_out(self.fixed_z), self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
 
     def summary(self) -> dict:
         h = self.history
@@ -249,11 +277,13 @@ class GANTrainer:
             "time_per_epoch_s": sum(self.epoch_times) / max(1, len(self.epoch_times)),
             "epochs": self.epoch, "iterations": self.iteration, "threads": torch.get_num_threads(),
             "world_size": self.dist.world_size, "images_seen": self.iteration * self.cfg.batch_size,
+            **({"g_ema": self.cfg.g_ema} if self.G_ema is not None else {}),
         }
 
     def finish(self) -> dict:
         # every rank: the replicas must agree (raises otherwise); the digest names the weights the checkpoint holds
-        digests = distributed.assert_replicas_identical(self.dist, generator=self.G, discriminator=self.D)
+        ema = {"generator_ema": self.G_ema} if self.G_ema is not None else {}
+        digests = distributed.assert_replicas_identical(self.dist, generator=self.G, discriminator=self.D, **ema)
         summary = {**self.summary(), "replica_digests": digests}
         if self.is_main:
             self._write_outputs(summary)
@@ -273,12 +303,13 @@ class GANTrainer:
         }
         paths = [self.run_dir / "generator.safetensors"] + ([Path(self.cfg.checkpoint)] if self.cfg.checkpoint else [])
         for p in paths:
-            save_checkpoint(p, {"generator": self.G.state_dict()}, config)
+            save_checkpoint(p, {"generator": self.G_out.state_dict()}, config)
 
     # --- resume --------------------------------------------------------------------------------
     def save_state(self) -> None:
         torch.save({
             "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "epoch": self.epoch, "iteration": self.iteration, "history": self.history,
             "epoch_times": self.epoch_times, "rng": torch.get_rng_state(),
@@ -293,6 +324,8 @@ class GANTrainer:
         s = torch.load(path, weights_only=False, map_location=self.device)
         self.G.load_state_dict(s["G"])
         self.D.load_state_dict(s["D"])
+        if self.G_ema is not None:  # a run saved without an EMA (or before g_ema was set) starts its average at G
+            self.G_ema.load_state_dict(s["G_ema"] if s.get("G_ema") is not None else s["G"])
         self.opt_g.load_state_dict(s["opt_g"])
         self.opt_d.load_state_dict(s["opt_d"])
         self.epoch, self.iteration, self.history = s["epoch"], s["iteration"], s["history"]

@@ -76,3 +76,29 @@ def test_checkpoint_written_to_extra_path(tmp_path):
     GANTrainer(_small("mlp", tmp_path / "run", checkpoint=str(tmp_path / "ck.safetensors"))).train()
     tensors, config = load_checkpoint(tmp_path / "ck.safetensors", "generator")
     assert config["kind"] == "gan" and config["name"] == "mlp" and tensors
+
+
+def test_generator_ema_is_what_the_checkpoint_holds(tmp_path):
+    """g_ema > 0: the checkpoint's generator is the moving average (not the raw G); a run resumed from a state saved
+    without an average starts it at G; out-of-range decays are refused."""
+    cfg = _small("baseline", tmp_path / "ema", g_ema=0.5, max_iters=3)
+    trainer = GANTrainer(cfg)
+    summary = trainer.train()
+    assert summary["g_ema"] == 0.5
+    tensors, _ = load_checkpoint(tmp_path / "ema" / "generator.safetensors", "generator")
+    ema, raw = trainer.G_ema.state_dict(), trainer.G.state_dict()
+    for k in ema:
+        torch.testing.assert_close(tensors[k], ema[k], rtol=0, atol=0)
+    weights = [k for k in ema if k.endswith("weight") and ema[k].dim() > 1]
+    assert any((ema[k] - raw[k]).abs().max() > 0 for k in weights)  # the average lags G
+    for k in ema:  # BatchNorm statistics are G's own
+        if "running" in k:
+            torch.testing.assert_close(ema[k], raw[k], rtol=0, atol=0)
+    plain = _small("baseline", tmp_path / "plain", epochs=2, max_iters=2)
+    GANTrainer(plain).train()
+    resumed = GANTrainer(dataclasses.replace(plain, g_ema=0.9, max_iters=4))
+    assert resumed.load_state()
+    for k, v in resumed.G.state_dict().items():
+        torch.testing.assert_close(resumed.G_ema.state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="g_ema"):
+        GANTrainer(_small("baseline", tmp_path / "bad", g_ema=1.0))
