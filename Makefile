@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
+.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,6 +67,9 @@ controlled-failures: setup ## re-run the controlled GAN failures (+ all mitigati
 
 report-ddpm: setup ## DDPM quality table + figures (samplers x steps, denoise at sigma 0.3/0.5/0.7) into reports/ddpm/
 	$(PY) -m training.report_ddpm
+
+quality-goals: setup ## the 60k quality goals in one run (floor, GAN FID, DDPM samplers, denoise; ~15 min) -> reports/quality/ [ARGS=--ddpm PATH]
+	$(PY) -m training.quality_goals $(ARGS)
 
 train-classifier: setup ## train the evaluation classifier (weights committed in checkpoints/)
 	$(PY) -m training.classifier

@@ -189,3 +189,19 @@ def dataclass_from_args(cls: type, namespace: argparse.Namespace, prefix: str = 
         if parser is None:
             raise
         parser.error(str(e))
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)  # what a report command answers with "error: ..." and exit 2
+
+
+def exit_code(action: Callable[[], object]) -> int:
+    """Run a command's body: 0 when it returns, 2 with `error: <message>` on stderr for USER_ERRORS (bad options, a
+    missing checkpoint or JSON), anything else propagates with its traceback."""
+    import sys
+
+    try:
+        action()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

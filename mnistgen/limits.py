@@ -18,4 +18,6 @@ DEFAULT_GUIDANCE = 2.0
 # and its stochastic variant SDE-DPM-Solver++ (2M SDE; per-item noise like ddpm: at 20 steps it sits nearest DDPM-100
 # in FID, reports/ddpm/sampler_study.md)
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++")
+DEFAULT_SAMPLER = "dpm-solver++"  # what the API runs when a request names none (serving.validation)
+DEFAULT_SAMPLER_STEPS = 20  # ... and its steps when a ddpm request gives steps=0 (DEFAULT_GENERATE_STEPS)
 MAX_STEPS = 1000  # the DDPM's training timesteps: more sampling steps than this make no sense

@@ -54,7 +54,7 @@ from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .classifier import FeatureExtractor, load_classifier, predict
 from .data import DataConfig, load_mnist
-from mnistgen.limits import DEFAULT_GUIDANCE, MAX_GUIDANCE, SAMPLERS
+from mnistgen.limits import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, MAX_GUIDANCE, SAMPLERS
 from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator, latent_tensor
 
 NUM_CLASSES = 10
@@ -67,7 +67,7 @@ GENERATION_KEYS = ("fid", "coverage", "kl_uniform", "confidence", "variance", "p
 DENOISE_KEYS = ("class_preservation", "psnr", "ssim")
 CONDITIONAL_KEYS = ("digit_agreement", "agreement_per_digit", "fid_per_digit", "requested_digits")
 UNCONDITIONAL_SAMPLING = ("ddpm", 100)  # --sampler / --steps defaults of an unconditional DDPM
-CONDITIONAL_SAMPLING = ("dpm-solver++", 20)  # ... of a conditional one: the served default (serving/validation.py)
+CONDITIONAL_SAMPLING = (DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS)  # ... of a conditional one: the served default
 CONDITIONAL_NUM_SAMPLES = 1000  # --num-samples default of a conditional DDPM (generate)
 
 

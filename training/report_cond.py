@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mnistgen.checkpoint import REPO_ROOT, read_config  # noqa: E402
-from mnistgen.cli import add_dataclass_args, dataclass_from_args  # noqa: E402
+from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code  # noqa: E402
 from mnistgen.limits import MAX_GUIDANCE  # noqa: E402
 from .evaluate import CONDITIONAL_SAMPLING, NUM_CLASSES, SAMPLERS, EvalConfig, evaluate  # noqa: E402
 from .plots import save_grid  # noqa: E402
@@ -306,17 +306,13 @@ def parse_args(argv: list[str] | None = None) -> CondReportConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        if cfg.from_json:
-            path = render(_path(cfg.out_dir))
-            data = json.loads((_path(cfg.out_dir) / JSON_NAME).read_text())
-            print(f"wrote {path}; recommended_guidance = {data['recommended_guidance']:g}")
-        else:
-            run_sweep(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    def rerender() -> None:
+        path = render(_path(cfg.out_dir))
+        data = json.loads((_path(cfg.out_dir) / JSON_NAME).read_text())
+        print(f"wrote {path}; recommended_guidance = {data['recommended_guidance']:g}")
+
+    return exit_code(rerender if cfg.from_json else lambda: run_sweep(cfg))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""training.quality_goals: the goals judged from rows (pure), goals.md rendered from goals.json alone."""
+import json
+
+import pytest
+
+from training import quality_goals as qg
+
+
+def rows(gan_fid=6.0, served_fid=2.0, dpm=33.0, sde=31.0, ref=30.0, pres=0.99, psnr=27.0):
+    base = {"task": "generate", "coverage": 10, "kl_uniform": 0.01, "pairwise_distance": 0.36, "num_samples": 1000}
+    return {
+        "floor": {**base, "model": "real-test", "fid": 0.8},
+        "gan": {**base, "model": "dcgan-baseline", "fid": gan_fid, "summary": {"iterations": 6000,
+                                                                               "train_time_s": 600.0}},
+        "modified": {**base, "model": "dcgan-modified", "fid": 50.0, "coverage": 3, "pairwise_distance": 0.3},
+        "ddpm-served": {**base, "model": "ddpm", "fid": served_fid, "sampler": "dpm-solver++", "steps": 20},
+        "ddpm-100": {**base, "model": "ddpm", "fid": ref, "sampler": "ddpm", "steps": 100},
+        "ddpm-dpm-solver++-20": {**base, "model": "ddpm", "fid": dpm, "sampler": "dpm-solver++", "steps": 20},
+        "ddpm-sde-dpm-solver++-20": {**base, "model": "ddpm", "fid": sde, "sampler": "sde-dpm-solver++", "steps": 20},
+        "denoise": {"model": "ddpm", "task": "denoise", "class_preservation": pres, "psnr": psnr, "sampler": "ddpm",
+                    "steps": 100, "sigma": 0.3, "num_samples": 1000},
+    }
+
+
+def test_goals_from_rows():
+    goals = {g["goal"]: g for g in qg.judge(rows())}
+    assert len(goals) == 8
+    g = goals["dcgan-baseline FID <= 9x floor"]
+    assert g["measured"] == pytest.approx(7.5) and g["met"]
+    served = goals["ddpm served default (dpm-solver++ 20) FID <= 3x floor"]
+    assert served["measured"] == pytest.approx(2.5) and served["met"]
+    assert goals["ddpm dpm-solver++ 20 FID / DDPM-100 FID"]["measured"] == pytest.approx(1.1)
+    best = goals["best <= 20-step sampler (sde-dpm-solver++ 20) FID / DDPM-100 FID"]
+    assert best["measured"] == pytest.approx(31 / 30) and best["met"]
+    missed = {g["goal"]: g for g in qg.judge(rows(gan_fid=8.0, served_fid=3.0, pres=0.97, psnr=26.0))}
+    assert not missed["ddpm served default (dpm-solver++ 20) FID <= 3x floor"]["met"]
+    assert not missed["dcgan-baseline FID <= 9x floor"]["met"]
+    assert not missed["denoise sigma 0.3: class preservation"]["met"]
+    assert not missed["denoise sigma 0.3: PSNR (dB)"]["met"]
+
+
+def test_markdown_rendered_from_the_json(tmp_path):
+    r = rows()
+    data = {"config": {"threads": 2}, "rows": r, "goals": qg.judge(r), "wall_s": 600.0}
+    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
+    assert qg.main(["--from-json", "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / qg.MD_NAME).read_text()
+    assert "floor = real test images vs the training split: **0.800**" in md
+    assert "| dcgan-baseline FID <= 9x floor | 7.5 | <= 9 | yes | FID 6.00 vs floor 0.800 |" in md
+    assert "| gan | dcgan-baseline | 1000 | - | 6 | 7.5 | 10 |" in md and "6000 iters, 10 min" in md
+    assert "coverage 3/10" in md and "collapsed" in md
+
+
+def test_plan_shares_seeds_and_uses_the_served_default():
+    plan = qg.plan(qg.GoalsConfig(ddpm="x.safetensors", num_samples=100, sampler_samples=10))
+    assert plan["ddpm-served"].sampler == qg.DEFAULT_SAMPLER and plan["ddpm-served"].num_samples == 100
+    assert {plan[k].seed for k in plan} == {0}
+    assert [plan[f"ddpm-{s}-20"].sampler for s in qg.FAST_SAMPLERS] == list(qg.FAST_SAMPLERS)
+    assert plan["denoise"].task == "denoise" and plan["denoise"].sigma == 0.3 and plan["denoise"].num_samples == 10

@@ -1,0 +1,212 @@
+"""The quality goals of the 60k retraining (issue 13), measured in one command: every row a `training.evaluate` run.
+
+    python -m training.quality_goals                      # ~15 min on 2 CPU threads -> reports/quality/
+    python -m training.quality_goals --ddpm /tmp/new.safetensors --out-dir /tmp/q   # judge a candidate checkpoint
+    python -m training.quality_goals --from-json          # only re-render goals.md from goals.json
+
+Rows (FID in the evaluation classifier's feature space against the 10k test split; the floor is real test images
+judged against the training split, `--model real-test`):
+
+- floor: real test images, --num-samples (10,000)
+- dcgan-baseline (10,000): FID <= 9x the floor, coverage 10/10, KL to uniform <= 0.05
+- dcgan-modified (10,000): the mode-collapse verdict in numbers (coverage, KL, pairwise distance vs the real test
+  images' own), no goal
+- ddpm with the served default sampler (mnistgen.limits.DEFAULT_SAMPLER / _STEPS, 10,000): FID <= 3x the floor
+- ddpm, --sampler-samples (1,000) each, same seeds: DDPM-100 (the reference), dpm-solver++ 20 (FID within 10 % of
+  DDPM-100: the issue's command), the best <= 20-step sampler (dpm-solver++ or sde-dpm-solver++ at 20) within 10 %
+- ddpm denoise at sigma 0.3 (1,000 test images, evaluate's default sampler): class preservation >= 0.98 and
+  PSNR >= 26.5 dB
+
+Each row records its model's checkpoint sha256 and training summary; goals.md is rendered from goals.json alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code
+from mnistgen.files import sha256
+from mnistgen.limits import DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS
+from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS
+
+from .evaluate import EvalConfig, evaluate
+
+JSON_NAME, MD_NAME = "goals.json", "goals.md"
+FLOOR_X_GAN, FLOOR_X_DDPM = 9.0, 3.0  # FID goals as multiples of the floor
+MAX_KL, FEW_STEP_TOLERANCE = 0.05, 0.10
+MIN_CLASS_PRESERVATION, MIN_PSNR, DENOISE_SIGMA = 0.98, 26.5, 0.3
+FAST_SAMPLERS = ("dpm-solver++", "sde-dpm-solver++")  # the <= 20-step candidates
+KEEP = ("fid", "coverage", "kl_uniform", "pairwise_distance", "confidence", "num_samples", "ms_per_sample",
+        "class_preservation", "psnr", "ssim", "sampler", "steps", "sigma")
+
+
+@dataclass
+class GoalsConfig:
+    gan: str = "dcgan-baseline"  # the GAN the FID goal judges (a name or a .safetensors path)
+    modified: str = "dcgan-modified"  # the mode-collapse case
+    ddpm: str = "ddpm"  # the unconditional DDPM ("ddpm" = checkpoints/ddpm.safetensors, or a path)
+    num_samples: int = 10000  # floor, GANs, the served-default DDPM row
+    sampler_samples: int = 1000  # each row of the sampler comparison, and the denoise row
+    threads: int = 2  # torch CPU threads
+    seed: int = 0
+    out_dir: str = "reports/quality"
+    from_json: bool = False  # only re-render goals.md from goals.json
+
+
+def checkpoint_info(model: str) -> dict:
+    """path, sha256 and training summary of a model name or checkpoint path (empty for the real-data rows)."""
+    path = (CHECKPOINT_DIR / GAN_MODELS[model] if model in GAN_MODELS
+            else CHECKPOINT_DIR / DDPM_CHECKPOINT if model == "ddpm" else Path(model))
+    if path.suffix != ".safetensors":
+        return {}
+    config = read_config(path)
+    return {"checkpoint": str(path), "sha256": sha256(path), "summary": config.get("summary", {}),
+            "data_source": config.get("train", {}).get("data_source")}
+
+
+def goal(name: str, measured: float, comparison: str, target: float, detail: str = "") -> dict:
+    met = measured <= target if comparison == "<=" else measured >= target
+    return {"goal": name, "measured": measured, "comparison": comparison, "target": target, "met": bool(met),
+            "detail": detail}
+
+
+def judge(rows: dict) -> list[dict]:
+    """The goals from the measured rows (pure: tested on made-up rows)."""
+    floor = rows["floor"]["fid"]
+    gan, served, ref = rows["gan"], rows["ddpm-served"], rows["ddpm-100"]
+    best_fast = min(FAST_SAMPLERS, key=lambda s: rows[f"ddpm-{s}-20"]["fid"])
+    den = rows["denoise"]
+    return [
+        goal(f"{gan['model']} FID <= {FLOOR_X_GAN:g}x floor", gan["fid"] / floor, "<=", FLOOR_X_GAN,
+             f"FID {gan['fid']:.2f} vs floor {floor:.3f}"),
+        goal(f"{gan['model']} coverage 10/10", gan["coverage"], ">=", 10),
+        goal(f"{gan['model']} KL to uniform <= {MAX_KL:g}", gan["kl_uniform"], "<=", MAX_KL),
+        goal(f"ddpm served default ({served['sampler']} {served['steps']}) FID <= {FLOOR_X_DDPM:g}x floor",
+             served["fid"] / floor, "<=", FLOOR_X_DDPM, f"FID {served['fid']:.2f} on {served['num_samples']} samples"),
+        goal("ddpm dpm-solver++ 20 FID / DDPM-100 FID", rows["ddpm-dpm-solver++-20"]["fid"] / ref["fid"], "<=",
+             1 + FEW_STEP_TOLERANCE, f"{rows['ddpm-dpm-solver++-20']['fid']:.2f} vs {ref['fid']:.2f}"),
+        goal(f"best <= 20-step sampler ({best_fast} 20) FID / DDPM-100 FID",
+             rows[f"ddpm-{best_fast}-20"]["fid"] / ref["fid"], "<=", 1 + FEW_STEP_TOLERANCE,
+             f"{rows[f'ddpm-{best_fast}-20']['fid']:.2f} vs {ref['fid']:.2f}"),
+        goal(f"denoise sigma {DENOISE_SIGMA:g}: class preservation", den["class_preservation"], ">=",
+             MIN_CLASS_PRESERVATION, f"{den['sampler']} {den['steps']}"),
+        goal(f"denoise sigma {DENOISE_SIGMA:g}: PSNR (dB)", den["psnr"], ">=", MIN_PSNR),
+    ]
+
+
+def plan(cfg: GoalsConfig) -> dict[str, EvalConfig]:
+    """Row name -> its evaluation (seeds shared, so sampler rows differ by the sampler alone)."""
+    n, m, common = cfg.num_samples, cfg.sampler_samples, {"seed": cfg.seed, "threads": cfg.threads}
+    rows = {
+        "floor": EvalConfig(model="real-test", num_samples=n, **common),
+        "gan": EvalConfig(model=cfg.gan, num_samples=n, **common),
+        "modified": EvalConfig(model=cfg.modified, num_samples=n, **common),
+        "ddpm-served": EvalConfig(model=cfg.ddpm, num_samples=n, sampler=DEFAULT_SAMPLER, steps=DEFAULT_SAMPLER_STEPS,
+                                  **common),
+        "ddpm-100": EvalConfig(model=cfg.ddpm, num_samples=m, sampler="ddpm", steps=100, **common),
+        **{f"ddpm-{s}-20": EvalConfig(model=cfg.ddpm, num_samples=m, sampler=s, steps=20, **common)
+           for s in FAST_SAMPLERS},
+        "denoise": EvalConfig(model=cfg.ddpm, task="denoise", sigma=DENOISE_SIGMA, num_samples=m, **common),
+    }
+    return rows
+
+
+def run(cfg: GoalsConfig) -> dict:
+    rows, t_start = {}, time.perf_counter()
+    for name, ecfg in plan(cfg).items():
+        print(f"[{name}] python -m training.evaluate --model {ecfg.model} --task {ecfg.task} --num-samples "
+              f"{ecfg.num_samples}" + (f" --sampler {ecfg.sampler} --steps {ecfg.steps}" if ecfg.sampler else "")
+              + (f" --sigma {ecfg.sigma}" if ecfg.task == "denoise" else ""), flush=True)
+        t0 = time.perf_counter()
+        result = evaluate(ecfg)
+        rows[name] = {"model": ecfg.model, "task": ecfg.task, **{k: result[k] for k in KEEP if k in result},
+                      "wall_s": round(time.perf_counter() - t0, 1), **checkpoint_info(ecfg.model)}
+        print(f"  {json.dumps({k: rows[name][k] for k in KEEP if k in rows[name]})}", flush=True)
+    out = {"about": __doc__.split("\n\n")[0], "config": asdict(cfg), "rows": rows, "goals": judge(rows),
+           "machine": {"platform": platform.platform(), "python": platform.python_version()},
+           "wall_s": round(time.perf_counter() - t_start, 1)}
+    out_dir = _path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / JSON_NAME).write_text(json.dumps(out, indent=1) + "\n")
+    render(out_dir)
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def render(out_dir: Path) -> Path:
+    """goals.md from goals.json alone."""
+    data = json.loads((out_dir / JSON_NAME).read_text())
+    rows, floor = data["rows"], data["rows"]["floor"]
+    lines = ["# Quality goals (issue 13), measured", "",
+             f"Generated by `python -m training.quality_goals` from {JSON_NAME} ({data['wall_s'] / 60:.0f} min, "
+             f"{data['config']['threads']} threads). FID in the evaluation classifier's feature space against the "
+             f"10k test split; floor = real test images vs the training split: **{floor['fid']:.3f}**.", "",
+             "## Goals", "", "| goal | measured | target | met | detail |", "|---|---:|---:|---|---|"]
+    for g in data["goals"]:
+        lines.append(f"| {g['goal']} | {_fmt(g['measured'])} | {g['comparison']} {g['target']:g} | "
+                     f"{'yes' if g['met'] else '**no**'} | {g['detail']} |")
+    lines += ["", "## Rows", "",
+              "| row | model | samples | sampler | FID | x floor | coverage | KL | pairwise | class pres. | PSNR | "
+              "ms/sample | training |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        s = r.get("summary") or {}
+        trained = ", ".join(x for x in (
+            f"{s['iterations']} iters" if "iterations" in s else f"{s['steps']} steps" if "steps" in s else "",
+            f"{s['train_time_s'] / 60:.0f} min" if "train_time_s" in s else "",
+            f"data {r['data_source']}" if r.get("data_source") else "") if x)
+        fid = r.get("fid")
+        lines.append(
+            f"| {name} | {r['model']} | {r.get('num_samples', '-')} | "
+            f"{(str(r.get('sampler')) + ' ' + str(r.get('steps'))) if r.get('sampler') else '-'} | {_fmt(fid)} | "
+            f"{_fmt(fid / floor['fid']) if fid is not None else '-'} | {_fmt(r.get('coverage'))} | "
+            f"{_fmt(r.get('kl_uniform'))} | {_fmt(r.get('pairwise_distance'))} | {_fmt(r.get('class_preservation'))} | "
+            f"{_fmt(r.get('psnr'))} | {_fmt(r.get('ms_per_sample'))} | {trained or '-'} |")
+    mod = rows["modified"]
+    lines += ["", f"Mode collapse (`{mod['model']}`): coverage {mod['coverage']}/10, KL {mod['kl_uniform']:.4f}, pairwise "
+              f"distance {mod['pairwise_distance']:.3f} vs {floor['pairwise_distance']:.3f} for real test images "
+              f"({100 * mod['pairwise_distance'] / floor['pairwise_distance']:.0f} %): "
+              + ("collapsed" if mod["coverage"] <= 3 or mod["pairwise_distance"] < 0.2 else "no collapse")
+              + " (training.controlled_failures' rule: coverage <= 3 or pairwise < 0.2).", ""]
+    path = out_dir / MD_NAME
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _path(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def parse_args(argv: list[str] | None = None) -> GoalsConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(p, GoalsConfig)
+    return dataclass_from_args(GoalsConfig, p.parse_args(argv))
+
+
+def run_and_print(cfg: GoalsConfig) -> None:
+    out = run(cfg)
+    for g in out["goals"]:
+        print(f"{'MET   ' if g['met'] else 'MISSED'} {g['goal']}: {g['measured']:.4g} (goal {g['comparison']} "
+              f"{g['target']:g}) {g['detail']}")
+    print(f"wrote {_path(cfg.out_dir) / JSON_NAME} and {MD_NAME}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    return exit_code((lambda: print(f"wrote {render(_path(cfg.out_dir))}")) if cfg.from_json
+                     else lambda: run_and_print(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
