@@ -72,6 +72,7 @@ EXTRA_ENTRY_POINTS = {
     "export": ["training.export"],
     "train": ["training.train_gan", "training.train_ddpm", "training.evaluate", "training.report",
               "training.report_ddpm", "training.report_cond", "training.sampler_study", "training.controlled_failures",
+              "training.quality_goals",
               "training.classifier",
               "training.export"],
     "loadtest": ["loadtest.locustfile", "loadtest.report", "serving.monitor"],
