@@ -392,10 +392,12 @@ def effective_threshold(runtime: str, engine_threshold: str | None, record: dict
 
 
 def summary(record: dict | None, threshold: int | None, source: str) -> dict:
-    """What the gateway shows (config.pbtxt parameter `engines`): engines used, threshold, threads, cpu."""
+    """What the gateway shows (config.pbtxt parameter `engines`): engines used, threshold, threads, cpu, and all of it
+    in words (`description`, what ListModels shows)."""
     m = (record or {}).get("machine", {})
-    return {"engines": [ORT] if threshold is None else ([TORCHSCRIPT] if threshold <= 1 else [ORT, TORCHSCRIPT]),
-            "threshold": threshold, "source": source, "threads": m.get("threads"), "cpu": m.get("cpu")}
+    engines = [ORT] if threshold is None else ([TORCHSCRIPT] if threshold <= 1 else [ORT, TORCHSCRIPT])
+    return {"engines": engines, "threshold": threshold, "source": source, "threads": m.get("threads"),
+            "cpu": m.get("cpu"), "description": describe(threshold, engines, source, m.get("threads"))}
 
 
 def describe(threshold: int | None, engines: list[str] | None = None, source: str | None = None,
@@ -410,15 +412,6 @@ def describe(threshold: int | None, engines: list[str] | None = None, source: st
         how = f"{ORT} for batch 1-{int(threshold) - 1}, {TORCHSCRIPT} from {int(threshold)}"
     extra = ", ".join(str(x) for x in (source, f"{threads} threads" if threads else None) if x)
     return f"{how} ({extra})" if extra else how
-
-
-def describe_summary(summary: str) -> str:
-    """describe() of the `engines` config.pbtxt parameter (summary() as JSON); "" when absent or unreadable."""
-    try:
-        s = json.loads(summary)
-        return describe(s.get("threshold"), list(s.get("engines") or []), s.get("source"), s.get("threads"))
-    except (ValueError, TypeError, AttributeError):
-        return ""
 
 
 def warmup_batches(threshold: int | None, max_batch: int) -> list[int]:

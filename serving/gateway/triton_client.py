@@ -11,8 +11,6 @@ from tritonclient.grpc import InferInput, InferResult, service_pb2, service_pb2_
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, triton_to_np_dtype
 
-from mnistgen.engine import describe_summary
-
 from ..validation import ApiError
 
 # Triton tensor names (the same in config.pbtxt, export and tests)
@@ -42,6 +40,17 @@ class TritonModelInfo:
     latent_dim: int  # GANs: dims of the `latent` input; 0 otherwise
     version: str  # the newest version Triton serves
     engines: str = ""  # which engine serves which batch sizes (config.pbtxt's `engines` parameter, in words)
+
+
+def engines_description(summary: str) -> str:
+    """The `description` of the `engines` parameter training.export writes into config.pbtxt (mnistgen.engine.summary
+    as JSON), e.g. "onnxruntime for batch 1-31, torchscript from 32 (engines.json, 2 threads)"; "" when absent."""
+    import json
+
+    try:
+        return str(json.loads(summary).get("description") or "")
+    except (ValueError, TypeError, AttributeError):
+        return ""
 
 
 class TritonClient:
@@ -85,7 +94,7 @@ class TritonClient:
             self._info[model] = TritonModelInfo(
                 model, int(cfg.get("max_batch_size", 0)), int(latent[0]["dims"][-1]) if latent else 0,
                 versions[-1] if versions else "",
-                describe_summary(cfg.get("parameters", {}).get("engines", {}).get("string_value", "")))
+                engines_description(cfg.get("parameters", {}).get("engines", {}).get("string_value", "")))
         return self._info[model]
 
     async def infer(self, model: str, inputs: list[Tensor], outputs: list[str], timeout: float) -> InferResult:
