@@ -534,9 +534,11 @@ def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
         record = eng.read_record(repo / m / "1" / eng.ENGINES_FILE)
         if record is not None:
             out[m] = {k: record.get(k) for k in ("threshold", "batches", "ms_per_sample", "measured_by", "measured_at")}
+            out[m]["ort_multithread_from"] = record.get("ort_multithread_from", 1)  # absent: measured before the column
             out[m]["threads"] = record.get("machine", {}).get("threads")
             out[m]["choice"] = eng.describe(record.get("threshold"), source=eng.ENGINES_FILE,
-                                            threads=out[m]["threads"])
+                                            threads=out[m]["threads"],
+                                            multithread_from=out[m]["ort_multithread_from"])
     return out
 
 
@@ -546,16 +548,16 @@ def engines_markdown(engines: dict) -> list[str]:
     lines = ["## Engine choice per batch size (each model's 1/engines.json, measured at export)", "",
              "ms/sample of ONNX Runtime vs TorchScript (frozen, optimize_for_inference) as the served model runs "
              "them, best of interleaved calls; the served model uses TorchScript from the threshold on.", "",
-             "| model | batch | onnxruntime | torchscript | served by |", "|---|---:|---:|---:|---|"]
+             "| model | batch | onnxruntime | onnxruntime 1 thread | torchscript | served by |",
+             "|---|---:|---:|---:|---:|---|"]
     for m, r in engines.items():
         ms = r.get("ms_per_sample") or {}
         for b in r.get("batches") or []:
-            ort = ms.get(eng.ORT, {}).get(str(b), float("nan"))
-            ts = ms.get(eng.TORCHSCRIPT, {}).get(str(b), float("nan"))
-            th = r.get("threshold")
-            lines.append(f"| {m} | {b} | {_f(ort)} | {_f(ts)} | "
-                         f"{eng.TORCHSCRIPT if th is not None and b >= th else eng.ORT} |")
-        lines.append(f"| {m} | | | | {r['choice']}; measured by {r.get('measured_by')} at {r.get('measured_at')} |")
+            ort, one, ts = (ms.get(c, {}).get(str(b), float("nan")) for c in (eng.ORT, eng.ORT_1T, eng.TORCHSCRIPT))
+            which = eng.engine_for(b, r.get("threshold"), r["ort_multithread_from"])
+            lines.append(f"| {m} | {b} | {_f(ort)} | {_f(one)} | {_f(ts)} | "
+                         f"{'onnxruntime, 1 thread' if which == eng.ORT_1T else which} |")
+        lines.append(f"| {m} | | | | | {r['choice']}; measured by {r.get('measured_by')} at {r.get('measured_at')} |")
     return lines + [""]
 
 

@@ -7,8 +7,10 @@ over the batch while PyTorch's oneDNN deconvolution takes the whole batch (faste
 
 The measurement lands in <model>/<version>/engines.json (ENGINES_FILE):
     {"threshold": 16 | null,                # TorchScript at batch >= threshold; null = ONNX Runtime at every batch
+     "ort_multithread_from": 8 | 1 | null,  # ONNX Runtime with all its threads from this batch on; below it with one
+                                            # thread (null: one thread at every batch; 1: all threads everywhere)
      "batches": [1, 4, ...],
-     "ms_per_sample": {"onnxruntime": {"1": 0.31, ...}, "torchscript": {...}},   # best of interleaved calls
+     "ms_per_sample": {"onnxruntime": {"1": 0.31, ...}, "onnxruntime-1thread": {...}, "torchscript": {...}},
      "median_ms_per_sample": {...},
      "machine": {"cpu": ..., "cores": 2, "threads": 2, "omp_wait_policy": "PASSIVE", "onnxruntime": ..., "torch": ...},
      "checkpoint_sha256": ..., "measured_by": "export" | "triton-initialize", "measured_at": ISO time}
@@ -42,6 +44,10 @@ import numpy as np
 ENGINES_FILE = "engines.json"
 ORT, TORCHSCRIPT = "onnxruntime", "torchscript"
 ENGINES = (ORT, TORCHSCRIPT)
+# measurement column: ONNX Runtime with ONE intra-op thread, next to ORT with the instance's threads (when > 1). At
+# small batches a parallel region costs more than it saves (idle workers sleep, OMP_WAIT_POLICY / allow_spinning 0,
+# and waking them is per operator), so the served model may run ORT single-threaded below a measured batch size.
+ORT_1T = "onnxruntime-1thread"
 RUNTIMES = ("auto",) + ENGINES  # config.pbtxt parameter `runtime`: auto = per batch size, or one engine always
 GENERATOR_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what export measures for the GAN generators
 UNET_BATCHES = (1, 4, 16, 64)  # the DDPM UNet: 10-100x the work per row, so fewer and smaller cells
@@ -233,25 +239,53 @@ def measure(runners: dict[str, Callable[[Feeds], object]], make_feeds: Callable[
     return {"batches": list(batches), "ms_per_sample": best, "median_ms_per_sample": med}
 
 
-def choose_threshold(ms_per_sample: dict[str, dict[str, float]], batches: list[int]) -> int | None:
-    """The smallest measured batch b at which TorchScript is faster and stays faster: it wins at most of the measured
-    batches from b on, and its total over them is lower (one noisy cell does not move the threshold).
-    None: TorchScript never qualifies (ONNX Runtime at every batch size)."""
-    ort, ts = ms_per_sample.get(ORT, {}), ms_per_sample.get(TORCHSCRIPT, {})
-    sizes = sorted(b for b in batches if str(b) in ort and str(b) in ts)
+def choose_crossover(ms_per_sample: dict[str, dict[str, float]], batches: list[int], low: str, high: str) -> int | None:
+    """The smallest measured batch b from which engine `high` beats `low` and stays ahead: it wins at most of the
+    measured batches from b on, and its total over them is lower (one noisy cell does not move the crossover).
+    None: `high` never qualifies (`low` at every batch size)."""
+    lo, hi = ms_per_sample.get(low, {}), ms_per_sample.get(high, {})
+    sizes = sorted(b for b in batches if str(b) in lo and str(b) in hi)
     for i, b in enumerate(sizes):
         above = sizes[i:]
-        wins = sum(ts[str(c)] < ort[str(c)] for c in above)
-        if (ts[str(b)] < ort[str(b)] and 2 * wins > len(above)
-                and sum(ts[str(c)] for c in above) < sum(ort[str(c)] for c in above)):
+        wins = sum(hi[str(c)] < lo[str(c)] for c in above)
+        if (hi[str(b)] < lo[str(b)] and 2 * wins > len(above)
+                and sum(hi[str(c)] for c in above) < sum(lo[str(c)] for c in above)):
             return b
     return None
 
 
+def choose_threshold(ms_per_sample: dict[str, dict[str, float]], batches: list[int]) -> int | None:
+    """The batch size from which TorchScript beats ONNX Runtime (choose_crossover); None = ONNX Runtime always."""
+    return choose_crossover(ms_per_sample, batches, ORT, TORCHSCRIPT)
+
+
+def choose_ort_multithread_from(ms_per_sample: dict[str, dict[str, float]], batches: list[int]) -> int | None:
+    """The batch size from which ONNX Runtime with all its threads beats it with one (choose_crossover); 1 when no
+    one-thread column was measured (instances with one thread), None when one thread wins at every batch."""
+    if ORT_1T not in ms_per_sample:
+        return 1
+    return choose_crossover(ms_per_sample, batches, ORT_1T, ORT)
+
+
+def ort_as_served(ms_per_sample: dict[str, dict[str, float]], multithread_from: int | None) -> dict[str, float]:
+    """ONNX Runtime's ms/sample per batch as the served model runs it: one thread below multithread_from."""
+    ort, one = ms_per_sample.get(ORT, {}), ms_per_sample.get(ORT_1T, {})
+    return {b: (v if multithread_from is not None and int(b) >= multithread_from else one.get(b, v))
+            for b, v in ort.items()}
+
+
+def engine_for(batch: int, threshold: int | None, multithread_from: int | None = 1) -> str:
+    """Which runner serves `batch`: TORCHSCRIPT from the threshold on, else ORT, or ORT_1T below multithread_from."""
+    if threshold is not None and batch >= threshold:
+        return TORCHSCRIPT
+    return ORT if multithread_from is not None and batch >= multithread_from else ORT_1T
+
+
 def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[int, ...], threads: int,
                     allow_spinning: str = "0", budget_s: float = 1.0, **record) -> dict:
-    """Measure ONNX Runtime vs TorchScript (as served: frozen, optimised) on these files with `threads` threads, on
-    random inputs (random_feeds); returns the engines.json record (`record` adds fields, e.g. measured_by)."""
+    """Measure ONNX Runtime vs TorchScript (as served: frozen, optimised) on these files with `threads` threads (and
+    ONNX Runtime with one thread too, when threads > 1), on random inputs (random_feeds); returns the engines.json
+    record (`record` adds fields, e.g. measured_by)."""
     import torch
 
     before = torch.get_num_threads()
@@ -260,10 +294,15 @@ def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[i
         session = ort_session(onnx_path, threads, allow_spinning)
         inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
         runners = {ORT: OrtRunner(session, outputs), TORCHSCRIPT: TorchScriptRunner(load_torchscript(ts_path), inputs)}
+        if threads > 1:
+            runners[ORT_1T] = OrtRunner(ort_session(onnx_path, 1, allow_spinning), outputs)
         table = measure(runners, lambda b: random_feeds(session, b), tuple(batches), budget_s=budget_s)
     finally:
         torch.set_num_threads(before)
-    return {"threshold": choose_threshold(table["ms_per_sample"], table["batches"]), **table,
+    ms = table["ms_per_sample"]
+    multithread_from = choose_ort_multithread_from(ms, table["batches"])
+    served = {ORT: ort_as_served(ms, multithread_from), TORCHSCRIPT: ms[TORCHSCRIPT]}
+    return {"threshold": choose_threshold(served, table["batches"]), "ort_multithread_from": multithread_from, **table,
             "machine": machine(threads), "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"), **record}
 
@@ -338,6 +377,7 @@ def record_matches(record: dict | None, checkpoint_sha: str, threads: int) -> bo
     m = record.get("machine", {})
     here = machine(threads)
     return (record.get("checkpoint_sha256") == checkpoint_sha
+            and ("ort_multithread_from" in record or threads <= 1)  # measured with the one-thread column
             and all(m.get(k) == here[k] for k in ("cpu", "cores", "threads", "omp_wait_policy", "onnxruntime",
                                                   "torch")))
 
@@ -396,20 +436,29 @@ def summary(record: dict | None, threshold: int | None, source: str) -> dict:
     in words (`description`, what ListModels shows)."""
     m = (record or {}).get("machine", {})
     engines = [ORT] if threshold is None else ([TORCHSCRIPT] if threshold <= 1 else [ORT, TORCHSCRIPT])
+    multithread_from = (record or {}).get("ort_multithread_from", 1)
     return {"engines": engines, "threshold": threshold, "source": source, "threads": m.get("threads"),
-            "cpu": m.get("cpu"), "description": describe(threshold, engines, source, m.get("threads"))}
+            "ort_multithread_from": multithread_from, "cpu": m.get("cpu"),
+            "description": describe(threshold, engines, source, m.get("threads"), multithread_from)}
 
 
 def describe(threshold: int | None, engines: list[str] | None = None, source: str | None = None,
-             threads: int | None = None) -> str:
-    """The engine choice in words, as Triton logs it and the gateway's ListModels shows it: "onnxruntime for batch
-    1-31, torchscript from 32 (engines.json, 2 threads)"."""
+             threads: int | None = None, multithread_from: int | None = 1) -> str:
+    """The engine choice in words, as Triton logs it and the gateway's ListModels shows it: "onnxruntime (1 thread
+    below batch 4) for batch 1-31, torchscript from 32 (engines.json, 2 threads)"."""
+    ort = ORT
+    if multithread_from is None:
+        ort = f"{ORT} (1 thread)"
+    elif multithread_from > 1 and (threshold is None or multithread_from < threshold):
+        ort = f"{ORT} (1 thread below batch {multithread_from})"
+    elif multithread_from > 1:  # TorchScript takes over before ORT would use its threads
+        ort = f"{ORT} (1 thread)"
     if threshold is None:
-        how = f"{engines[0] if engines else ORT} at every batch size"
+        how = f"{ort if not engines or engines[0] == ORT else engines[0]} at every batch size"
     elif int(threshold) <= 1:
         how = f"{TORCHSCRIPT} at every batch size"
     else:
-        how = f"{ORT} for batch 1-{int(threshold) - 1}, {TORCHSCRIPT} from {int(threshold)}"
+        how = f"{ort} for batch 1-{int(threshold) - 1}, {TORCHSCRIPT} from {int(threshold)}"
     extra = ", ".join(str(x) for x in (source, f"{threads} threads" if threads else None) if x)
     return f"{how} ({extra})" if extra else how
 

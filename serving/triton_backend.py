@@ -111,6 +111,17 @@ class Engines:
                 and not eng.record_matches(self.record, meta.get("checkpoint_sha256", ""), self.threads)):
             self.record = self._measure(version_dir, ts_path, meta, measure_batches, engines_path)
         self.threshold, self.source = eng.effective_threshold(runtime, override, self.record)
+        # ONNX Runtime with one thread below the measured batch size (engines.json ort_multithread_from), with all of
+        # the instance's threads from it on
+        self.multithread_from = (self.record or {}).get("ort_multithread_from", 1) if self.threads > 1 else 1
+        if on_gpu or runtime == eng.TORCHSCRIPT:
+            self.multithread_from = 1
+        self.ort1 = None
+        if self.multithread_from != 1 and (self.threshold is None or self.threshold > 1):
+            self.ort1 = eng.OrtRunner(eng.ort_session(str(version_dir / "model.onnx"), 1, self.allow_spinning),
+                                      self.output_names)
+        else:
+            self.multithread_from = 1
         self.ts = None
         if self.threshold is not None:
             if not ts_path.exists():
@@ -145,11 +156,13 @@ class Engines:
                 self.ts(feeds)
 
     def describe(self) -> str:
-        return (eng.describe(self.threshold, source=self.source, threads=self.threads)
+        return (eng.describe(self.threshold, source=self.source, threads=self.threads,
+                             multithread_from=self.multithread_from)
                 + f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
     def runner(self, batch: int):
-        return self.ts if self.threshold is not None and batch >= self.threshold else self.ort
+        which = eng.engine_for(batch, self.threshold, self.multithread_from)
+        return self.ts if which == eng.TORCHSCRIPT else self.ort1 if which == eng.ORT_1T else self.ort
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner(next(iter(feeds.values())).shape[0])(feeds)

@@ -367,9 +367,11 @@ def measure_model_engines(cfg: ExportConfig, models: tuple[str, ...], batches: t
         for d in dirs:
             eng.write_record(d / "1" / eng.ENGINES_FILE, record)
         ms = record["ms_per_sample"]
-        cells = ", ".join(f"{b}: {ms[eng.ORT][str(b)]:.3g}/{ms[eng.TORCHSCRIPT][str(b)]:.3g}" for b in batches)
-        print(f"- {', '.join(models)}: engines measured with {threads} threads, ms/sample onnxruntime/torchscript "
-              f"{cells}; threshold {record['threshold']}")
+        cols = [c for c in (eng.ORT, eng.TORCHSCRIPT, eng.ORT_1T) if c in ms]
+        cells = ", ".join(f"{b}: " + "/".join(f"{ms[c][str(b)]:.3g}" for c in cols) for b in batches)
+        print(f"- {', '.join(models)}: engines measured with {threads} threads, ms/sample {'/'.join(cols)} "
+              f"{cells}; threshold {record['threshold']}, onnxruntime multi-threaded from "
+              f"{record.get('ort_multithread_from')}")
     for d in dirs:
         p = model_params(d / "config.pbtxt")
         threshold, source = eng.effective_threshold(p.get("runtime", "auto"), p.get("engine_threshold"), record)

@@ -268,12 +268,15 @@ def test_engine_records_shown_in_the_markdown(tmp_path):
     d.mkdir(parents=True)
     eng.write_record(d / eng.ENGINES_FILE, {
         "threshold": 64, "batches": [1, 64], "measured_by": "export", "measured_at": "2026-12-01T00:00:00+00:00",
-        "ms_per_sample": {"onnxruntime": {"1": 0.3, "64": 0.3}, "torchscript": {"1": 2.0, "64": 0.2}},
+        "ort_multithread_from": 4, "ms_per_sample": {"onnxruntime": {"1": 0.3, "64": 0.3},
+                                                     "onnxruntime-1thread": {"1": 0.25, "64": 0.5},
+                                                     "torchscript": {"1": 2.0, "64": 0.2}},
         "machine": {"threads": 2}})
     records = bench.engine_records(tmp_path, ("dcgan_generator", "ddpm_unet"))  # ddpm_unet: no record, left out
     assert list(records) == ["dcgan_generator"] and records["dcgan_generator"]["threads"] == 2
     md = "\n".join(bench.engines_markdown(records))
-    assert "| dcgan_generator | 1 | 0.3 | 2 | onnxruntime |" in md
-    assert "| dcgan_generator | 64 | 0.3 | 0.2 | torchscript |" in md
-    assert "onnxruntime for batch 1-63, torchscript from 64 (engines.json, 2 threads)" in md
+    assert "| dcgan_generator | 1 | 0.3 | 0.25 | 2 | onnxruntime, 1 thread |" in md
+    assert "| dcgan_generator | 64 | 0.3 | 0.5 | 0.2 | torchscript |" in md
+    assert ("onnxruntime (1 thread below batch 4) for batch 1-63, torchscript from 64 (engines.json, 2 threads)"
+            in md)
     assert bench.engines_markdown({}) == []

@@ -52,8 +52,8 @@ def test_list_models_grpc_and_http(ready_gateway, triton):
     for m, j in zip(g.models, h["models"]):
         assert bool(m.engines) == m.ready and j.get("engines", "") == m.engines
         if m.ready:
-            assert re.match(r"(onnxruntime|torchscript) (at every batch size|for batch 1-\d+, torchscript from \d+)",
-                            m.engines), m.engines
+            assert re.match(r"(onnxruntime( \(1 thread( below batch \d+)?\))?|torchscript) "
+                            r"(at every batch size|for batch 1-\d+, torchscript from \d+)", m.engines), m.engines
 
 
 def test_health_and_reflection(ready_gateway):

@@ -155,6 +155,41 @@ def test_threshold_is_where_torchscript_wins_and_stays_ahead(ort, ts, want):
     assert eng.choose_threshold(_table(ort, ts), [1, 4, 16, 64, 256]) == want
 
 
+@pytest.mark.parametrize("multi, one, want", [
+    ([0.5, 0.3, 0.2, 0.2, 0.2], [0.3, 0.35, 0.4, 0.4, 0.4], 4),  # one thread wins at batch 1 only
+    ([0.5, 0.5, 0.5, 0.5, 0.5], [0.3, 0.3, 0.3, 0.3, 0.3], None),  # one thread wins everywhere
+    ([0.2, 0.2, 0.2, 0.2, 0.2], [0.3, 0.3, 0.3, 0.3, 0.3], 1),  # all threads win everywhere
+])
+def test_onnxruntime_runs_single_threaded_below_the_measured_batch(multi, one, want):
+    table = {**_table(multi, [9.0] * 5), eng.ORT_1T: dict(zip(map(str, (1, 4, 16, 64, 256)), one))}
+    assert eng.choose_ort_multithread_from(table, [1, 4, 16, 64, 256]) == want
+    assert eng.choose_ort_multithread_from(_table(multi, [9.0] * 5), [1, 4, 16, 64, 256]) == 1  # no 1-thread column
+    served = eng.ort_as_served(table, want)
+    assert served["1"] == min(multi[0], one[0]) and served["256"] == min(multi[-1], one[-1])
+
+
+def test_runner_choice_per_batch_and_its_description():
+    assert [eng.engine_for(b, 64, 4) for b in (1, 3, 4, 63, 64)] == [eng.ORT_1T, eng.ORT_1T, eng.ORT, eng.ORT,
+                                                                       eng.TORCHSCRIPT]
+    assert [eng.engine_for(b, None, None) for b in (1, 1024)] == [eng.ORT_1T, eng.ORT_1T]
+    assert [eng.engine_for(b, 16, 1) for b in (1, 16)] == [eng.ORT, eng.TORCHSCRIPT]
+    assert eng.describe(64, threads=2, multithread_from=4) == (
+        "onnxruntime (1 thread below batch 4) for batch 1-63, torchscript from 64 (2 threads)")
+    assert eng.describe(None, source="engines.json", multithread_from=None) == (
+        "onnxruntime (1 thread) at every batch size (engines.json)")
+    assert eng.describe(8, multithread_from=16) == "onnxruntime (1 thread) for batch 1-7, torchscript from 8"
+    assert eng.describe(1, multithread_from=None) == "torchscript at every batch size"
+    s = eng.summary({"ort_multithread_from": 4, "machine": {"threads": 2}}, None, eng.ENGINES_FILE)
+    assert s["ort_multithread_from"] == 4 and s["description"].startswith("onnxruntime (1 thread below batch 4)")
+
+
+def test_a_record_without_the_one_thread_column_is_remeasured_for_several_threads():
+    record = {"threshold": None, "checkpoint_sha256": "abc", "machine": eng.machine(2)}
+    assert not eng.record_matches(record, "abc", 2)
+    assert eng.record_matches({**record, "ort_multithread_from": 1}, "abc", 2)
+    assert eng.record_matches({**record, "machine": eng.machine(1)}, "abc", 1)
+
+
 def test_measure_times_every_engine_at_every_batch_and_the_threshold_follows():
     import time
 
@@ -185,7 +220,7 @@ def test_overrides_beat_the_measurement():
 
 
 def test_record_is_trusted_only_for_the_same_export_machine_and_threads(tmp_path):
-    record = {"threshold": 16, "checkpoint_sha256": "abc", "machine": eng.machine(2)}
+    record = {"threshold": 16, "ort_multithread_from": 1, "checkpoint_sha256": "abc", "machine": eng.machine(2)}
     assert eng.write_record(tmp_path / eng.ENGINES_FILE, record)
     back = eng.read_record(tmp_path / eng.ENGINES_FILE)
     assert back == record and eng.record_matches(back, "abc", 2)
