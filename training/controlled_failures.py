@@ -353,6 +353,14 @@ def _g(v: float | None, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _unproven(name: str, runs: dict) -> str:
+    """A note for a `+all` run whose base run (in the same JSON) did not show its failure: nothing to mitigate."""
+    base, mitigated = split_run(name)
+    if mitigated and base in runs and not runs[base]["verdict"]["failure_present"]:
+        return f" (but {base} without mitigations did not fail either: this run shows nothing about the mitigations)"
+    return ""
+
+
 def markdown(result: dict) -> str:
     """controlled_failures.md from the JSON's dict alone."""
     runs = result["runs"]
@@ -375,7 +383,7 @@ def markdown(result: dict) -> str:
                 f"| {name} | {r['description']} | {r['iterations']:,} | {r['train_wall_s'] / 60:.1f} | "
                 f"{loss['final_loss_d']:.3g} | {loss['final_loss_g']:.3g} | {m['coverage']} | "
                 f"{m['fid']:.1f} ({m['num_samples']:,}) | {m['pairwise_distance']:.3f} | "
-                f"{_g(gap and gap['gap'], '+.3f')} | {r['verdict']['text']} |")
+                f"{_g(gap and gap['gap'], '+.3f')} | {r['verdict']['text']}{_unproven(name, runs)} |")
     lines += [
         "",
         "How to read it:",

@@ -212,3 +212,17 @@ def test_gap_uses_batch_stats_without_dropout_and_leaves_d_untouched():
     assert not d.training  # the caller's mode too
     with pytest.raises(ValueError, match="at least one"):
         discriminator_gap(d, seen[:0], unseen)
+
+
+def test_a_mitigated_run_whose_base_did_not_fail_says_it_proves_nothing(measured):
+    _, _, second = measured
+    edited = json.loads(json.dumps(second))
+    runs = {"mode-collapse": edited["runs"]["d-overfit"], "mode-collapse+all": edited["runs"]["d-overfit"]}
+    runs = json.loads(json.dumps(runs))
+    runs["mode-collapse"]["verdict"]["failure_present"] = False
+    md = markdown({**edited, "runs": runs})
+    row = next(line for line in md.splitlines() if line.startswith("| mode-collapse+all |"))
+    assert "mode-collapse without mitigations did not fail either" in row
+    runs["mode-collapse"]["verdict"]["failure_present"] = True
+    md = markdown({**edited, "runs": runs})
+    assert "did not fail either" not in md
