@@ -27,7 +27,7 @@ from .plots import save_grid  # noqa: E402
 class ReportConfig:
     checkpoint: str = "checkpoints/ddpm.safetensors"  # the EMA UNet to judge
     out_dir: str = "reports/ddpm"  # report.md, results.json, PNGs
-    samplers: str = "ddpm,ddim,dpm-solver++"  # comma list, each one of SAMPLERS
+    samplers: str = "ddpm,ddim,dpm-solver++,sde-dpm-solver++"  # comma list, each one of SAMPLERS
     steps: str = "10,20,50,100"  # generation: UNet evaluations per sample (comma list)
     n_generate: int = 300  # samples per (sampler, steps) cell; FID on few samples is biased upwards
     sigmas: str = "0.3,0.5,0.7"  # denoise noise levels (y = x0 + sigma * n)
