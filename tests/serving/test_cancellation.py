@@ -96,9 +96,11 @@ def stops_logged(triton, model: str) -> list[tuple]:
 
 
 def unet_step_s(client, model: str, request) -> float:
-    """Seconds per UNet evaluation of `request` (a 4-step version of the big one): the scale for 'about one step'."""
-    t, _ = timed(lambda: client.infer(model, request))
-    return t / 4
+    """Seconds per UNet evaluation of `request` (a 4-step version of the big one): the scale for 'about one step'.
+    The fastest of two calls after a warm-up one: a first call (a session's lazy setup) or a load spike on a shared
+    machine would overstate it, and the tests size "seconds of work" from it."""
+    client.infer(model, request)
+    return min(timed(lambda: client.infer(model, request))[0] for _ in range(2)) / 4
 
 
 def test_client_timeout_stops_a_running_generate_loop(triton):
@@ -152,7 +154,7 @@ def test_queued_request_past_its_own_timeout_is_rejected_unrun(triton):
     count0 = int(client.get_inference_statistics("ddpm_generate", as_json=True)["model_stats"][0]
                  .get("inference_count", 0))
     outcome: dict = {}
-    busy_steps = int(min(BIG_STEPS, max(8, 3.0 / step_s)))  # ~3 s of work ahead of the queued request
+    busy_steps = int(min(BIG_STEPS, max(8, 5.0 / step_s)))  # ~5 s of work ahead of the queued request
     client.async_infer("ddpm_generate", generate_request(8, busy_steps),
                        lambda result, error: outcome.setdefault("blocker", error or result))
     time.sleep(0.3)
