@@ -527,8 +527,6 @@ def markdown(result: dict) -> str:
 def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
     """{model: its 1/engines.json (the per-batch ONNX Runtime vs TorchScript measurement and the chosen threshold)}
     for the exported models being benchmarked; models without a record are left out."""
-    from mnistgen import engine as eng
-
     out = {}
     for m in models:
         record = eng.read_record(repo / m / "1" / eng.ENGINES_FILE)

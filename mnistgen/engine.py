@@ -274,6 +274,15 @@ def ort_as_served(ms_per_sample: dict[str, dict[str, float]], multithread_from: 
             for b, v in ort.items()}
 
 
+def effective_multithread_from(record: dict | None, threads: int, threshold: int | None) -> int | None:
+    """The record's `ort_multithread_from` as a model with `threads` intra-op threads and this TorchScript threshold
+    serves it: 1 (no one-thread session) for a one-thread instance, without a record, or when TorchScript serves
+    every batch."""
+    if threads <= 1 or (threshold is not None and threshold <= 1):
+        return 1
+    return (record or {}).get("ort_multithread_from", 1)
+
+
 def engine_for(batch: int, threshold: int | None, multithread_from: int | None = 1) -> str:
     """Which runner serves `batch`: TORCHSCRIPT from the threshold on, else ORT, or ORT_1T below multithread_from."""
     if threshold is not None and batch >= threshold:
@@ -436,7 +445,7 @@ def summary(record: dict | None, threshold: int | None, source: str) -> dict:
     in words (`description`, what ListModels shows)."""
     m = (record or {}).get("machine", {})
     engines = [ORT] if threshold is None else ([TORCHSCRIPT] if threshold <= 1 else [ORT, TORCHSCRIPT])
-    multithread_from = (record or {}).get("ort_multithread_from", 1)
+    multithread_from = effective_multithread_from(record, m.get("threads") or 1, threshold)
     return {"engines": engines, "threshold": threshold, "source": source, "threads": m.get("threads"),
             "ort_multithread_from": multithread_from, "cpu": m.get("cpu"),
             "description": describe(threshold, engines, source, m.get("threads"), multithread_from)}
@@ -447,12 +456,10 @@ def describe(threshold: int | None, engines: list[str] | None = None, source: st
     """The engine choice in words, as Triton logs it and the gateway's ListModels shows it: "onnxruntime (1 thread
     below batch 4) for batch 1-31, torchscript from 32 (engines.json, 2 threads)"."""
     ort = ORT
-    if multithread_from is None:
-        ort = f"{ORT} (1 thread)"
-    elif multithread_from > 1 and (threshold is None or multithread_from < threshold):
+    if multithread_from is None or (multithread_from > 1 and threshold is not None and multithread_from >= threshold):
+        ort = f"{ORT} (1 thread)"  # never, or not before TorchScript takes over, with all its threads
+    elif multithread_from > 1:
         ort = f"{ORT} (1 thread below batch {multithread_from})"
-    elif multithread_from > 1:  # TorchScript takes over before ORT would use its threads
-        ort = f"{ORT} (1 thread)"
     if threshold is None:
         how = f"{ort if not engines or engines[0] == ORT else engines[0]} at every batch size"
     elif int(threshold) <= 1:

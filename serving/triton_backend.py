@@ -113,15 +113,10 @@ class Engines:
         self.threshold, self.source = eng.effective_threshold(runtime, override, self.record)
         # ONNX Runtime with one thread below the measured batch size (engines.json ort_multithread_from), with all of
         # the instance's threads from it on
-        self.multithread_from = (self.record or {}).get("ort_multithread_from", 1) if self.threads > 1 else 1
-        if on_gpu or runtime == eng.TORCHSCRIPT:
-            self.multithread_from = 1
-        self.ort1 = None
-        if self.multithread_from != 1 and (self.threshold is None or self.threshold > 1):
-            self.ort1 = eng.OrtRunner(eng.ort_session(str(version_dir / "model.onnx"), 1, self.allow_spinning),
-                                      self.output_names)
-        else:
-            self.multithread_from = 1
+        self.multithread_from = 1 if on_gpu else eng.effective_multithread_from(self.record, self.threads,
+                                                                                 self.threshold)
+        self.ort1 = (eng.OrtRunner(eng.ort_session(str(version_dir / "model.onnx"), 1, self.allow_spinning),
+                                   self.output_names) if self.multithread_from != 1 else None)
         self.ts = None
         if self.threshold is not None:
             if not ts_path.exists():

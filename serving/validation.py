@@ -20,8 +20,9 @@ from .images import PIXELS, SIDE, decode_png
 MAX_SEED = 2**63 - 1  # seeds are int64 >= 0 (numpy's default_rng rejects negative seeds)
 RANDOM_SEED_BITS = 32  # an absent seed is drawn from 0..2^32-1 (exact in JSON numbers too)
 RAW_TOLERANCE = 1e-3  # raw pixels may overshoot [-1, 1] by this much (float rounding), no more
-DEFAULT_GENERATE_STEPS = {"ddpm": 100, "ddim": 50, "dpm-solver++": 20, "sde-dpm-solver++": 20}  # steps=0 means these
-DEFAULT_GENERATE_STEPS[DEFAULT_SAMPLER] = DEFAULT_SAMPLER_STEPS
+# steps=0 means these; the default sampler's from mnistgen.limits
+DEFAULT_GENERATE_STEPS = {"ddpm": 100, "ddim": 50, "dpm-solver++": 20, "sde-dpm-solver++": 20,
+                          DEFAULT_SAMPLER: DEFAULT_SAMPLER_STEPS}
 DEFAULT_DENOISE_STEPS = DEFAULT_SAMPLER_STEPS  # steps=0 in Denoise means this
 # ImageFormat enum values (mirrors mnistgen.v1.ImageFormat; kept here so validation needs no generated code)
 FORMATS = {0: "RAW_FLOAT32", 1: "RAW_FLOAT32", 2: "PNG", 3: "PNG_GRID"}

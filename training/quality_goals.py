@@ -29,13 +29,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.checkpoint import REPO_ROOT, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code
 from mnistgen.files import sha256
 from mnistgen.limits import DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS
-from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS
+from mnistgen.registry import GAN_MODELS, resolve
 
-from .evaluate import EvalConfig, evaluate
+from .evaluate import DDPM_MODELS, SPECIAL_MODELS, EvalConfig, evaluate
 
 JSON_NAME, MD_NAME = "goals.json", "goals.md"
 FLOOR_X_GAN, FLOOR_X_DDPM = 9.0, 3.0  # FID goals as multiples of the floor
@@ -61,10 +61,9 @@ class GoalsConfig:
 
 def checkpoint_info(model: str) -> dict:
     """path, sha256 and training summary of a model name or checkpoint path (empty for the real-data rows)."""
-    path = (CHECKPOINT_DIR / GAN_MODELS[model] if model in GAN_MODELS
-            else CHECKPOINT_DIR / DDPM_CHECKPOINT if model == "ddpm" else Path(model))
-    if path.suffix != ".safetensors":
+    if model in SPECIAL_MODELS and model not in DDPM_MODELS:  # real data, noise: no checkpoint
         return {}
+    path = resolve(model, {**GAN_MODELS, **DDPM_MODELS})
     config = read_config(path)
     return {"checkpoint": str(path), "sha256": sha256(path), "summary": config.get("summary", {}),
             "data_source": config.get("train", {}).get("data_source")}

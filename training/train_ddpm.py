@@ -20,6 +20,7 @@ from mnistgen.checkpoint import REPO_ROOT, save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from . import distributed
 from .data import DataConfig, load_mnist
+from .ema import EMA
 from mnistgen.diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate, null_class
 
 
@@ -62,24 +63,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class EMA:
-    """Exponential moving average of a module's parameters: ema = d * ema + (1 - d) * param."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
 
 
 def train_step(unet: nn.Module, x0: torch.Tensor, noise_sched: DDPMScheduler, opt: torch.optim.Optimizer,

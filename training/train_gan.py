@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import dataclasses
 import json
@@ -23,6 +22,7 @@ from mnistgen.checkpoint import save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from . import distributed
 from .data import DataConfig, mnist_dataset
+from .ema import EMA
 from mnistgen.models import GANArch, build_discriminator, build_generator, weights_init
 from .plots import plot_losses, save_grid
 
@@ -141,7 +141,7 @@ class GANTrainer:
         self.D.apply(weights_init)
         if not 0.0 <= cfg.g_ema < 1.0:
             raise ValueError(f"g_ema must be in [0, 1) (0 = off), got {cfg.g_ema}")
-        self.G_ema = self._ema_copy() if cfg.g_ema else None
+        self.ema = EMA(self.G, cfg.g_ema, warmup=False) if cfg.g_ema else None
         # what the training step calls: DistributedDataParallel wrappers under torchrun, the models themselves otherwise
         self.g_train, self.d_train = self.dist.wrap(self.G), self.dist.wrap(self.D)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
@@ -194,25 +194,15 @@ class GANTrainer:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
-        if self.G_ema is not None:
-            self._update_ema()
+        if self.ema is not None:
+            self.ema.update(self.G)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
                 "d_real": torch.sigmoid(logits_real).mean().item(), "d_fake": torch.sigmoid(logits_fake).mean().item()}
 
     # --- generator EMA ---------------------------------------------------------------------------
-    def _ema_copy(self) -> torch.nn.Module:
-        ema = copy.deepcopy(self.G).eval()
-        for p in ema.parameters():
-            p.requires_grad_(False)
-        return ema
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        """ema <- decay * ema + (1 - decay) * G for the weights; BatchNorm running statistics copied from G."""
-        for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            pe.lerp_(p, 1.0 - self.cfg.g_ema)
-        for be, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            be.copy_(b)
+    @property
+    def G_ema(self) -> torch.nn.Module | None:
+        return self.ema.model if self.ema is not None else None
 
     @property
     def G_out(self) -> torch.nn.Module:
