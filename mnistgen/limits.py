@@ -18,6 +18,10 @@ DEFAULT_GUIDANCE = 2.0
 # and its stochastic variant SDE-DPM-Solver++ (2M SDE; per-item noise like ddpm: at 20 steps it sits nearest DDPM-100
 # in FID, reports/ddpm/sampler_study.md)
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++")
-DEFAULT_SAMPLER = "dpm-solver++"  # what the API runs when a request names none (serving.validation)
+DEFAULT_SAMPLER = "dpm-solver++"  # what Denoise and ddpm-cond run when a request names none (serving.validation)
 DEFAULT_SAMPLER_STEPS = 20  # ... and its steps when a ddpm request gives steps=0 (DEFAULT_GENERATE_STEPS)
+# what unconditional `ddpm` Generate runs when a request names none: at the same 20 UNet calls its FID is about half
+# dpm-solver++'s (reports/quality/goals.md); Denoise keeps the deterministic dpm-solver++ (higher PSNR: the SDE adds
+# fresh noise every step, reports/ddpm/report.md) and ddpm-cond the sampler its guidance sweep was measured with
+DEFAULT_GENERATE_SAMPLER = "sde-dpm-solver++"
 MAX_STEPS = 1000  # the DDPM's training timesteps: more sampling steps than this make no sense

@@ -213,7 +213,8 @@ def _cmd_models(c: GatewayClient, a) -> str:
     for m in c.list_models().models:
         rows.append(f"{m.name:16} {m.triton_model:16} {m.kind:5} {str(m.ready):6} {m.version or '-':8} "
                     f"{m.latent_dim or '-':<7} {m.max_num_samples}"
-                    + (f"  samplers {list(m.samplers)}, denoise {m.supports_denoise}" if m.kind == "ddpm" else "")
+                    + (f"  samplers {list(m.samplers)} (default {m.default_sampler}), denoise {m.supports_denoise}"
+                       if m.kind == "ddpm" else "")
                     + (f", digit 0-9 (guidance {m.default_guidance:g})" if m.accepts_digit else "")
                     + (f"\n{'':16} engines: {m.engines}" if m.engines else ""))
     return "\n".join(rows)

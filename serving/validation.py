@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mnistgen.limits import (
-    DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, DIGITS, MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES,
+    DEFAULT_GENERATE_SAMPLER, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, DIGITS, MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES,
     MAX_GAN_SAMPLES, MAX_GUIDANCE, MAX_STEPS, SAMPLERS,
 )
 
@@ -37,18 +37,20 @@ class ModelSpec:
     kind: str  # "gan" or "ddpm"
     max_num_samples: int
     conditional: bool = False  # takes GenerateRequest.digit / guidance (class-conditional DDPM)
+    default_sampler: str = ""  # ddpm: the sampler a request that names none gets
 
 
 MODELS: dict[str, ModelSpec] = {
     "dcgan-baseline": ModelSpec("dcgan-baseline", "dcgan_generator", "gan", MAX_GAN_SAMPLES),
     "dcgan-modified": ModelSpec("dcgan-modified", "dcgan_modified", "gan", MAX_GAN_SAMPLES),
     "mlp": ModelSpec("mlp", "mlp_generator", "gan", MAX_GAN_SAMPLES),
-    "ddpm": ModelSpec("ddpm", "ddpm_generate", "ddpm", MAX_DDPM_SAMPLES),
-    "ddpm-cond": ModelSpec("ddpm-cond", "ddpm_cond_generate", "ddpm", MAX_DDPM_SAMPLES, conditional=True),
+    "ddpm": ModelSpec("ddpm", "ddpm_generate", "ddpm", MAX_DDPM_SAMPLES, default_sampler=DEFAULT_GENERATE_SAMPLER),
+    "ddpm-cond": ModelSpec("ddpm-cond", "ddpm_cond_generate", "ddpm", MAX_DDPM_SAMPLES, conditional=True,
+                           default_sampler=DEFAULT_SAMPLER),
 }
 CONDITIONAL_MODELS = [name for name, spec in MODELS.items() if spec.conditional]
 DEFAULT_MODEL = "dcgan-baseline"
-DENOISE_MODEL = ModelSpec("ddpm", "ddpm_denoise", "ddpm", MAX_DENOISE_IMAGES)
+DENOISE_MODEL = ModelSpec("ddpm", "ddpm_denoise", "ddpm", MAX_DENOISE_IMAGES, default_sampler=DEFAULT_SAMPLER)
 
 
 # ---- echoing user input -------------------------------------------------------------------------------
@@ -171,8 +173,9 @@ def check_seed(seed) -> int:
     return check_int("seed", seed, 0, MAX_SEED)
 
 
-def check_sampler(sampler: str) -> str:
-    s = sampler or DEFAULT_SAMPLER
+def check_sampler(sampler: str, default: str = DEFAULT_SAMPLER) -> str:
+    """"" -> `default` (the model's); else one of SAMPLERS."""
+    s = sampler or default
     if s not in SAMPLERS:
         raise ValidationError("sampler", f"unknown sampler {echo(sampler)}: expected one of {list(SAMPLERS)}")
     return s
@@ -239,7 +242,7 @@ def validate_generate(model: str, num_samples: int, seed: int | None, steps: int
                                              f"leave it empty for {spec.name!r}, got {echo(sampler)}")
         s, st = "", 0
     else:
-        s = check_sampler(sampler)
+        s = check_sampler(sampler, spec.default_sampler)
         st = check_steps(steps, DEFAULT_GENERATE_STEPS[s])
     return GenerateParams(spec, n, check_seed(seed), st, s, check_format(fmt), check_digit(digit, spec),
                           check_guidance(guidance, spec))
@@ -318,5 +321,5 @@ def validate_denoise(png_images: list[bytes], raw_images: bytes, sigma, steps, s
     else:
         x = decode_raw_images(raw_images)
     sig = check_sigma(sigma)
-    s = check_sampler(sampler)
+    s = check_sampler(sampler, DENOISE_MODEL.default_sampler)
     return DenoiseParams(x, sig, check_steps(steps, DEFAULT_DENOISE_STEPS), s, check_seed(seed), check_format(fmt))

@@ -35,6 +35,7 @@ from torch import nn
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.files import sha256
+from mnistgen.models.dcgan import serving_module
 from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator
 
 # Triton model name -> committed generator name (mnistgen.registry.GAN_MODELS).
@@ -53,6 +54,9 @@ SINGLE_SHOT = tuple(GENERATORS) + (UNET_MODEL,)  # what the GPU variant serves w
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.pt"  # beside model.onnx; the python backend only ever loads model.py, so Triton ignores it
 META_SHA = "checkpoint_sha256"  # ONNX metadata_props key recording the source checkpoint
+# ONNX metadata_props key recording how the files were made; EXPORT_FORMAT changes when the exported graphs do
+# (2: GAN generators exported as mnistgen.models.dcgan.serving_module), so older exports count as stale
+META_FORMAT, EXPORT_FORMAT = "export_format", "2"
 
 
 class ExportError(RuntimeError):
@@ -100,10 +104,19 @@ def onnx_metadata(path: Path) -> dict[str, str]:
 
 
 def is_fresh(outputs: list[Path], checkpoint_sha: str) -> bool:
-    """Every output exists and the ONNX among them was exported from this exact checkpoint."""
+    """Every output exists and the ONNX among them was exported from this exact checkpoint by this exporter."""
     if not all(p.exists() for p in outputs):
         return False
-    return all(onnx_metadata(p).get(META_SHA) == checkpoint_sha for p in outputs if p.suffix == ".onnx")
+    metas = [onnx_metadata(p) for p in outputs if p.suffix == ".onnx"]
+    return all(m.get(META_SHA) == checkpoint_sha and m.get(META_FORMAT) == EXPORT_FORMAT for m in metas)
+
+
+def drop_engine_records(version_dirs: list[Path]) -> None:
+    """A new export invalidates the engines.json beside it (timed on the previous files): measured again."""
+    from mnistgen import engine as eng
+
+    for d in version_dirs:
+        (d / eng.ENGINES_FILE).unlink(missing_ok=True)
 
 
 def _atomic_replace(tmp: Path, dst: Path) -> None:
@@ -205,16 +218,19 @@ def export_generator(model: str, cfg: ExportConfig) -> dict | None:
         return {"model": model, "skipped": True}
 
     gen, config = load_generator(ckpt)
+    # what is exported: the same function rewritten for inference (DCGANServing); parity is checked against `gen`
+    served = serving_module(gen)
     z = torch.from_numpy(np.random.default_rng(cfg.seed).standard_normal((cfg.parity_batch, latent_dim), dtype=np.float32))
-    meta = {META_SHA: sha, "checkpoint": ckpt.name, "latent_dim": str(latent_dim), "config": json.dumps(config)}
+    meta = {META_SHA: sha, META_FORMAT: EXPORT_FORMAT, "checkpoint": ckpt.name, "latent_dim": str(latent_dim),
+            "config": json.dumps(config), "graph": type(served).__name__}
     with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
         tmp_onnx, tmp_ts = Path(tmp) / ONNX_FILE, Path(tmp) / TORCHSCRIPT_FILE
-        export_onnx(gen, (z[:2],), tmp_onnx, ["latent"], ["image"], cfg.opset, meta)
+        export_onnx(served, (z[:2],), tmp_onnx, ["latent"], ["image"], cfg.opset, meta)
         d_onnx = onnx_max_abs_diff(tmp_onnx, gen, {"latent": z.numpy()}, "image")
         _check_parity(f"{model} ONNX", d_onnx, cfg.tolerance)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; TorchScript is still asked for
-            traced = torch.jit.trace(gen, z[:2], check_trace=False)
+            traced = torch.jit.trace(served, z[:2], check_trace=False)
             d_ts = float((traced(z) - gen(z)).abs().max())
         _check_parity(f"{model} TorchScript", d_ts, cfg.tolerance)
         traced.save(str(tmp_ts))
@@ -222,6 +238,7 @@ def export_generator(model: str, cfg: ExportConfig) -> dict | None:
         _check_parity(f"{model} TorchScript (frozen, optimised)", d_ts, cfg.tolerance)
         _atomic_replace(tmp_ts, ts_path)
         _atomic_replace(tmp_onnx, onnx_path)  # last: model.onnx present == export complete
+    drop_engine_records([onnx_path.parent])
     print(f"- {model}: exported {ckpt.name} (latent_dim {latent_dim}); max|diff| onnx {d_onnx:.2e}, "
           f"torchscript {d_ts:.2e}")
     return {"model": model, "latent_dim": latent_dim, "onnx_max_abs_diff": d_onnx, "torchscript_max_abs_diff": d_ts}
@@ -288,7 +305,8 @@ def export_ddpm(cfg: ExportConfig, models: tuple[str, ...], checkpoint: str = DD
     args = [torch.from_numpy(feeds[n]) for n in names]
     what = models[0] if null is not None else "ddpm_unet"
     scheduler = config.get("scheduler", DEFAULT_SCHEDULER)  # the loop models rebuild their schedulers from this
-    meta = {META_SHA: sha, "checkpoint": ckpt.name, "scheduler": json.dumps(scheduler, sort_keys=True),
+    meta = {META_SHA: sha, META_FORMAT: EXPORT_FORMAT, "checkpoint": ckpt.name,
+            "scheduler": json.dumps(scheduler, sort_keys=True),
             "unet": json.dumps(config.get("unet", {}), sort_keys=True)}
     with tempfile.TemporaryDirectory(dir=cfg.model_repository) as tmp:
         tmp_onnx = Path(tmp) / ONNX_FILE
@@ -309,6 +327,7 @@ def export_ddpm(cfg: ExportConfig, models: tuple[str, ...], checkpoint: str = DD
                 copy = Path(tmp) / f"{target.parent.parent.name}{src.suffix}"
                 shutil.copyfile(src, copy)
                 _atomic_replace(copy, dst)
+    drop_engine_records([t.parent for t in targets])
     print(f"- {', '.join(models)}: exported {ckpt.name}; max|diff| onnx {diff:.2e}, torchscript {d_ts:.2e}")
     return {"model": what, "onnx_max_abs_diff": diff, "torchscript_max_abs_diff": d_ts}
 

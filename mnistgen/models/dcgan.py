@@ -76,3 +76,89 @@ class DCGANDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten()  # (B,) logits; BCE-with-logits is applied by the trainer
+
+
+# -- serving graph -----------------------------------------------------------------------------------------------------
+
+# ConvTranspose2d(kernel 4, stride 2, padding 1) as a 3x3 convolution + pixel shuffle: output pixel (2m + a, 2n + b)
+# takes input rows m - 1 + dh for the kernel rows _SUBPIXEL_TAPS[a][dh] (dh = 0, 1, 2; two of three used per phase)
+_SUBPIXEL_TAPS = {0: {0: 3, 1: 1}, 1: {1: 2, 2: 0}}
+
+
+def _fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ConvTranspose2d weight (C_in, C_out, k, k) and bias with an eval-mode BatchNorm2d after it folded in."""
+    w = weight.detach().clone()
+    b = torch.zeros(w.shape[1]) if bias is None else bias.detach().clone()
+    if bn is not None:
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+        w = w * scale.view(1, -1, 1, 1)
+        b = (b - bn.running_mean) * scale + bn.bias.detach()
+    return w, b
+
+
+def subpixel_conv(weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """ConvTranspose2d(C_in, C_out, 4, stride 2, padding 1) weights -> Conv2d(C_in, 4 C_out, 3, padding 1) whose
+    output, through pixel_shuffle(2), equals the transposed convolution's (each output channel c holds phases
+    c*4 + 2a + b, pixel_shuffle's order)."""
+    c_in, c_out = weight.shape[:2]
+    kernel = torch.zeros(c_out, 2, 2, c_in, 3, 3)
+    for a, rows in _SUBPIXEL_TAPS.items():
+        for b, cols in _SUBPIXEL_TAPS.items():
+            for dh, kh in rows.items():
+                for dw, kw in cols.items():
+                    kernel[:, a, b, :, dh, dw] = weight[:, :, kh, kw].t()
+    conv = nn.Conv2d(c_in, 4 * c_out, 3, 1, 1)
+    conv.weight.data = kernel.reshape(4 * c_out, c_in, 3, 3)
+    conv.bias.data = bias.repeat_interleave(4)
+    return conv.requires_grad_(False)
+
+
+class DCGANServing(nn.Module):
+    """What Triton runs for a DCGANGenerator (training.export): the same function, rewritten for inference speed.
+
+    - the projection of z (a ConvTranspose2d on a 1x1 input) is one matrix product, its BatchNorm folded in;
+    - the hidden transposed convolutions keep their form (oneDNN's is the fastest measured), BatchNorm folded in;
+    - the output layer (C_out = 1: a transposed convolution oneDNN runs poorly) is a 3x3 convolution into 4 phase
+      channels + pixel_shuffle(2).
+    Outputs equal the generator's to float rounding (training.export checks 1e-4); `make bench` times both (the
+    eager row is the trained DCGANGenerator, the served rows this graph).
+    """
+
+    def __init__(self, gen: DCGANGenerator):
+        super().__init__()
+        gen = gen.eval()
+        layers = list(gen.net)
+        convs = [i for i, m in enumerate(layers) if isinstance(m, nn.ConvTranspose2d)]
+
+        def bn_after(i: int) -> nn.BatchNorm2d | None:
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            return nxt if isinstance(nxt, nn.BatchNorm2d) else None
+
+        first, last = layers[convs[0]], layers[convs[-1]]
+        w, b = _fold_batchnorm(first.weight, first.bias, bn_after(convs[0]))
+        self.latent_dim, self.proj_channels, self.proj_size = w.shape[0], w.shape[1], w.shape[2]
+        self.proj_weight = nn.Parameter(w.reshape(w.shape[0], -1), requires_grad=False)  # (latent, C*k*k)
+        self.proj_bias = nn.Parameter(b.repeat_interleave(w.shape[2] * w.shape[3]), requires_grad=False)
+        hidden = []
+        for i in convs[1:-1]:
+            conv = layers[i]
+            w, b = _fold_batchnorm(conv.weight, conv.bias, bn_after(i))
+            folded = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                        conv.padding)
+            folded.weight.data, folded.bias.data = w, b
+            hidden += [folded.requires_grad_(False), nn.ReLU()]
+        self.hidden = nn.Sequential(*hidden)
+        if (last.kernel_size, last.stride, last.padding) != ((4, 4), (2, 2), (1, 1)):
+            raise ValueError(f"output layer {last} is not the kernel-4 stride-2 upsampling this rewrite handles")
+        self.out = subpixel_conv(*_fold_batchnorm(last.weight, last.bias, bn_after(convs[-1])))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(torch.addmm(self.proj_bias, z, self.proj_weight))  # (B, C*k*k)
+        x = self.hidden(x.view(z.shape[0], self.proj_channels, self.proj_size, self.proj_size))
+        return torch.tanh(nn.functional.pixel_shuffle(self.out(x), 2))  # (B, 1, 28, 28)
+
+
+def serving_module(gen: nn.Module) -> nn.Module:
+    """The module to export for serving: DCGANServing for a DCGANGenerator, any other generator as it is."""
+    return DCGANServing(gen) if isinstance(gen, DCGANGenerator) else gen

@@ -292,6 +292,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     info.version, info.latent_dim, info.engines = t.version, t.latent_dim, t.engines
             if spec.kind == "ddpm":
                 info.samplers.extend(SAMPLERS)
+                info.default_sampler = spec.default_sampler
                 info.supports_denoise = ready[DENOISE_MODEL.triton_model]
             resp.models.append(info)
         return resp, 0, 0.0

@@ -48,6 +48,9 @@ def test_list_models_grpc_and_http(ready_gateway, triton):
             assert m.latent_dim > 0 and m.version == "1" and m.max_num_samples == 1024
     ddpm = g.models[3]
     assert list(ddpm.samplers) == ["ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++"] and ddpm.max_num_samples == 64
+    # what a request without a sampler gets, per model
+    assert [m.default_sampler for m in g.models] == ["", "", "", "sde-dpm-solver++", "dpm-solver++"]
+    assert [j["default_sampler"] for j in h["models"]] == [m.default_sampler for m in g.models]
     # the engine choice per batch range, from export's measurement (config.pbtxt `engines`), for every ready model
     for m, j in zip(g.models, h["models"]):
         assert bool(m.engines) == m.ready and j.get("engines", "") == m.engines

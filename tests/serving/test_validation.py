@@ -58,7 +58,10 @@ def test_generate_ddpm_defaults_per_sampler():
     for sampler, steps in DEFAULT_GENERATE_STEPS.items():
         p = validate_generate("ddpm", 2, 5, 0, sampler, 2)
         assert (p.steps, p.sampler, p.seed, p.format) == (steps, sampler, 5, "PNG")
-    assert validate_generate("ddpm", 1, 1, 0, "", 3).sampler == "dpm-solver++"
+    # no sampler named: the model's default (unconditional ddpm: the SDE solver; ddpm-cond and Denoise: dpm-solver++)
+    assert validate_generate("ddpm", 1, 1, 0, "", 3).sampler == "sde-dpm-solver++"
+    assert validate_generate("ddpm", 1, 1, 0, "", 3).steps == 20
+    assert validate_generate("ddpm-cond", 1, 1, 0, "", 3).sampler == "dpm-solver++"
 
 
 @pytest.mark.parametrize("kwargs, field, fragments", [

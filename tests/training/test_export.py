@@ -63,7 +63,21 @@ def test_generator_export_parity_names_and_dynamic_batch(repo):
             ref = gen(torch.from_numpy(z)).numpy()  # (B, 1, 28, 28)
             assert np.abs(ts(torch.from_numpy(z)).numpy() - ref).max() <= TOL
         assert np.abs(ort_run(onnx_path, {"latent": z}) - ref).max() <= TOL
-    assert onnx_metadata(onnx_path)[export.META_SHA] == export.sha256(ckpt)
+    meta = onnx_metadata(onnx_path)
+    assert meta[export.META_SHA] == export.sha256(ckpt) and meta[export.META_FORMAT] == export.EXPORT_FORMAT
+    assert meta["graph"] == "DCGANServing"  # the inference rewrite is what is served
+
+
+def test_an_older_export_format_is_stale_and_its_engine_record_dropped(repo, monkeypatch):
+    stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100))
+    run(cfg_for(repo, only=("mlp_generator",), measure_engines=False))
+    version = repo / "mlp_generator" / "1"
+    (version / "engines.json").write_text("{}")  # timed on the files about to be replaced
+    (again,) = run(cfg_for(repo, only=("mlp_generator",), measure_engines=False))
+    assert again["skipped"] and (version / "engines.json").exists()
+    monkeypatch.setattr(export, "EXPORT_FORMAT", "older-than-" + export.EXPORT_FORMAT)
+    (redone,) = run(cfg_for(repo, only=("mlp_generator",), measure_engines=False))
+    assert not redone.get("skipped") and not (version / "engines.json").exists()
 
 
 def test_fresh_export_is_skipped_and_force_redoes_it(repo):

@@ -37,3 +37,38 @@ def test_research_configs():
     assert (CONFIGS["modified"].arch.latent_dim, CONFIGS["modified"].arch.depth, CONFIGS["modified"].arch.dropout) == (64, 4, 0.3)
     assert CONFIGS["mlp"].arch.latent_dim == 100
     assert CONFIGS["baseline"].batch_size == 96 and CONFIGS["baseline"].seed == 77
+
+
+@pytest.mark.parametrize("depth,latent", [(3, 256), (4, 64), (5, 16)])
+def test_serving_graph_equals_the_generator(depth, latent):
+    """DCGANServing (what export writes) computes the generator's function: BatchNorm folded, projection as a
+    matrix product, output layer as 3x3 conv + pixel shuffle; checked with non-trivial BatchNorm statistics."""
+    from mnistgen.models.dcgan import DCGANServing, serving_module
+
+    torch.manual_seed(depth)
+    g = build_generator(GANArch("dcgan", latent, depth, base_channels=16))
+    for m in g.modules():
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            m.weight.data.normal_(0.0, 0.1)  # outputs well inside tanh's range, not ~0
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 3.0)
+            m.bias.data.uniform_(-0.2, 0.2)
+    g.net[-2].bias.data.uniform_(-0.3, 0.3)  # the output layer's bias
+    g.eval()
+    s = serving_module(g)
+    assert isinstance(s, DCGANServing)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in s.modules())
+    z = torch.randn(5, latent)
+    with torch.inference_mode():
+        ref, got = g(z), s(z)
+    assert got.shape == ref.shape == (5, 1, 28, 28)
+    assert (got - ref).abs().max() < 1e-5
+    assert ref.std() > 0.05  # a generator that outputs a constant would prove nothing
+
+
+def test_serving_module_passes_other_generators_through():
+    from mnistgen.models.dcgan import serving_module
+
+    mlp = build_generator(GANArch(arch="mlp", latent_dim=100))
+    assert serving_module(mlp) is mlp

@@ -19,12 +19,14 @@ def rows(gan_fid=6.0, served_fid=2.0, dpm=33.0, sde=31.0, ref=30.0, pres=0.99, p
         "ddpm-sde-dpm-solver++-20": {**base, "model": "ddpm", "fid": sde, "sampler": "sde-dpm-solver++", "steps": 20},
         "denoise": {"model": "ddpm", "task": "denoise", "class_preservation": pres, "psnr": psnr, "sampler": "ddpm",
                     "steps": 100, "sigma": 0.3, "num_samples": 1000},
+        "denoise-served": {"model": "ddpm", "task": "denoise", "class_preservation": 0.99, "psnr": 28.0,
+                           "sampler": "dpm-solver++", "steps": 20, "sigma": 0.3, "num_samples": 1000},
     }
 
 
 def test_goals_from_rows():
     goals = {g["goal"]: g for g in qg.judge(rows())}
-    assert len(goals) == 8
+    assert len(goals) == 10
     g = goals["dcgan-baseline FID <= 9x floor"]
     assert g["measured"] == pytest.approx(7.5) and g["met"]
     served = goals["ddpm served default (dpm-solver++ 20) FID <= 3x floor"]
@@ -35,8 +37,12 @@ def test_goals_from_rows():
     missed = {g["goal"]: g for g in qg.judge(rows(gan_fid=8.0, served_fid=3.0, pres=0.97, psnr=26.0))}
     assert not missed["ddpm served default (dpm-solver++ 20) FID <= 3x floor"]["met"]
     assert not missed["dcgan-baseline FID <= 9x floor"]["met"]
-    assert not missed["denoise sigma 0.3: class preservation"]["met"]
-    assert not missed["denoise sigma 0.3: PSNR (dB)"]["met"]
+    assert not missed["denoise sigma 0.3 (ddpm 100): class preservation"]["met"]
+    assert not missed["denoise sigma 0.3 (ddpm 100): PSNR (dB)"]["met"]
+    assert missed["denoise sigma 0.3 (dpm-solver++ 20, served default): PSNR (dB)"]["met"]
+    old = rows()
+    del old["denoise-served"]  # a goals.json from before the served denoise row still renders
+    assert len(qg.judge(old)) == 8
 
 
 def test_markdown_rendered_from_the_json(tmp_path):
@@ -53,7 +59,9 @@ def test_markdown_rendered_from_the_json(tmp_path):
 
 def test_plan_shares_seeds_and_uses_the_served_default():
     plan = qg.plan(qg.GoalsConfig(ddpm="x.safetensors", num_samples=100, sampler_samples=10))
-    assert plan["ddpm-served"].sampler == qg.DEFAULT_SAMPLER and plan["ddpm-served"].num_samples == 100
+    assert plan["ddpm-served"].sampler == qg.DEFAULT_GENERATE_SAMPLER and plan["ddpm-served"].num_samples == 100
+    assert (plan["denoise-served"].sampler, plan["denoise-served"].steps) == (qg.DEFAULT_SAMPLER,
+                                                                              qg.DEFAULT_SAMPLER_STEPS)
     assert {plan[k].seed for k in plan} == {0}
     assert [plan[f"ddpm-{s}-20"].sampler for s in qg.FAST_SAMPLERS] == list(qg.FAST_SAMPLERS)
     assert plan["denoise"].task == "denoise" and plan["denoise"].sigma == 0.3 and plan["denoise"].num_samples == 10

@@ -131,7 +131,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "triton_model", "kind", "ready", "version", "latent_dim", "max_num_samples", "samplers", "supports_denoise", "accepts_digit", "default_guidance", "engines")
+    __slots__ = ("name", "triton_model", "kind", "ready", "version", "latent_dim", "max_num_samples", "samplers", "supports_denoise", "accepts_digit", "default_guidance", "engines", "default_sampler")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRITON_MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class ModelInfo(_message.Message):
     ACCEPTS_DIGIT_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SAMPLER_FIELD_NUMBER: _ClassVar[int]
     name: str
     triton_model: str
     kind: str
@@ -156,7 +157,8 @@ class ModelInfo(_message.Message):
     accepts_digit: bool
     default_guidance: float
     engines: str
-    def __init__(self, name: _Optional[str] = ..., triton_model: _Optional[str] = ..., kind: _Optional[str] = ..., ready: _Optional[bool] = ..., version: _Optional[str] = ..., latent_dim: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., supports_denoise: _Optional[bool] = ..., accepts_digit: _Optional[bool] = ..., default_guidance: _Optional[float] = ..., engines: _Optional[str] = ...) -> None: ...
+    default_sampler: str
+    def __init__(self, name: _Optional[str] = ..., triton_model: _Optional[str] = ..., kind: _Optional[str] = ..., ready: _Optional[bool] = ..., version: _Optional[str] = ..., latent_dim: _Optional[int] = ..., max_num_samples: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., supports_denoise: _Optional[bool] = ..., accepts_digit: _Optional[bool] = ..., default_guidance: _Optional[float] = ..., engines: _Optional[str] = ..., default_sampler: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
