@@ -161,4 +161,4 @@ class DCGANServing(nn.Module):
 
 def serving_module(gen: nn.Module) -> nn.Module:
     """The module to export for serving: DCGANServing for a DCGANGenerator, any other generator as it is."""
-    return DCGANServing(gen) if isinstance(gen, DCGANGenerator) else gen
+    return DCGANServing(gen).eval() if isinstance(gen, DCGANGenerator) else gen
