@@ -399,7 +399,7 @@ def cell(row: dict) -> dict:
     return {"ms_per_sample": row["per_sample_ms"], "samples_per_s": 1e3 / row["per_sample_ms"],
             "p50_ms": float(np.percentile(runs, 50)), "p99_ms": float(np.percentile(runs, 99)),
             "runs": len(runs), "runs_ms": row["runs_ms"],
-            **{k: row[k] for k in ("unet_evals", "torch_threads") if k in row}}
+            **{k: row[k] for k in ("unet_evals", "torch_threads", "triton_ms") if k in row}}
 
 
 def results_table(rows: list[dict]) -> dict:
@@ -518,10 +518,33 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {w} | {b} | {label} | {_f(c['ms_per_sample'])} | {_f(c['samples_per_s'])} | "
                              f"{_f(c['p50_ms'])} | {_f(c['p99_ms'])} | {c['runs']} |")
     lines += ["", "p99 over this few runs is close to the slowest run.", ""]
+    lines += triton_phases_markdown(res)
     lines += engines_markdown(result.get("engines") or {})
     lines += concurrency_markdown(result.get("concurrency") or {})
     lines += locust_markdown(result.get("locust"))
     return "\n".join(lines)
+
+
+def triton_phases_markdown(res: dict) -> list[str]:
+    """Where a Triton-direct request's time goes, from Triton's own statistics (cells' `triton_ms`): queue, input
+    copy, the model's execute (for the python backend: the stub round trip + the engine), output copy, and what is
+    left of the client's mean outside the server (gRPC transfer, (de)serialisation): means over the same runs."""
+    out = []
+    for w, by_path in res.items():
+        for b, c in sorted(by_path.get("triton-grpc", {}).items(), key=lambda kv: int(kv[0])):
+            t = c.get("triton_ms") or {}
+            if t:
+                client = float(np.mean(c["runs_ms"]))
+                out.append(f"| {w} | {b} | {_f(client)} | {_f(t['queue'])} | {_f(t['compute_input'])} | "
+                           f"{_f(t['compute_infer'])} | {_f(t['compute_output'])} | {_f(client - sum(t.values()))} |")
+    if not out:
+        return []
+    return ["## Inside Triton: where a request's time goes", "",
+            "Triton-direct requests, ms per request, means over the timed runs: the client's wall time and Triton's "
+            "inference statistics (execute = the python-backend model: stub round trip + engine); outside = client "
+            "minus the server's phases (gRPC transfer and (de)serialisation).", "",
+            "| workload | batch | client | queue | input | execute | output | outside |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *out, ""]
 
 
 def engine_records(repo: Path, models: tuple[str, ...]) -> dict:

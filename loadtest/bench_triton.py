@@ -87,6 +87,30 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int, warm_fn: Callable
     return out
 
 
+TRITON_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")  # Triton's per-request statistics
+
+
+def triton_stats(client, model: str) -> dict[str, int]:
+    """Triton's cumulative inference statistics of `model` (tritonclient gRPC): ns per phase and the request count."""
+    s = client.get_inference_statistics(model).model_stats[0].inference_stats
+    return {**{p: int(getattr(s, p).ns) for p in TRITON_PHASES}, "count": int(s.success.count)}
+
+
+def triton_phases(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """ms per request of each phase between two triton_stats snapshots ({} when no request ran between them)."""
+    n = after["count"] - before["count"]
+    return {p: (after[p] - before[p]) / n / 1e6 for p in TRITON_PHASES} if n > 0 else {}
+
+
+def timed_in_triton(client, model: str, fn: Callable[[], object], repeats: int, warmup: int,
+                    warm_fn: Callable[[], object] | None = None) -> tuple[list[float], dict[str, float]]:
+    """timed(), plus where Triton spent each timed request (its statistics before and after; warm-ups excluded)."""
+    timed(fn, 0, warmup, warm_fn)
+    before = triton_stats(client, model)
+    times = timed(fn, repeats, 0)
+    return times, triton_phases(before, triton_stats(client, model))
+
+
 def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: int = 3) -> int:
     """The torch intra-op thread count (among candidates) with the fastest median of a few calls; leaves it set."""
     best, best_t = candidates[0], float("inf")
@@ -234,8 +258,11 @@ def bench_generator(cfg: BenchConfig, client) -> list[dict]:
             runs["triton-grpc"] = lambda: client.infer(model, ins).as_numpy("image")
         threads = best_threads(eager, (1, cfg.threads))
         for backend, fn in runs.items():
-            times = timed(fn, cfg.generator_repeats, cfg.warmup)
             extra = {"torch_threads": threads} if backend == "pytorch-eager" else {}
+            if backend == "triton-grpc":
+                times, extra["triton_ms"] = timed_in_triton(client, model, fn, cfg.generator_repeats, cfg.warmup)
+            else:
+                times = timed(fn, cfg.generator_repeats, cfg.warmup)
             rows.append(_row(f"generator {cfg.generator}", b, backend, times, **extra))
             print(f"  {rows[-1]['workload']:<28} batch {b:>4} {backend:<14} {rows[-1]['per_sample_ms']:.4f} ms/sample",
                   flush=True)
@@ -289,8 +316,12 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
 
             threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
             for backend, (fn, warm) in runs.items():
-                times = timed(fn, cfg.denoise_repeats, cfg.warmup, warm)
                 extra = {"torch_threads": threads} if backend == "pytorch-eager" else {}
+                if backend == "triton-grpc":
+                    times, extra["triton_ms"] = timed_in_triton(client, "ddpm_denoise", fn, cfg.denoise_repeats,
+                                                                cfg.warmup, warm)
+                else:
+                    times = timed(fn, cfg.denoise_repeats, cfg.warmup, warm)
                 rows.append(_row(name, b, backend, times, unet_evals=evals, **extra))
                 print(f"  {name:<28} batch {b:>4} {backend:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample", flush=True)
     return rows

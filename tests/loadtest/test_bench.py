@@ -280,3 +280,38 @@ def test_engine_records_shown_in_the_markdown(tmp_path):
     assert ("onnxruntime (1 thread below batch 4) for batch 1-63, torchscript from 64 (engines.json, 2 threads)"
             in md)
     assert bench.engines_markdown({}) == []
+
+
+# -- Triton's own statistics: where a Triton-direct request's time goes ------------------------------------------
+
+
+def test_triton_phases_arithmetic_and_markdown(rows):
+    before = {"queue": 0, "compute_input": 0, "compute_infer": 0, "compute_output": 0, "count": 10}
+    after = {"queue": 2_000_000, "compute_input": 1_000_000, "compute_infer": 30_000_000, "compute_output": 3_000_000,
+             "count": 20}
+    t = bench_triton.triton_phases(before, after)
+    assert t == pytest.approx({"queue": 0.2, "compute_input": 0.1, "compute_infer": 3.0, "compute_output": 0.3})
+    assert bench_triton.triton_phases(before, before) == {}  # nothing ran in between
+    rows = rows + [row("generator dcgan-baseline", 64, "triton-grpc", [4.0, 4.0, 4.0], triton_ms=t)]
+    res = bench.results_table(rows)
+    assert res["generator dcgan-baseline"]["triton-grpc"]["64"]["triton_ms"] == t
+    md = "\n".join(bench.triton_phases_markdown(res))
+    assert "## Inside Triton" in md
+    assert "| generator dcgan-baseline | 64 | 4 | 0.2 | 0.1 | 3 | 0.3 | 0.4 |" in md
+    assert bench.triton_phases_markdown(bench.results_table(rows[:-1])) == []  # no statistics, no section
+
+
+def test_timed_in_triton_reads_the_real_servers_statistics(triton):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    triton.require("dcgan_generator")
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    dim = client.get_model_metadata("dcgan_generator").inputs[0].shape[-1]
+    inp = grpcclient.InferInput("latent", [4, int(dim)], "FP32")
+    inp.set_data_from_numpy(np.zeros((4, int(dim)), np.float32))
+    times, phases = bench_triton.timed_in_triton(client, "dcgan_generator",
+                                                 lambda: client.infer("dcgan_generator", [inp]), repeats=5, warmup=2)
+    assert len(times) == 5 and set(phases) == set(bench_triton.TRITON_PHASES)
+    assert all(v >= 0 for v in phases.values()) and phases["compute_infer"] > 0
+    assert sum(phases.values()) <= max(times) * 1e3  # the server's share fits inside what the client waited
