@@ -136,6 +136,8 @@ class DCGANServing(nn.Module):
             return nxt if isinstance(nxt, nn.BatchNorm2d) else None
 
         first, last = layers[convs[0]], layers[convs[-1]]
+        if (first.stride, first.padding) != ((1, 1), (0, 0)):  # on a 1x1 input: out[c, i, j] = sum_z z * w[z, c, i, j]
+            raise ValueError(f"projection layer {first} is not the stride-1, padding-0 one this rewrite handles")
         w, b = _fold_batchnorm(first.weight, first.bias, bn_after(convs[0]))
         self.latent_dim, self.proj_channels, self.proj_size = w.shape[0], w.shape[1], w.shape[2]
         self.proj_weight = nn.Parameter(w.reshape(w.shape[0], -1), requires_grad=False)  # (latent, C*k*k)
