@@ -111,6 +111,15 @@ def timed_in_triton(client, model: str, fn: Callable[[], object], repeats: int, 
     return times, triton_phases(before, triton_stats(client, model))
 
 
+def timed_path(backend: str, client, model: str, fn: Callable[[], object], repeats: int, warmup: int,
+               warm_fn: Callable[[], object] | None = None) -> tuple[list[float], dict]:
+    """timed() for any path; for triton-grpc also Triton's per-phase statistics of `model` ({"triton_ms": ...})."""
+    if backend == "triton-grpc":
+        times, phases = timed_in_triton(client, model, fn, repeats, warmup, warm_fn)
+        return times, {"triton_ms": phases}
+    return timed(fn, repeats, warmup, warm_fn), {}
+
+
 def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: int = 3) -> int:
     """The torch intra-op thread count (among candidates) with the fastest median of a few calls; leaves it set."""
     best, best_t = candidates[0], float("inf")
@@ -258,11 +267,9 @@ def bench_generator(cfg: BenchConfig, client) -> list[dict]:
             runs["triton-grpc"] = lambda: client.infer(model, ins).as_numpy("image")
         threads = best_threads(eager, (1, cfg.threads))
         for backend, fn in runs.items():
-            extra = {"torch_threads": threads} if backend == "pytorch-eager" else {}
-            if backend == "triton-grpc":
-                times, extra["triton_ms"] = timed_in_triton(client, model, fn, cfg.generator_repeats, cfg.warmup)
-            else:
-                times = timed(fn, cfg.generator_repeats, cfg.warmup)
+            times, extra = timed_path(backend, client, model, fn, cfg.generator_repeats, cfg.warmup)
+            if backend == "pytorch-eager":
+                extra["torch_threads"] = threads
             rows.append(_row(f"generator {cfg.generator}", b, backend, times, **extra))
             print(f"  {rows[-1]['workload']:<28} batch {b:>4} {backend:<14} {rows[-1]['per_sample_ms']:.4f} ms/sample",
                   flush=True)
@@ -316,12 +323,9 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
 
             threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
             for backend, (fn, warm) in runs.items():
-                extra = {"torch_threads": threads} if backend == "pytorch-eager" else {}
-                if backend == "triton-grpc":
-                    times, extra["triton_ms"] = timed_in_triton(client, "ddpm_denoise", fn, cfg.denoise_repeats,
-                                                                cfg.warmup, warm)
-                else:
-                    times = timed(fn, cfg.denoise_repeats, cfg.warmup, warm)
+                times, extra = timed_path(backend, client, "ddpm_denoise", fn, cfg.denoise_repeats, cfg.warmup, warm)
+                if backend == "pytorch-eager":
+                    extra["torch_threads"] = threads
                 rows.append(_row(name, b, backend, times, unet_evals=evals, **extra))
                 print(f"  {name:<28} batch {b:>4} {backend:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample", flush=True)
     return rows

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mnistgen.limits import (
-    DEFAULT_GENERATE_SAMPLER, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, DIGITS, MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES,
-    MAX_GAN_SAMPLES, MAX_GUIDANCE, MAX_STEPS, SAMPLERS,
+    DEFAULT_GENERATE_SAMPLER, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, DIGITS, MAX_DDPM_SAMPLES,
+    MAX_DENOISE_IMAGES, MAX_GAN_SAMPLES, MAX_GUIDANCE, MAX_STEPS, SAMPLERS,
 )
 
 from .images import PIXELS, SIDE, decode_png
@@ -173,8 +173,8 @@ def check_seed(seed) -> int:
     return check_int("seed", seed, 0, MAX_SEED)
 
 
-def check_sampler(sampler: str, default: str = DEFAULT_SAMPLER) -> str:
-    """"" -> `default` (the model's); else one of SAMPLERS."""
+def check_sampler(sampler: str, default: str) -> str:
+    """"" -> `default` (the model's ModelSpec.default_sampler); else one of SAMPLERS."""
     s = sampler or default
     if s not in SAMPLERS:
         raise ValidationError("sampler", f"unknown sampler {echo(sampler)}: expected one of {list(SAMPLERS)}")

@@ -139,7 +139,7 @@ class DCGANServing(nn.Module):
         if (first.stride, first.padding) != ((1, 1), (0, 0)):  # on a 1x1 input: out[c, i, j] = sum_z z * w[z, c, i, j]
             raise ValueError(f"projection layer {first} is not the stride-1, padding-0 one this rewrite handles")
         w, b = _fold_batchnorm(first.weight, first.bias, bn_after(convs[0]))
-        self.latent_dim, self.proj_channels, self.proj_size = w.shape[0], w.shape[1], w.shape[2]
+        self.proj_channels, self.proj_size = w.shape[1], w.shape[2]
         self.proj_weight = nn.Parameter(w.reshape(w.shape[0], -1), requires_grad=False)  # (latent, C*k*k)
         self.proj_bias = nn.Parameter(b.repeat_interleave(w.shape[2] * w.shape[3]), requires_grad=False)
         hidden = []
