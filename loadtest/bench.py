@@ -476,6 +476,12 @@ def _f(v: float) -> str:
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
+def _ratio(served: float, eager: float) -> str:
+    """A headline cell: served / eager, or "-" where either side was not measured (NaN) or eager is 0."""
+    r = served / eager if np.isfinite(eager) and eager > 0 else float("nan")
+    return f"{r:.2f}x" if np.isfinite(r) else "-"
+
+
 def markdown(result: dict) -> str:
     res, m, cfg = result["results"], result["machine"], result["config"]
     paths = [p for p in PATHS if any(p in w for w in res.values())]
@@ -495,8 +501,7 @@ def markdown(result: dict) -> str:
     for w, by_path in res.items():
         for b in sorted({int(b) for p in by_path.values() for b in p}):
             eager = _get(res, w, "pytorch-eager", b)
-            lines.append(f"| {w} | {b} | " + " | ".join(f"{_get(res, w, p, b) / eager:.2f}x" if np.isfinite(eager)
-                                                       else "-" for p in served) + " |")
+            lines.append(f"| {w} | {b} | " + " | ".join(_ratio(_get(res, w, p, b), eager) for p in served) + " |")
     o = result.get("overhead_batch1")
     if o:
         lines += ["", f"Batch-1 Generate, {o['repeats']} requests alternating between Triton direct and the gateway "
@@ -505,7 +510,8 @@ def markdown(result: dict) -> str:
                       f"{o['overhead_p50_ms']:.2f} ms."]
     lines += ["", "## Goals", ""]
     for g in result["goals"]:
-        val = f"{g['measured']:.2f}{'x' if g['unit'] == 'x' else ' ms'}"
+        val = (f"{g['measured']:.2f}{'x' if g['unit'] == 'x' else ' ms'}" if np.isfinite(g["measured"])
+               else "not measured")
         lines.append(f"- {'MET' if g['met'] else 'MISSED'}: {g['name']}: {val} (goal {g['comparison']} "
                      f"{g['target']:g}{g['unit'] if g['unit'] == 'x' else ' ms'})")
     lines += ["", "## All figures", "",

@@ -102,26 +102,46 @@ def conc_cell(clients, samples_per_s, p50, p99, ok=10, errors=0, **extra):
             "load_avg_1m": 2.0, **extra}
 
 
+def synthetic_result(rows: list[dict], cfg, concurrency: dict) -> dict:
+    """What bench.run writes to results.json, around synthetic rows (goals judged without a concurrency sweep)."""
+    return {"config": {"threads": 2, "generator_repeats": 3, "ddpm_repeats": 2, "fast_repeats": 2, "warmup": 1,
+                       "fast_sampler": "dpm-solver++:20", "sigma": 0.5, "denoise_batches": [1]},
+            "machine": {"cpu": "x", "cores": 2, "platform": "p", "python": "3", "torch": "t", "onnxruntime": "o",
+                        "load_avg_1m": 1.0},
+            "load_avg_end": 1.5, "wall_s": 10.0, "results": bench.results_table(rows), "overhead_batch1": None,
+            "concurrency": concurrency, "locust": None,
+            "goals": [{**bench.asdict(g), "met": g.met} for g in bench.goals(bench.results_table(rows), cfg)]}
+
+
 def test_concurrency_section_in_the_markdown(rows):
     cfg = bench.GatewayBenchConfig(generator_batches=(1, 64), denoise_batches=(1,))
     conc = {"generate dcgan-baseline batch 1": {
         "pytorch-eager": {"1": conc_cell(1, 500.0, 2.0, 3.0, torch_threads=1), "4": conc_cell(4, 500.0, 8.0, 9.0,
                                                                                             torch_threads=1)},
         "gateway-grpc": {"1": conc_cell(1, 250.0, 4.0, 6.0), "4": conc_cell(4, 1000.0, 4.0, 7.0, errors=1)}}}
-    result = {"config": {"threads": 2, "generator_repeats": 3, "ddpm_repeats": 2, "fast_repeats": 2, "warmup": 1,
-                         "fast_sampler": "dpm-solver++:20", "sigma": 0.5, "denoise_batches": [1]},
-              "machine": {"cpu": "x", "cores": 2, "platform": "p", "python": "3", "torch": "t", "onnxruntime": "o",
-                          "load_avg_1m": 1.0},
-              "load_avg_end": 1.5, "wall_s": 10.0, "results": bench.results_table(rows), "overhead_batch1": None,
-              "concurrency": conc, "locust": None,
-              "goals": [{**bench.asdict(g), "met": g.met} for g in bench.goals(bench.results_table(rows), cfg)]}
-    md = bench.markdown(result)
+    md = bench.markdown(synthetic_result(rows, cfg, conc))
     assert "## Concurrency: batch-1 requests from N closed-loop clients" in md
     lines = [line for line in md.splitlines() if line.startswith("| generate dcgan-baseline batch 1 |")]
     assert len(lines) == 4
     assert "| generate dcgan-baseline batch 1 | 4 | gateway-grpc | 1000 | 4 | 7 | 10 | 1 | 2.00x | 2.0 |" in lines
     assert "| generate dcgan-baseline batch 1 | 1 | pytorch-eager (1 thr) | 500 | 2 | 3 | 10 | 0 | - | 2.0 |" in lines
     assert "## Locust" not in md
+
+
+def test_headline_shows_a_dash_where_a_path_has_no_cell(rows):
+    """A workload one path does not run (ddpm-cond has no in-process ONNX Runtime cell) reads "-", never "nanx"."""
+    rows = rows + [row("generate ddpm-cond digit 7", 1, "pytorch-eager", [200.0]),
+                   row("generate ddpm-cond digit 7", 1, "gateway-grpc", [100.0]),
+                   row("generator dcgan-baseline", 1, "onnxruntime", [0.5])]
+    cfg = bench.GatewayBenchConfig(generator_batches=(1, 64), denoise_batches=(1,))
+    md = bench.markdown(synthetic_result(rows, cfg, {}))
+    assert "nan" not in md
+    assert "MISSED: batch-1 Generate samples/s through gateway-grpc at 16 clients" in md  # no sweep ran
+    assert "not measured (goal >= 1x)" in md
+    header = next(line for line in md.splitlines() if line.startswith("| workload | batch | onnxruntime"))
+    assert header == "| workload | batch | onnxruntime | triton-grpc | gateway-grpc | gateway-http |"
+    assert "| generate ddpm-cond digit 7 | 1 | - | - | 0.50x | - |" in md.splitlines()
+    assert "| generator dcgan-baseline | 1 | 0.25x | 0.50x | 1.25x | - |" in md.splitlines()
 
 
 def test_closed_loop_serial_vs_concurrent():
