@@ -9,6 +9,8 @@
       runtime           auto (default: per batch size) | onnxruntime | torchscript (one engine at every batch)
       engine_threshold  auto (default: engines.json) | none (ONNX Runtime only) | N (TorchScript from batch N)
       intra_op_threads  0 / absent = the cores this process may use (affinity, cgroup quota); N = N threads
+      ort_parallel      auto (default: engines.json) | split (the batch in N chunks on N one-thread ONNX Runtime
+                        sessions side by side) | intra-op (one session with N intra-op threads)
       allow_spinning    ONNX Runtime worker threads spin while idle ("0" on shared machines)
   TorchScript is warmed up at initialize at the batch sizes it will get, so first requests are not slow.
 - DiffusionLoopModel: the base of the DDPM loop models (ddpm_denoise, ddpm_generate, ddpm_cond_generate): config,
@@ -112,9 +114,14 @@ class Engines:
             self.record = self._measure(version_dir, ts_path, meta, measure_batches, engines_path)
         self.threshold, self.source = eng.effective_threshold(runtime, override, self.record)
         # ONNX Runtime with one thread below the measured batch size (engines.json ort_multithread_from), with all of
-        # the instance's threads from it on
+        # the instance's threads from it on: the batch split over one-thread sessions, or one session's intra-op pool
         self.multithread_from = 1 if on_gpu else eng.effective_multithread_from(self.record, self.threads,
                                                                                  self.threshold)
+        self.parallel = eng.INTRA_OP if on_gpu else eng.effective_parallel(
+            self.record, self.threads, param(model_config, "ort_parallel", "auto"))
+        if self.parallel == eng.SPLIT:
+            self.ort = eng.split_runner(str(version_dir / "model.onnx"), self.threads, self.output_names,
+                                        self.allow_spinning)
         self.ort1 = (eng.OrtRunner(eng.ort_session(str(version_dir / "model.onnx"), 1, self.allow_spinning),
                                    self.output_names) if self.multithread_from != 1 else None)
         self.ts = None
@@ -152,7 +159,7 @@ class Engines:
 
     def describe(self) -> str:
         return (eng.describe(self.threshold, source=self.source, threads=self.threads,
-                             multithread_from=self.multithread_from)
+                             multithread_from=self.multithread_from, parallel=self.parallel)
                 + f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
     def runner(self, batch: int):

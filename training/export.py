@@ -386,15 +386,15 @@ def measure_model_engines(cfg: ExportConfig, models: tuple[str, ...], batches: t
         for d in dirs:
             eng.write_record(d / "1" / eng.ENGINES_FILE, record)
         ms = record["ms_per_sample"]
-        cols = [c for c in (eng.ORT, eng.TORCHSCRIPT, eng.ORT_1T) if c in ms]
+        cols = [c for c in (eng.ORT, eng.TORCHSCRIPT, eng.ORT_1T, eng.ORT_SPLIT) if c in ms]
         cells = ", ".join(f"{b}: " + "/".join(f"{ms[c][str(b)]:.3g}" for c in cols) for b in batches)
         print(f"- {', '.join(models)}: engines measured with {threads} threads, ms/sample {'/'.join(cols)} "
               f"{cells}; threshold {record['threshold']}, onnxruntime multi-threaded from "
-              f"{record.get('ort_multithread_from')}")
+              f"{record.get('ort_multithread_from')} ({record.get('ort_parallel')})")
     for d in dirs:
         p = model_params(d / "config.pbtxt")
         threshold, source = eng.effective_threshold(p.get("runtime", "auto"), p.get("engine_threshold"), record)
-        summary = eng.summary(record, threshold, source)
+        summary = eng.summary(record, threshold, source, p.get("ort_parallel", "auto"))
         summary["measured_threshold"] = record["threshold"]
         if sync_engines_param(d / "config.pbtxt", summary):
             print(f"  {d / 'config.pbtxt'}: parameter engines = {json.dumps(summary)}")

@@ -183,11 +183,77 @@ def test_runner_choice_per_batch_and_its_description():
     assert s["ort_multithread_from"] == 4 and s["description"].startswith("onnxruntime (1 thread below batch 4)")
 
 
-def test_a_record_without_the_one_thread_column_is_remeasured_for_several_threads():
+def test_a_record_without_the_one_thread_or_split_column_is_remeasured_for_several_threads():
     record = {"threshold": None, "checkpoint_sha256": "abc", "machine": eng.machine(2)}
     assert not eng.record_matches(record, "abc", 2)
-    assert eng.record_matches({**record, "ort_multithread_from": 1}, "abc", 2)
+    assert not eng.record_matches({**record, "ort_multithread_from": 1}, "abc", 2)  # measured before the split column
+    assert eng.record_matches({**record, "ort_multithread_from": 1, "ort_parallel": eng.SPLIT}, "abc", 2)
     assert eng.record_matches({**record, "machine": eng.machine(1)}, "abc", 1)
+
+
+@pytest.mark.parametrize("intra, split, want", [
+    ([2.0, 1.4, 1.2, 1.2], [2.0, 1.1, 0.9, 0.95], eng.SPLIT),  # split faster from 4 rows on
+    ([2.0, 1.0, 0.8, 0.8], [1.5, 1.1, 0.9, 0.95], eng.INTRA_OP),  # batch 1 (one chunk) does not count
+    ([2.0, 1.0, 0.8, 0.8], [2.0, 0.9, 0.9, 0.9], eng.INTRA_OP),  # one lucky cell loses to the total
+])
+def test_ort_parallel_is_the_faster_way_to_use_the_threads_in_total(intra, split, want):
+    batches = [1, 4, 16, 64]
+    table = {eng.ORT: dict(zip(map(str, batches), intra)), eng.ORT_SPLIT: dict(zip(map(str, batches), split)),
+             eng.ORT_1T: dict(zip(map(str, batches), [1.4, 1.9, 1.9, 1.9]))}
+    assert eng.choose_ort_parallel(table, batches) == want
+    assert eng.choose_ort_parallel({eng.ORT: table[eng.ORT]}, batches) == eng.INTRA_OP  # no split column
+    # the one-thread crossover is judged against the chosen column: split beats one thread from 4 on either way
+    assert eng.choose_ort_multithread_from(table, batches, eng.SPLIT) == 4
+    assert eng.ort_as_served(table, 4, eng.SPLIT)["16"] == split[2]
+    assert eng.ort_as_served(table, 4, eng.INTRA_OP)["16"] == intra[2]
+
+
+def test_ort_parallel_parameter_overrides_the_record():
+    record = {"ort_parallel": eng.SPLIT}
+    assert eng.effective_parallel(record, 2) == eng.SPLIT
+    assert eng.effective_parallel(record, 2, "intra-op") == eng.INTRA_OP
+    assert eng.effective_parallel({}, 2, "split") == eng.SPLIT
+    assert eng.effective_parallel(None, 2) == eng.INTRA_OP  # no measurement: one session's threads, as before
+    assert eng.effective_parallel(record, 1) == eng.INTRA_OP  # one thread: nothing to split over
+    with pytest.raises(ValueError, match="ort_parallel must be one of"):
+        eng.effective_parallel(record, 2, "threads")
+    s = eng.summary({"ort_multithread_from": 4, "ort_parallel": eng.SPLIT, "machine": {"threads": 2}}, None,
+                    eng.ENGINES_FILE)
+    assert s["ort_parallel"] == eng.SPLIT and s["description"] == (
+        "onnxruntime (1 thread below batch 4, from it the batch split over 2 one-thread sessions) at every batch "
+        "size (engines.json, 2 threads)")
+    assert eng.summary({"ort_parallel": eng.SPLIT, "machine": {"threads": 2}}, None, eng.ENGINES_FILE,
+                       "intra-op")["ort_parallel"] == eng.INTRA_OP
+
+
+def _row_model(path: Path) -> Path:
+    """A tiny ONNX model, image = 2 * latent + row-independent bias: every output row depends on its own input row."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [3], [0.5, -1.0, 3.0])
+    graph = helper.make_graph([helper.make_node("Mul", ["latent", "two"], ["scaled"]),
+                               helper.make_node("Add", ["scaled", "bias"], ["image"])], "rows", [x], [y],
+                              initializer=[two, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("sessions", [1, 2, 3])
+def test_split_runner_returns_the_rows_of_one_session_in_order(tmp_path, sessions):
+    path = _row_model(tmp_path / "rows.onnx")
+    whole = eng.OrtRunner(eng.ort_session(path, 1), ["image"])
+    split = eng.split_runner(path, sessions, ["image"])
+    assert len(split.sessions) == sessions
+    for batch in (1, 2, 3, 7, 64):
+        feeds = {"latent": np.arange(batch * 3, dtype=np.float32).reshape(batch, 3)}
+        (got,), (want,) = split(feeds), whole(feeds)
+        assert got.shape == (batch, 3) and np.array_equal(got, want)
 
 
 def test_measure_times_every_engine_at_every_batch_and_the_threshold_follows():
@@ -220,7 +286,8 @@ def test_overrides_beat_the_measurement():
 
 
 def test_record_is_trusted_only_for_the_same_export_machine_and_threads(tmp_path):
-    record = {"threshold": 16, "ort_multithread_from": 1, "checkpoint_sha256": "abc", "machine": eng.machine(2)}
+    record = {"threshold": 16, "ort_multithread_from": 1, "ort_parallel": eng.SPLIT, "checkpoint_sha256": "abc",
+              "machine": eng.machine(2)}
     assert eng.write_record(tmp_path / eng.ENGINES_FILE, record)
     back = eng.read_record(tmp_path / eng.ENGINES_FILE)
     assert back == record and eng.record_matches(back, "abc", 2)

@@ -386,9 +386,12 @@ def test_generator_engines_are_visible_in_the_model_config(triton):
     record = json.loads((triton.server.config.model_repository / "dcgan_generator" / "1" / "engines.json").read_text())
     threads = record["machine"]["threads"]
     # with more than one thread, ONNX Runtime is measured with one thread too (its column decides below which batch)
-    want = {"onnxruntime", "torchscript"} | ({"onnxruntime-1thread"} if threads > 1 else set())
+    # and with the batch split over one-thread sessions (against one session's intra-op threads: ort_parallel)
+    want = {"onnxruntime", "torchscript"} | ({"onnxruntime-1thread", "onnxruntime-split"} if threads > 1 else set())
     assert set(record["ms_per_sample"]) == want and threads >= 1 and "ort_multithread_from" in record
     assert summary["ort_multithread_from"] == record["ort_multithread_from"]
+    assert record["ort_parallel"] in ("split", "intra-op") and summary["ort_parallel"] == (
+        record["ort_parallel"] if threads > 1 else "intra-op")
 
 
 def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_record(tmp_path, checkpoint_dir):
