@@ -563,11 +563,11 @@ def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
             out[m] = {k: record.get(k) for k in ("threshold", "batches", "ms_per_sample", "measured_by", "measured_at")}
             out[m]["ort_multithread_from"] = record.get("ort_multithread_from", 1)  # absent: measured before the column
             out[m]["threads"] = record.get("machine", {}).get("threads")
-            out[m]["ort_parallel"] = eng.effective_parallel(record, out[m]["threads"] or 1)
+            out[m]["ort_split_from"] = eng.effective_split_from(record, out[m]["threads"] or 1)
             out[m]["choice"] = eng.describe(record.get("threshold"), source=eng.ENGINES_FILE,
                                             threads=out[m]["threads"],
                                             multithread_from=out[m]["ort_multithread_from"],
-                                            parallel=out[m]["ort_parallel"])
+                                            split_from=out[m]["ort_split_from"])
     return out
 
 
@@ -576,8 +576,8 @@ def engines_markdown(engines: dict) -> list[str]:
         return []
     lines = ["## Engine choice per batch size (each model's 1/engines.json, measured at export)", "",
              "ms/sample of ONNX Runtime (one session with all threads; with one thread; the batch split over "
-             "one-thread sessions side by side) vs TorchScript (frozen, optimize_for_inference) as the served model runs them, "
-             "best of interleaved calls; the served model uses TorchScript from the threshold on.", "",
+             "one-thread sessions side by side) vs TorchScript (frozen, optimize_for_inference) as the served model "
+             "runs them, best of interleaved calls; the served model uses TorchScript from the threshold on.", "",
              "| model | batch | onnxruntime | onnxruntime 1 thread | onnxruntime split | torchscript | served by |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for m, r in engines.items():
@@ -585,12 +585,8 @@ def engines_markdown(engines: dict) -> list[str]:
         for b in r.get("batches") or []:
             ort, one, split, ts = (ms.get(c, {}).get(str(b), float("nan"))
                                    for c in (eng.ORT, eng.ORT_1T, eng.ORT_SPLIT, eng.TORCHSCRIPT))
-            which = eng.engine_for(b, r.get("threshold"), r["ort_multithread_from"])
-            split_mode = which == eng.ORT and r.get("ort_parallel") == eng.SPLIT
-            if which == eng.ORT_1T or (split_mode and b == 1):  # one row: one chunk, one thread
-                which = "onnxruntime, 1 thread"
-            elif split_mode:
-                which = "onnxruntime, split"
+            which = eng.engine_for(b, r.get("threshold"), r["ort_multithread_from"], r.get("ort_split_from"))
+            which = {eng.ORT_1T: "onnxruntime, 1 thread", eng.ORT_SPLIT: "onnxruntime, split"}.get(which, which)
             lines.append(f"| {m} | {b} | {_f(ort)} | {_f(one)} | {_f(split)} | {_f(ts)} | {which} |")
         lines.append(f"| {m} | | | | | | {r['choice']}; measured by {r.get('measured_by')} at "
                      f"{r.get('measured_at')} |")

@@ -9,8 +9,9 @@ The measurement lands in <model>/<version>/engines.json (ENGINES_FILE):
     {"threshold": 16 | null,                # TorchScript at batch >= threshold; null = ONNX Runtime at every batch
      "ort_multithread_from": 8 | 1 | null,  # ONNX Runtime with all its threads from this batch on; below it with one
                                             # thread (null: one thread at every batch; 1: all threads everywhere)
-     "ort_parallel": "split" | "intra-op",  # how ONNX Runtime uses its threads: the batch split over one-thread
-                                            # sessions run side by side, or one session's intra-op thread pool
+     "ort_split_from": 16 | 1 | null,       # from this batch on, ONNX Runtime's threads run the batch split over
+                                            # one-thread sessions side by side instead of one session's intra-op
+                                            # pool (null: never)
      "batches": [1, 4, ...],
      "ms_per_sample": {"onnxruntime": {"1": 0.31, ...}, "onnxruntime-1thread": {...}, "onnxruntime-split": {...},
                        "torchscript": {...}},
@@ -58,8 +59,10 @@ ENGINES = (ORT, TORCHSCRIPT)
 ORT_1T = "onnxruntime-1thread"
 # measurement column: the batch split into `threads` chunks run side by side on one-thread sessions (SplitOrtRunner)
 ORT_SPLIT = "onnxruntime-split"
-SPLIT, INTRA_OP = "split", "intra-op"  # engines.json `ort_parallel`: how ONNX Runtime uses several threads
-ORT_PARALLEL = ("auto", SPLIT, INTRA_OP)  # config.pbtxt parameter `ort_parallel`: auto = engines.json's choice
+SPLIT, INTRA_OP = "split", "intra-op"
+# config.pbtxt parameter `ort_parallel`: auto = engines.json's `ort_split_from`; split = split from batch 2 on (where
+# the instance runs ONNX Runtime multi-threaded); intra-op = never split
+ORT_PARALLEL = ("auto", SPLIT, INTRA_OP)
 RUNTIMES = ("auto",) + ENGINES  # config.pbtxt parameter `runtime`: auto = per batch size, or one engine always
 GENERATOR_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what export measures for the GAN generators
 UNET_BATCHES = (1, 4, 16, 64)  # the DDPM UNet: 10-100x the work per row, so fewer and smaller cells
@@ -305,54 +308,53 @@ def choose_threshold(ms_per_sample: dict[str, dict[str, float]], batches: list[i
     return choose_crossover(ms_per_sample, batches, ORT, TORCHSCRIPT)
 
 
-def choose_ort_parallel(ms_per_sample: dict[str, dict[str, float]], batches: list[int]) -> str:
-    """SPLIT when the batch split over one-thread sessions beats one session's intra-op threads in total over the
-    measured batches of two rows or more (where both columns exist), else INTRA_OP (also without a split column)."""
+def choose_split_from(ms_per_sample: dict[str, dict[str, float]], batches: list[int]) -> int | None:
+    """The batch size from which the batch split over one-thread sessions beats one session's intra-op threads and
+    stays ahead (choose_crossover); None without a split column or when intra-op wins throughout."""
+    if ORT_SPLIT not in ms_per_sample:
+        return None
+    return choose_crossover(ms_per_sample, batches, ORT, ORT_SPLIT)
+
+
+def parallel_column(ms_per_sample: dict[str, dict[str, float]], split_from: int | None = None) -> dict[str, float]:
+    """ONNX Runtime's all-threads column as served: the split column from split_from on, intra-op below it."""
     ort, split = ms_per_sample.get(ORT, {}), ms_per_sample.get(ORT_SPLIT, {})
-    sizes = [b for b in batches if b >= 2 and str(b) in ort and str(b) in split]
-    if not sizes:
-        return INTRA_OP
-    return SPLIT if sum(split[str(b)] for b in sizes) < sum(ort[str(b)] for b in sizes) else INTRA_OP
-
-
-def parallel_column(ms_per_sample: dict[str, dict[str, float]], parallel: str = INTRA_OP) -> dict[str, float]:
-    """ONNX Runtime's all-threads column for this way of using the threads (ORT_SPLIT's, or ORT's)."""
-    if parallel == SPLIT and ORT_SPLIT in ms_per_sample:
-        return ms_per_sample[ORT_SPLIT]
-    return ms_per_sample.get(ORT, {})
+    return {b: (split[b] if split_from is not None and int(b) >= split_from and b in split else v)
+            for b, v in ort.items()}
 
 
 def choose_ort_multithread_from(ms_per_sample: dict[str, dict[str, float]], batches: list[int],
-                                parallel: str = INTRA_OP) -> int | None:
-    """The batch size from which ONNX Runtime with all its threads (used the `parallel` way) beats it with one
+                                split_from: int | None = None) -> int | None:
+    """The batch size from which ONNX Runtime with all its threads (split from split_from on) beats it with one
     (choose_crossover); 1 when no one-thread column was measured (instances with one thread), None when one thread
     wins at every batch."""
     if ORT_1T not in ms_per_sample:
         return 1
-    return choose_crossover({ORT: parallel_column(ms_per_sample, parallel), ORT_1T: ms_per_sample[ORT_1T]}, batches,
-                            ORT_1T, ORT)
+    return choose_crossover({ORT: parallel_column(ms_per_sample, split_from), ORT_1T: ms_per_sample[ORT_1T]},
+                            batches, ORT_1T, ORT)
 
 
 def ort_as_served(ms_per_sample: dict[str, dict[str, float]], multithread_from: int | None,
-                  parallel: str = INTRA_OP) -> dict[str, float]:
+                  split_from: int | None = None) -> dict[str, float]:
     """ONNX Runtime's ms/sample per batch as the served model runs it: one thread below multithread_from, all threads
-    (the `parallel` way) from it on."""
-    ort, one = parallel_column(ms_per_sample, parallel), ms_per_sample.get(ORT_1T, {})
+    from it on (split from split_from on)."""
+    ort, one = parallel_column(ms_per_sample, split_from), ms_per_sample.get(ORT_1T, {})
     return {b: (v if multithread_from is not None and int(b) >= multithread_from else one.get(b, v))
             for b, v in ort.items()}
 
 
-def effective_parallel(record: dict | None, threads: int, override: str | None = "auto") -> str:
-    """How a model with `threads` threads runs ONNX Runtime on several of them: the `ort_parallel` parameter when set
-    (split | intra-op), else the record's measured choice; INTRA_OP for one thread or without a record."""
+def effective_split_from(record: dict | None, threads: int, override: str | None = "auto") -> int | None:
+    """From which batch a model with `threads` threads runs ONNX Runtime split over one-thread sessions: the
+    `ort_parallel` parameter when set (split: from 2 rows on; intra-op: never), else the record's measured
+    `ort_split_from`; None (never) for one thread or without a record."""
     v = (override or "auto").strip().lower()
     if v not in ORT_PARALLEL:
         raise ValueError(f"ort_parallel must be one of {ORT_PARALLEL}, got {override!r}")
-    if threads <= 1:
-        return INTRA_OP
-    if v != "auto":
-        return v
-    return (record or {}).get("ort_parallel", INTRA_OP)
+    if threads <= 1 or v == INTRA_OP:
+        return None
+    if v == SPLIT:
+        return 2
+    return (record or {}).get("ort_split_from")
 
 
 def effective_multithread_from(record: dict | None, threads: int, threshold: int | None) -> int | None:
@@ -364,11 +366,15 @@ def effective_multithread_from(record: dict | None, threads: int, threshold: int
     return (record or {}).get("ort_multithread_from", 1)
 
 
-def engine_for(batch: int, threshold: int | None, multithread_from: int | None = 1) -> str:
-    """Which runner serves `batch`: TORCHSCRIPT from the threshold on, else ORT, or ORT_1T below multithread_from."""
+def engine_for(batch: int, threshold: int | None, multithread_from: int | None = 1,
+               split_from: int | None = None) -> str:
+    """Which runner serves `batch`: TORCHSCRIPT from the threshold on, else ORT_1T below multithread_from, else
+    ORT_SPLIT from split_from on (a batch of two rows or more), else ORT."""
     if threshold is not None and batch >= threshold:
         return TORCHSCRIPT
-    return ORT if multithread_from is not None and batch >= multithread_from else ORT_1T
+    if multithread_from is None or batch < multithread_from:
+        return ORT_1T
+    return ORT_SPLIT if split_from is not None and batch >= max(split_from, 2) else ORT
 
 
 def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[int, ...], threads: int,
@@ -391,11 +397,11 @@ def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[i
     finally:
         torch.set_num_threads(before)
     ms = table["ms_per_sample"]
-    parallel = choose_ort_parallel(ms, table["batches"])
-    multithread_from = choose_ort_multithread_from(ms, table["batches"], parallel)
-    served = {ORT: ort_as_served(ms, multithread_from, parallel), TORCHSCRIPT: ms[TORCHSCRIPT]}
+    split_from = choose_split_from(ms, table["batches"])
+    multithread_from = choose_ort_multithread_from(ms, table["batches"], split_from)
+    served = {ORT: ort_as_served(ms, multithread_from, split_from), TORCHSCRIPT: ms[TORCHSCRIPT]}
     return {"threshold": choose_threshold(served, table["batches"]), "ort_multithread_from": multithread_from,
-            "ort_parallel": parallel, **table,
+            "ort_split_from": split_from, **table,
             "machine": machine(threads), "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"), **record}
 
@@ -470,7 +476,7 @@ def record_matches(record: dict | None, checkpoint_sha: str, threads: int) -> bo
     m = record.get("machine", {})
     here = machine(threads)
     return (record.get("checkpoint_sha256") == checkpoint_sha
-            and (("ort_multithread_from" in record and "ort_parallel" in record)  # the one-thread and split columns
+            and (("ort_multithread_from" in record and "ort_split_from" in record)  # the one-thread and split columns
                  or threads <= 1)
             and all(m.get(k) == here[k] for k in ("cpu", "cores", "threads", "omp_wait_policy", "onnxruntime",
                                                   "torch")))
@@ -528,31 +534,35 @@ def effective_threshold(runtime: str, engine_threshold: str | None, record: dict
 def summary(record: dict | None, threshold: int | None, source: str, ort_parallel: str | None = "auto") -> dict:
     """What the gateway shows (config.pbtxt parameter `engines`): engines used, threshold, threads, how ONNX Runtime
     uses them, cpu, and all of it in words (`description`, what ListModels shows). `ort_parallel`: the model's
-    parameter of that name (auto = the record's choice)."""
+    parameter of that name (auto = the record's ort_split_from)."""
     m = (record or {}).get("machine", {})
     engines = [ORT] if threshold is None else ([TORCHSCRIPT] if threshold <= 1 else [ORT, TORCHSCRIPT])
     threads = m.get("threads") or 1
     multithread_from = effective_multithread_from(record, threads, threshold)
-    parallel = effective_parallel(record, threads, ort_parallel)
+    split_from = effective_split_from(record, threads, ort_parallel)
     return {"engines": engines, "threshold": threshold, "source": source, "threads": m.get("threads"),
-            "ort_multithread_from": multithread_from, "ort_parallel": parallel, "cpu": m.get("cpu"),
-            "description": describe(threshold, engines, source, m.get("threads"), multithread_from, parallel)}
+            "ort_multithread_from": multithread_from, "ort_split_from": split_from, "cpu": m.get("cpu"),
+            "description": describe(threshold, engines, source, m.get("threads"), multithread_from, split_from)}
 
 
 def describe(threshold: int | None, engines: list[str] | None = None, source: str | None = None,
-             threads: int | None = None, multithread_from: int | None = 1, parallel: str = INTRA_OP) -> str:
+             threads: int | None = None, multithread_from: int | None = 1, split_from: int | None = None) -> str:
     """The engine choice in words, as Triton logs it and the gateway's ListModels shows it: "onnxruntime (1 thread
-    below batch 4, from it the batch split over 2 one-thread sessions) for batch 1-31, torchscript from 32
+    below batch 4, the batch split over 2 one-thread sessions from 16) for batch 1-31, torchscript from 32
     (engines.json, 2 threads)"."""
-    ort = ORT
-    split = (f"the batch split over {threads} one-thread sessions" if threads else
-             "the batch split over one-thread sessions") if parallel == SPLIT and threads != 1 else ""
-    if multithread_from is None or (multithread_from > 1 and threshold is not None and multithread_from >= threshold):
-        ort = f"{ORT} (1 thread)"  # never, or not before TorchScript takes over, with all its threads
-    elif multithread_from > 1:
-        ort = f"{ORT} (1 thread below batch {multithread_from}{', from it ' + split if split else ''})"
-    elif split:
-        ort = f"{ORT} ({split})"
+    parts = []
+    last = None if threshold is None else int(threshold) - 1  # the largest batch ONNX Runtime serves
+    if multithread_from is None or (last is not None and multithread_from > last):
+        parts.append("1 thread")  # never, or not before TorchScript takes over, with all its threads
+    else:
+        if multithread_from > 1:
+            parts.append(f"1 thread below batch {multithread_from}")
+        start = max(split_from or 0, multithread_from, 2)
+        if split_from is not None and threads != 1 and (last is None or start <= last):
+            sessions = f"{threads} one-thread sessions" if threads else "one-thread sessions"
+            parts.append(f"the batch split over {sessions}" + (f" from {start}" if start > max(multithread_from, 2)
+                                                                 else ""))
+    ort = f"{ORT} ({', '.join(parts)})" if parts else ORT
     if threshold is None:
         how = f"{ort if not engines or engines[0] == ORT else engines[0]} at every batch size"
     elif int(threshold) <= 1:

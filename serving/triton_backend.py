@@ -9,8 +9,8 @@
       runtime           auto (default: per batch size) | onnxruntime | torchscript (one engine at every batch)
       engine_threshold  auto (default: engines.json) | none (ONNX Runtime only) | N (TorchScript from batch N)
       intra_op_threads  0 / absent = the cores this process may use (affinity, cgroup quota); N = N threads
-      ort_parallel      auto (default: engines.json) | split (the batch in N chunks on N one-thread ONNX Runtime
-                        sessions side by side) | intra-op (one session with N intra-op threads)
+      ort_parallel      auto (default: engines.json `ort_split_from`) | split (from batch 2: the batch in N chunks on N
+                        one-thread ONNX Runtime sessions side by side) | intra-op (one session, N intra-op threads)
       allow_spinning    ONNX Runtime worker threads spin while idle ("0" on shared machines)
   TorchScript is warmed up at initialize at the batch sizes it will get, so first requests are not slow.
 - DiffusionLoopModel: the base of the DDPM loop models (ddpm_denoise, ddpm_generate, ddpm_cond_generate): config,
@@ -117,11 +117,10 @@ class Engines:
         # the instance's threads from it on: the batch split over one-thread sessions, or one session's intra-op pool
         self.multithread_from = 1 if on_gpu else eng.effective_multithread_from(self.record, self.threads,
                                                                                  self.threshold)
-        self.parallel = eng.INTRA_OP if on_gpu else eng.effective_parallel(
+        self.split_from = None if on_gpu else eng.effective_split_from(
             self.record, self.threads, param(model_config, "ort_parallel", "auto"))
-        if self.parallel == eng.SPLIT:
-            self.ort = eng.split_runner(str(version_dir / "model.onnx"), self.threads, self.output_names,
-                                        self.allow_spinning)
+        self.split = (eng.split_runner(str(version_dir / "model.onnx"), self.threads, self.output_names,
+                                       self.allow_spinning) if self.split_from is not None else None)
         self.ort1 = (eng.OrtRunner(eng.ort_session(str(version_dir / "model.onnx"), 1, self.allow_spinning),
                                    self.output_names) if self.multithread_from != 1 else None)
         self.ts = None
@@ -159,12 +158,12 @@ class Engines:
 
     def describe(self) -> str:
         return (eng.describe(self.threshold, source=self.source, threads=self.threads,
-                             multithread_from=self.multithread_from, parallel=self.parallel)
+                             multithread_from=self.multithread_from, split_from=self.split_from)
                 + f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
     def runner(self, batch: int):
-        which = eng.engine_for(batch, self.threshold, self.multithread_from)
-        return self.ts if which == eng.TORCHSCRIPT else self.ort1 if which == eng.ORT_1T else self.ort
+        which = eng.engine_for(batch, self.threshold, self.multithread_from, self.split_from)
+        return {eng.TORCHSCRIPT: self.ts, eng.ORT_1T: self.ort1, eng.ORT_SPLIT: self.split}.get(which, self.ort)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner(next(iter(feeds.values())).shape[0])(feeds)

@@ -390,7 +390,8 @@ def measure_model_engines(cfg: ExportConfig, models: tuple[str, ...], batches: t
         cells = ", ".join(f"{b}: " + "/".join(f"{ms[c][str(b)]:.3g}" for c in cols) for b in batches)
         print(f"- {', '.join(models)}: engines measured with {threads} threads, ms/sample {'/'.join(cols)} "
               f"{cells}; threshold {record['threshold']}, onnxruntime multi-threaded from "
-              f"{record.get('ort_multithread_from')} ({record.get('ort_parallel')})")
+              f"{record.get('ort_multithread_from')}, split over one-thread sessions from "
+              f"{record.get('ort_split_from')}")
     for d in dirs:
         p = model_params(d / "config.pbtxt")
         threshold, source = eng.effective_threshold(p.get("runtime", "auto"), p.get("engine_threshold"), record)

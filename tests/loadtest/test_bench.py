@@ -294,7 +294,7 @@ def test_engine_records_shown_in_the_markdown(tmp_path):
         "machine": {"threads": 2}})
     records = bench.engine_records(tmp_path, ("dcgan_generator", "ddpm_unet"))  # ddpm_unet: no record, left out
     assert list(records) == ["dcgan_generator"] and records["dcgan_generator"]["threads"] == 2
-    assert records["dcgan_generator"]["ort_parallel"] == eng.INTRA_OP  # a record from before the split column
+    assert records["dcgan_generator"]["ort_split_from"] is None  # a record from before the split column
     md = "\n".join(bench.engines_markdown(records))
     assert "| dcgan_generator | 1 | 0.3 | 0.25 | - | 2 | onnxruntime, 1 thread |" in md
     assert "| dcgan_generator | 64 | 0.3 | 0.5 | - | 0.2 | torchscript |" in md
@@ -310,14 +310,14 @@ def test_split_engine_choice_shown_in_the_markdown(tmp_path):
     d.mkdir(parents=True)
     eng.write_record(d / eng.ENGINES_FILE, {
         "threshold": None, "batches": [1, 4, 16], "measured_by": "export", "measured_at": "2026-12-02T00:00:00+00:00",
-        "ort_multithread_from": 1, "ort_parallel": "split", "machine": {"threads": 2},
+        "ort_multithread_from": 1, "ort_split_from": 4, "machine": {"threads": 2},
         "ms_per_sample": {"onnxruntime": {"1": 2.0, "4": 1.4, "16": 1.2}, "onnxruntime-1thread": {"1": 2.0, "4": 1.8},
                           "onnxruntime-split": {"1": 2.0, "4": 1.1, "16": 0.9}, "torchscript": {"16": 1.6}}})
     md = "\n".join(bench.engines_markdown(bench.engine_records(tmp_path, ("ddpm_unet",))))
-    assert "| ddpm_unet | 1 | 2 | 2 | 2 | - | onnxruntime, 1 thread |" in md  # one row: one chunk
+    assert "| ddpm_unet | 1 | 2 | 2 | 2 | - | onnxruntime |" in md  # all threads from 1 row, split from 4
     assert "| ddpm_unet | 16 | 1.2 | - | 0.9 | 1.6 | onnxruntime, split |" in md
-    assert ("onnxruntime (the batch split over 2 one-thread sessions) at every batch size (engines.json, 2 threads)"
-            in md)
+    assert ("onnxruntime (the batch split over 2 one-thread sessions from 4) at every batch size (engines.json, "
+            "2 threads)" in md)
 
 
 # -- Triton's own statistics: where a Triton-direct request's time goes ------------------------------------------

@@ -55,8 +55,8 @@ def test_list_models_grpc_and_http(ready_gateway, triton):
     for m, j in zip(g.models, h["models"]):
         assert bool(m.engines) == m.ready and j.get("engines", "") == m.engines
         if m.ready:
-            split = r"the batch split over \d+ one-thread sessions"
-            ort = rf"onnxruntime( \((1 thread( below batch \d+(, from it {split})?)?|{split})\))?"
+            split = r"the batch split over \d+ one-thread sessions( from \d+)?"
+            ort = rf"onnxruntime( \((1 thread( below batch \d+(, {split})?)?|{split})\))?"
             assert re.match(rf"({ort}|torchscript) "
                             r"(at every batch size|for batch 1-\d+, torchscript from \d+)", m.engines), m.engines
 

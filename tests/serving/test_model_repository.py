@@ -187,43 +187,51 @@ def test_a_record_without_the_one_thread_or_split_column_is_remeasured_for_sever
     record = {"threshold": None, "checkpoint_sha256": "abc", "machine": eng.machine(2)}
     assert not eng.record_matches(record, "abc", 2)
     assert not eng.record_matches({**record, "ort_multithread_from": 1}, "abc", 2)  # measured before the split column
-    assert eng.record_matches({**record, "ort_multithread_from": 1, "ort_parallel": eng.SPLIT}, "abc", 2)
+    assert eng.record_matches({**record, "ort_multithread_from": 1, "ort_split_from": None}, "abc", 2)
     assert eng.record_matches({**record, "machine": eng.machine(1)}, "abc", 1)
 
 
 @pytest.mark.parametrize("intra, split, want", [
-    ([2.0, 1.4, 1.2, 1.2], [2.0, 1.1, 0.9, 0.95], eng.SPLIT),  # split faster from 4 rows on
-    ([2.0, 1.0, 0.8, 0.8], [1.5, 1.1, 0.9, 0.95], eng.INTRA_OP),  # batch 1 (one chunk) does not count
-    ([2.0, 1.0, 0.8, 0.8], [2.0, 0.9, 0.9, 0.9], eng.INTRA_OP),  # one lucky cell loses to the total
+    ([2.0, 1.4, 1.2, 1.2], [2.0, 1.1, 0.9, 0.95], 4),  # split faster from 4 rows on
+    ([2.0, 1.0, 0.8, 0.8], [2.1, 1.1, 0.9, 0.95], None),  # intra-op faster throughout
+    ([2.0, 1.0, 0.8, 0.8], [2.1, 1.1, 0.7, 0.7], 16),  # split faster from 16 on
+    ([2.0, 1.0, 0.8, 0.8], [2.1, 0.9, 0.9, 0.9], None),  # one lucky cell is no crossover
 ])
-def test_ort_parallel_is_the_faster_way_to_use_the_threads_in_total(intra, split, want):
+def test_split_from_is_where_the_split_sessions_win_and_stay_ahead(intra, split, want):
     batches = [1, 4, 16, 64]
     table = {eng.ORT: dict(zip(map(str, batches), intra)), eng.ORT_SPLIT: dict(zip(map(str, batches), split)),
              eng.ORT_1T: dict(zip(map(str, batches), [1.4, 1.9, 1.9, 1.9]))}
-    assert eng.choose_ort_parallel(table, batches) == want
-    assert eng.choose_ort_parallel({eng.ORT: table[eng.ORT]}, batches) == eng.INTRA_OP  # no split column
-    # the one-thread crossover is judged against the chosen column: split beats one thread from 4 on either way
-    assert eng.choose_ort_multithread_from(table, batches, eng.SPLIT) == 4
-    assert eng.ort_as_served(table, 4, eng.SPLIT)["16"] == split[2]
-    assert eng.ort_as_served(table, 4, eng.INTRA_OP)["16"] == intra[2]
+    assert eng.choose_split_from(table, batches) == want
+    assert eng.choose_split_from({eng.ORT: table[eng.ORT]}, batches) is None  # no split column
+    # one thread wins at batch 1 only; from 4 on all threads, split from `want` on
+    assert eng.choose_ort_multithread_from(table, batches, want) == 4
+    served = eng.ort_as_served(table, 4, want)
+    assert served["1"] == 1.4 and served["16"] == (split[2] if want is not None and want <= 16 else intra[2])
+    assert [eng.engine_for(b, None, 4, want) for b in batches] == [eng.ORT_1T] + [
+        eng.ORT_SPLIT if want is not None and b >= want else eng.ORT for b in batches[1:]]
 
 
-def test_ort_parallel_parameter_overrides_the_record():
-    record = {"ort_parallel": eng.SPLIT}
-    assert eng.effective_parallel(record, 2) == eng.SPLIT
-    assert eng.effective_parallel(record, 2, "intra-op") == eng.INTRA_OP
-    assert eng.effective_parallel({}, 2, "split") == eng.SPLIT
-    assert eng.effective_parallel(None, 2) == eng.INTRA_OP  # no measurement: one session's threads, as before
-    assert eng.effective_parallel(record, 1) == eng.INTRA_OP  # one thread: nothing to split over
+def test_ort_parallel_parameter_overrides_the_record_and_the_choice_reads_well():
+    record = {"ort_split_from": 16}
+    assert eng.effective_split_from(record, 2) == 16
+    assert eng.effective_split_from(record, 2, "intra-op") is None
+    assert eng.effective_split_from({}, 2, "split") == 2
+    assert eng.effective_split_from(None, 2) is None  # no measurement: one session's threads, as before
+    assert eng.effective_split_from(record, 1) is None  # one thread: nothing to split over
     with pytest.raises(ValueError, match="ort_parallel must be one of"):
-        eng.effective_parallel(record, 2, "threads")
-    s = eng.summary({"ort_multithread_from": 4, "ort_parallel": eng.SPLIT, "machine": {"threads": 2}}, None,
+        eng.effective_split_from(record, 2, "threads")
+    assert eng.engine_for(1, None, 1, 1) == eng.ORT  # one row is never split
+    s = eng.summary({"ort_multithread_from": 4, "ort_split_from": 1, "machine": {"threads": 2}}, None,
                     eng.ENGINES_FILE)
-    assert s["ort_parallel"] == eng.SPLIT and s["description"] == (
-        "onnxruntime (1 thread below batch 4, from it the batch split over 2 one-thread sessions) at every batch "
-        "size (engines.json, 2 threads)")
-    assert eng.summary({"ort_parallel": eng.SPLIT, "machine": {"threads": 2}}, None, eng.ENGINES_FILE,
-                       "intra-op")["ort_parallel"] == eng.INTRA_OP
+    assert s["ort_split_from"] == 1 and s["description"] == (
+        "onnxruntime (1 thread below batch 4, the batch split over 2 one-thread sessions) at every batch size "
+        "(engines.json, 2 threads)")
+    assert eng.describe(None, threads=2, multithread_from=1, split_from=16) == (
+        "onnxruntime (the batch split over 2 one-thread sessions from 16) at every batch size (2 threads)")
+    assert eng.describe(64, threads=2, multithread_from=4, split_from=128) == (
+        "onnxruntime (1 thread below batch 4) for batch 1-63, torchscript from 64 (2 threads)")  # TorchScript first
+    assert eng.summary({"ort_split_from": 1, "machine": {"threads": 2}}, None, eng.ENGINES_FILE,
+                       "intra-op")["ort_split_from"] is None
 
 
 def _row_model(path: Path) -> Path:
@@ -286,7 +294,7 @@ def test_overrides_beat_the_measurement():
 
 
 def test_record_is_trusted_only_for_the_same_export_machine_and_threads(tmp_path):
-    record = {"threshold": 16, "ort_multithread_from": 1, "ort_parallel": eng.SPLIT, "checkpoint_sha256": "abc",
+    record = {"threshold": 16, "ort_multithread_from": 1, "ort_split_from": 4, "checkpoint_sha256": "abc",
               "machine": eng.machine(2)}
     assert eng.write_record(tmp_path / eng.ENGINES_FILE, record)
     back = eng.read_record(tmp_path / eng.ENGINES_FILE)

@@ -390,8 +390,8 @@ def test_generator_engines_are_visible_in_the_model_config(triton):
     want = {"onnxruntime", "torchscript"} | ({"onnxruntime-1thread", "onnxruntime-split"} if threads > 1 else set())
     assert set(record["ms_per_sample"]) == want and threads >= 1 and "ort_multithread_from" in record
     assert summary["ort_multithread_from"] == record["ort_multithread_from"]
-    assert record["ort_parallel"] in ("split", "intra-op") and summary["ort_parallel"] == (
-        record["ort_parallel"] if threads > 1 else "intra-op")
+    assert "ort_split_from" in record and summary["ort_split_from"] == (
+        record["ort_split_from"] if threads > 1 else None)
 
 
 def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_record(tmp_path, checkpoint_dir):
