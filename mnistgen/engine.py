@@ -369,12 +369,13 @@ def effective_multithread_from(record: dict | None, threads: int, threshold: int
 def engine_for(batch: int, threshold: int | None, multithread_from: int | None = 1,
                split_from: int | None = None) -> str:
     """Which runner serves `batch`: TORCHSCRIPT from the threshold on, else ORT_1T below multithread_from, else
-    ORT_SPLIT from split_from on (a batch of two rows or more), else ORT."""
+    ORT_SPLIT from split_from on, else ORT. (A one-row batch on ORT_SPLIT is one chunk on one one-thread session:
+    what the split column measured at batch 1, so the crossovers and the served runner agree.)"""
     if threshold is not None and batch >= threshold:
         return TORCHSCRIPT
     if multithread_from is None or batch < multithread_from:
         return ORT_1T
-    return ORT_SPLIT if split_from is not None and batch >= max(split_from, 2) else ORT
+    return ORT_SPLIT if split_from is not None and batch >= split_from else ORT
 
 
 def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[int, ...], threads: int,

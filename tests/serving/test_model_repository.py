@@ -220,7 +220,9 @@ def test_ort_parallel_parameter_overrides_the_record_and_the_choice_reads_well()
     assert eng.effective_split_from(record, 1) is None  # one thread: nothing to split over
     with pytest.raises(ValueError, match="ort_parallel must be one of"):
         eng.effective_split_from(record, 2, "threads")
-    assert eng.engine_for(1, None, 1, 1) == eng.ORT  # one row is never split
+    # split from 1 row: the split runner serves batch 1 as one chunk on one session (what its column measured there),
+    # not the intra-op session the crossover never compared at that size
+    assert eng.engine_for(1, None, 1, 1) == eng.ORT_SPLIT
     s = eng.summary({"ort_multithread_from": 4, "ort_split_from": 1, "machine": {"threads": 2}}, None,
                     eng.ENGINES_FILE)
     assert s["ort_split_from"] == 1 and s["description"] == (
