@@ -392,8 +392,8 @@ def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[i
         inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
         runners = {ORT: OrtRunner(session, outputs), TORCHSCRIPT: TorchScriptRunner(load_torchscript(ts_path), inputs)}
         if threads > 1:
-            runners[ORT_1T] = OrtRunner(ort_session(onnx_path, 1, allow_spinning), outputs)
             runners[ORT_SPLIT] = split_runner(onnx_path, threads, outputs, allow_spinning)
+            runners[ORT_1T] = OrtRunner(runners[ORT_SPLIT].sessions[0], outputs)  # a one-thread session already
         table = measure(runners, lambda b: random_feeds(session, b), tuple(batches), budget_s=budget_s)
     finally:
         torch.set_num_threads(before)
@@ -558,11 +558,10 @@ def describe(threshold: int | None, engines: list[str] | None = None, source: st
     else:
         if multithread_from > 1:
             parts.append(f"1 thread below batch {multithread_from}")
-        start = max(split_from or 0, multithread_from, 2)
+        start = max(split_from or 0, multithread_from)  # engine_for: ORT_SPLIT from split_from, not below 1 thread's
         if split_from is not None and threads != 1 and (last is None or start <= last):
             sessions = f"{threads} one-thread sessions" if threads else "one-thread sessions"
-            parts.append(f"the batch split over {sessions}" + (f" from {start}" if start > max(multithread_from, 2)
-                                                                 else ""))
+            parts.append(f"the batch split over {sessions}" + (f" from {start}" if start > multithread_from else ""))
     ort = f"{ORT} ({', '.join(parts)})" if parts else ORT
     if threshold is None:
         how = f"{ort if not engines or engines[0] == ORT else engines[0]} at every batch size"

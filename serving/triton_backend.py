@@ -121,8 +121,11 @@ class Engines:
             self.record, self.threads, param(model_config, "ort_parallel", "auto"))
         self.split = (eng.split_runner(str(version_dir / "model.onnx"), self.threads, self.output_names,
                                        self.allow_spinning) if self.split_from is not None else None)
-        self.ort1 = (eng.OrtRunner(eng.ort_session(str(version_dir / "model.onnx"), 1, self.allow_spinning),
-                                   self.output_names) if self.multithread_from != 1 else None)
+        self.ort1 = None
+        if self.multithread_from != 1:  # the split's first session is a one-thread session already
+            one_thread = (self.split.sessions[0] if self.split is not None
+                          else eng.ort_session(str(version_dir / "model.onnx"), 1, self.allow_spinning))
+            self.ort1 = eng.OrtRunner(one_thread, self.output_names)
         self.ts = None
         if self.threshold is not None:
             if not ts_path.exists():
