@@ -201,8 +201,9 @@ def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[di
         runs.update({path: (gateway(c, steps), gateway(c, 2)) for path, c in clients.items()})
         threads = bt.best_threads(eager(2), (1, cfg.threads))
         for path, (fn, warm) in runs.items():
-            times = bt.timed(fn, cfg.fast_repeats, cfg.warmup, warm)
-            extra = {"torch_threads": threads} if path == "pytorch-eager" else {}
+            times, extra = bt.timed_path(path, direct, "ddpm_cond_generate", fn, cfg.fast_repeats, cfg.warmup, warm)
+            if path == "pytorch-eager":
+                extra["torch_threads"] = threads
             rows.append(bt._row(name, b, path, times, unet_evals=steps, **extra))
             print(f"  {'generate ddpm-cond':<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample",
                   flush=True)

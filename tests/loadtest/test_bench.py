@@ -218,6 +218,11 @@ def test_conditional_row_against_a_real_gateway(gateway, triton, tmp_path, check
     assert workload.startswith("generate ddpm-cond digit 7 dpm-solver++-2")
     assert sorted(res[workload]) == sorted(["pytorch-eager", "triton-grpc", "gateway-grpc", "gateway-http"])
     assert all(res[workload][p]["2"]["ms_per_sample"] > 0 for p in res[workload])
+    # the Triton-direct cell says where its time went inside Triton (the "Inside Triton" table), like the others
+    phases = res[workload]["triton-grpc"]["2"]["triton_ms"]
+    assert set(phases) == {"queue", "compute_input", "compute_infer", "compute_output"}
+    assert phases["compute_infer"] > 0
+    assert "ddpm-cond" in "\n".join(bench.triton_phases_markdown(res))
 
 
 # -- --device cuda: refused at once without CUDA, argument plumbing ---------------------------------------------
