@@ -58,6 +58,9 @@ class TrainConfig:
     checkpoint: str | None = None  # also write the generator checkpoint here (e.g. checkpoints/dcgan-baseline.safetensors)
     g_ema: float = 0.0  # > 0: keep an exponential moving average of G's weights (decay per G step, e.g. 0.999) and
     # write it as the checkpoint's generator (the raw G keeps training; samples and grids use the average)
+    lr_decay_from: int | None = None  # from this iteration on, lr_g and lr_d fall linearly to lr_min_ratio x their
+    # value at the last planned iteration (max_iters, else epochs x batches); None = constant, as in DCGAN
+    lr_min_ratio: float = 0.0
 
 
 def _cfg(name: str, **kw) -> TrainConfig:
@@ -111,6 +114,14 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def lr_scale(iteration: int, decay_from: int | None, total: int, min_ratio: float) -> float:
+    """The learning-rate factor at `iteration`: 1 up to decay_from, then linear to min_ratio at `total`."""
+    if decay_from is None or iteration <= decay_from:
+        return 1.0
+    frac = min(1.0, (iteration - decay_from) / max(1, total - decay_from))
+    return 1.0 - (1.0 - min_ratio) * frac
+
+
 def generator_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "non-saturating":  # maximise log D(G(z))
         return F.binary_cross_entropy_with_logits(logits_fake, torch.ones_like(logits_fake))
@@ -141,6 +152,10 @@ class GANTrainer:
         self.D.apply(weights_init)
         if not 0.0 <= cfg.g_ema < 1.0:
             raise ValueError(f"g_ema must be in [0, 1) (0 = off), got {cfg.g_ema}")
+        if not 0.0 <= cfg.lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_min_ratio must be in [0, 1], got {cfg.lr_min_ratio}")
+        if cfg.lr_decay_from is not None and cfg.lr_decay_from < 0:
+            raise ValueError(f"lr_decay_from must be an iteration >= 0 (or absent: constant lr), got {cfg.lr_decay_from}")
         self.ema = EMA(self.G, cfg.g_ema, warmup=False) if cfg.g_ema else None
         # what the training step calls: DistributedDataParallel wrappers under torchrun, the models themselves otherwise
         self.g_train, self.d_train = self.dist.wrap(self.G), self.dist.wrap(self.D)
@@ -169,8 +184,19 @@ class GANTrainer:
         std = self.cfg.instance_noise * max(0.0, 1.0 - self.iteration / max(1, total))
         return x + std * torch.randn_like(x) if std > 0 else x
 
+    def planned_iterations(self) -> int:
+        return self.cfg.max_iters if self.cfg.max_iters is not None else self.cfg.epochs * len(self.loader)
+
+    def lr_scale(self) -> float:
+        return lr_scale(self.iteration, self.cfg.lr_decay_from, self.planned_iterations(), self.cfg.lr_min_ratio)
+
     def step(self, real: torch.Tensor) -> dict[str, float]:
         cfg, b = self.cfg, real.shape[0]
+        if cfg.lr_decay_from is not None:  # (constant otherwise: the optimizers keep the lr they were built with)
+            scale = self.lr_scale()
+            for opt, lr in ((self.opt_g, cfg.lr_g), (self.opt_d, cfg.lr_d)):
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
         real = real.to(self.device, non_blocking=True)
         for _ in range(cfg.d_steps):
             z = torch.randn(b, cfg.arch.latent_dim, device=self.device)
@@ -268,6 +294,8 @@ class GANTrainer:
             "epochs": self.epoch, "iterations": self.iteration, "threads": torch.get_num_threads(),
             "world_size": self.dist.world_size, "images_seen": self.iteration * self.cfg.batch_size,
             **({"g_ema": self.cfg.g_ema} if self.G_ema is not None else {}),
+            **({"lr_decay_from": self.cfg.lr_decay_from, "lr_final_scale": self.lr_scale()}
+               if self.cfg.lr_decay_from is not None else {}),
         }
 
     def finish(self) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from mnistgen.checkpoint import load_checkpoint
 from mnistgen.registry import load_generator
-from training.train_gan import CONFIGS, GANTrainer, apply_mitigations, parse_args
+from training.train_gan import CONFIGS, GANTrainer, apply_mitigations, lr_scale, parse_args
 
 SMALL = dict(epochs=1, max_iters=2, batch_size=16, threads=1, data_limit=64, data_source="embedded")
 
@@ -102,3 +102,35 @@ def test_generator_ema_is_what_the_checkpoint_holds(tmp_path):
         torch.testing.assert_close(resumed.G_ema.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(ValueError, match="g_ema"):
         GANTrainer(_small("baseline", tmp_path / "bad", g_ema=1.0))
+
+
+def test_lr_scale_is_linear_from_the_decay_start():
+    assert lr_scale(5, None, 10, 0.0) == 1.0  # constant (DCGAN)
+    assert lr_scale(4, 4, 10, 0.0) == 1.0
+    assert lr_scale(7, 4, 10, 0.0) == pytest.approx(0.5)
+    assert lr_scale(10, 4, 10, 0.2) == pytest.approx(0.2)
+    assert lr_scale(99, 4, 10, 0.2) == pytest.approx(0.2)  # past the plan: stays at the floor
+
+
+def test_lr_decay_sets_both_optimizers_and_resumes_on_the_same_line(tmp_path):
+    """A run resumed with --lr-decay-from at its iteration trains G and D at the linearly falling rate; the summary
+    records the decay; bad settings are refused."""
+    plain = _small("baseline", tmp_path, epochs=2, max_iters=2)
+    GANTrainer(plain).train()
+    cfg = dataclasses.replace(plain, max_iters=6, lr_decay_from=2, lr_min_ratio=0.25)
+    trainer = GANTrainer(cfg)
+    assert trainer.load_state() and trainer.iteration == 2
+    lrs = []
+    real = next(iter(trainer.loader))[0]
+    for _ in range(4):
+        trainer.step(real)
+        lrs.append((trainer.opt_g.param_groups[0]["lr"], trainer.opt_d.param_groups[0]["lr"]))
+        trainer.iteration += 1
+    assert [g for g, _ in lrs] == pytest.approx([2e-4 * s for s in (1.0, 0.8125, 0.625, 0.4375)])
+    assert all(g == d for g, d in lrs)  # (baseline: lr_g == lr_d)
+    summary = GANTrainer(cfg).train()
+    assert summary["lr_decay_from"] == 2 and summary["lr_final_scale"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="lr_min_ratio"):
+        GANTrainer(dataclasses.replace(plain, lr_min_ratio=1.5))
+    with pytest.raises(ValueError, match="lr_decay_from"):
+        GANTrainer(dataclasses.replace(plain, lr_decay_from=-1))
