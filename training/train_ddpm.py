@@ -47,7 +47,8 @@ class TrainConfig:
     sample_every: int = 1  # epochs between sample grids (0: never)
     label_dropout: float = 0.1  # class-conditional UNets (unet.num_class_embeds > 0): P(label -> null class), CFG
     sample_guidance: float = 3.0  # class-conditional UNets: guidance scale of the per-epoch grid (row = digit)
-    time_budget_min: float = 50.0  # >0: stop after the epoch that crosses this many minutes of training
+    time_budget_min: float = 50.0  # >0: stop after the epoch that crosses this many minutes of training (the run's
+    # total: a resumed run counts the minutes it trained before)
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(block_out_channels=(16, 32, 64)))
 
     def __post_init__(self) -> None:
@@ -282,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer = DDPMTrainer(cfg)
     if resume and trainer.load_state() and trainer.is_main:
         print(f"resumed at epoch {trainer.epoch} (step {trainer.step})", flush=True)
+        if cfg.time_budget_min and trainer.elapsed > cfg.time_budget_min * 60:
+            print(f"note: this run has trained {trainer.elapsed / 60:.0f} min already, past --time-budget-min "
+                  f"{cfg.time_budget_min:g} (the run's total, resumes included): it stops after one more epoch; "
+                  f"raise --time-budget-min to train longer", flush=True)
     summary = trainer.train()
     if trainer.is_main:
         print(json.dumps(summary, indent=2), flush=True)

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 
 from mnistgen.checkpoint import read_config
 from mnistgen.diffusion import DEFAULT_SCHEDULER, UNetConfig, build_unet, load_unet
-from training.train_ddpm import DDPMTrainer, TrainConfig, parse_args, train_step
+from training.train_ddpm import DDPMTrainer, TrainConfig, main, parse_args, train_step
 
 TINY = UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention=(False, True), attention_head_dim=8)
 
@@ -66,6 +66,20 @@ def test_tiny_run_writes_checkpoint_logs_and_resumes(tmp_path):
 def test_time_budget_stops_early(tmp_path):
     summary = DDPMTrainer(_cfg(tmp_path, epochs=3, time_budget_min=1e-6, sample_every=0)).train()
     assert summary["epochs"] == 1
+
+
+def test_resume_past_the_time_budget_says_so(tmp_path, capsys):
+    """The budget is the run's total: a resumed run already past it is told so (and runs one more epoch)."""
+    argv = ["--data-source", "embedded", "--limit", "32", "--batch-size", "16", "--threads", "1", "--sample-every",
+            "0", "--warmup-steps", "1", "--unet-block-out-channels", "8,16", "--unet-attention", "0,1",
+            "--unet-attention-head-dim", "8", "--run-dir", str(tmp_path / "run"),
+            "--checkpoint", str(tmp_path / "ddpm.safetensors"), "--time-budget-min", "1e-6"]
+    main(argv + ["--epochs", "1"])
+    assert "past --time-budget-min" not in capsys.readouterr().out
+    main(argv + ["--epochs", "3", "--resume"])
+    out = capsys.readouterr().out
+    assert "resumed at epoch 1" in out and "past --time-budget-min 1e-06" in out and "raise --time-budget-min" in out
+    assert read_config(tmp_path / "ddpm.safetensors")["summary"]["epochs"] == 2
 
 
 def test_cli_overrides_and_validation():
