@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,25 +134,36 @@ def clean_digits(n: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x[:n]), dtype=np.float32)
 
 
-def gateway_generator_runs(cfg: GatewayBenchConfig, clients: dict) -> Callable[[int], dict]:
-    """bench_generator's more_runs: Generate through each gateway transport, timed in the same rounds as eager."""
-    def runs(b: int) -> dict:
-        return {path: (lambda c=c: c.generate(model=cfg.generator, num_samples=b, seed=cfg.seed))
-                for path, c in clients.items()}
-    return runs
+def bench_gateway_generator(cfg: GatewayBenchConfig, clients: dict) -> list[dict]:
+    rows = []
+    for b in cfg.generator_batches:
+        for path, c in clients.items():
+            times = bt.timed(lambda: c.generate(model=cfg.generator, num_samples=b, seed=cfg.seed),
+                             cfg.generator_repeats, cfg.warmup)
+            rows.append(bt._row(f"generator {cfg.generator}", b, path, times))
+            print(f"  {rows[-1]['workload']:<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.4f} ms/sample",
+                  flush=True)
+    return rows
 
 
-def gateway_denoise_runs(cfg: GatewayBenchConfig, clients: dict) -> Callable[[str, int], dict]:
-    """bench_denoise's more_runs: Denoise through each gateway transport (the same images, sigma, sampler and seed
-    as the in-process paths), timed in the same rounds as eager."""
-    def runs(spec: str, b: int) -> dict:
-        sampler, steps = spec.split(":")[0], int(spec.split(":")[1])
+def bench_gateway_denoise(cfg: GatewayBenchConfig, clients: dict, spec: str, repeats: int) -> list[dict]:
+    from mnistgen.diffusion import inference_timesteps, make_scheduler, sigma_to_timestep
+
+    sampler, steps = spec.split(":")[0], int(spec.split(":")[1])
+    t_star = sigma_to_timestep(cfg.sigma, make_scheduler("ddpm").alphas_cumprod)
+    evals = len(inference_timesteps(t_star, steps))
+    name = f"denoise {sampler}-{steps}"
+    rows = []
+    for b in cfg.denoise_batches:
         x0 = clean_digits(b)  # (B, 1, 28, 28)
+        for path, c in clients.items():
+            def call(n_steps, c=c):
+                return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
 
-        def call(c, n_steps):
-            return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
-        return {path: (call(c, steps), call(c, 2)) for path, c in clients.items()}
-    return runs
+            times = bt.timed(call(steps), repeats, cfg.warmup, call(2))
+            rows.append(bt._row(name, b, path, times, unet_evals=evals))
+            print(f"  {name:<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample", flush=True)
+    return rows
 
 
 def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[dict]:
@@ -190,8 +200,8 @@ def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[di
             runs["triton-grpc"] = (triton(steps), triton(2))
         runs.update({path: (gateway(c, steps), gateway(c, 2)) for path, c in clients.items()})
         threads = bt.best_threads(eager(2), (1, cfg.threads))
-        for path, (times, extra) in bt.timed_rounds(runs, cfg.fast_repeats, cfg.warmup, direct,
-                                                    "ddpm_cond_generate").items():
+        for path, (fn, warm) in runs.items():
+            times, extra = bt.timed_path(path, direct, "ddpm_cond_generate", fn, cfg.fast_repeats, cfg.warmup, warm)
             if path == "pytorch-eager":
                 extra["torch_threads"] = threads
             rows.append(bt._row(name, b, path, times, unet_evals=steps, **extra))
@@ -680,18 +690,17 @@ def run(cfg: GatewayBenchConfig) -> dict:
             clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=DENOISE_TIMEOUT_S,
                                         target=gw.grpc_target if p == "gateway-grpc" else gw.http_url[7:])
                        for p in ("gateway-grpc", "gateway-http") if p in cfg.paths and gw is not None}
-            wanted = [p for p in cfg.paths if p in bt.BACKENDS] + list(clients)
+            base = [p for p in cfg.paths if p in bt.BACKENDS]
             direct = tclient if "triton-grpc" in cfg.paths else None
-            # every path of a workload and batch is timed in the same rounds (bench_triton.timed_rounds)
-            rows += [r for r in bt.bench_generator(cfg.triton_config((), 1), direct,
-                                                   gateway_generator_runs(cfg, clients)) if r["backend"] in wanted]
+            rows += [r for r in bt.bench_generator(cfg.triton_config((), 1), direct) if r["backend"] in base]
+            rows += bench_gateway_generator(cfg, clients)
             if "gateway-grpc" in clients and direct is not None:
                 overhead = bench_overhead(cfg, tclient, clients["gateway-grpc"])
             if has_ddpm:
                 for spec, repeats in (("ddpm:100", cfg.ddpm_repeats), (cfg.fast_sampler, cfg.fast_repeats)):
                     tcfg = cfg.triton_config((spec,), repeats)
-                    rows += [r for r in bt.bench_denoise(tcfg, direct, gateway_denoise_runs(cfg, clients))
-                             if r["backend"] in wanted]
+                    rows += [r for r in bt.bench_denoise(tcfg, direct) if r["backend"] in base]
+                    rows += bench_gateway_denoise(cfg, clients, spec, repeats)
             else:
                 print(f"no {bt.DDPM_CHECKPOINT} in {cfg.checkpoint_dir}: denoise workloads skipped", flush=True)
             if has_cond:

@@ -102,35 +102,22 @@ def triton_phases(before: dict[str, int], after: dict[str, int]) -> dict[str, fl
     return {p: (after[p] - before[p]) / n / 1e6 for p in TRITON_PHASES} if n > 0 else {}
 
 
-def timed_rounds(runs: dict[str, tuple[Callable[[], object], Callable[[], object] | None]], repeats: int,
-                 warmup: int, client=None, model: str | None = None) -> dict[str, tuple[list[float], dict]]:
-    """timed() for several paths of one workload at once: {path: (fn, warm_fn or None)} -> {path: (times, extra)}.
+def timed_in_triton(client, model: str, fn: Callable[[], object], repeats: int, warmup: int,
+                    warm_fn: Callable[[], object] | None = None) -> tuple[list[float], dict[str, float]]:
+    """timed(), plus where Triton spent each timed request (its statistics before and after; warm-ups excluded)."""
+    timed(fn, 0, warmup, warm_fn)
+    before = triton_stats(client, model)
+    times = timed(fn, repeats, 0)
+    return times, triton_phases(before, triton_stats(client, model))
 
-    After each path's warm-up, every round calls each path once, in an order that rotates from round to round, so
-    the load of a shared machine drifts over all paths alike and their ratios stay fair (timing one path after the
-    other lets a burst of background load land on one of them only). For "triton-grpc" with a client, `extra` holds
-    Triton's per-phase statistics of `model` over its timed calls ({"triton_ms": ...}; read around each of them, so
-    other paths that reach the same model through the gateway do not count)."""
-    names = list(runs)
-    for name in names:
-        fn, warm = runs[name]
-        timed(fn, 0, warmup, warm)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    stats = client is not None and model is not None and "triton-grpc" in runs
-    served = dict.fromkeys((*TRITON_PHASES, "count"), 0)  # summed statistics deltas of the timed Triton calls
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            before = triton_stats(client, model) if stats and name == "triton-grpc" else None
-            times[name].extend(timed(runs[name][0], 1, 0))
-            if before is not None:
-                after = triton_stats(client, model)
-                for key in served:
-                    served[key] += after[key] - before[key]
-    out = {name: (times[name], {}) for name in names}
-    if stats:
-        out["triton-grpc"] = (times["triton-grpc"], {"triton_ms": triton_phases(dict.fromkeys(served, 0), served)})
-    return out
+
+def timed_path(backend: str, client, model: str, fn: Callable[[], object], repeats: int, warmup: int,
+               warm_fn: Callable[[], object] | None = None) -> tuple[list[float], dict]:
+    """timed() for any path; for triton-grpc also Triton's per-phase statistics of `model` ({"triton_ms": ...})."""
+    if backend == "triton-grpc":
+        times, phases = timed_in_triton(client, model, fn, repeats, warmup, warm_fn)
+        return times, {"triton_ms": phases}
+    return timed(fn, repeats, warmup, warm_fn), {}
 
 
 def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: int = 3) -> int:
@@ -255,9 +242,7 @@ def _grpc_inputs(arrays: dict[str, tuple[np.ndarray, str]]):
     return ins
 
 
-def bench_generator(cfg: BenchConfig, client, more_runs: Callable[[int], dict] | None = None) -> list[dict]:
-    """Per batch, every path timed round by round (timed_rounds); more_runs(batch) -> {path: fn} adds paths (the
-    gateway's) to the same rounds."""
+def bench_generator(cfg: BenchConfig, client) -> list[dict]:
     from mnistgen.registry import load_generator
 
     model = GENERATOR_MODELS[cfg.generator]
@@ -280,12 +265,9 @@ def bench_generator(cfg: BenchConfig, client, more_runs: Callable[[int], dict] |
         runs.update({path: (lambda s=s: s.run(["image"], {"latent": z})) for path, s in sessions.items()})
         if client is not None:
             runs["triton-grpc"] = lambda: client.infer(model, ins).as_numpy("image")
-        if more_runs is not None:
-            runs.update(more_runs(b))
         threads = best_threads(eager, (1, cfg.threads))
-        timings = timed_rounds({k: (fn, None) for k, fn in runs.items()}, cfg.generator_repeats, cfg.warmup, client,
-                               model)
-        for backend, (times, extra) in timings.items():
+        for backend, fn in runs.items():
+            times, extra = timed_path(backend, client, model, fn, cfg.generator_repeats, cfg.warmup)
             if backend == "pytorch-eager":
                 extra["torch_threads"] = threads
             rows.append(_row(f"generator {cfg.generator}", b, backend, times, **extra))
@@ -294,9 +276,7 @@ def bench_generator(cfg: BenchConfig, client, more_runs: Callable[[int], dict] |
     return rows
 
 
-def bench_denoise(cfg: BenchConfig, client, more_runs: Callable[[str, int], dict] | None = None) -> list[dict]:
-    """Per sampler and batch, every path timed round by round (timed_rounds); more_runs(spec, batch) ->
-    {path: (fn, warm_fn)} adds paths (the gateway's) to the same rounds."""
+def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
     from training.data import DataConfig, load_mnist
     from mnistgen.diffusion import denoise, inference_timesteps, load_unet, make_scheduler, sigma_to_timestep
 
@@ -341,11 +321,9 @@ def bench_denoise(cfg: BenchConfig, client, more_runs: Callable[[str, int], dict
                 with torch.inference_mode():
                     return eager_eps(x0t, t_probe) if cfg.device == "cuda" else unet(x0t, t_probe)
 
-            if more_runs is not None:
-                runs.update(more_runs(spec, b))
             threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
-            timings = timed_rounds(runs, cfg.denoise_repeats, cfg.warmup, client, "ddpm_denoise")
-            for backend, (times, extra) in timings.items():
+            for backend, (fn, warm) in runs.items():
+                times, extra = timed_path(backend, client, "ddpm_denoise", fn, cfg.denoise_repeats, cfg.warmup, warm)
                 if backend == "pytorch-eager":
                     extra["torch_threads"] = threads
                 rows.append(_row(name, b, backend, times, unet_evals=evals, **extra))

@@ -344,9 +344,7 @@ def test_triton_phases_arithmetic_and_markdown(rows):
     assert bench.triton_phases_markdown(bench.results_table(rows[:-1])) == []  # no statistics, no section
 
 
-def test_timed_rounds_interleaves_paths_and_reads_the_real_servers_statistics(triton):
-    """Every path is called once per round in a rotating order; the triton-grpc path gets Triton's own per-phase
-    statistics of its timed calls only (a second path calling the same model in the same rounds does not count)."""
+def test_timed_in_triton_reads_the_real_servers_statistics(triton):
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -355,21 +353,8 @@ def test_timed_rounds_interleaves_paths_and_reads_the_real_servers_statistics(tr
     dim = client.get_model_metadata("dcgan_generator").inputs[0].shape[-1]
     inp = grpcclient.InferInput("latent", [4, int(dim)], "FP32")
     inp.set_data_from_numpy(np.zeros((4, int(dim)), np.float32))
-    big = grpcclient.InferInput("latent", [64, int(dim)], "FP32")
-    big.set_data_from_numpy(np.zeros((64, int(dim)), np.float32))
-    order = []
-
-    def call(name, tensor):
-        def fn():
-            order.append(name)
-            return client.infer("dcgan_generator", [tensor])
-        return fn
-    out = bench_triton.timed_rounds({"triton-grpc": (call("t", inp), None), "other": (call("o", big), None)},
-                                    repeats=6, warmup=2, client=client, model="dcgan_generator")
-    assert order[:4] == ["t", "t", "o", "o"]  # warm-ups, path by path
-    assert order[4:] == ["t", "o", "o", "t", "t", "o", "o", "t", "t", "o", "o", "t"]  # rounds, rotating
-    times, extra = out["triton-grpc"]
-    phases = extra["triton_ms"]
-    assert len(times) == 6 and set(phases) == set(bench_triton.TRITON_PHASES) and out["other"][1] == {}
+    times, phases = bench_triton.timed_in_triton(client, "dcgan_generator",
+                                                 lambda: client.infer("dcgan_generator", [inp]), repeats=5, warmup=2)
+    assert len(times) == 5 and set(phases) == set(bench_triton.TRITON_PHASES)
     assert all(v >= 0 for v in phases.values()) and phases["compute_infer"] > 0
     assert sum(phases.values()) <= max(times) * 1e3  # the server's share fits inside what the client waited
