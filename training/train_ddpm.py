@@ -148,6 +148,10 @@ class DDPMTrainer:
     def state_path(self) -> Path:
         return self.run_dir / "state.pt"
 
+    def over_time_budget(self) -> bool:
+        """True once the run's training time (resumes included) has passed time_budget_min (0: no budget)."""
+        return bool(self.cfg.time_budget_min) and self.elapsed > self.cfg.time_budget_min * 60
+
     def save_state(self) -> None:
         torch.save({
             "unet": self.unet.state_dict(), "ema": self.ema.model.state_dict(), "ema_updates": self.ema.updates,
@@ -251,7 +255,7 @@ class DDPMTrainer:
                 self.save_checkpoint()
                 self.save_state()
                 print(json.dumps(self.history[-1]), flush=True)
-            if cfg.time_budget_min and self.elapsed > cfg.time_budget_min * 60 and self.epoch < cfg.epochs:
+            if self.over_time_budget() and self.epoch < cfg.epochs:
                 if self.is_main:
                     print(f"time budget {cfg.time_budget_min} min reached after epoch {self.epoch}; stopping",
                           flush=True)
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = DDPMTrainer(cfg)
     if resume and trainer.load_state() and trainer.is_main:
         print(f"resumed at epoch {trainer.epoch} (step {trainer.step})", flush=True)
-        if cfg.time_budget_min and trainer.elapsed > cfg.time_budget_min * 60:
+        if trainer.over_time_budget():
             print(f"note: this run has trained {trainer.elapsed / 60:.0f} min already, past --time-budget-min "
                   f"{cfg.time_budget_min:g} (the run's total, resumes included): it stops after one more epoch; "
                   f"raise --time-budget-min to train longer", flush=True)
