@@ -68,7 +68,7 @@ controlled-failures: setup ## re-run the controlled GAN failures (+ all mitigati
 report-ddpm: setup ## DDPM quality table + figures (samplers x steps, denoise at sigma 0.3/0.5/0.7) into reports/ddpm/
 	$(PY) -m training.report_ddpm
 
-quality-goals: setup ## the 60k quality goals in one run (floor, GAN FID, DDPM samplers, denoise; ~15 min) -> reports/quality/ [ARGS=--ddpm PATH]
+quality-goals: setup ## the 60k quality goals in one run (floor, GAN FID, DDPM samplers, denoise; ~15-40 min) -> reports/quality/ [ARGS=--ddpm PATH | --reuse]
 	$(PY) -m training.quality_goals $(ARGS)
 
 train-classifier: setup ## train the evaluation classifier (weights committed in checkpoints/)

@@ -3,6 +3,7 @@
     python -m training.quality_goals                      # ~15 min on 2 CPU threads -> reports/quality/
     python -m training.quality_goals --ddpm /tmp/new.safetensors --out-dir /tmp/q   # judge a candidate checkpoint
     python -m training.quality_goals --from-json          # only re-render goals.md from goals.json
+    python -m training.quality_goals --reuse              # re-measure only the rows whose checkpoint changed
 
 Rows (FID in the evaluation classifier's feature space against the 10k test split; the floor is real test images
 judged against the training split, `--model real-test`):
@@ -19,6 +20,9 @@ judged against the training split, `--model real-test`):
   default sampler (DDPM-100: the issue's command) and with Denoise's served default (mnistgen.limits.DEFAULT_SAMPLER)
 
 Each row records its model's checkpoint sha256 and training summary; goals.md is rendered from goals.json alone.
+With --reuse, a row of the goals.json already in --out-dir is kept, not re-measured, when its `key` (the evaluation's
+settings less threads, the model checkpoint's sha256 and the evaluation classifier's sha256) equals the new one:
+after retraining one model, only its rows run. goals.md marks the rows taken over.
 """
 from __future__ import annotations
 
@@ -30,11 +34,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mnistgen.checkpoint import REPO_ROOT, read_config
+from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code
 from mnistgen.files import sha256
 from mnistgen.limits import DEFAULT_GENERATE_SAMPLER, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS
-from mnistgen.registry import GAN_MODELS, resolve
+from mnistgen.registry import CLASSIFIER_CHECKPOINT, GAN_MODELS, resolve
 
 from .evaluate import DDPM_MODELS, SPECIAL_MODELS, EvalConfig, evaluate
 
@@ -58,6 +62,7 @@ class GoalsConfig:
     seed: int = 0
     out_dir: str = "reports/quality"
     from_json: bool = False  # only re-render goals.md from goals.json
+    reuse: bool = False  # keep the rows of the existing goals.json whose key (settings, checkpoints) is unchanged
 
 
 def checkpoint_info(model: str) -> dict:
@@ -68,6 +73,21 @@ def checkpoint_info(model: str) -> dict:
     config = read_config(path)
     return {"checkpoint": str(path), "sha256": sha256(path), "summary": config.get("summary", {}),
             "data_source": config.get("train", {}).get("data_source")}
+
+
+def row_key(ecfg: EvalConfig, info: dict, classifier_sha256: str) -> dict:
+    """What a row's figures depend on: the evaluation's settings (threads change speed, not results), the model
+    checkpoint's sha256 (none for real data) and the judging classifier's sha256."""
+    settings = {k: v for k, v in asdict(ecfg).items() if k not in ("threads", "json")}
+    return {**settings, "sha256": info.get("sha256"), "classifier_sha256": classifier_sha256}
+
+
+def previous_rows(out_dir: Path) -> dict:
+    """Rows of the goals.json in out_dir (none when it is missing or unreadable)."""
+    try:
+        return json.loads((out_dir / JSON_NAME).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def goal(name: str, measured: float, comparison: str, target: float, detail: str = "") -> dict:
@@ -125,20 +145,29 @@ def plan(cfg: GoalsConfig) -> dict[str, EvalConfig]:
 
 
 def run(cfg: GoalsConfig) -> dict:
-    rows, t_start = {}, time.perf_counter()
+    rows, t_start, out_dir = {}, time.perf_counter(), _path(cfg.out_dir)
+    before = previous_rows(out_dir) if cfg.reuse else {}
+    classifier_sha256 = sha256(CHECKPOINT_DIR / CLASSIFIER_CHECKPOINT)
     for name, ecfg in plan(cfg).items():
-        print(f"[{name}] python -m training.evaluate --model {ecfg.model} --task {ecfg.task} --num-samples "
-              f"{ecfg.num_samples}" + (f" --sampler {ecfg.sampler} --steps {ecfg.steps}" if ecfg.sampler else "")
-              + (f" --sigma {ecfg.sigma}" if ecfg.task == "denoise" else ""), flush=True)
+        info = checkpoint_info(ecfg.model)
+        key = row_key(ecfg, info, classifier_sha256)
+        command = (f"python -m training.evaluate --model {ecfg.model} --task {ecfg.task} --num-samples "
+                   f"{ecfg.num_samples}" + (f" --sampler {ecfg.sampler} --steps {ecfg.steps}" if ecfg.sampler else "")
+                   + (f" --sigma {ecfg.sigma}" if ecfg.task == "denoise" else ""))
+        old = before.get(name)
+        if old is not None and old.get("key") == key:
+            rows[name] = {**old, "reused": True}
+            print(f"[{name}] reused from {out_dir / JSON_NAME} (same settings and checkpoints): {command}", flush=True)
+            continue
+        print(f"[{name}] {command}", flush=True)
         t0 = time.perf_counter()
         result = evaluate(ecfg)
         rows[name] = {"model": ecfg.model, "task": ecfg.task, **{k: result[k] for k in KEEP if k in result},
-                      "wall_s": round(time.perf_counter() - t0, 1), **checkpoint_info(ecfg.model)}
+                      "wall_s": round(time.perf_counter() - t0, 1), **info, "key": key}
         print(f"  {json.dumps({k: rows[name][k] for k in KEEP if k in rows[name]})}", flush=True)
     out = {"about": __doc__.split("\n\n")[0], "config": asdict(cfg), "rows": rows, "goals": judge(rows),
            "machine": {"platform": platform.platform(), "python": platform.python_version()},
            "wall_s": round(time.perf_counter() - t_start, 1)}
-    out_dir = _path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / JSON_NAME).write_text(json.dumps(out, indent=1) + "\n")
     render(out_dir)
@@ -155,9 +184,12 @@ def render(out_dir: Path) -> Path:
     """goals.md from goals.json alone."""
     data = json.loads((out_dir / JSON_NAME).read_text())
     rows, floor = data["rows"], data["rows"]["floor"]
+    reused = [name for name, r in rows.items() if r.get("reused")]
     lines = ["# Quality goals (issue 13), measured", "",
              f"Generated by `python -m training.quality_goals` from {JSON_NAME} ({data['wall_s'] / 60:.0f} min, "
-             f"{data['config']['threads']} torch thread(s)). FID in the evaluation classifier's feature space against the "
+             f"{data['config']['threads']} torch thread(s)"
+             + (f"; {len(reused)} row(s) marked * taken over unchanged from the previous run, same settings and "
+                "checkpoints" if reused else "") + "). FID in the evaluation classifier's feature space against the "
              f"10k test split; floor = real test images vs the training split: **{floor['fid']:.3f}**.", "",
              "## Goals", "", "| goal | measured | target | met | detail |", "|---|---:|---:|---|---|"]
     for g in data["goals"]:
@@ -174,7 +206,7 @@ def render(out_dir: Path) -> Path:
             f"data {r['data_source']}" if r.get("data_source") else "") if x)
         fid = r.get("fid")
         lines.append(
-            f"| {name} | {r['model']} | {r.get('num_samples', '-')} | "
+            f"| {name}{' *' if r.get('reused') else ''} | {r['model']} | {r.get('num_samples', '-')} | "
             f"{(str(r.get('sampler')) + ' ' + str(r.get('steps'))) if r.get('sampler') else '-'} | {_fmt(fid)} | "
             f"{_fmt(fid / floor['fid']) if fid is not None else '-'} | {_fmt(r.get('coverage'))} | "
             f"{_fmt(r.get('kl_uniform'))} | {_fmt(r.get('pairwise_distance'))} | {_fmt(r.get('class_preservation'))} | "

@@ -65,3 +65,43 @@ def test_plan_shares_seeds_and_uses_the_served_default():
     assert {plan[k].seed for k in plan} == {0}
     assert [plan[f"ddpm-{s}-20"].sampler for s in qg.FAST_SAMPLERS] == list(qg.FAST_SAMPLERS)
     assert plan["denoise"].task == "denoise" and plan["denoise"].sigma == 0.3 and plan["denoise"].num_samples == 10
+
+
+def test_reuse_measures_only_the_rows_whose_settings_or_checkpoints_changed(tmp_path, monkeypatch):
+    measured = []
+
+    def fake_evaluate(ecfg):  # the loop's bookkeeping is under test here, not the metrics
+        measured.append(ecfg)
+        return {"fid": 5.0, "coverage": 10, "kl_uniform": 0.01, "pairwise_distance": 0.36, "num_samples": 10,
+                "class_preservation": 0.99, "psnr": 27.0, "sampler": ecfg.sampler or "ddpm", "steps": ecfg.steps or 100,
+                "sigma": ecfg.sigma}
+
+    monkeypatch.setattr(qg, "evaluate", fake_evaluate)
+    cfg = ["--out-dir", str(tmp_path), "--num-samples", "10", "--sampler-samples", "10"]
+    assert qg.main(cfg + ["--reuse"]) == 0  # nothing to take over yet: every row runs
+    everything = len(qg.plan(qg.GoalsConfig()))
+    assert len(measured) == everything
+    first = json.loads((tmp_path / qg.JSON_NAME).read_text())["rows"]
+    assert first["gan"]["key"]["sha256"] == first["gan"]["sha256"] and first["floor"]["key"]["sha256"] is None
+    assert len(first["gan"]["key"]["classifier_sha256"]) == 64 and "threads" not in first["gan"]["key"]
+
+    measured.clear()
+    assert qg.main(cfg + ["--reuse", "--threads", "1"]) == 0  # threads are not part of the key
+    assert measured == []
+    again = json.loads((tmp_path / qg.JSON_NAME).read_text())["rows"]
+    assert all(r["reused"] for r in again.values()) and again["gan"]["fid"] == first["gan"]["fid"]
+    md = (tmp_path / qg.MD_NAME).read_text()
+    assert f"{everything} row(s) marked * taken over" in md and "| gan * | dcgan-baseline |" in md
+
+    data = json.loads((tmp_path / qg.JSON_NAME).read_text())
+    data["rows"]["gan"]["key"]["sha256"] = "0" * 64  # as if dcgan-baseline had been retrained since
+    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
+    assert qg.main(cfg + ["--reuse", "--sampler-samples", "20"]) == 0  # and the sampler rows asked for more samples
+    assert sorted(e.model for e in measured if e.num_samples == 10) == ["dcgan-baseline"]
+    assert {e.num_samples for e in measured} == {10, 20} and len(measured) == 1 + 5
+    rows_now = json.loads((tmp_path / qg.JSON_NAME).read_text())["rows"]
+    assert "reused" not in rows_now["gan"] and rows_now["floor"]["reused"]
+
+    measured.clear()
+    assert qg.main(cfg) == 0  # without --reuse everything is measured again
+    assert len(measured) == everything
