@@ -5,6 +5,8 @@ Every metric judges images through the committed digit classifier (`training.cla
 - `fid`: Fréchet distance between the classifier's 128-d penultimate activations of the samples and of a
   reference set (default: the 10k test split), computed by torchmetrics' `FrechetInceptionDistance` with the
   classifier as its custom feature module. It is NOT comparable to Inception-FID figures from papers.
+- `fid_sd`: the standard deviation of that FID over 100 bootstrap resamples of the samples (the reference fixed):
+  how far the FID moves with the draw of the samples; compare two FIDs of the same sample count against it.
 - `coverage`: how many of the 10 digit classes receive at least 2% of the predicted labels (0..10).
 - `kl_uniform`: KL(p || uniform) of the predicted-class histogram p, natural log (0 = perfectly balanced,
   ln 10 = 2.303 = a single class).
@@ -47,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from tqdm import tqdm
 
 from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
@@ -58,12 +60,13 @@ from mnistgen.limits import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_S
 from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator, latent_tensor
 
 NUM_CLASSES = 10
+FID_RESAMPLES = 100  # bootstrap resamples behind fid_sd
 COVERAGE_MIN_FRACTION = 0.02  # a class "is covered" when it holds at least 2% of the samples
 PAIRWISE_SUBSAMPLE = 1000  # images used for the mean pairwise distance
 SPECIAL_MODELS = ("real-test", "real-train", "noise", "ddpm", "ddpm-cond")  # besides GAN_MODELS and checkpoint paths
 DDPM_MODELS = {"ddpm": DDPM_CHECKPOINT, "ddpm-cond": DDPM_COND_CHECKPOINT}  # name -> file under checkpoints/
 TASKS = ("generate", "denoise")
-GENERATION_KEYS = ("fid", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
+GENERATION_KEYS = ("fid", "fid_sd", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
 DENOISE_KEYS = ("class_preservation", "psnr", "ssim")
 CONDITIONAL_KEYS = ("digit_agreement", "agreement_per_digit", "fid_per_digit", "requested_digits")
 UNCONDITIONAL_SAMPLING = ("ddpm", 100)  # --sampler / --steps defaults of an unconditional DDPM
@@ -142,25 +145,59 @@ _FID_TEST: list[FrechetInceptionDistance] = []  # metric holding the default ref
 _FID_TEST_DIGIT: dict[int, FrechetInceptionDistance] = {}  # digit -> metric holding that class's test-split statistics
 
 
+def _reference_metric(reference: torch.Tensor | None, batch_size: int = 1000) -> FrechetInceptionDistance:
+    """A metric holding the reference's feature statistics and no fake features; the 10k test split's (reference
+    None) are computed once per process."""
+    if reference is None and _FID_TEST:
+        fid = _FID_TEST[0]
+        fid.reset()  # drops the fake features only (reset_real_features=False)
+        return fid
+    fid = _fid_metric()
+    real = reference_images("test") if reference is None else reference
+    for i in range(0, real.shape[0], batch_size):
+        fid.update(to_unit(real[i:i + batch_size]), real=True)  # (B, 1, 28, 28) in [0, 1]
+    if reference is None:
+        _FID_TEST.append(fid)
+    return fid
+
+
 @torch.no_grad()
 def frechet_distance(samples: torch.Tensor, reference: torch.Tensor | None = None, batch_size: int = 1000) -> float:
     """torchmetrics FrechetInceptionDistance in the classifier's 128-d feature space; images in [-1, 1].
 
     With reference=None the 10k test split is used and its feature statistics are computed once per process.
     """
-    if reference is None and _FID_TEST:
-        fid = _FID_TEST[0]
-        fid.reset()  # drops the fake features only (reset_real_features=False)
-    else:
-        fid = _fid_metric()
-        real = reference_images("test") if reference is None else reference
-        for i in range(0, real.shape[0], batch_size):
-            fid.update(to_unit(real[i:i + batch_size]), real=True)  # (B, 1, 28, 28) in [0, 1]
-        if reference is None:
-            _FID_TEST.append(fid)
+    fid = _reference_metric(reference, batch_size)
     for i in range(0, samples.shape[0], batch_size):
         fid.update(to_unit(samples[i:i + batch_size]), real=False)  # (B, 1, 28, 28) in [0, 1]
     return float(fid.compute())
+
+
+@torch.no_grad()
+def fid_bootstrap_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, resamples: int = FID_RESAMPLES,
+                     seed: int = 0, batch_size: int = 1000) -> float:
+    """How much `fid` moves with the draw of the samples: the standard deviation of the Fréchet distance over
+    `resamples` bootstrap resamples (N drawn with replacement from the N samples; the reference's statistics fixed).
+
+    A yardstick for comparing two FIDs measured on the same sample count (two samplers, two checkpoints): a
+    difference within about 2 sd of either is within the noise of the draw. Resampling repeats images, so the
+    resampled FIDs sit a little above `fid`; only their spread is reported.
+    """
+    samples = _check_images(samples, "samples", min_n=2)
+    reference = None if reference is None else _check_images(reference, "reference", min_n=2)
+    fid = _reference_metric(reference, batch_size)
+    n_real = fid.real_features_num_samples
+    mean_real = fid.real_features_sum / n_real  # (128,) float64
+    cov_real = (fid.real_features_cov_sum - n_real * torch.outer(mean_real, mean_real)) / (n_real - 1)
+    feats = torch.cat([fid.inception(to_unit(samples[i:i + batch_size])).double()
+                       for i in range(0, samples.shape[0], batch_size)])  # (N, 128)
+    n = feats.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        x = feats[torch.randint(0, n, (n,), generator=gen)]  # (N, 128)
+        values.append(float(_compute_fid(mean_real, cov_real, x.mean(0), torch.cov(x.T))))
+    return float(np.std(values, ddof=1))
 
 
 @torch.no_grad()
@@ -203,7 +240,7 @@ def reference_labels(split: str = "test") -> torch.Tensor:
 def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = None, seed: int = 0) -> dict:
     """Quality and diversity of generated images (N, 1, 28, 28) in [-1, 1]; see the module docstring.
 
-    `reference` (M, 1, 28, 28) in [-1, 1] defaults to the 10k test split. Returns fid, coverage, kl_uniform,
+    `reference` (M, 1, 28, 28) in [-1, 1] defaults to the 10k test split. Returns fid, fid_sd, coverage, kl_uniform,
     confidence, variance, pairwise_distance, class_histogram (10 ints) and num_samples.
     """
     samples = _check_images(samples, "samples", min_n=2)
@@ -212,6 +249,7 @@ def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = N
     hist = class_histogram(probs.argmax(1))
     return {
         "fid": frechet_distance(samples, reference),
+        "fid_sd": fid_bootstrap_sd(samples, reference, seed=seed),
         "coverage": coverage(hist),
         "kl_uniform": kl_uniform(hist),
         "confidence": float(probs.max(1).values.mean()),

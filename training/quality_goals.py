@@ -20,6 +20,9 @@ judged against the training split, `--model real-test`):
   default sampler (DDPM-100: the issue's command) and with Denoise's served default (mnistgen.limits.DEFAULT_SAMPLER)
 
 Each row records its model's checkpoint sha256 and training summary; goals.md is rendered from goals.json alone.
+FIDs carry `fid_sd`, their spread over bootstrap resamples of the samples (training.evaluate): two FIDs of the same
+sample count that differ by less than about twice that are within the noise of the draw.
+
 With --reuse, a row of the goals.json already in --out-dir is kept, not re-measured, when its `key` (the evaluation's
 settings less threads, the model checkpoint's sha256 and the evaluation classifier's sha256) equals the new one:
 after retraining one model, only its rows run. goals.md marks the rows taken over.
@@ -47,7 +50,7 @@ FLOOR_X_GAN, FLOOR_X_DDPM = 9.0, 3.0  # FID goals as multiples of the floor
 MAX_KL, FEW_STEP_TOLERANCE = 0.05, 0.10
 MIN_CLASS_PRESERVATION, MIN_PSNR, DENOISE_SIGMA = 0.98, 26.5, 0.3
 FAST_SAMPLERS = ("dpm-solver++", "sde-dpm-solver++")  # the <= 20-step candidates
-KEEP = ("fid", "coverage", "kl_uniform", "pairwise_distance", "confidence", "num_samples", "ms_per_sample",
+KEEP = ("fid", "fid_sd", "coverage", "kl_uniform", "pairwise_distance", "confidence", "num_samples", "ms_per_sample",
         "class_preservation", "psnr", "ssim", "sampler", "steps", "sigma")
 
 
@@ -96,6 +99,11 @@ def goal(name: str, measured: float, comparison: str, target: float, detail: str
             "detail": detail}
 
 
+def _fid(row: dict) -> str:
+    """'FID' or 'FID +- sd' (rows measured before fid_sd have no sd)."""
+    return f"{row['fid']:.2f}" + (f" ± {row['fid_sd']:.2f}" if row.get("fid_sd") is not None else "")
+
+
 def judge(rows: dict) -> list[dict]:
     """The goals from the measured rows (pure: tested on made-up rows)."""
     floor = rows["floor"]["fid"]
@@ -112,16 +120,16 @@ def judge(rows: dict) -> list[dict]:
                               goal(f"{what}: PSNR (dB)", den["psnr"], ">=", MIN_PSNR)]
     return [
         goal(f"{gan['model']} FID <= {FLOOR_X_GAN:g}x floor", gan["fid"] / floor, "<=", FLOOR_X_GAN,
-             f"FID {gan['fid']:.2f} vs floor {floor:.3f}"),
+             f"FID {_fid(gan)} vs floor {floor:.3f}"),
         goal(f"{gan['model']} coverage 10/10", gan["coverage"], ">=", 10),
         goal(f"{gan['model']} KL to uniform <= {MAX_KL:g}", gan["kl_uniform"], "<=", MAX_KL),
         goal(f"ddpm served default ({served['sampler']} {served['steps']}) FID <= {FLOOR_X_DDPM:g}x floor",
-             served["fid"] / floor, "<=", FLOOR_X_DDPM, f"FID {served['fid']:.2f} on {served['num_samples']} samples"),
+             served["fid"] / floor, "<=", FLOOR_X_DDPM, f"FID {_fid(served)} on {served['num_samples']} samples"),
         goal("ddpm dpm-solver++ 20 FID / DDPM-100 FID", rows["ddpm-dpm-solver++-20"]["fid"] / ref["fid"], "<=",
-             1 + FEW_STEP_TOLERANCE, f"{rows['ddpm-dpm-solver++-20']['fid']:.2f} vs {ref['fid']:.2f}"),
+             1 + FEW_STEP_TOLERANCE, f"{_fid(rows['ddpm-dpm-solver++-20'])} vs {_fid(ref)}"),
         goal(f"best <= 20-step sampler ({best_fast} 20) FID / DDPM-100 FID",
              rows[f"ddpm-{best_fast}-20"]["fid"] / ref["fid"], "<=", 1 + FEW_STEP_TOLERANCE,
-             f"{rows[f'ddpm-{best_fast}-20']['fid']:.2f} vs {ref['fid']:.2f}"),
+             f"{_fid(rows[f'ddpm-{best_fast}-20'])} vs {_fid(ref)}"),
     ] + denoise_goals
 
 
@@ -196,8 +204,8 @@ def render(out_dir: Path) -> Path:
         lines.append(f"| {g['goal']} | {_fmt(g['measured'])} | {g['comparison']} {g['target']:g} | "
                      f"{'yes' if g['met'] else '**no**'} | {g['detail']} |")
     lines += ["", "## Rows", "",
-              "| row | model | samples | sampler | FID | x floor | coverage | KL | pairwise | class pres. | PSNR | "
-              "ms/sample | training |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| row | model | samples | sampler | FID | FID sd | x floor | coverage | KL | pairwise | class pres. | "
+              "PSNR | ms/sample | training |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         s = r.get("summary") or {}
         trained = ", ".join(x for x in (
@@ -208,6 +216,7 @@ def render(out_dir: Path) -> Path:
         lines.append(
             f"| {name}{' *' if r.get('reused') else ''} | {r['model']} | {r.get('num_samples', '-')} | "
             f"{(str(r.get('sampler')) + ' ' + str(r.get('steps'))) if r.get('sampler') else '-'} | {_fmt(fid)} | "
+            f"{_fmt(r.get('fid_sd'))} | "
             f"{_fmt(fid / floor['fid']) if fid is not None else '-'} | {_fmt(r.get('coverage'))} | "
             f"{_fmt(r.get('kl_uniform'))} | {_fmt(r.get('pairwise_distance'))} | {_fmt(r.get('class_preservation'))} | "
             f"{_fmt(r.get('psnr'))} | {_fmt(r.get('ms_per_sample'))} | {trained or '-'} |")

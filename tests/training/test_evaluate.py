@@ -204,3 +204,18 @@ def test_cached_default_reference_matches_explicit(splits):
     explicit = frechet_distance(x, reference_images("test"))
     assert first == pytest.approx(second, abs=1e-6)
     assert first == pytest.approx(explicit, rel=1e-5)
+
+
+def test_fid_bootstrap_sd_shrinks_with_the_sample_count(splits):
+    from training.evaluate import fid_bootstrap_sd, frechet_distance
+
+    train = splits[2]  # 1,000 real training images judged against the test split
+    few, many = fid_bootstrap_sd(train[:100], resamples=30), fid_bootstrap_sd(train, resamples=30)
+    assert 0 < many < few / 1.5  # ~1 / sqrt(N): 10x the samples, ~3x less spread
+    assert few < frechet_distance(train[:100])  # a spread, not a second FID
+    assert fid_bootstrap_sd(train[:100], resamples=30) == few  # seeded
+    assert fid_bootstrap_sd(train[:100], resamples=30, seed=1) != few
+    # an explicit reference works the same way as the cached test split
+    assert fid_bootstrap_sd(train[:500], reference=train[500:], resamples=5) > 0
+    with pytest.raises(ValueError, match="reference"):
+        fid_bootstrap_sd(train[:100], reference=train[:1])

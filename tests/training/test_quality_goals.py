@@ -53,7 +53,14 @@ def test_markdown_rendered_from_the_json(tmp_path):
     md = (tmp_path / qg.MD_NAME).read_text()
     assert "floor = real test images vs the training split: **0.800**" in md
     assert "| dcgan-baseline FID <= 9x floor | 7.5 | <= 9 | yes | FID 6.00 vs floor 0.800 |" in md
-    assert "| gan | dcgan-baseline | 1000 | - | 6 | 7.5 | 10 |" in md and "6000 iters, 10 min" in md
+    assert "| gan | dcgan-baseline | 1000 | - | 6 | - | 7.5 | 10 |" in md and "6000 iters, 10 min" in md
+    assert "| ddpm dpm-solver++ 20 FID / DDPM-100 FID | 1.1 | <= 1.1 | yes | 33.00 vs 30.00 |" in md
+    r["ddpm-100"]["fid_sd"], r["ddpm-dpm-solver++-20"]["fid_sd"] = 0.91, 1.2  # rows measured with the spread
+    data = {"config": {"threads": 2}, "rows": r, "goals": qg.judge(r), "wall_s": 600.0}
+    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
+    assert qg.main(["--from-json", "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / qg.MD_NAME).read_text()
+    assert "| 33.00 ± 1.20 vs 30.00 ± 0.91 |" in md and "| ddpm-100 | ddpm | 1000 | ddpm 100 | 30 | 0.91 | 37.5 |" in md
     assert "coverage 3/10" in md and "collapsed" in md
 
 
