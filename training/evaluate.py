@@ -174,30 +174,37 @@ def frechet_distance(samples: torch.Tensor, reference: torch.Tensor | None = Non
 
 
 @torch.no_grad()
-def fid_bootstrap_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, resamples: int = FID_RESAMPLES,
-                     seed: int = 0, batch_size: int = 1000) -> float:
-    """How much `fid` moves with the draw of the samples: the standard deviation of the Fréchet distance over
-    `resamples` bootstrap resamples (N drawn with replacement from the N samples; the reference's statistics fixed).
+def fid_with_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, resamples: int = FID_RESAMPLES,
+                seed: int = 0, batch_size: int = 1000) -> tuple[float, float]:
+    """(fid, fid_sd): frechet_distance's figure and how much it moves with the draw of the samples, the standard
+    deviation of the Fréchet distance over `resamples` bootstrap resamples (N drawn with replacement from the N
+    samples; the reference's statistics fixed). The samples' features are extracted once for both.
 
-    A yardstick for comparing two FIDs measured on the same sample count (two samplers, two checkpoints): a
-    difference within about 2 sd of either is within the noise of the draw. Resampling repeats images, so the
+    fid_sd is a yardstick for comparing two FIDs measured on the same sample count (two samplers, two checkpoints):
+    a difference within about 2 sd of either is within the noise of the draw. Resampling repeats images, so the
     resampled FIDs sit a little above `fid`; only their spread is reported.
     """
     samples = _check_images(samples, "samples", min_n=2)
     reference = None if reference is None else _check_images(reference, "reference", min_n=2)
     fid = _reference_metric(reference, batch_size)
     n_real = fid.real_features_num_samples
-    mean_real = fid.real_features_sum / n_real  # (128,) float64
+    mean_real = fid.real_features_sum / n_real  # (128,) float64, as torchmetrics' compute()
     cov_real = (fid.real_features_cov_sum - n_real * torch.outer(mean_real, mean_real)) / (n_real - 1)
     feats = torch.cat([fid.inception(to_unit(samples[i:i + batch_size])).double()
                        for i in range(0, samples.shape[0], batch_size)])  # (N, 128)
-    n = feats.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(resamples):
-        x = feats[torch.randint(0, n, (n,), generator=gen)]  # (N, 128)
-        values.append(float(_compute_fid(mean_real, cov_real, x.mean(0), torch.cov(x.T))))
-    return float(np.std(values, ddof=1))
+
+    def distance(x: torch.Tensor) -> float:  # (n, 128) features -> Fréchet distance to the reference
+        return float(_compute_fid(mean_real, cov_real, x.mean(0), torch.cov(x.T)))
+
+    n, gen = feats.shape[0], torch.Generator().manual_seed(seed)
+    values = [distance(feats[torch.randint(0, n, (n,), generator=gen)]) for _ in range(resamples)]
+    return distance(feats), float(np.std(values, ddof=1))
+
+
+def fid_bootstrap_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, resamples: int = FID_RESAMPLES,
+                     seed: int = 0, batch_size: int = 1000) -> float:
+    """fid_with_sd's spread alone."""
+    return fid_with_sd(samples, reference, resamples, seed, batch_size)[1]
 
 
 @torch.no_grad()
@@ -247,9 +254,10 @@ def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = N
     reference = None if reference is None else _check_images(reference, "reference", min_n=2)
     probs = predict(load_classifier(), samples.clamp(-1, 1))  # (N, 10)
     hist = class_histogram(probs.argmax(1))
+    fid, fid_sd = fid_with_sd(samples, reference, seed=seed)
     return {
-        "fid": frechet_distance(samples, reference),
-        "fid_sd": fid_bootstrap_sd(samples, reference, seed=seed),
+        "fid": fid,
+        "fid_sd": fid_sd,
         "coverage": coverage(hist),
         "kl_uniform": kl_uniform(hist),
         "confidence": float(probs.max(1).values.mean()),

@@ -219,3 +219,12 @@ def test_fid_bootstrap_sd_shrinks_with_the_sample_count(splits):
     assert fid_bootstrap_sd(train[:500], reference=train[500:], resamples=5) > 0
     with pytest.raises(ValueError, match="reference"):
         fid_bootstrap_sd(train[:100], reference=train[:1])
+
+
+def test_fid_with_sd_matches_torchmetrics_figure(splits):
+    from training.evaluate import fid_with_sd, frechet_distance, reference_images
+
+    x = splits[0][:300]
+    fid, sd = fid_with_sd(x, resamples=10)
+    assert fid == pytest.approx(frechet_distance(x), rel=1e-6) and sd > 0
+    assert fid_with_sd(x, reference_images("test"), resamples=10)[0] == pytest.approx(fid, rel=1e-6)
