@@ -154,6 +154,7 @@ TABLE_ROWS = [
 ]
 METRIC_ROWS = [
     ("FID (classifier features) ↓", "fid", 2),
+    ("FID spread (sd over 100 bootstrap resamples)", "fid_sd", 2),
     ("Class coverage (of 10) ↑", "coverage", 0),
     ("KL(class hist ‖ uniform) ↓", "kl_uniform", 3),
     ("Classifier confidence ↑", "confidence", 3),
@@ -300,7 +301,9 @@ def render(result: dict) -> str:
         "- **FID** is the Fréchet distance between Gaussians fitted to the classifier's penultimate activations "
         "(torchmetrics `FrechetInceptionDistance` with a custom feature module). Lower is better; it is on this "
         "classifier's scale, not comparable with Inception-v3 FID numbers. FID is biased upwards at small sample "
-        "sizes, so compare rows computed with the same number of samples (as here).",
+        "sizes, so compare rows computed with the same number of samples (as here). Its **spread** is the standard "
+        "deviation of the FID over 100 bootstrap resamples of the samples: two FIDs closer than about twice it are "
+        "within the noise of the draw.",
         "- **Coverage** counts digit classes holding at least 2% of the samples; **KL** is the predicted-class "
         "histogram's divergence from uniform in nats (0 = balanced, ln 10 ≈ 2.303 = one class).",
         "- **Confidence** is the classifier's mean max-softmax: low values mean digits it cannot read.",

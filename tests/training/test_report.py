@@ -38,7 +38,7 @@ def test_report_from_standins(standin_dir, tmp_path):
     text = path.read_text()
     assert "**mlp: not in this report**" in text
     for row in ("Latent Dimension", "Final Gen Loss", "Time/Epoch (sec)", "Inference Time (ms/sample)",
-                "FID (classifier features)", "Class coverage", "Real data (floor)"):
+                "FID (classifier features)", "FID spread", "Class coverage", "Real data (floor)"):
         assert row in text, row
     assert "| Training Time (min) | 2.00 | 2.00 | — |" in text  # from the stored summary, 120 s
     for png in ("samples_dcgan-baseline.png", "samples_dcgan-modified.png", "samples_real.png",
@@ -48,6 +48,8 @@ def test_report_from_standins(standin_dir, tmp_path):
     assert set(metrics["models"]) == {"dcgan-baseline", "dcgan-modified"}
     assert metrics["floor"]["coverage"] == 10
     assert metrics["models"]["dcgan-baseline"]["inference_ms"] > 0
+    m = metrics["models"]["dcgan-baseline"]["metrics"]
+    assert 0 < m["fid_sd"] < m["fid"]
 
 
 def test_unknown_model_is_rejected(tmp_path):
