@@ -201,12 +201,6 @@ def fid_with_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, re
     return distance(feats), float(np.std(values, ddof=1))
 
 
-def fid_bootstrap_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, resamples: int = FID_RESAMPLES,
-                     seed: int = 0, batch_size: int = 1000) -> float:
-    """fid_with_sd's spread alone."""
-    return fid_with_sd(samples, reference, resamples, seed, batch_size)[1]
-
-
 @torch.no_grad()
 def digit_frechet_distance(samples: torch.Tensor, digit: int, batch_size: int = 1000) -> float:
     """frechet_distance of samples (N >= 2, 1, 28, 28) in [-1, 1] against the test-split images of class `digit`.

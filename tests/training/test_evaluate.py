@@ -206,19 +206,22 @@ def test_cached_default_reference_matches_explicit(splits):
     assert first == pytest.approx(explicit, rel=1e-5)
 
 
-def test_fid_bootstrap_sd_shrinks_with_the_sample_count(splits):
-    from training.evaluate import fid_bootstrap_sd, frechet_distance
+def test_fid_sd_shrinks_with_the_sample_count(splits):
+    from training.evaluate import fid_with_sd
+
+    def sd(x, **kw):
+        return fid_with_sd(x, resamples=kw.pop("resamples", 30), **kw)[1]
 
     train = splits[2]  # 1,000 real training images judged against the test split
-    few, many = fid_bootstrap_sd(train[:100], resamples=30), fid_bootstrap_sd(train, resamples=30)
+    few, many = sd(train[:100]), sd(train)
     assert 0 < many < few / 1.5  # ~1 / sqrt(N): 10x the samples, ~3x less spread
-    assert few < frechet_distance(train[:100])  # a spread, not a second FID
-    assert fid_bootstrap_sd(train[:100], resamples=30) == few  # seeded
-    assert fid_bootstrap_sd(train[:100], resamples=30, seed=1) != few
+    assert few < fid_with_sd(train[:100], resamples=2)[0]  # a spread, not a second FID
+    assert sd(train[:100]) == few  # seeded
+    assert sd(train[:100], seed=1) != few
     # an explicit reference works the same way as the cached test split
-    assert fid_bootstrap_sd(train[:500], reference=train[500:], resamples=5) > 0
+    assert sd(train[:500], reference=train[500:], resamples=5) > 0
     with pytest.raises(ValueError, match="reference"):
-        fid_bootstrap_sd(train[:100], reference=train[:1])
+        sd(train[:100], reference=train[:1])
 
 
 def test_fid_with_sd_matches_torchmetrics_figure(splits):
