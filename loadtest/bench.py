@@ -137,12 +137,10 @@ def clean_digits(n: int) -> np.ndarray:
 def bench_gateway_generator(cfg: GatewayBenchConfig, clients: dict) -> list[dict]:
     rows = []
     for b in cfg.generator_batches:
-        for path, c in clients.items():
-            times = bt.timed(lambda: c.generate(model=cfg.generator, num_samples=b, seed=cfg.seed),
-                             cfg.generator_repeats, cfg.warmup)
-            rows.append(bt._row(f"generator {cfg.generator}", b, path, times))
-            print(f"  {rows[-1]['workload']:<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.4f} ms/sample",
-                  flush=True)
+        runs = {path: (lambda c=c: c.generate(model=cfg.generator, num_samples=b, seed=cfg.seed), None)
+                for path, c in clients.items()}
+        rows += bt.time_paths(runs, None, "", cfg.generator_repeats, cfg.warmup, f"generator {cfg.generator}", b,
+                              digits=4)
     return rows
 
 
@@ -156,13 +154,11 @@ def bench_gateway_denoise(cfg: GatewayBenchConfig, clients: dict, spec: str, rep
     rows = []
     for b in cfg.denoise_batches:
         x0 = clean_digits(b)  # (B, 1, 28, 28)
-        for path, c in clients.items():
-            def call(n_steps, c=c):
-                return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
 
-            times = bt.timed(call(steps), repeats, cfg.warmup, call(2))
-            rows.append(bt._row(name, b, path, times, unet_evals=evals))
-            print(f"  {name:<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample", flush=True)
+        def call(c, n_steps):
+            return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
+        runs = {path: (call(c, steps), call(c, 2)) for path, c in clients.items()}
+        rows += bt.time_paths(runs, None, "", repeats, cfg.warmup, name, b, unet_evals=evals)
     return rows
 
 
@@ -200,13 +196,8 @@ def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[di
             runs["triton-grpc"] = (triton(steps), triton(2))
         runs.update({path: (gateway(c, steps), gateway(c, 2)) for path, c in clients.items()})
         threads = bt.best_threads(eager(2), (1, cfg.threads))
-        for path, (fn, warm) in runs.items():
-            times, extra = bt.timed_path(path, direct, "ddpm_cond_generate", fn, cfg.fast_repeats, cfg.warmup, warm)
-            if path == "pytorch-eager":
-                extra["torch_threads"] = threads
-            rows.append(bt._row(name, b, path, times, unet_evals=steps, **extra))
-            print(f"  {'generate ddpm-cond':<28} batch {b:>4} {path:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample",
-                  flush=True)
+        rows += bt.time_paths(runs, direct, "ddpm_cond_generate", cfg.fast_repeats, cfg.warmup, name, b, threads,
+                              label="generate ddpm-cond", unet_evals=steps)
     return rows
 
 

@@ -120,6 +120,23 @@ def timed_path(backend: str, client, model: str, fn: Callable[[], object], repea
     return timed(fn, repeats, warmup, warm_fn), {}
 
 
+def time_paths(runs: dict[str, tuple[Callable[[], object], Callable[[], object] | None]], client, model: str,
+               repeats: int, warmup: int, workload: str, batch: int, eager_threads: int | None = None,
+               label: str | None = None, digits: int = 2, **extra) -> list[dict]:
+    """The paths of one workload and batch ({path: (fn, warm_fn or None)}) timed one after the other (timed_path), a
+    results row each (`extra` in every row, `eager_threads` as the pytorch-eager row's torch_threads), each printed as
+    it lands (`label`, default the workload; per-sample ms with `digits` decimals)."""
+    rows = []
+    for backend, (fn, warm) in runs.items():
+        times, more = timed_path(backend, client, model, fn, repeats, warmup, warm)
+        if backend == "pytorch-eager" and eager_threads is not None:
+            more["torch_threads"] = eager_threads
+        rows.append(_row(workload, batch, backend, times, **extra, **more))
+        print(f"  {label or workload:<28} batch {batch:>4} {backend:<14} {rows[-1]['per_sample_ms']:.{digits}f} "
+              "ms/sample", flush=True)
+    return rows
+
+
 def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: int = 3) -> int:
     """The torch intra-op thread count (among candidates) with the fastest median of a few calls; leaves it set."""
     best, best_t = candidates[0], float("inf")
@@ -266,13 +283,8 @@ def bench_generator(cfg: BenchConfig, client) -> list[dict]:
         if client is not None:
             runs["triton-grpc"] = lambda: client.infer(model, ins).as_numpy("image")
         threads = best_threads(eager, (1, cfg.threads))
-        for backend, fn in runs.items():
-            times, extra = timed_path(backend, client, model, fn, cfg.generator_repeats, cfg.warmup)
-            if backend == "pytorch-eager":
-                extra["torch_threads"] = threads
-            rows.append(_row(f"generator {cfg.generator}", b, backend, times, **extra))
-            print(f"  {rows[-1]['workload']:<28} batch {b:>4} {backend:<14} {rows[-1]['per_sample_ms']:.4f} ms/sample",
-                  flush=True)
+        rows += time_paths({k: (fn, None) for k, fn in runs.items()}, client, model, cfg.generator_repeats,
+                           cfg.warmup, f"generator {cfg.generator}", b, threads, digits=4)
     return rows
 
 
@@ -322,12 +334,8 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
                     return eager_eps(x0t, t_probe) if cfg.device == "cuda" else unet(x0t, t_probe)
 
             threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
-            for backend, (fn, warm) in runs.items():
-                times, extra = timed_path(backend, client, "ddpm_denoise", fn, cfg.denoise_repeats, cfg.warmup, warm)
-                if backend == "pytorch-eager":
-                    extra["torch_threads"] = threads
-                rows.append(_row(name, b, backend, times, unet_evals=evals, **extra))
-                print(f"  {name:<28} batch {b:>4} {backend:<14} {rows[-1]['per_sample_ms']:.2f} ms/sample", flush=True)
+            rows += time_paths(runs, client, "ddpm_denoise", cfg.denoise_repeats, cfg.warmup, name, b, threads,
+                               unet_evals=evals)
     return rows
 
 
