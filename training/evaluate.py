@@ -141,23 +141,30 @@ def _fid_metric() -> FrechetInceptionDistance:
     return fid.eval()  # the metric is an nn.Module: keep BatchNorm/Dropout in inference mode
 
 
-_FID_TEST: list[FrechetInceptionDistance] = []  # metric holding the default reference's (test split) statistics
-_FID_TEST_DIGIT: dict[int, FrechetInceptionDistance] = {}  # digit -> metric holding that class's test-split statistics
+# metrics holding test-split feature statistics, computed once per process: None -> the whole 10k split, a digit ->
+# that class's images
+_FID_TEST: dict[int | None, FrechetInceptionDistance] = {}
 
 
-def _reference_metric(reference: torch.Tensor | None, batch_size: int = 1000) -> FrechetInceptionDistance:
-    """A metric holding the reference's feature statistics and no fake features; the 10k test split's (reference
-    None) are computed once per process."""
-    if reference is None and _FID_TEST:
-        fid = _FID_TEST[0]
+def _reference_metric(reference: torch.Tensor | None, batch_size: int = 1000,
+                      digit: int | None = None) -> FrechetInceptionDistance:
+    """A metric holding the reference's feature statistics and no fake features. reference None: the 10k test split
+    (or, with `digit`, its images of that class), whose statistics are computed once per process."""
+    if reference is None and digit in _FID_TEST:
+        fid = _FID_TEST[digit]
         fid.reset()  # drops the fake features only (reset_real_features=False)
         return fid
     fid = _fid_metric()
-    real = reference_images("test") if reference is None else reference
+    if reference is None:
+        real = reference_images("test")
+        if digit is not None:
+            real = real[reference_labels("test") == digit]  # (~1000, 1, 28, 28)
+    else:
+        real = reference
     for i in range(0, real.shape[0], batch_size):
         fid.update(to_unit(real[i:i + batch_size]), real=True)  # (B, 1, 28, 28) in [0, 1]
     if reference is None:
-        _FID_TEST.append(fid)
+        _FID_TEST[digit] = fid
     return fid
 
 
@@ -207,14 +214,7 @@ def digit_frechet_distance(samples: torch.Tensor, digit: int, batch_size: int = 
 
     The class's feature statistics are computed once per process (like the default reference's).
     """
-    if digit not in _FID_TEST_DIGIT:
-        fid = _fid_metric()
-        real = reference_images("test")[reference_labels("test") == digit]  # (~1000, 1, 28, 28)
-        for i in range(0, real.shape[0], batch_size):
-            fid.update(to_unit(real[i:i + batch_size]), real=True)
-        _FID_TEST_DIGIT[digit] = fid
-    fid = _FID_TEST_DIGIT[digit]
-    fid.reset()  # drops the fake features only (reset_real_features=False)
+    fid = _reference_metric(None, batch_size, digit)
     for i in range(0, samples.shape[0], batch_size):
         fid.update(to_unit(samples[i:i + batch_size]), real=False)
     return float(fid.compute())
