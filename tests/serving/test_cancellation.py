@@ -146,13 +146,24 @@ def test_client_cancel_stops_a_running_denoise_loop(triton):
     assert stops and int(stops[-1][4]) < BIG_STEPS / 4, triton.log_tail(40)
 
 
+def settled_inference_count(client, model: str) -> int:
+    """The model's inference_count once two reads 0.2 s apart agree (Triton records a request's statistics around the
+    time its response goes out, so a read right after a call can miss it)."""
+    def read() -> int:
+        return int(client.get_inference_statistics(model, as_json=True)["model_stats"][0].get("inference_count", 0))
+    last, now = None, read()
+    while now != last:
+        time.sleep(0.2)
+        last, now = now, read()
+    return now
+
+
 def test_queued_request_past_its_own_timeout_is_rejected_unrun(triton):
     """allow_timeout_override: the request's `timeout` (microseconds) bounds its wait in Triton's queue."""
     triton.require("ddpm_generate")
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     step_s = unet_step_s(client, "ddpm_generate", generate_request(8, 4))
-    count0 = int(client.get_inference_statistics("ddpm_generate", as_json=True)["model_stats"][0]
-                 .get("inference_count", 0))
+    count0 = settled_inference_count(client, "ddpm_generate")  # the warm-up calls' statistics may still land
     outcome: dict = {}
     busy_steps = int(min(BIG_STEPS, max(8, 5.0 / step_s)))  # ~5 s of work ahead of the queued request
     client.async_infer("ddpm_generate", generate_request(8, busy_steps),
@@ -165,6 +176,5 @@ def test_queued_request_past_its_own_timeout_is_rejected_unrun(triton):
     while "blocker" not in outcome and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not isinstance(outcome.get("blocker"), (Exception, type(None))), outcome
-    count = int(client.get_inference_statistics("ddpm_generate", as_json=True)["model_stats"][0]
-                .get("inference_count", 0))
+    count = settled_inference_count(client, "ddpm_generate")
     assert count - count0 == 1  # the blocker; the rejected request never ran
