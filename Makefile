@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
+.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,7 +53,10 @@ test: setup prometheus-install ## run the test suite (starts real Triton, gatewa
 train-gan: setup ## train a GAN: make train-gan CONFIG=baseline|modified|mlp|vanishing-gradient|mode-collapse|d-overfit [MITIGATIONS=all]
 	$(PY) -m training.train_gan --config $(CONFIG) $(if $(MITIGATIONS),--mitigations $(MITIGATIONS))
 
-train-ddpm: setup ## train the DDPM UNet (60k images, 20,000 steps: ~80 min on 1 CPU thread; the committed one resumed to 48,000: README) -> checkpoints/ddpm.safetensors + runs/ddpm/ [ARGS=--resume]
+train-recipe: setup ## retrain a committed model stage by stage, resumable: make train-recipe RECIPE=dcgan-baseline|ddpm [ARGS="--plan" or trainer options, e.g. --threads 2]
+	$(PY) -m training.recipe $(RECIPE) $(ARGS)
+
+train-ddpm: setup ## train the DDPM UNet (60k images, 20,000 steps: ~80 min on 1 CPU thread; the committed one: make train-recipe RECIPE=ddpm) -> checkpoints/ddpm.safetensors + runs/ddpm/ [ARGS=--resume]
 	$(PY) -m training.train_ddpm --max-steps 20000 --epochs 40 --time-budget-min 100 --lr-min-ratio 0.2 --ema-decay 0.999 $(ARGS)
 
 train-ddpm-cond: setup ## train the class-conditional DDPM (digits 0-9 + null class, label dropout 0.1; ~100 min on 1 CPU thread) -> checkpoints/ddpm-cond.safetensors + runs/ddpm-cond/ [ARGS=--resume]

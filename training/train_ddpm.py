@@ -39,6 +39,8 @@ class TrainConfig:
     limit: int = 0  # >0: train on the first N images only (tests, quick runs)
     data_source: str = "full"  # one of training.data.SOURCES: full = the 60,000 training images
     max_steps: int = 0  # >0: iteration budget, stop after this many optimiser steps (CPU runs)
+    stop_at: int = 0  # >0: stop once this many steps are done, the learning-rate plan still running to max_steps
+    # (a training.recipe stage that ended before its plan did)
     device: str = "cpu"  # cpu | cuda (torchrun: cuda:<local rank>, nccl; cpu: gloo)
     run_dir: str = "runs/ddpm"  # loss.csv, loss.png, samples/epoch_XXX.png, state.pt, train.log
     checkpoint: str = "checkpoints/ddpm.safetensors"  # EMA UNet + config, rewritten after every epoch
@@ -148,6 +150,9 @@ class DDPMTrainer:
     def state_path(self) -> Path:
         return self.run_dir / "state.pt"
 
+    def reached_stop(self) -> bool:
+        return any(n and self.step >= n for n in (self.cfg.max_steps, self.cfg.stop_at))
+
     def over_time_budget(self) -> bool:
         """True once the run's training time (resumes included) has passed time_budget_min (0: no budget)."""
         return bool(self.cfg.time_budget_min) and self.elapsed > self.cfg.time_budget_min * 60
@@ -221,7 +226,7 @@ class DDPMTrainer:
                   f" ({self.dist.world_size} process(es), global batch {cfg.batch_size}), epochs "
                   f"{self.epoch + 1}..{cfg.epochs}" + (f", at most {cfg.max_steps} steps" if cfg.max_steps else ""),
                   flush=True)
-        budget_hit = False
+        budget_hit = self.reached_stop()  # (a resumed run may be done)
         while self.epoch < cfg.epochs and not budget_hit:
             t0 = time.time()
             losses = []
@@ -240,7 +245,7 @@ class DDPMTrainer:
                 self.ema.update(self.unet)
                 self.step += 1
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-                if cfg.max_steps and self.step >= cfg.max_steps:
+                if self.reached_stop():
                     budget_hit = True
                     break
             self.epoch += 1

@@ -53,6 +53,8 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "auto"  # one of DEVICES: auto = cuda when available, else cpu
     max_iters: int | None = None  # iteration budget: stop after this many (CPU runs, tests, smoke runs)
+    stop_at: int | None = None  # stop once this many iterations are done, the learning-rate plan still running to
+    # max_iters (a training.recipe stage that ended before its plan did)
     log_every: int = 1  # write every n-th iteration's losses to CSV
     run_dir: str | None = None  # default runs/gan/<name>[+mitigations]
     checkpoint: str | None = None  # also write the generator checkpoint here (e.g. checkpoints/dcgan-baseline.safetensors)
@@ -187,6 +189,9 @@ class GANTrainer:
     def planned_iterations(self) -> int:
         return self.cfg.max_iters if self.cfg.max_iters is not None else self.cfg.epochs * len(self.loader)
 
+    def reached_stop(self) -> bool:
+        return any(n is not None and self.iteration >= n for n in (self.cfg.max_iters, self.cfg.stop_at))
+
     def lr_scale(self) -> float:
         return lr_scale(self.iteration, self.cfg.lr_decay_from, self.planned_iterations(), self.cfg.lr_min_ratio)
 
@@ -245,7 +250,7 @@ class GANTrainer:
             writer = csv.writer(f) if self.is_main else None  # rank 0 writes every file
             if writer and new_file:
                 writer.writerow(["iter", "epoch", "loss_d", "loss_g", "d_real", "d_fake"])
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and not self.reached_stop():  # (a resumed run may be done)
                 t0 = time.perf_counter()
                 if self.sampler is not None:
                     self.sampler.set_epoch(self.epoch)  # a new shuffle per epoch, the same on every rank
@@ -264,7 +269,7 @@ class GANTrainer:
                             self.history[k].append(v)
                     self.iteration += 1
                     bar.set_postfix(loss_d=f"{m['loss_d']:.3f}", loss_g=f"{m['loss_g']:.3f}")
-                    if cfg.max_iters is not None and self.iteration >= cfg.max_iters:
+                    if self.reached_stop():
                         break
                 self.epoch_times.append(time.perf_counter() - t0)
                 self.epoch += 1
@@ -275,7 +280,7 @@ class GANTrainer:
                     tqdm.write(f"[{cfg.name}] epoch {self.epoch}/{cfg.epochs} loss_d={m['loss_d']:.4f} "
                                f"loss_g={m['loss_g']:.4f} D(x)={m['d_real']:.3f} D(G(z))={m['d_fake']:.3f} "
                                f"({self.epoch_times[-1]:.1f}s)")
-                if cfg.max_iters is not None and self.iteration >= cfg.max_iters:
+                if self.reached_stop():
                     break
         return self.finish()
 
