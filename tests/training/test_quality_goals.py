@@ -112,3 +112,33 @@ def test_reuse_measures_only_the_rows_whose_settings_or_checkpoints_changed(tmp_
     measured.clear()
     assert qg.main(cfg) == 0  # without --reuse everything is measured again
     assert len(measured) == everything
+
+
+def test_every_goal_has_an_id_and_a_shortfall_in_words():
+    goals = {g["id"]: g for g in qg.judge(rows(gan_fid=23.2, psnr=25.96))}
+    assert set(goals) == {"gan-fid", "gan-coverage", "gan-kl", "ddpm-served-fid", "dpm-solver++-20-vs-100",
+                          "best-20-vs-100", "denoise-class", "denoise-psnr", "denoise-served-class",
+                          "denoise-served-psnr"}
+    assert qg.shortfall(goals["gan-fid"]) == "29 vs <= 9: 3.22x the target (it must fall 69 %)"
+    assert qg.shortfall(goals["denoise-psnr"]) == "25.96 vs >= 26.5: short by 0.54 (2.0 % of the target)"
+
+
+def test_missed_goals_say_by_how_much_and_the_next_lever(tmp_path):
+    history = tmp_path / "fid_history.json"
+    history.write_text(json.dumps({"points": [
+        {"iterations": 100, "train_min": 5.0, "fid": 40.0}, {"iterations": 300, "train_min": 15.0, "fid": 30.0},
+        {"iterations": 200, "train_min": 10.0, "fid": 35.0}]}))
+    r = rows(gan_fid=24.0, psnr=26.0)
+    data = {"config": {"threads": 2, "fid_history": str(history)}, "rows": r, "goals": qg.judge(r), "wall_s": 60.0}
+    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
+    md = qg.render(tmp_path).read_text()
+    section = md.split("## Missed goals: by how much, and the next lever")[1].split("## Rows")[0]
+    assert "- **dcgan-baseline FID <= 9x floor**: 30 vs <= 9: 3.33x the target (it must fall 70 %)." in section
+    assert "FID 24.00 must reach 7.20. Its last stretch, 200 -> 300 iterations (5 min on CPU), moved FID " \
+           "35.00 -> 30.00 (-14 %" in section
+    assert "- **denoise sigma 0.3 (ddpm 100): PSNR (dB)**: 26 vs >= 26.5: short by 0.5" in section
+    assert "scores PSNR 28.00 dB, class preservation 0.990 on the same images" in section
+    assert section.count("\n- **") == 2  # only the two missed goals
+    data["rows"] = r = rows()
+    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
+    assert "Every goal is met." in qg.render(tmp_path).read_text()

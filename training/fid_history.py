@@ -1,0 +1,194 @@
+"""FID over training: score a model's checkpoints along its training run, and plot the curve.
+
+    python -m training.fid_history CHECKPOINT... [--out reports/gan/fid_history.json]
+
+Each checkpoint (a GAN generator written during or at the end of a run; its config says how many iterations it had
+trained) is scored like `python -m training.evaluate --model CHECKPOINT` (--num-samples 10,000, FID against the test
+split with its bootstrap spread, coverage, KL to uniform). The points merge into the JSON (a checkpoint already
+there, same sha256 and settings, is not scored again), and the JSON renders a table (.md) and a plot (.png): FID
+with its spread against iterations, and the goal line (`--goal-x` times the floor of reports/quality/goals.json)
+when that file is there (--goals). training.quality_goals reads the last two points to say how fast FID is still falling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code
+from mnistgen.files import sha256
+from mnistgen.registry import CLASSIFIER_CHECKPOINT, resolve
+
+from .evaluate import EvalConfig, evaluate
+
+KEEP = ("fid", "fid_sd", "coverage", "kl_uniform", "num_samples")
+GOALS_JSON = "reports/quality/goals.json"
+
+
+@dataclass
+class HistoryConfig:
+    checkpoints: list[str] = field(default_factory=list)  # GAN checkpoints (names or .safetensors paths) to score
+    out: str = "reports/gan/fid_history.json"  # merged into; .md and .png beside it
+    num_samples: int = 10000
+    seed: int = 0
+    threads: int = 2
+    goal_x: float = 9.0  # the FID goal as a multiple of the floor (issue 13: dcgan-baseline <= 9x)
+    goals: str = GOALS_JSON  # training.quality_goals' JSON, whose floor row sets the goal line
+    from_json: bool = False  # only re-render the .md and .png from the JSON
+
+
+def _path(p: str | Path) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def point_key(sha: str, cfg: HistoryConfig, classifier_sha: str) -> dict:
+    """What a point's figures depend on."""
+    return {"sha256": sha, "num_samples": cfg.num_samples, "seed": cfg.seed, "classifier_sha256": classifier_sha}
+
+
+def load_points(path: Path) -> list[dict]:
+    try:
+        return list(json.loads(path.read_text())["points"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def describe_training(config: dict) -> dict:
+    """The training facts of a GAN checkpoint's config that a point shows."""
+    s, t = config.get("summary", {}), config.get("train", {})
+    if "iterations" not in s:
+        raise ValueError("the checkpoint's config has no summary.iterations: not a GAN trainer's checkpoint")
+    return {"iterations": int(s["iterations"]), "train_min": round(s.get("train_time_s", 0.0) / 60, 1),
+            "name": config.get("name", ""), "lr_g": t.get("lr_g"), "lr_decay_from": t.get("lr_decay_from"),
+            "max_iters": t.get("max_iters"), "real_label": t.get("real_label"), "g_ema": t.get("g_ema")}
+
+
+def score(cfg: HistoryConfig) -> list[dict]:
+    """Merge the scores of cfg.checkpoints into the JSON's points (sorted by iterations); returns the points."""
+    out = _path(cfg.out)
+    classifier_sha = sha256(CHECKPOINT_DIR / CLASSIFIER_CHECKPOINT)
+    points = {json.dumps(p["key"], sort_keys=True): p for p in load_points(out)}
+    for name in cfg.checkpoints:
+        path = resolve(name)
+        config = read_config(path)
+        if config.get("kind") != "gan":
+            raise ValueError(f"{path} is a {config.get('kind')!r} checkpoint; fid_history scores GAN generators")
+        info = describe_training(config)
+        key = point_key(sha256(path), cfg, classifier_sha)
+        if json.dumps(key, sort_keys=True) in points:
+            print(f"[{path.name}] {info['iterations']} iterations: already scored", flush=True)
+            continue
+        t0 = time.perf_counter()
+        result = evaluate(EvalConfig(model=str(path), num_samples=cfg.num_samples, seed=cfg.seed, threads=cfg.threads))
+        point = {**info, **{k: result[k] for k in KEEP}, "key": key, "wall_s": round(time.perf_counter() - t0, 1)}
+        points[json.dumps(key, sort_keys=True)] = point
+        print(f"[{path.name}] {info['iterations']} iterations: FID {point['fid']:.2f} ± {point['fid_sd']:.2f}, "
+              f"coverage {point['coverage']}, KL {point['kl_uniform']:.4f}", flush=True)
+    ordered = sorted(points.values(), key=lambda p: (p["iterations"], p["key"]["sha256"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"about": __doc__.split("\n\n")[0], "points": ordered}, indent=1) + "\n")
+    return ordered
+
+
+def floor_fid(goals_json: Path) -> float | None:
+    try:
+        return float(json.loads(goals_json.read_text())["rows"]["floor"]["fid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def last_stretch(points: list[dict]) -> dict | None:
+    """How FID moved between the last two points (by iterations), or None with fewer than two."""
+    if len(points) < 2:
+        return None
+    a, b = sorted(points, key=lambda p: p["iterations"])[-2:]
+    return {"from_iterations": a["iterations"], "to_iterations": b["iterations"], "from_fid": a["fid"],
+            "to_fid": b["fid"], "change": b["fid"] / a["fid"] - 1.0,
+            "minutes": round(b["train_min"] - a["train_min"], 1)}
+
+
+def render(cfg: HistoryConfig) -> tuple[Path, Path]:
+    """The .md table and the .png curve from the JSON alone (and the floor of reports/quality/goals.json)."""
+    out = _path(cfg.out)
+    points = load_points(out)
+    if not points:
+        raise ValueError(f"{out} holds no points: score some checkpoints first")
+    floor = floor_fid(_path(cfg.goals))
+    goal = cfg.goal_x * floor if floor is not None else None
+    md, png = out.with_suffix(".md"), out.with_suffix(".png")
+    lines = ["# FID over training", "",
+             f"Generated by `python -m training.fid_history` from {out.name}: each row a checkpoint of the run, scored "
+             f"on {points[-1]['num_samples']} samples (FID against the test split in the evaluation classifier's "
+             "feature space, ± its bootstrap spread)"
+             + (f"; goal {cfg.goal_x:g}x the floor {floor:.3f} = **{goal:.2f}**" if goal is not None else "") + ".", "",
+             "| iterations | training min | FID | ± sd | x goal | coverage | KL | stage |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for p in points:
+        lr = f"lr {p['lr_g']:g}" + (f", decay from {p['lr_decay_from']}" if p.get("lr_decay_from") is not None else "")
+        lines.append(f"| {p['iterations']} | {p['train_min']:g} | {p['fid']:.2f} | {p['fid_sd']:.2f} | "
+                     + (f"{p['fid'] / goal:.2f}" if goal else "-")
+                     + f" | {p['coverage']} | {p['kl_uniform']:.4f} | {p['name']}, {lr}"
+                     + (f", to {p['max_iters']}" if p.get("max_iters") else "") + " |")
+    stretch = last_stretch(points)
+    if stretch:
+        lines += ["", f"Last stretch: {stretch['from_iterations']} -> {stretch['to_iterations']} iterations "
+                  f"({stretch['minutes']:g} min of training): FID {stretch['from_fid']:.2f} -> {stretch['to_fid']:.2f} "
+                  f"({100 * stretch['change']:+.0f} %)."]
+    md.write_text("\n".join(lines) + "\n")
+    _plot(points, goal, cfg.goal_x, png)
+    return md, png
+
+
+def _plot(points: list[dict], goal: float | None, goal_x: float, path: Path) -> None:
+    from .plots import plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    x = [p["iterations"] for p in points]
+    ax.errorbar(x, [p["fid"] for p in points], yerr=[p["fid_sd"] for p in points], marker="o", capsize=3,
+                label="FID (± bootstrap sd)")
+    for p in points:
+        ax.annotate(f"{p['fid']:.1f}", (p["iterations"], p["fid"]), textcoords="offset points", xytext=(4, 6),
+                    fontsize=7)
+    if goal is not None:
+        ax.axhline(goal, color="C2", linestyle="--", label=f"goal: {goal_x:g}x floor = {goal:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training iterations")
+    ax.set_ylabel("FID (log scale)")
+    ax.set_title("FID over training")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> HistoryConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="*", help="GAN checkpoints (names or .safetensors paths) to score")
+    add_dataclass_args(p, HistoryConfig, exclude=("checkpoints",))
+    a = p.parse_args(argv)
+    cfg = dataclass_from_args(HistoryConfig, a, checkpoints=list(a.checkpoint))
+    if not cfg.checkpoints and not cfg.from_json:
+        p.error("name at least one checkpoint to score, or --from-json to re-render")
+    return cfg
+
+
+def run(cfg: HistoryConfig) -> None:
+    if not cfg.from_json:
+        score(cfg)
+    md, png = render(cfg)
+    print(f"wrote {_path(cfg.out)}, {md.name} and {png.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    return exit_code(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
