@@ -107,9 +107,16 @@ def last_stretch(points: list[dict]) -> dict | None:
     if len(points) < 2:
         return None
     a, b = sorted(points, key=lambda p: p["iterations"])[-2:]
+    sds = [p.get("fid_sd") for p in (a, b)]
     return {"from_iterations": a["iterations"], "to_iterations": b["iterations"], "from_fid": a["fid"],
             "to_fid": b["fid"], "change": b["fid"] / a["fid"] - 1.0,
-            "minutes": round(b["train_min"] - a["train_min"], 1)}
+            "minutes": round(b["train_min"] - a["train_min"], 1),
+            # two independent draws' FIDs differ by less than this ~95 % of the time (2 sd of the difference)
+            "noise": 2 * (sds[0] ** 2 + sds[1] ** 2) ** 0.5 if None not in sds else None}
+
+
+def within_noise(stretch: dict) -> bool:
+    return stretch.get("noise") is not None and abs(stretch["from_fid"] - stretch["to_fid"]) < stretch["noise"]
 
 
 def render(cfg: HistoryConfig) -> tuple[Path, Path]:
@@ -138,7 +145,9 @@ def render(cfg: HistoryConfig) -> tuple[Path, Path]:
     if stretch:
         lines += ["", f"Last stretch: {stretch['from_iterations']} -> {stretch['to_iterations']} iterations "
                   f"({stretch['minutes']:g} min of training): FID {stretch['from_fid']:.2f} -> {stretch['to_fid']:.2f} "
-                  f"({100 * stretch['change']:+.0f} %)."]
+                  f"({100 * stretch['change']:+.0f} %)"
+                  + (f", within the noise of the draw (2 sd of the difference: {stretch['noise']:.2f})."
+                     if within_noise(stretch) else ".")]
     md.write_text("\n".join(lines) + "\n")
     _plot(points, goal, cfg.goal_x, png)
     return md, png

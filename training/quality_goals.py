@@ -156,8 +156,11 @@ def lever(g: dict, rows: dict, history: list[dict]) -> str:
                      f"({stretch['minutes']:g} min on CPU), moved FID {stretch['from_fid']:.2f} -> "
                      f"{stretch['to_fid']:.2f} ({100 * stretch['change']:+.0f} %; the whole curve: "
                      "reports/gan/fid_history.md). ")
-        return text + ("Next: more learning-rate cycles (restart, anneal to 0) while each still pays, then "
-                       "capacity (base channels 64 -> 128: ~4x the compute per iteration, a GPU run).")
+        capacity = "capacity (base channels 64 -> 128: ~4x the compute per iteration, a GPU run)"
+        if stretch and fid_history.within_noise(stretch):
+            return text + (f"That is within the noise of the draw (2 sd: {stretch['noise']:.2f}): more of the same "
+                           f"training no longer pays. Next: {capacity}.")
+        return text + f"Next: more learning-rate cycles (restart, anneal to 0) while each still pays, then {capacity}."
     if gid == "ddpm-served-fid":
         ref, fast = rows["ddpm-100"], rows.get("ddpm-sde-dpm-solver++-20", {})
         return ("The sampler is not what holds it back: on the same 1,000 seeds DDPM-100 scores "

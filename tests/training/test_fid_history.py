@@ -21,6 +21,9 @@ def test_last_stretch_uses_the_two_latest_iterations():
     s = fh.last_stretch([_point(30, 20.0, "c", 9.0), _point(10, 50.0, "a"), _point(20, 25.0, "b", 4.0)])
     assert (s["from_iterations"], s["to_iterations"], s["from_fid"], s["to_fid"]) == (20, 30, 25.0, 20.0)
     assert s["change"] == pytest.approx(-0.2) and s["minutes"] == 5.0
+    assert s["noise"] == pytest.approx(2 * 0.5 * 2 ** 0.5) and not fh.within_noise(s)  # 5 apart, noise 1.41
+    s = fh.last_stretch([_point(10, 25.5, "a"), _point(20, 25.0, "b")])
+    assert fh.within_noise(s)
 
 
 def test_table_and_plot_from_the_json_with_the_goal_line(tmp_path):

@@ -139,6 +139,14 @@ def test_missed_goals_say_by_how_much_and_the_next_lever(tmp_path):
     assert "- **denoise sigma 0.3 (ddpm 100): PSNR (dB)**: 26 vs >= 26.5: short by 0.5" in section
     assert "scores PSNR 28.00 dB, class preservation 0.990 on the same images" in section
     assert section.count("\n- **") == 2  # only the two missed goals
+    assert "Next: more learning-rate cycles" in section  # points without a spread: no noise verdict
+    points = json.loads(history.read_text())["points"]
+    for p in points:
+        p["fid_sd"] = 2.0  # 35 -> 30 is within 2 x sqrt(2^2 + 2^2) = 5.66
+    history.write_text(json.dumps({"points": points}))
+    section = qg.render(tmp_path).read_text().split("## Rows")[0]
+    assert "That is within the noise of the draw (2 sd: 5.66): more of the same training no longer pays. " \
+           "Next: capacity" in section
     data["rows"] = r = rows()
     (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
     assert "Every goal is met." in qg.render(tmp_path).read_text()
