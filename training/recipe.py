@@ -191,16 +191,29 @@ def run(recipe: Recipe, run_dir: Path, checkpoint: Path, extra: list[str] | None
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """(options, extra trainer arguments); the options' nproc_per_node stays a string until checked (a k8s Job
+    passes "$(NPROC_PER_NODE)", expanded by the kubelet)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help=f"a committed recipe ({', '.join(available())}) or a .json path")
     p.add_argument("--run-dir", help="where state.pt, logs and grids go (default runs/recipes/<recipe>)")
     p.add_argument("--checkpoint", help="the checkpoint to write (default <run-dir>/<recipe>.safetensors; the "
                    "committed one under checkpoints/ is left alone unless you name it)")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="> 1: run each stage under torchrun")
+    p.add_argument("--nproc-per-node", default="1", help="> 1: run each stage under torchrun with this many processes")
     p.add_argument("--plan", action="store_true", help="print the stages and which are done; run nothing")
     p.add_argument("--list", action="store_true", help="list the committed recipes")
-    a, extra = p.parse_known_args(argv)
+    return p.parse_known_args(argv)
+
+
+def paths(a: argparse.Namespace, recipe: Recipe) -> tuple[Path, Path]:
+    """(run directory, checkpoint) of the options, made absolute from the working directory (the stages run from
+    the repository root)."""
+    run_dir = Path(a.run_dir).resolve() if a.run_dir else REPO_ROOT / "runs" / "recipes" / recipe.name
+    return run_dir, Path(a.checkpoint).resolve() if a.checkpoint else run_dir / f"{recipe.name}.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, extra = parse_args(argv)
     if a.list or not a.recipe:
         for name in available():
             print(f"{name}: {load_recipe(name).description}")
@@ -208,14 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(a.recipe)
         _strings(extra, "extra trainer arguments")
-        if a.nproc_per_node < 1:
-            raise RecipeError(f"--nproc-per-node must be >= 1, got {a.nproc_per_node}")
-        run_dir = Path(a.run_dir or REPO_ROOT / "runs" / "recipes" / recipe.name)
-        checkpoint = Path(a.checkpoint or run_dir / f"{recipe.name}.safetensors")
+        if not a.nproc_per_node.isdigit() or int(a.nproc_per_node) < 1:
+            raise RecipeError(f"--nproc-per-node must be an integer >= 1, got {a.nproc_per_node!r}")
+        run_dir, checkpoint = paths(a, recipe)
         if a.plan:
             print("\n".join(plan_lines(recipe, progress(recipe, run_dir))))
             return 0
-        run(recipe, run_dir, checkpoint, extra, a.nproc_per_node)
+        run(recipe, run_dir, checkpoint, extra, int(a.nproc_per_node))
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ ENTRY_POINTS = {
     "export": ["training.export"],
     "gateway": ["serving.gateway"],
     "triton": sorted(str(p.relative_to(REPO)) for p in REPO.glob("model_repository/*/1/model.py")),
-    "training": ["training.train_gan", "training.train_ddpm"],
+    "training": ["training.train_gan", "training.train_ddpm", "training.recipe"],
 }
 PROVIDED = {"triton": {"triton_python_backend_utils"}}  # modules the base image itself provides
 # The pyproject.toml extra each CPython target installs (`pip install "./[extra]"` from pyproject.toml alone).
@@ -72,7 +72,7 @@ EXTRA_ENTRY_POINTS = {
     "export": ["training.export"],
     "train": ["training.train_gan", "training.train_ddpm", "training.evaluate", "training.report",
               "training.report_ddpm", "training.report_cond", "training.sampler_study", "training.controlled_failures",
-              "training.quality_goals",
+              "training.quality_goals", "training.fid_history", "training.recipe",
               "training.classifier",
               "training.export"],
     "loadtest": ["loadtest.locustfile", "loadtest.report", "serving.monitor"],

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from training import recipe as R
+
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate not installed (pip install kubernetes-validate)"
 )
@@ -610,37 +612,44 @@ def test_training_jobs():
         assert pod["securityContext"]["runAsNonRoot"] is True
         claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
         assert claims and set(claims) <= set(pvcs)
-        launcher, module, _ = torchrun_args(c)
-        assert launcher[:2] == ["torch.distributed.run", "--standalone"]
-        nproc = launcher[launcher.index("--nproc-per-node") + 1]
+        options, extra = recipe_args(c)
         env = {e["name"]: e["value"] for e in c.get("env", [])}
-        assert nproc == "$(NPROC_PER_NODE)" and int(env["NPROC_PER_NODE"]) == c["resources"]["limits"]["nvidia.com/gpu"]
-        modules.add(module)
+        assert options.nproc_per_node == "$(NPROC_PER_NODE)"
+        assert int(env["NPROC_PER_NODE"]) == c["resources"]["limits"]["nvidia.com/gpu"]
+        assert extra[-2:] == ["--device", "cuda"]
+        modules.add(R.TRAINERS[R.load_recipe(options.recipe).trainer])
     assert modules == {"training.train_gan", "training.train_ddpm"}
-    for module in modules:
-        path = REPO / (module.replace(".", "/") + ".py")
-        assert path.exists(), f"{module}: {path} missing"
 
 
-def torchrun_args(container: dict) -> tuple[list[str], str, list[str]]:
-    """A training Job's args (the image's entrypoint is `python -m`): torchrun's options, the module, its argv."""
+def recipe_args(container: dict):
+    """A training Job's args (the image's entrypoint is `python -m`): training.recipe's options and the trainer
+    arguments it passes to every stage."""
     args = container["args"]
-    i = args.index("-m")
-    return args[:i], args[i + 1], args[i + 2:]
+    assert args[0] == "training.recipe", args
+    return R.parse_args(args[1:])
 
 
-@pytest.mark.parametrize("job", ["train-gan", "train-ddpm"])
-def test_training_job_arguments_parse(job):
-    """The real training CLIs accept the Job's arguments, and the checkpoint lands on the volume."""
+@pytest.mark.parametrize("job, recipe", [("train-gan", "dcgan-baseline"), ("train-ddpm", "ddpm")])
+def test_training_job_arguments_parse(job, recipe):
+    """Every stage of the Job's recipe, as the runner launches it (torchrun, the Job's extra arguments), parses with
+    the real training CLI, on CUDA, and the run directory and checkpoint land on the volume."""
     (doc,) = [d for d in render(K8S / "training") if d["kind"] == "Job" and d["metadata"]["name"] == job]
     c = doc["spec"]["template"]["spec"]["containers"][0]
-    _, module, argv = torchrun_args(c)
-    mod = importlib.import_module(module)
-    parsed = mod.parse_args(argv)
-    cfg = parsed[0] if isinstance(parsed, tuple) else parsed
-    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "runs")
-    workdir = "/opt/mnistgen"  # the training image's WORKDIR; relative paths resolve from there
-    assert (Path(workdir) / cfg.checkpoint).is_relative_to(mount), f"{job}: checkpoint {cfg.checkpoint} not on {mount}"
+    options, extra = recipe_args(c)
+    rec = R.load_recipe(options.recipe)
+    assert rec.name == recipe
+    mount = Path(next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "runs"))
+    workdir = Path("/opt/mnistgen")  # the training image's WORKDIR; relative paths resolve from there
+    run_dir, checkpoint = workdir / options.run_dir, workdir / options.checkpoint
+    assert run_dir.is_relative_to(mount) and checkpoint.is_relative_to(mount), (run_dir, checkpoint)
+    mod = importlib.import_module(R.TRAINERS[rec.trainer])
+    for stage in rec.stages:
+        cmd = R.stage_command(rec, stage, run_dir, checkpoint, extra, nproc=2)
+        assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        parsed = mod.parse_args(cmd[7:])  # after `-m training.train_*`
+        cfg = parsed[0] if isinstance(parsed, tuple) else parsed
+        assert cfg.device == "cuda" and cfg.stop_at == stage.until
+        assert Path(cfg.checkpoint) == checkpoint and Path(cfg.run_dir) == run_dir
 
 
 def test_prometheus_adapter_rule(adapter_rules):
