@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnistgen.checkpoint import REPO_ROOT, load_checkpoint, save_checkpoint, split_modules
+from mnistgen.checkpoint import REPO_ROOT, load_checkpoint, read_config, save_checkpoint, split_modules
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 TRAINERS = {"gan": "training.train_gan", "ddpm": "training.train_ddpm"}
@@ -158,9 +158,11 @@ def stage_command(recipe: Recipe, stage: Stage, run_dir: Path, checkpoint: Path,
 
 def record_recipe(checkpoint: Path, recipe: Recipe, done: int) -> None:
     """Add the recipe (name, stages, count reached) to the checkpoint's config; the tensors are kept."""
+    entry = {**recipe.to_dict(), "reached": done}
+    if read_config(checkpoint).get("recipe") == entry:  # (a finished recipe run again: leave the file as it is)
+        return
     tensors, config = load_checkpoint(checkpoint)
-    config["recipe"] = {**recipe.to_dict(), "reached": done}
-    save_checkpoint(checkpoint, split_modules(tensors), config)
+    save_checkpoint(checkpoint, split_modules(tensors), {**config, "recipe": entry})
 
 
 def run(recipe: Recipe, run_dir: Path, checkpoint: Path, extra: list[str] | None = None, nproc: int = 1,

@@ -90,10 +90,12 @@ def test_stages_run_resume_and_record_the_recipe(tmp_path):
     assert config["summary"]["iterations"] == 4 and config["train"]["g_ema"] == 0.9
     assert config["recipe"]["name"] == "tiny" and config["recipe"]["reached"] == 4
     assert [s["until"] for s in config["recipe"]["stages"]] == [2, 4]
-    # a finished recipe runs nothing: no subprocess, the state untouched
+    # a finished recipe runs nothing: no subprocess, the state and the checkpoint untouched
+    mtime = ckpt.stat().st_mtime_ns
     calls = []
     assert R.run(R.load_recipe(str(path)), run_dir, ckpt, runner=lambda *a, **k: calls.append(a)) == 4
     assert calls == [] and torch.load(run_dir / "state.pt", weights_only=False)["iteration"] == 4
+    assert ckpt.stat().st_mtime_ns == mtime
     lines = R.plan_lines(R.load_recipe(str(path)), 4)
     assert "2 stages, 4 of 4 iterations done" in lines[0] and all("done" in line for line in lines[1:])
 
