@@ -146,7 +146,8 @@ def render(cfg: HistoryConfig) -> tuple[Path, Path]:
         lines += ["", f"Last stretch: {stretch['from_iterations']} -> {stretch['to_iterations']} iterations "
                   f"({stretch['minutes']:g} min of training): FID {stretch['from_fid']:.2f} -> {stretch['to_fid']:.2f} "
                   f"({100 * stretch['change']:+.0f} %)"
-                  + (f", within the noise of the draw (2 sd of the difference: {stretch['noise']:.2f})."
+                  + (f", within the noise of the draw (2 sd of the difference, counting the two draws as "
+                     f"independent: {stretch['noise']:.2f})."
                      if within_noise(stretch) else ".")]
     md.write_text("\n".join(lines) + "\n")
     _plot(points, goal, cfg.goal_x, png)

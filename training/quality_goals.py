@@ -159,7 +159,7 @@ def lever(g: dict, rows: dict, history: list[dict]) -> str:
         capacity = "capacity (base channels 64 -> 128: ~4x the compute per iteration, a GPU run)"
         if stretch and fid_history.within_noise(stretch):
             return text + (f"That is within the noise of the draw (2 sd: {stretch['noise']:.2f}): more of the same "
-                           f"training no longer pays. Next: {capacity}.")
+                           f"training now buys little. Next: {capacity}.")
         return text + f"Next: more learning-rate cycles (restart, anneal to 0) while each still pays, then {capacity}."
     if gid == "ddpm-served-fid":
         ref, fast = rows["ddpm-100"], rows.get("ddpm-sde-dpm-solver++-20", {})

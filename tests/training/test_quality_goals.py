@@ -145,7 +145,7 @@ def test_missed_goals_say_by_how_much_and_the_next_lever(tmp_path):
         p["fid_sd"] = 2.0  # 35 -> 30 is within 2 x sqrt(2^2 + 2^2) = 5.66
     history.write_text(json.dumps({"points": points}))
     section = qg.render(tmp_path).read_text().split("## Rows")[0]
-    assert "That is within the noise of the draw (2 sd: 5.66): more of the same training no longer pays. " \
+    assert "That is within the noise of the draw (2 sd: 5.66): more of the same training now buys little. " \
            "Next: capacity" in section
     data["rows"] = r = rows()
     (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
