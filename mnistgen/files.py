@@ -20,6 +20,12 @@ CHECKSUMS = {
 }
 
 
+def repo_path(p: str | Path) -> Path:
+    """A path as given when absolute, else relative to the repository root (not the working directory)."""
+    path = Path(p)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 class DataError(RuntimeError):
     """A data file is missing, corrupt or malformed; the message names the file."""
 

@@ -57,6 +57,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mnistgen.checkpoint import REPO_ROOT
+from mnistgen.files import repo_path
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .data import SOURCES, DataConfig, load_mnist
 
@@ -117,7 +118,7 @@ def train_config(name: str, cfg: ControlledConfig):
 
     base, mitigated = split_run(name)
     tc = apply_mitigations(CONFIGS[base], list(MITIGATIONS) if mitigated else [])
-    run_dir = _abs(cfg.runs_dir) / name
+    run_dir = repo_path(cfg.runs_dir) / name
     if (REPO_ROOT / "checkpoints").resolve() in (run_dir.resolve(), *run_dir.resolve().parents):
         raise ValueError(f"--runs-dir must not be inside checkpoints/ (got {cfg.runs_dir})")
     return dataclasses.replace(tc, name=name, max_iters=cfg.max_iters, epochs=1, data_source=cfg.data_source,
@@ -307,11 +308,6 @@ def run_one(name: str, cfg: ControlledConfig) -> dict:
 
 # ---------------------------------------------------------------- JSON and markdown
 
-def _abs(p: str | Path) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
 def _rel(p: Path) -> str:
     try:
         return str(p.resolve().relative_to(REPO_ROOT.resolve()))
@@ -441,7 +437,7 @@ def validate(cfg: ControlledConfig) -> list[str]:
 
 def run(cfg: ControlledConfig) -> dict:
     """Measure the configured runs (or only re-render with from_json); return the whole JSON dict."""
-    out = _abs(cfg.out_dir)
+    out = repo_path(cfg.out_dir)
     if cfg.from_json:
         path = out / JSON_NAME
         if not path.exists():

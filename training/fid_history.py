@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code
-from mnistgen.files import sha256
+from mnistgen.files import repo_path, sha256
 from mnistgen.registry import CLASSIFIER_CHECKPOINT, resolve
 
 from .evaluate import EvalConfig, evaluate
@@ -39,11 +39,6 @@ class HistoryConfig:
     goal_x: float = 9.0  # the FID goal as a multiple of the floor (issue 13: dcgan-baseline <= 9x)
     goals: str = GOALS_JSON  # training.quality_goals' JSON, whose floor row sets the goal line
     from_json: bool = False  # only re-render the .md and .png from the JSON
-
-
-def _path(p: str | Path) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def point_key(sha: str, cfg: HistoryConfig, classifier_sha: str) -> dict:
@@ -70,7 +65,7 @@ def describe_training(config: dict) -> dict:
 
 def score(cfg: HistoryConfig) -> list[dict]:
     """Merge the scores of cfg.checkpoints into the JSON's points (sorted by iterations); returns the points."""
-    out = _path(cfg.out)
+    out = repo_path(cfg.out)
     classifier_sha = sha256(CHECKPOINT_DIR / CLASSIFIER_CHECKPOINT)
     points = {json.dumps(p["key"], sort_keys=True): p for p in load_points(out)}
     for name in cfg.checkpoints:
@@ -121,11 +116,11 @@ def within_noise(stretch: dict) -> bool:
 
 def render(cfg: HistoryConfig) -> tuple[Path, Path]:
     """The .md table and the .png curve from the JSON alone (and the floor of reports/quality/goals.json)."""
-    out = _path(cfg.out)
+    out = repo_path(cfg.out)
     points = load_points(out)
     if not points:
         raise ValueError(f"{out} holds no points: score some checkpoints first")
-    floor = floor_fid(_path(cfg.goals))
+    floor = floor_fid(repo_path(cfg.goals))
     goal = cfg.goal_x * floor if floor is not None else None
     md, png = out.with_suffix(".md"), out.with_suffix(".png")
     lines = ["# FID over training", "",
@@ -192,7 +187,7 @@ def run(cfg: HistoryConfig) -> None:
     if not cfg.from_json:
         score(cfg)
     md, png = render(cfg)
-    print(f"wrote {_path(cfg.out)}, {md.name} and {png.name}")
+    print(f"wrote {repo_path(cfg.out)}, {md.name} and {png.name}")
 
 
 def main(argv: list[str] | None = None) -> int:

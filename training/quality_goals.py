@@ -37,9 +37,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
+from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code
-from mnistgen.files import sha256
+from mnistgen.files import repo_path, sha256
 from mnistgen.limits import DEFAULT_GENERATE_SAMPLER, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS
 from mnistgen.registry import CLASSIFIER_CHECKPOINT, GAN_MODELS, resolve
 
@@ -210,7 +210,7 @@ def plan(cfg: GoalsConfig) -> dict[str, EvalConfig]:
 
 
 def run(cfg: GoalsConfig) -> dict:
-    rows, t_start, out_dir = {}, time.perf_counter(), _path(cfg.out_dir)
+    rows, t_start, out_dir = {}, time.perf_counter(), repo_path(cfg.out_dir)
     before = previous_rows(out_dir) if cfg.reuse else {}
     classifier_sha256 = sha256(CHECKPOINT_DIR / CLASSIFIER_CHECKPOINT)
     for name, ecfg in plan(cfg).items():
@@ -261,7 +261,7 @@ def render(out_dir: Path) -> Path:
     for g in goals:
         lines.append(f"| {g['goal']} | {_fmt(g['measured'])} | {g['comparison']} {g['target']:g} | "
                      f"{'yes' if g['met'] else '**no**'} | {g['detail']} |")
-    history = fid_history.load_points(_path(data["config"].get("fid_history", FID_HISTORY)))
+    history = fid_history.load_points(repo_path(data["config"].get("fid_history", FID_HISTORY)))
     lines += missed_lines(goals, rows, history)
     lines += ["", "## Rows", "",
               "| row | model | samples | sampler | FID | FID sd | x floor | coverage | KL | pairwise | class pres. | "
@@ -291,11 +291,6 @@ def render(out_dir: Path) -> Path:
     return path
 
 
-def _path(p: str) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
 def parse_args(argv: list[str] | None = None) -> GoalsConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, GoalsConfig)
@@ -307,12 +302,12 @@ def run_and_print(cfg: GoalsConfig) -> None:
     for g in out["goals"]:
         print(f"{'MET   ' if g['met'] else 'MISSED'} {g['goal']}: {g['measured']:.4g} (goal {g['comparison']} "
               f"{g['target']:g}) {g['detail']}")
-    print(f"wrote {_path(cfg.out_dir) / JSON_NAME} and {MD_NAME}")
+    print(f"wrote {repo_path(cfg.out_dir) / JSON_NAME} and {MD_NAME}")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    return exit_code((lambda: print(f"wrote {render(_path(cfg.out_dir))}")) if cfg.from_json
+    return exit_code((lambda: print(f"wrote {render(repo_path(cfg.out_dir))}")) if cfg.from_json
                      else lambda: run_and_print(cfg))
 
 

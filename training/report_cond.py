@@ -39,7 +39,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from mnistgen.checkpoint import REPO_ROOT, read_config  # noqa: E402
+from mnistgen.checkpoint import read_config  # noqa: E402
+from mnistgen.files import repo_path  # noqa: E402
 from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code  # noqa: E402
 from mnistgen.limits import MAX_GUIDANCE  # noqa: E402
 from .evaluate import CONDITIONAL_SAMPLING, NUM_CLASSES, SAMPLERS, EvalConfig, evaluate  # noqa: E402
@@ -79,10 +80,6 @@ class CondReportConfig:
                              f"got {self.num_samples}")
         if not 0 < self.agreement_target <= 1 or self.fid_tolerance < 0:
             raise ValueError("--agreement-target must be in (0, 1] and --fid-tolerance >= 0")
-
-
-def _path(p: str) -> Path:
-    return Path(p) if Path(p).is_absolute() else REPO_ROOT / p
 
 
 # ---------------------------------------------------------------- choosing the default
@@ -136,12 +133,12 @@ def run_sweep(cfg: CondReportConfig) -> dict:
     """Evaluate every scale on one snapshot of the checkpoint; write the JSON, the plot, the grid and report.md."""
     cfg.validate()
     torch.set_num_threads(cfg.threads)
-    out = _path(cfg.out_dir)
+    out = repo_path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scales = sorted({float(w) for w in cfg.guidance})
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="report_cond_") as tmp:
-        ckpt, sha, ckpt_cfg = _snapshot(_path(cfg.checkpoint), Path(tmp))
+        ckpt, sha, ckpt_cfg = _snapshot(repo_path(cfg.checkpoint), Path(tmp))
         if not (ckpt_cfg.get("unet") or {}).get("num_class_embeds"):
             raise ValueError(f"{cfg.checkpoint} is not a class-conditional DDPM (unet.num_class_embeds = 0)")
         summary = ckpt_cfg.get("summary") or {}
@@ -308,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
 
     def rerender() -> None:
-        path = render(_path(cfg.out_dir))
-        data = json.loads((_path(cfg.out_dir) / JSON_NAME).read_text())
+        path = render(repo_path(cfg.out_dir))
+        data = json.loads((repo_path(cfg.out_dir) / JSON_NAME).read_text())
         print(f"wrote {path}; recommended_guidance = {data['recommended_guidance']:g}")
 
     return exit_code(rerender if cfg.from_json else lambda: run_sweep(cfg))

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from mnistgen.checkpoint import REPO_ROOT  # noqa: E402
+from mnistgen.files import repo_path  # noqa: E402
 from mnistgen.cli import add_dataclass_args, dataclass_from_args  # noqa: E402
 from .data import DataConfig, load_mnist, to_uint8  # noqa: E402
 from mnistgen.diffusion import SAMPLERS, denoise, generate, load_unet, make_scheduler, sigma_to_timestep  # noqa: E402
@@ -219,9 +220,9 @@ def write_markdown(cfg: ReportConfig, ckpt_cfg: dict, gen_rows, den_rows, elapse
 def run(cfg: ReportConfig) -> dict:
     samplers, steps, sigmas, dsteps = cfg.lists()
     torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir) if Path(cfg.out_dir).is_absolute() else REPO_ROOT / cfg.out_dir
+    out = repo_path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(cfg.checkpoint) if Path(cfg.checkpoint).is_absolute() else REPO_ROOT / cfg.checkpoint
+    ckpt = repo_path(cfg.checkpoint)
     unet, ckpt_cfg = load_unet(ckpt)
     sched_cfg = ckpt_cfg["scheduler"]
     t0 = time.perf_counter()

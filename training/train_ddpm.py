@@ -16,7 +16,8 @@ from diffusers import DDPMScheduler
 from torch import nn
 from tqdm import tqdm
 
-from mnistgen.checkpoint import REPO_ROOT, save_checkpoint
+from mnistgen.checkpoint import save_checkpoint
+from mnistgen.files import repo_path
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from . import distributed
 from .data import DataConfig, load_mnist
@@ -96,11 +97,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _path(p: str) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
 class DDPMTrainer:
     """Holds the model, EMA, optimizer and history; `train()` runs the remaining epochs."""
 
@@ -112,7 +108,7 @@ class DDPMTrainer:
         self.is_main = self.dist.is_main
         self.device = self.dist.device(cfg.device)
         torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
-        self.run_dir = _path(cfg.run_dir)
+        self.run_dir = repo_path(cfg.run_dir)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         x, y = load_mnist("train", DataConfig(source=cfg.data_source, limit=cfg.limit or None))
@@ -147,7 +143,7 @@ class DDPMTrainer:
             idx = torch.randperm(len(self.data), generator=self.shuffle)
         return [idx[i * self.local_batch:(i + 1) * self.local_batch] for i in range(self.steps_per_epoch)]
 
-    def state_path(self) -> Path:
+    def staterepo_path(self) -> Path:
         return self.run_dir / "state.pt"
 
     def reached_stop(self) -> bool:
@@ -163,12 +159,12 @@ class DDPMTrainer:
             "opt": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
             "history": self.history, "rng": torch.get_rng_state(), "shuffle": self.shuffle.get_state(),
             "config": self.cfg.to_dict(),
-        }, self.state_path())
+        }, self.staterepo_path())
 
     def load_state(self) -> bool:
-        if not self.state_path().exists():
+        if not self.staterepo_path().exists():
             return False
-        s = torch.load(self.state_path(), weights_only=False, map_location=self.device)
+        s = torch.load(self.staterepo_path(), weights_only=False, map_location=self.device)
         self.unet.load_state_dict(s["unet"])
         self.ema.model.load_state_dict(s["ema"])
         self.ema.updates = s["ema_updates"]
@@ -194,7 +190,7 @@ class DDPMTrainer:
                         "final_loss": final_loss,
                         "params": sum(p.numel() for p in self.unet.parameters())},
         }
-        return save_checkpoint(_path(self.cfg.checkpoint), {"ema": self.ema.model.state_dict()}, config)
+        return save_checkpoint(repo_path(self.cfg.checkpoint), {"ema": self.ema.model.state_dict()}, config)
 
     def _write_logs(self) -> None:
         with open(self.run_dir / "loss.csv", "w", newline="") as f:
@@ -272,7 +268,7 @@ class DDPMTrainer:
         return {"train_time_s": round(self.elapsed, 1), "epochs": self.epoch, "steps": self.step,
                 "world_size": self.dist.world_size, "images_seen": self.step * cfg.batch_size,
                 "final_loss": self.history[-1]["loss"] if self.history else None,
-                "checkpoint": str(_path(cfg.checkpoint)), "replica_digests": digests}
+                "checkpoint": str(repo_path(cfg.checkpoint)), "replica_digests": digests}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
