@@ -39,7 +39,7 @@ from . import bench_triton as bt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # table column order; onnxruntime-trt (TensorRT EP) only runs with --device cuda
-PATHS = ("pytorch-eager", "onnxruntime", "onnxruntime-trt", "triton-grpc", "gateway-grpc", "gateway-http")
+PATHS = ("pytorch-eager", "pytorch-eager-bf16", "onnxruntime", "onnxruntime-trt", "triton-grpc", "gateway-grpc", "gateway-http")
 SERVED = ("triton-grpc", "gateway-grpc", "gateway-http")
 DENOISE_TIMEOUT_S = 3600.0  # one DDPM-100 request at a large batch is minutes on a small CPU
 OVERHEAD_GOAL_MS = 1.0  # gateway-grpc p50 over Triton direct, batch-1 Generate
@@ -552,14 +552,17 @@ def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
     for m in models:
         record = eng.read_record(repo / m / "1" / eng.ENGINES_FILE)
         if record is not None:
-            out[m] = {k: record.get(k) for k in ("threshold", "batches", "ms_per_sample", "measured_by", "measured_at")}
+            out[m] = {k: record.get(k) for k in ("threshold", "batches", "ms_per_sample", "measured_by", "measured_at",
+                                                 "bf16")}
+            out[m]["torchscript_precision"] = record.get("torchscript_precision", eng.FP32)
             out[m]["ort_multithread_from"] = record.get("ort_multithread_from", 1)  # absent: measured before the column
             out[m]["threads"] = record.get("machine", {}).get("threads")
             out[m]["ort_split_from"] = eng.effective_split_from(record, out[m]["threads"] or 1)
             out[m]["choice"] = eng.describe(record.get("threshold"), source=eng.ENGINES_FILE,
                                             threads=out[m]["threads"],
                                             multithread_from=out[m]["ort_multithread_from"],
-                                            split_from=out[m]["ort_split_from"])
+                                            split_from=out[m]["ort_split_from"],
+                                            precision=out[m]["torchscript_precision"])
     return out
 
 
@@ -568,20 +571,27 @@ def engines_markdown(engines: dict) -> list[str]:
         return []
     lines = ["## Engine choice per batch size (each model's 1/engines.json, measured at export)", "",
              "ms/sample of ONNX Runtime (one session with all threads; with one thread; the batch split over "
-             "one-thread sessions side by side) vs TorchScript (frozen, optimize_for_inference) as the served model "
-             "runs them, best of interleaved calls; the served model uses TorchScript from the threshold on.", "",
-             "| model | batch | onnxruntime | onnxruntime 1 thread | onnxruntime split | torchscript | served by |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "one-thread sessions side by side) vs TorchScript (frozen, optimize_for_inference; fp32, and bf16 where "
+             "the CPU has native bf16) as the served model runs them, best of interleaved calls; the served model "
+             "uses TorchScript from the threshold on, in bf16 where that was faster and its outputs within "
+             f"{eng.BF16_MEAN_TOL} (mean |diff|) of fp32's.", "",
+             "| model | batch | onnxruntime | onnxruntime 1 thread | onnxruntime split | torchscript | "
+             "torchscript bf16 | served by |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for m, r in engines.items():
         ms = r.get("ms_per_sample") or {}
         for b in r.get("batches") or []:
-            ort, one, split, ts = (ms.get(c, {}).get(str(b), float("nan"))
-                                   for c in (eng.ORT, eng.ORT_1T, eng.ORT_SPLIT, eng.TORCHSCRIPT))
+            cells = [ms.get(c, {}).get(str(b), float("nan"))
+                     for c in (eng.ORT, eng.ORT_1T, eng.ORT_SPLIT, eng.TORCHSCRIPT, eng.TORCHSCRIPT_BF16)]
             which = eng.engine_for(b, r.get("threshold"), r["ort_multithread_from"], r.get("ort_split_from"))
-            which = {eng.ORT_1T: "onnxruntime, 1 thread", eng.ORT_SPLIT: "onnxruntime, split"}.get(which, which)
-            lines.append(f"| {m} | {b} | {_f(ort)} | {_f(one)} | {_f(split)} | {_f(ts)} | {which} |")
-        lines.append(f"| {m} | | | | | | {r['choice']}; measured by {r.get('measured_by')} at "
-                     f"{r.get('measured_at')} |")
+            which = {eng.ORT_1T: "onnxruntime, 1 thread", eng.ORT_SPLIT: "onnxruntime, split",
+                     eng.TORCHSCRIPT: f"torchscript {r['torchscript_precision']}"}.get(which, which)
+            lines.append(f"| {m} | {b} | " + " | ".join(_f(c) for c in cells) + f" | {which} |")
+        bf16 = r.get("bf16") or {}
+        diff = (f"; bf16 vs fp32 mean |diff| {bf16['mean_abs_diff']:.2g}, max {bf16['max_abs_diff']:.2g}"
+                if "mean_abs_diff" in bf16 else "")
+        lines.append(f"| {m} | | | | | | | {r['choice']}; measured by {r.get('measured_by')} at "
+                     f"{r.get('measured_at')}{diff} |")
     return lines + [""]
 
 

@@ -24,10 +24,13 @@ import torch
 
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from mnistgen.engine import bf16_native
 from mnistgen.latent import sample_latent
 from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS
 
-BACKENDS = ("pytorch-eager", "onnxruntime", "onnxruntime-trt", "triton-grpc")  # onnxruntime-trt: --device cuda only
+# pytorch-eager-bf16: the generator in-process under torch.autocast(bfloat16), CPUs with native bf16 only: what a user
+# who turns bf16 on in-process gets (context for the served bf16 TorchScript; the goals compare with fp32 eager)
+BACKENDS = ("pytorch-eager", "pytorch-eager-bf16", "onnxruntime", "onnxruntime-trt", "triton-grpc")  # onnxruntime-trt: --device cuda only
 DEVICES = ("cpu", "cuda")
 GPU_INSTALL_HINT = ("pip install -e '.[gpu]' (onnxruntime-gpu, the CUDA build of ONNX Runtime; remove the CPU wheel "
                     "first: pip uninstall -y onnxruntime) and a CUDA build of torch")
@@ -129,7 +132,7 @@ def time_paths(runs: dict[str, tuple[Callable[[], object], Callable[[], object] 
     rows = []
     for backend, (fn, warm) in runs.items():
         times, more = timed_path(backend, client, model, fn, repeats, warmup, warm)
-        if backend == "pytorch-eager" and eager_threads is not None:
+        if backend.startswith("pytorch-eager") and eager_threads is not None:
             more["torch_threads"] = eager_threads
         rows.append(_row(workload, batch, backend, times, **extra, **more))
         print(f"  {label or workload:<28} batch {batch:>4} {backend:<14} {rows[-1]['per_sample_ms']:.{digits}f} "
@@ -267,6 +270,7 @@ def bench_generator(cfg: BenchConfig, client) -> list[dict]:
     gen = gen.to(cfg.device)
     dim = config["arch"]["latent_dim"]
     sessions = ort_sessions(cfg.model_repository / model, cfg)
+    bf16 = cfg.device == "cpu" and bf16_native()
     rows = []
     for b in cfg.generator_batches:
         z = sample_latent(b, dim, cfg.seed)  # (B, latent_dim)
@@ -277,8 +281,14 @@ def bench_generator(cfg: BenchConfig, client) -> list[dict]:
             with torch.inference_mode():
                 return gen(zt)
 
+        def eager_bf16():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return gen(zt).float()
+
         eager = synced(eager_call, cfg.device)
         runs = {"pytorch-eager": eager}
+        if bf16:
+            runs["pytorch-eager-bf16"] = eager_bf16
         runs.update({path: (lambda s=s: s.run(["image"], {"latent": z})) for path, s in sessions.items()})
         if client is not None:
             runs["triton-grpc"] = lambda: client.infer(model, ins).as_numpy("image")

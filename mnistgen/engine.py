@@ -63,6 +63,14 @@ SPLIT, INTRA_OP = "split", "intra-op"
 # config.pbtxt parameter `ort_parallel`: auto = engines.json's `ort_split_from`; split = split from batch 2 on (where
 # the instance runs ONNX Runtime multi-threaded); intra-op = never split
 ORT_PARALLEL = ("auto", SPLIT, INTRA_OP)
+# measurement column: TorchScript traced in bfloat16 (BF16_FILE: fp32 in and out, bf16 weights and activations inside;
+# oneDNN's bf16 kernels on CPUs with AVX512_BF16 / AMX). Served as the TorchScript engine when it beats fp32
+# TorchScript AND its outputs stay within BF16_MEAN_TOL of fp32's (record["bf16"]); config.pbtxt `precision` overrides.
+TORCHSCRIPT_BF16 = "torchscript-bf16"
+BF16_FILE = "model_bf16.pt"
+FP32, BF16 = "fp32", "bf16"
+PRECISIONS = ("auto", FP32, BF16)  # config.pbtxt parameter `precision` (of the TorchScript engine)
+BF16_MEAN_TOL = 0.01  # mean |bf16 - fp32| over a measured batch: 1.3 8-bit grey levels on [-1, 1] images
 RUNTIMES = ("auto",) + ENGINES  # config.pbtxt parameter `runtime`: auto = per batch size, or one engine always
 GENERATOR_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what export measures for the GAN generators
 UNET_BATCHES = (1, 4, 16, 64)  # the DDPM UNet: 10-100x the work per row, so fewer and smaller cells
@@ -378,15 +386,43 @@ def engine_for(batch: int, threshold: int | None, multithread_from: int | None =
     return ORT_SPLIT if split_from is not None and batch >= split_from else ORT
 
 
+def bf16_native() -> bool:
+    """oneDNN has native bfloat16 kernels on this CPU (AVX512_BF16 / AMX); without them bf16 is emulated and slower
+    than fp32, so it is not measured."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def output_diff(reference: Callable[[Feeds], list], other: Callable[[Feeds], list], feeds: Feeds) -> dict:
+    """mean and max |other - reference| over the first output on these feeds."""
+    d = np.abs(np.asarray(other(feeds)[0], np.float32) - np.asarray(reference(feeds)[0], np.float32))
+    return {"mean_abs_diff": round(float(d.mean()), 6), "max_abs_diff": round(float(d.max()), 6)}
+
+
+def choose_precision(ms_per_sample: dict[str, dict[str, float]], batches: list[int], bf16: dict | None) -> str:
+    """BF16 when the bf16 column was measured, its outputs are within BF16_MEAN_TOL of fp32 TorchScript's
+    (bf16["within_tolerance"]) and it beats fp32 TorchScript from some batch on (choose_crossover); else FP32."""
+    if not (bf16 or {}).get("within_tolerance") or TORCHSCRIPT_BF16 not in ms_per_sample:
+        return FP32
+    return BF16 if choose_crossover(ms_per_sample, batches, TORCHSCRIPT, TORCHSCRIPT_BF16) is not None else FP32
+
+
 def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[int, ...], threads: int,
-                    allow_spinning: str = "0", budget_s: float = 1.0, **record) -> dict:
+                    allow_spinning: str = "0", budget_s: float = 1.0, bf16_path: str | Path | None = None,
+                    **record) -> dict:
     """Measure ONNX Runtime vs TorchScript (as served: frozen, optimised) on these files with `threads` threads (and
-    ONNX Runtime with one thread too, when threads > 1), on random inputs (random_feeds); returns the engines.json
-    record (`record` adds fields, e.g. measured_by)."""
+    ONNX Runtime with one thread too, when threads > 1; TorchScript in bf16 too, from bf16_path, where the CPU has
+    native bf16), on random inputs (random_feeds); returns the engines.json record (`record` adds fields, e.g.
+    measured_by)."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    bf16 = None
     try:
         session = ort_session(onnx_path, threads, allow_spinning)
         inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
@@ -394,21 +430,33 @@ def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[i
         if threads > 1:
             runners[ORT_SPLIT] = split_runner(onnx_path, threads, outputs, allow_spinning)
             runners[ORT_1T] = OrtRunner(runners[ORT_SPLIT].sessions[0], outputs)  # a one-thread session already
+        if bf16_path is not None and Path(bf16_path).exists():
+            bf16 = {"native": bf16_native(), "tolerance": BF16_MEAN_TOL}
+            if bf16["native"]:
+                runners[TORCHSCRIPT_BF16] = TorchScriptRunner(load_torchscript(bf16_path), inputs)
+                bf16.update(output_diff(runners[TORCHSCRIPT], runners[TORCHSCRIPT_BF16],
+                                        random_feeds(session, min(64, max(batches)))))
+                bf16["within_tolerance"] = bf16["mean_abs_diff"] <= BF16_MEAN_TOL
         table = measure(runners, lambda b: random_feeds(session, b), tuple(batches), budget_s=budget_s)
     finally:
         torch.set_num_threads(before)
     ms = table["ms_per_sample"]
     split_from = choose_split_from(ms, table["batches"])
     multithread_from = choose_ort_multithread_from(ms, table["batches"], split_from)
-    served = {ORT: ort_as_served(ms, multithread_from, split_from), TORCHSCRIPT: ms[TORCHSCRIPT]}
-    return {"threshold": choose_threshold(served, table["batches"]), "ort_multithread_from": multithread_from,
-            "ort_split_from": split_from, **table,
+    ort_served = ort_as_served(ms, multithread_from, split_from)
+    thresholds = {p: choose_threshold({ORT: ort_served, TORCHSCRIPT: ms[col]}, table["batches"])
+                  for p, col in ((FP32, TORCHSCRIPT), (BF16, TORCHSCRIPT_BF16)) if col in ms}
+    precision = choose_precision(ms, table["batches"], bf16)
+    return {"threshold": thresholds[precision], "torchscript_precision": precision,
+            **{f"threshold_{p}": t for p, t in thresholds.items()}, "bf16": bf16,
+            "ort_multithread_from": multithread_from, "ort_split_from": split_from, **table,
             "machine": machine(threads), "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"), **record}
 
 
 def measure_in_subprocess(onnx_path: str | Path, ts_path: str | Path, batches: tuple[int, ...], threads: int,
-                          allow_spinning: str = "0", budget_s: float = 1.0, **record) -> dict:
+                          allow_spinning: str = "0", budget_s: float = 1.0, bf16_path: str | Path | None = None,
+                          **record) -> dict:
     """measure_engines in a fresh `python -m mnistgen.engine` with OMP_ENV (as the served models run), not in a
     process whose torch is already loaded with other settings (export's)."""
     env = dict(os.environ)
@@ -417,6 +465,8 @@ def measure_in_subprocess(onnx_path: str | Path, ts_path: str | Path, batches: t
     cmd = [sys.executable, "-m", "mnistgen.engine", str(onnx_path), str(ts_path), "--batches",
            ",".join(map(str, batches)), "--threads", str(threads), "--allow-spinning", str(allow_spinning),
            "--budget-s", str(budget_s), "--record", json.dumps(record)]
+    if bf16_path is not None:
+        cmd += ["--bf16", str(bf16_path)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"engine measurement failed ({' '.join(cmd[:4])} ...): {out.stderr[-2000:]}")
@@ -433,12 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-spinning", default="0")
     p.add_argument("--budget-s", type=float, default=1.0)
     p.add_argument("--record", default="{}", help="JSON object of extra fields for the record")
+    p.add_argument("--bf16", default=None, help=f"the bf16 TorchScript ({BF16_FILE}) to measure beside model.pt")
     a = p.parse_args(argv)
     import warnings
 
     warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation notices
     record = measure_engines(a.onnx, a.torchscript, tuple(int(b) for b in a.batches.split(",")),
-                             resolve_threads(a.threads), a.allow_spinning, a.budget_s, **json.loads(a.record))
+                             resolve_threads(a.threads), a.allow_spinning, a.budget_s, a.bf16, **json.loads(a.record))
     print(json.dumps(record))
     return 0
 
@@ -470,9 +521,10 @@ def write_record(path: str | Path, record: dict) -> bool:
         return False
 
 
-def record_matches(record: dict | None, checkpoint_sha: str, threads: int) -> bool:
-    """The record was measured for this export, with these threads, on this kind of machine."""
-    if not record:
+def record_matches(record: dict | None, checkpoint_sha: str, threads: int, bf16_file: bool = False) -> bool:
+    """The record was measured for this export, with these threads, on this kind of machine (and, where a bf16
+    TorchScript exists beside model.pt, with its column or the finding that this CPU has no native bf16)."""
+    if not record or (bf16_file and not record.get("bf16")):
         return False
     m = record.get("machine", {})
     here = machine(threads)
@@ -516,8 +568,23 @@ def parse_threshold(value: str | None) -> tuple[bool, int | None]:
     return True, n
 
 
-def effective_threshold(runtime: str, engine_threshold: str | None, record: dict | None) -> tuple[int | None, str]:
-    """(threshold, where it came from) for a model's runtime / engine_threshold parameters and its record."""
+def effective_precision(value: str | None, record: dict | None, bf16_file: bool) -> str:
+    """The `precision` parameter of the TorchScript engine: "fp32"; "bf16" (needs BF16_FILE); "auto" / absent = the
+    record's measured choice (torchscript_precision), fp32 without a bf16 file or a record."""
+    v = (value or "auto").strip().lower()
+    if v not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+    if v == BF16 and not bf16_file:
+        raise ValueError(f"precision bf16 needs {BF16_FILE} beside model.pt: re-run `python -m training.export --force`")
+    if v == "auto":
+        v = (record or {}).get("torchscript_precision", FP32) if bf16_file else FP32
+    return v
+
+
+def effective_threshold(runtime: str, engine_threshold: str | None, record: dict | None,
+                        precision: str | None = None) -> tuple[int | None, str]:
+    """(threshold, where it came from) for a model's runtime / engine_threshold parameters and its record; with a
+    `precision`, the record's threshold measured for TorchScript in that precision (threshold_fp32 / threshold_bf16)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == ORT:
@@ -529,28 +596,34 @@ def effective_threshold(runtime: str, engine_threshold: str | None, record: dict
         return threshold, "engine_threshold parameter"
     if record is None:
         return None, "no measurement"
-    return record.get("threshold"), ENGINES_FILE
+    return record.get(f"threshold_{precision}", record.get("threshold")) if precision else record.get("threshold"), \
+        ENGINES_FILE
 
 
-def summary(record: dict | None, threshold: int | None, source: str, ort_parallel: str | None = "auto") -> dict:
+def summary(record: dict | None, threshold: int | None, source: str, ort_parallel: str | None = "auto",
+            precision: str = FP32) -> dict:
     """What the gateway shows (config.pbtxt parameter `engines`): engines used, threshold, threads, how ONNX Runtime
-    uses them, cpu, and all of it in words (`description`, what ListModels shows). `ort_parallel`: the model's
-    parameter of that name (auto = the record's ort_split_from)."""
+    uses them, TorchScript's precision, cpu, and all of it in words (`description`, what ListModels shows).
+    `ort_parallel`: the model's parameter of that name (auto = the record's ort_split_from)."""
     m = (record or {}).get("machine", {})
     engines = [ORT] if threshold is None else ([TORCHSCRIPT] if threshold <= 1 else [ORT, TORCHSCRIPT])
     threads = m.get("threads") or 1
     multithread_from = effective_multithread_from(record, threads, threshold)
     split_from = effective_split_from(record, threads, ort_parallel)
     return {"engines": engines, "threshold": threshold, "source": source, "threads": m.get("threads"),
-            "ort_multithread_from": multithread_from, "ort_split_from": split_from, "cpu": m.get("cpu"),
-            "description": describe(threshold, engines, source, m.get("threads"), multithread_from, split_from)}
+            "ort_multithread_from": multithread_from, "ort_split_from": split_from,
+            "torchscript_precision": precision if threshold is not None else None, "cpu": m.get("cpu"),
+            "description": describe(threshold, engines, source, m.get("threads"), multithread_from, split_from,
+                                    precision)}
 
 
 def describe(threshold: int | None, engines: list[str] | None = None, source: str | None = None,
-             threads: int | None = None, multithread_from: int | None = 1, split_from: int | None = None) -> str:
+             threads: int | None = None, multithread_from: int | None = 1, split_from: int | None = None,
+             precision: str = FP32) -> str:
     """The engine choice in words, as Triton logs it and the gateway's ListModels shows it: "onnxruntime (1 thread
-    below batch 4, the batch split over 2 one-thread sessions from 16) for batch 1-31, torchscript from 32
+    below batch 4, the batch split over 2 one-thread sessions from 16) for batch 1-31, torchscript bf16 from 32
     (engines.json, 2 threads)"."""
+    ts = f"{TORCHSCRIPT} bf16" if precision == BF16 else TORCHSCRIPT
     parts = []
     last = None if threshold is None else int(threshold) - 1  # the largest batch ONNX Runtime serves
     if multithread_from is None or (last is not None and multithread_from > last):
@@ -566,9 +639,9 @@ def describe(threshold: int | None, engines: list[str] | None = None, source: st
     if threshold is None:
         how = f"{ort if not engines or engines[0] == ORT else engines[0]} at every batch size"
     elif int(threshold) <= 1:
-        how = f"{TORCHSCRIPT} at every batch size"
+        how = f"{ts} at every batch size"
     else:
-        how = f"{ort} for batch 1-{int(threshold) - 1}, {TORCHSCRIPT} from {int(threshold)}"
+        how = f"{ort} for batch 1-{int(threshold) - 1}, {ts} from {int(threshold)}"
     extra = ", ".join(str(x) for x in (source, f"{threads} threads" if threads else None) if x)
     return f"{how} ({extra})" if extra else how
 

@@ -12,6 +12,8 @@
       ort_parallel      auto (default: engines.json `ort_split_from`) | split (from batch 2: the batch in N chunks on N
                         one-thread ONNX Runtime sessions side by side) | intra-op (one session, N intra-op threads)
       allow_spinning    ONNX Runtime worker threads spin while idle ("0" on shared machines)
+      precision         of the TorchScript engine: auto (default: engines.json `torchscript_precision`, bf16 where
+                        <version>/model_bf16.pt was measured faster than fp32 and within tolerance) | fp32 | bf16
   TorchScript is warmed up at initialize at the batch sizes it will get, so first requests are not slow.
 - DiffusionLoopModel: the base of the DDPM loop models (ddpm_denoise, ddpm_generate, ddpm_cond_generate): config,
   the UNet as eps_fn (same engine choice, per group batch size), stop checks for cancelled requests
@@ -103,16 +105,20 @@ class Engines:
         meta = self.session.get_modelmeta().custom_metadata_map
         runtime = param(model_config, "runtime", "auto")
         override = param(model_config, "engine_threshold", "auto")
-        ts_path = version_dir / "model.pt"
+        ts_path, bf16_path = version_dir / "model.pt", version_dir / eng.BF16_FILE
         engines_path = version_dir / eng.ENGINES_FILE
         self.record = eng.read_record(engines_path)
         on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
         if on_gpu:  # TorchScript here is the CPU build
             runtime = eng.ORT
         if (runtime == "auto" and not eng.parse_threshold(override)[0] and ts_path.exists()
-                and not eng.record_matches(self.record, meta.get("checkpoint_sha256", ""), self.threads)):
+                and not eng.record_matches(self.record, meta.get("checkpoint_sha256", ""), self.threads,
+                                           bf16_path.exists())):
             self.record = self._measure(version_dir, ts_path, meta, measure_batches, engines_path)
-        self.threshold, self.source = eng.effective_threshold(runtime, override, self.record)
+        # TorchScript in bf16 (model_bf16.pt) where engines.json measured it faster and within tolerance
+        self.precision = eng.effective_precision(param(model_config, "precision", "auto"), self.record,
+                                                 bf16_path.exists())
+        self.threshold, self.source = eng.effective_threshold(runtime, override, self.record, self.precision)
         # ONNX Runtime with one thread below the measured batch size (engines.json ort_multithread_from), with all of
         # the instance's threads from it on: the batch split over one-thread sessions, or one session's intra-op pool
         self.multithread_from = 1 if on_gpu else eng.effective_multithread_from(self.record, self.threads,
@@ -135,19 +141,21 @@ class Engines:
             import torch
 
             torch.set_num_threads(self.threads)
-            self.ts = eng.TorchScriptRunner(eng.load_torchscript(ts_path), self.input_names)
+            self.ts = eng.TorchScriptRunner(eng.load_torchscript(bf16_path if self.precision == eng.BF16 else ts_path),
+                                            self.input_names)
             self._warm_up(min(max_batch, MEASURE_MAX_BATCH))
         log("info", f"{self.name}: engines {self.describe()}")
 
     def _measure(self, version_dir: Path, ts_path: Path, meta: dict, batches: tuple[int, ...], path: Path) -> dict:
         with eng.measuring_lock():  # models load in parallel: measure one at a time
             record = eng.read_record(path)  # another instance may have measured meanwhile
-            if eng.record_matches(record, meta.get("checkpoint_sha256", ""), self.threads):
+            bf16_path = version_dir / eng.BF16_FILE
+            if eng.record_matches(record, meta.get("checkpoint_sha256", ""), self.threads, bf16_path.exists()):
                 return record
             log("info", f"{self.name}: no engines.json for this machine / {self.threads} threads: measuring")
             record = eng.measure_engines(
                 version_dir / "model.onnx", ts_path, tuple(b for b in batches if b <= MEASURE_MAX_BATCH),
-                self.threads, self.allow_spinning, budget_s=0.5, measured_by="triton-initialize",
+                self.threads, self.allow_spinning, budget_s=0.5, bf16_path=bf16_path, measured_by="triton-initialize",
                 checkpoint_sha256=meta.get("checkpoint_sha256", ""))
             if not eng.write_record(path, record):
                 log("warn", f"{self.name}: {path} is not writable; the measurement is used but not kept")
@@ -161,7 +169,8 @@ class Engines:
 
     def describe(self) -> str:
         return (eng.describe(self.threshold, source=self.source, threads=self.threads,
-                             multithread_from=self.multithread_from, split_from=self.split_from)
+                             multithread_from=self.multithread_from, split_from=self.split_from,
+                             precision=self.precision)
                 + f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
     def runner(self, batch: int):

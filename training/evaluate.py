@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from mnistgen.files import repo_path
 from .classifier import FeatureExtractor, load_classifier, predict
 from .data import DataConfig, load_mnist
 from mnistgen.limits import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, MAX_GUIDANCE, SAMPLERS
@@ -335,6 +336,9 @@ class EvalConfig:
     sigma: float = 0.5  # denoise: std of the Gaussian noise added to [-1, 1] images
     threads: int = 1  # torch CPU threads
     json: bool = False  # print one JSON object instead of a table
+    # a GAN only: score this TorchScript generator file (e.g. the served model_repository/dcgan_generator/1/
+    # model_bf16.pt, as Triton runs it: frozen, optimised) on the same latents instead of the checkpoint's PyTorch
+    torchscript: str = ""
 
 
 def _model_kind(model: str) -> str:
@@ -393,10 +397,21 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, what: str) -> t
     return x[idx], y[idx]
 
 
+def torchscript_file(path: str) -> Path:
+    """--torchscript: as given when it exists (relative to the working directory), else under the repository root."""
+    return Path(path) if Path(path).exists() else repo_path(path)
+
+
 @torch.no_grad()
-def generate_gan(model: str, n: int, seed: int = 0, batch_size: int = 500) -> tuple[torch.Tensor, float]:
-    """(samples (n, 1, 28, 28) in [-1, 1], ms per sample) from a GAN generator, z from mnistgen.latent."""
+def generate_gan(model: str, n: int, seed: int = 0, batch_size: int = 500,
+                 torchscript: str = "") -> tuple[torch.Tensor, float]:
+    """(samples (n, 1, 28, 28) in [-1, 1], ms per sample) from a GAN generator, z from mnistgen.latent; with
+    `torchscript`, from that exported file of it as served (its latent size is the checkpoint's)."""
     gen, config = load_generator(model)
+    if torchscript:
+        from mnistgen.engine import load_torchscript
+
+        gen = load_torchscript(torchscript_file(torchscript))
     z = latent_tensor(n, int(config["arch"]["latent_dim"]), seed)  # (n, latent_dim)
     out, elapsed = [], 0.0
     for i in tqdm(range(0, n, batch_size), desc=f"generate {model}", unit="batch", leave=False):
@@ -411,7 +426,7 @@ def produce_samples(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor | None,
     n = cfg.num_samples
     kind = _model_kind(cfg.model)
     if kind == "gan":
-        samples, ms = generate_gan(cfg.model, n, cfg.seed, cfg.batch_size)
+        samples, ms = generate_gan(cfg.model, n, cfg.seed, cfg.batch_size, cfg.torchscript)
         return samples, None, ms
     if kind == "real-test":  # the floor: real test images judged against the training split
         x, y = load_mnist("test", DataConfig())
@@ -497,7 +512,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run the configured evaluation and return one flat dict (what the CLI prints)."""
     validate(cfg)
     torch.set_num_threads(cfg.threads)
-    head = {"model": cfg.model, "task": cfg.task, "seed": cfg.seed}
+    head = {"model": cfg.model, "task": cfg.task, "seed": cfg.seed} | (
+        {"torchscript": cfg.torchscript} if cfg.torchscript else {})
     if _model_kind(cfg.model) == "ddpm":
         head.update({"sampler": cfg.sampler, "steps": cfg.steps})
     if cfg.task == "denoise":
@@ -550,6 +566,11 @@ def validate(cfg: EvalConfig) -> None:
         raise ValueError(f"--guidance must be in [0, {MAX_GUIDANCE:g}], got {cfg.guidance}")
     if cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.torchscript and (_model_kind(cfg.model) != "gan" or cfg.task != "generate"):
+        raise ValueError(f"--torchscript applies to a GAN's generate task only, got --model {cfg.model!r} "
+                         f"--task {cfg.task!r}")
+    if cfg.torchscript and not torchscript_file(cfg.torchscript).is_file():
+        raise ValueError(f"--torchscript {cfg.torchscript!r}: no such file (run `python -m training.export` first)")
 
 
 # ---------------------------------------------------------------- CLI

@@ -12,11 +12,18 @@ per batch size on this machine with the threads the model's config.pbtxt gives i
 <model>/1/engines.json (per batch ms/sample, the chosen threshold, machine and threads) and a summary in the
 config.pbtxt parameter `engines` (what clients see through Triton's model config). Re-measured when the export,
 the machine or the thread count changes (or with --force); --no-measure-engines skips it.
+
+bf16: the GAN generators also get 1/model_bf16.pt, the TorchScript traced in bfloat16 behind an fp32 interface (its
+mean |diff| to fp32 checked here). Where the CPU has native bf16 (AVX512_BF16 / AMX) it is timed as a column of its
+own, and serves as the TorchScript engine when it is faster and within tolerance (engines.json
+`torchscript_precision`; config.pbtxt `precision` overrides). Not for the DDPM UNet: measured, bf16 TorchScript loses
+to ONNX Runtime fp32 there (batch 64, 2 threads: 1.33 vs 1.10 ms/sample), and 100 steps would compound its error.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -34,6 +41,7 @@ from torch import nn
 
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from mnistgen.engine import BF16_FILE
 from mnistgen.files import sha256
 from mnistgen.models.dcgan import serving_module
 from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator
@@ -213,7 +221,8 @@ def export_generator(model: str, cfg: ExportConfig) -> dict | None:
     sync_latent_dim(model_dir / "config.pbtxt", latent_dim)
     sha = sha256(ckpt)
     onnx_path, ts_path = model_dir / "1" / ONNX_FILE, model_dir / "1" / TORCHSCRIPT_FILE
-    if not cfg.force and is_fresh([onnx_path, ts_path], sha):
+    bf16_path = ts_path.with_name(BF16_FILE)
+    if not cfg.force and is_fresh([onnx_path, ts_path, bf16_path], sha):
         print(f"- {model}: up to date ({ckpt.name})")
         return {"model": model, "skipped": True}
 
@@ -236,12 +245,45 @@ def export_generator(model: str, cfg: ExportConfig) -> dict | None:
         traced.save(str(tmp_ts))
         d_ts = max(d_ts, served_torchscript_diff(tmp_ts, gen, (z,)))
         _check_parity(f"{model} TorchScript (frozen, optimised)", d_ts, cfg.tolerance)
+        tmp_bf16 = Path(tmp) / BF16_FILE
+        bf16 = export_bf16(served, (z,), tmp_bf16, gen(z))
+        _atomic_replace(tmp_bf16, bf16_path)
         _atomic_replace(tmp_ts, ts_path)
         _atomic_replace(tmp_onnx, onnx_path)  # last: model.onnx present == export complete
     drop_engine_records([onnx_path.parent])
     print(f"- {model}: exported {ckpt.name} (latent_dim {latent_dim}); max|diff| onnx {d_onnx:.2e}, "
-          f"torchscript {d_ts:.2e}")
-    return {"model": model, "latent_dim": latent_dim, "onnx_max_abs_diff": d_onnx, "torchscript_max_abs_diff": d_ts}
+          f"torchscript {d_ts:.2e}, torchscript bf16 mean {bf16['mean_abs_diff']:.2e} max {bf16['max_abs_diff']:.2e}")
+    return {"model": model, "latent_dim": latent_dim, "onnx_max_abs_diff": d_onnx, "torchscript_max_abs_diff": d_ts,
+            "bf16": bf16}
+
+
+class Bf16(nn.Module):
+    """`module` in bfloat16 behind an fp32 interface: floating inputs cast to bf16 on the way in, outputs back to fp32
+    (so the served engine swaps files, nothing else)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = copy.deepcopy(module).to(torch.bfloat16).eval()
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.module(*[a.to(torch.bfloat16) if a.is_floating_point() else a for a in args]).float()
+
+
+def export_bf16(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, reference: torch.Tensor) -> dict:
+    """Trace `module` in bf16 (Bf16) to `path` (BF16_FILE: the TorchScript engine's bf16 variant, chosen at serving
+    time only where measured faster and within mnistgen.engine.BF16_MEAN_TOL); the file as served is checked against
+    `reference` (fp32 outputs on `example`): its mean |diff| must be within that tolerance."""
+    from mnistgen.engine import BF16_MEAN_TOL, load_torchscript
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(Bf16(module), tuple(a[:2] for a in example), check_trace=False).save(str(path))
+        d = (load_torchscript(path)(*example) - reference).abs()
+    diff = {"mean_abs_diff": float(d.mean()), "max_abs_diff": float(d.max())}
+    if diff["mean_abs_diff"] > BF16_MEAN_TOL:
+        raise ExportError(f"bf16 TorchScript parity failed: mean |diff| {diff['mean_abs_diff']:.3g} > tolerance "
+                           f"{BF16_MEAN_TOL} (max {diff['max_abs_diff']:.3g})")
+    return diff
 
 
 # -- DDPM ------------------------------------------------------------------------------------------
@@ -371,31 +413,36 @@ def measure_model_engines(cfg: ExportConfig, models: tuple[str, ...], batches: t
     onnx_path, ts_path = first / ONNX_FILE, first / TORCHSCRIPT_FILE
     if not (onnx_path.exists() and ts_path.exists()):
         return None
+    bf16_path = ts_path.with_name(BF16_FILE)
+    bf16_path = bf16_path if bf16_path.exists() else None
     params = model_params(dirs[0] / "config.pbtxt")
     threads = eng.resolve_threads(params.get("intra_op_threads", "0"))
     sha = onnx_metadata(onnx_path).get(META_SHA, "")
     records = [eng.read_record(d / "1" / eng.ENGINES_FILE) for d in dirs]
-    if not cfg.force and all(eng.record_matches(r, sha, threads) for r in records):
+    if not cfg.force and all(eng.record_matches(r, sha, threads, bf16_path is not None) for r in records):
         record = records[0]
         print(f"- {', '.join(models)}: engines up to date (threshold {record['threshold']}, {threads} threads)")
     else:
         with eng.measuring_lock():
             record = eng.measure_in_subprocess(onnx_path, ts_path, batches, threads, params.get("allow_spinning", "0"),
-                                               budget_s=cfg.engine_budget_s, measured_by="export",
+                                               budget_s=cfg.engine_budget_s, bf16_path=bf16_path, measured_by="export",
                                                checkpoint_sha256=sha)
         for d in dirs:
             eng.write_record(d / "1" / eng.ENGINES_FILE, record)
         ms = record["ms_per_sample"]
-        cols = [c for c in (eng.ORT, eng.TORCHSCRIPT, eng.ORT_1T, eng.ORT_SPLIT) if c in ms]
+        cols = [c for c in (eng.ORT, eng.TORCHSCRIPT, eng.ORT_1T, eng.ORT_SPLIT, eng.TORCHSCRIPT_BF16) if c in ms]
         cells = ", ".join(f"{b}: " + "/".join(f"{ms[c][str(b)]:.3g}" for c in cols) for b in batches)
         print(f"- {', '.join(models)}: engines measured with {threads} threads, ms/sample {'/'.join(cols)} "
               f"{cells}; threshold {record['threshold']}, onnxruntime multi-threaded from "
               f"{record.get('ort_multithread_from')}, split over one-thread sessions from "
-              f"{record.get('ort_split_from')}")
+              f"{record.get('ort_split_from')}, torchscript precision {record.get('torchscript_precision')} "
+              f"(bf16: {record.get('bf16')})")
     for d in dirs:
         p = model_params(d / "config.pbtxt")
-        threshold, source = eng.effective_threshold(p.get("runtime", "auto"), p.get("engine_threshold"), record)
-        summary = eng.summary(record, threshold, source, p.get("ort_parallel", "auto"))
+        precision = eng.effective_precision(p.get("precision"), record, bf16_path is not None)
+        threshold, source = eng.effective_threshold(p.get("runtime", "auto"), p.get("engine_threshold"), record,
+                                                    precision)
+        summary = eng.summary(record, threshold, source, p.get("ort_parallel", "auto"), precision)
         summary["measured_threshold"] = record["threshold"]
         if sync_engines_param(d / "config.pbtxt", summary):
             print(f"  {d / 'config.pbtxt'}: parameter engines = {json.dumps(summary)}")

@@ -18,6 +18,9 @@ judged against the training split, `--model real-test`):
   DDPM-100: the issue's command), the best <= 20-step sampler (dpm-solver++ or sde-dpm-solver++ at 20) within 10 %
 - ddpm denoise at sigma 0.3 (1,000 test images): class preservation >= 0.98 and PSNR >= 26.5 dB, with evaluate's
   default sampler (DDPM-100: the issue's command) and with Denoise's served default (mnistgen.limits.DEFAULT_SAMPLER)
+- the GAN as served in bf16 (model_repository/<model>/1/model_bf16.pt, what Triton runs from the engines.json
+  threshold on where the CPU has native bf16), same latents (10,000): FID no worse than the fp32 checkpoint's by more
+  than twice the spread of the difference (the bf16 engine must not cost quality). Only where the file exists.
 
 Each row records its model's checkpoint sha256 and training summary; goals.md is rendered from goals.json alone.
 FIDs carry `fid_sd`, their spread over bootstrap resamples of the samples (training.evaluate): two FIDs of the same
@@ -69,6 +72,7 @@ class GoalsConfig:
     from_json: bool = False  # only re-render goals.md from goals.json
     reuse: bool = False  # keep the rows of the existing goals.json whose key (settings, checkpoints) is unchanged
     fid_history: str = FID_HISTORY  # the GAN's FID over training (training.fid_history), quoted for its lever
+    model_repository: str = "model_repository"  # where the served bf16 generator (gan-bf16 row) is looked for
 
 
 def checkpoint_info(model: str) -> dict:
@@ -134,7 +138,19 @@ def judge(rows: dict) -> list[dict]:
         goal("best-20-vs-100", f"best <= 20-step sampler ({best_fast} 20) FID / DDPM-100 FID",
              rows[f"ddpm-{best_fast}-20"]["fid"] / ref["fid"], "<=", 1 + FEW_STEP_TOLERANCE,
              f"{_fid(rows[f'ddpm-{best_fast}-20'])} vs {_fid(ref)}"),
-    ] + denoise_goals
+    ] + denoise_goals + bf16_goals(rows)
+
+
+def bf16_goals(rows: dict) -> list[dict]:
+    """The served bf16 generator's FID minus the fp32 checkpoint's, on the same latents, against twice the spread of
+    that difference (draws counted independent: the shared latents make the true spread smaller, so this is lenient
+    only by that)."""
+    if "gan-bf16" not in rows:
+        return []
+    bf16, gan = rows["gan-bf16"], rows["gan"]
+    two_sd = 2 * ((bf16.get("fid_sd") or 0) ** 2 + (gan.get("fid_sd") or 0) ** 2) ** 0.5
+    return [goal("gan-bf16-fid", f"{gan['model']} served in bf16: FID - fp32 FID <= 2 sd of the difference",
+                 bf16["fid"] - gan["fid"], "<=", round(two_sd, 3), f"FID {_fid(bf16)} (bf16) vs {_fid(gan)} (fp32)")]
 
 
 def shortfall(g: dict) -> str:
@@ -177,6 +193,10 @@ def lever(g: dict, rows: dict, history: list[dict]) -> str:
                 + (f" The deterministic {served['sampler']} {served['steps']} (Denoise's served default) scores "
                    f"PSNR {served['psnr']:.2f} dB, class preservation {served['class_preservation']:.3f} on the same "
                    "images." if served else "") + " Next: a better UNet (width, steps).")
+    if gid == "gan-bf16-fid":
+        return ("Serve the generator in fp32: config.pbtxt parameter `precision` \"fp32\" (TorchScript fp32 from its own "
+                "measured threshold, engines.json threshold_fp32); bf16 keeps 8 bits of mantissa, and a generator "
+                "that needs more is sensitive to its activations' scale (batch norm folded into the convolutions).")
     return "No lever recorded for this goal."
 
 
@@ -206,7 +226,24 @@ def plan(cfg: GoalsConfig) -> dict[str, EvalConfig]:
         "denoise-served": EvalConfig(model=cfg.ddpm, task="denoise", sigma=DENOISE_SIGMA, num_samples=m,
                                      sampler=DEFAULT_SAMPLER, steps=DEFAULT_SAMPLER_STEPS, **common),
     }
+    bf16 = served_bf16(cfg)
+    if bf16 is not None:
+        rows["gan-bf16"] = EvalConfig(model=cfg.gan, num_samples=n, torchscript=bf16, **common)
     return rows
+
+
+def served_bf16(cfg: GoalsConfig) -> str | None:
+    """The exported bf16 TorchScript of cfg.gan in the model repository (relative to the repository root when it
+    lies under it), None when cfg.gan is not a served generator or the file is missing."""
+    from mnistgen.engine import BF16_FILE
+    from training.export import GENERATORS
+
+    triton = {name: t for t, name in GENERATORS.items()}.get(cfg.gan)
+    path = repo_path(cfg.model_repository) / str(triton) / "1" / BF16_FILE
+    if triton is None or not path.is_file():
+        return None
+    root = repo_path(".")
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def run(cfg: GoalsConfig) -> dict:
@@ -218,7 +255,8 @@ def run(cfg: GoalsConfig) -> dict:
         key = row_key(ecfg, info, classifier_sha256)
         command = (f"python -m training.evaluate --model {ecfg.model} --task {ecfg.task} --num-samples "
                    f"{ecfg.num_samples}" + (f" --sampler {ecfg.sampler} --steps {ecfg.steps}" if ecfg.sampler else "")
-                   + (f" --sigma {ecfg.sigma}" if ecfg.task == "denoise" else ""))
+                   + (f" --sigma {ecfg.sigma}" if ecfg.task == "denoise" else "")
+                   + (f" --torchscript {ecfg.torchscript}" if ecfg.torchscript else ""))
         old = before.get(name)
         if old is not None and old.get("key") == key:
             rows[name] = {**old, "reused": True}

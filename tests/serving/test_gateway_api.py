@@ -57,8 +57,9 @@ def test_list_models_grpc_and_http(ready_gateway, triton):
         if m.ready:
             split = r"the batch split over \d+ one-thread sessions( from \d+)?"
             ort = rf"onnxruntime( \((1 thread( below batch \d+(, {split})?)?|{split})\))?"
-            assert re.match(rf"({ort}|torchscript) "
-                            r"(at every batch size|for batch 1-\d+, torchscript from \d+)", m.engines), m.engines
+            ts = r"torchscript( bf16)?"
+            assert re.match(rf"({ort}|{ts}) (at every batch size|for batch 1-\d+, {ts} from \d+)", m.engines), \
+                m.engines
 
 
 def test_health_and_reflection(ready_gateway):

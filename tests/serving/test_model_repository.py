@@ -295,6 +295,47 @@ def test_overrides_beat_the_measurement():
     assert eng.warmup_batches(64, 256) == [64, 128, 256] and eng.warmup_batches(None, 256) == []
 
 
+BF16_MS = {eng.TORCHSCRIPT: {"1": 2.0, "16": 0.30, "64": 0.24, "256": 0.20},
+           eng.TORCHSCRIPT_BF16: {"1": 1.8, "16": 0.20, "64": 0.12, "256": 0.08}}
+
+
+@pytest.mark.parametrize("bf16, ms, want", [
+    ({"within_tolerance": True}, BF16_MS, eng.BF16),
+    ({"within_tolerance": False}, BF16_MS, eng.FP32),  # faster but off by more than bf16 rounding
+    ({"within_tolerance": True}, {eng.TORCHSCRIPT: BF16_MS[eng.TORCHSCRIPT_BF16],  # slower (no native bf16 kernels)
+                                  eng.TORCHSCRIPT_BF16: BF16_MS[eng.TORCHSCRIPT]}, eng.FP32),
+    ({"within_tolerance": True}, {eng.TORCHSCRIPT: BF16_MS[eng.TORCHSCRIPT]}, eng.FP32),  # not measured
+    (None, BF16_MS, eng.FP32),
+])
+def test_torchscript_runs_bf16_only_where_measured_faster_and_within_tolerance(bf16, ms, want):
+    assert eng.choose_precision(ms, [1, 16, 64, 256], bf16) == want
+
+
+def test_precision_parameter_and_the_threshold_measured_for_it():
+    record = {"threshold": 16, "torchscript_precision": eng.BF16, "threshold_fp32": 64, "threshold_bf16": 16}
+    assert eng.effective_precision("auto", record, bf16_file=True) == eng.BF16
+    assert eng.effective_precision(None, record, bf16_file=False) == eng.FP32  # no model_bf16.pt: fp32
+    assert eng.effective_precision("fp32", record, bf16_file=True) == eng.FP32
+    assert eng.effective_precision("auto", None, bf16_file=True) == eng.FP32  # not measured: fp32
+    assert eng.effective_precision("bf16", {"torchscript_precision": eng.FP32}, bf16_file=True) == eng.BF16
+    with pytest.raises(ValueError, match="precision bf16 needs model_bf16.pt"):
+        eng.effective_precision("bf16", record, bf16_file=False)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        eng.effective_precision("fp16", record, bf16_file=True)
+    assert eng.effective_threshold("auto", "auto", record, eng.FP32) == (64, eng.ENGINES_FILE)
+    assert eng.effective_threshold("auto", "auto", record, eng.BF16) == (16, eng.ENGINES_FILE)
+    assert eng.effective_threshold("auto", "auto", {"threshold": 8}, eng.FP32) == (8, eng.ENGINES_FILE)  # older
+    s = eng.summary(dict(record, machine={"threads": 2}), 16, eng.ENGINES_FILE, precision=eng.BF16)
+    assert s["torchscript_precision"] == eng.BF16
+    assert s["description"] == "onnxruntime for batch 1-15, torchscript bf16 from 16 (engines.json, 2 threads)"
+    assert eng.summary(record, None, eng.ENGINES_FILE, precision=eng.BF16)["torchscript_precision"] is None
+    # a record without the bf16 column is measured again once a model_bf16.pt sits beside model.pt
+    old = {"threshold": 16, "ort_multithread_from": 1, "ort_split_from": 4, "checkpoint_sha256": "abc",
+           "machine": eng.machine(2)}
+    assert eng.record_matches(old, "abc", 2) and not eng.record_matches(old, "abc", 2, bf16_file=True)
+    assert eng.record_matches(dict(old, bf16={"native": False}), "abc", 2, bf16_file=True)
+
+
 def test_record_is_trusted_only_for_the_same_export_machine_and_threads(tmp_path):
     record = {"threshold": 16, "ort_multithread_from": 1, "ort_split_from": 4, "checkpoint_sha256": "abc",
               "machine": eng.machine(2)}

@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from serving.triton_server import TritonConfig, TritonServer, find_tritonserver, free_ports
 from training.export import GENERATORS
+from mnistgen.engine import BF16_MEAN_TOL
 from mnistgen.latent import sample_latent
 from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
 
@@ -388,26 +389,29 @@ def test_generator_engines_are_visible_in_the_model_config(triton):
     # with more than one thread, ONNX Runtime is measured with one thread too (its column decides below which batch)
     # and with the batch split over one-thread sessions (against one session's intra-op threads: ort_parallel)
     want = {"onnxruntime", "torchscript"} | ({"onnxruntime-1thread", "onnxruntime-split"} if threads > 1 else set())
+    # and TorchScript in bf16 (model_bf16.pt) where the CPU has native bf16 kernels
+    want |= {"torchscript-bf16"} if record["bf16"]["native"] else set()
     assert set(record["ms_per_sample"]) == want and threads >= 1 and "ort_multithread_from" in record
+    assert summary["torchscript_precision"] == (record["torchscript_precision"] if summary["threshold"] else None)
     assert summary["ort_multithread_from"] == record["ort_multithread_from"]
     assert "ort_split_from" in record and summary["ort_split_from"] == (
         record["ort_split_from"] if threads > 1 else None)
 
 
 def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_record(tmp_path, checkpoint_dir):
-    """A private Triton: dcgan_generator with engine_threshold 4 (ONNX Runtime below 4 rows, TorchScript from 4)
-    and mlp_generator without engines.json (measured at initialize, written beside the model)."""
+    """A private Triton: dcgan_generator with engine_threshold 4 (ONNX Runtime below 4 rows, TorchScript from 4),
+    mlp_generator without engines.json (measured at initialize, written beside the model, its bf16 TorchScript too)
+    and dcgan_modified on TorchScript in bf16 (runtime torchscript, precision bf16)."""
     src = Path(__file__).resolve().parents[2] / "model_repository"
     repo = tmp_path / "repo"
-    for model in ("dcgan_generator", "mlp_generator"):
+    for model in ("dcgan_generator", "mlp_generator", "dcgan_modified"):
         if not (src / model / "1" / "model.pt").exists():
             pytest.skip(f"{model} not exported")
         shutil.copytree(src / model, repo / model, ignore=shutil.ignore_patterns("__pycache__", "engines.json"))
-    cfg_path = repo / "dcgan_generator" / "config.pbtxt"
-    text = cfg_path.read_text()
-    old = 'key: "engine_threshold"\n  value { string_value: "auto" }'
-    assert old in text
-    cfg_path.write_text(text.replace(old, 'key: "engine_threshold"\n  value { string_value: "4" }'))
+    set_param(repo / "dcgan_generator" / "config.pbtxt", "engine_threshold", "auto", "4")
+    # dcgan_modified: TorchScript at every batch size, in bf16 (model_bf16.pt) whatever engines.json would say
+    set_param(repo / "dcgan_modified" / "config.pbtxt", "runtime", "auto", "torchscript",
+              extra='parameters {\n  key: "precision"\n  value { string_value: "bf16" }\n}\n')
     with TritonServer(tiny_config(repo, tmp_path)) as server:
         server.wait_ready(timeout=300)
         log = server.log_tail(400)
@@ -415,6 +419,7 @@ def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_r
         assert "mlp_generator: no engines.json for this machine" in log, log
         record = json.loads((repo / "mlp_generator" / "1" / "engines.json").read_text())
         assert record["measured_by"] == "triton-initialize" and record["batches"][0] == 1
+        assert record["bf16"]["native"] == ("torchscript-bf16" in record["ms_per_sample"])
         gen, config = load_generator(checkpoint_dir / GAN_MODELS["dcgan-baseline"])
         dim = config["arch"]["latent_dim"]
         for b in (1, 3, 4, 37):  # both engines, batch sizes never seen before
@@ -423,6 +428,21 @@ def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_r
             with torch.inference_mode():
                 ref = gen(torch.from_numpy(z)).numpy()
             assert image.shape == (b, 1, 28, 28) and np.abs(image - ref).max() <= GEN_TOL, b
+        assert "dcgan_modified: engines torchscript bf16 at every batch size (runtime=torchscript" in log, log
+        gen, config = load_generator(checkpoint_dir / GAN_MODELS["dcgan-modified"])
+        z = sample_latent(64, config["arch"]["latent_dim"], seed=7)
+        (image,) = _grpc_infer(server.grpc_url, "dcgan_modified", {"latent": (z, "FP32")}, ["image"])
+        with torch.inference_mode():
+            diff = np.abs(image - gen(torch.from_numpy(z)).numpy())
+        assert image.dtype == np.float32 and diff.mean() <= BF16_MEAN_TOL and diff.max() > GEN_TOL  # bf16, really
+
+
+def set_param(path: Path, key: str, old: str, new: str, extra: str = "") -> None:
+    """Change a config.pbtxt parameter's value (and append `extra` text)."""
+    text = path.read_text()
+    before = f'key: "{key}"\n  value {{ string_value: "{old}" }}'
+    assert before in text
+    path.write_text(text.replace(before, f'key: "{key}"\n  value {{ string_value: "{new}" }}') + extra)
 
 
 @pytest.mark.parametrize("kw, match", [

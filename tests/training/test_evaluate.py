@@ -130,6 +130,23 @@ def test_evaluate_standin_gan_and_bad_options(standin_gan):
         evaluate(EvalConfig(model="noise", task="denoise"))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_evaluate_scores_an_exported_torchscript_generator_on_the_same_latents(standin_gan, tmp_path):
+    from mnistgen.registry import load_generator
+
+    gen, config = load_generator(standin_gan)
+    z = torch.zeros(2, int(config["arch"]["latent_dim"]))
+    with torch.inference_mode():
+        torch.jit.trace(gen.eval(), z, check_trace=False).save(str(tmp_path / "model.pt"))
+    ref = evaluate(EvalConfig(model=str(standin_gan), num_samples=100))
+    out = evaluate(EvalConfig(model=str(standin_gan), num_samples=100, torchscript=str(tmp_path / "model.pt")))
+    assert out["torchscript"] == str(tmp_path / "model.pt") and out["fid"] == pytest.approx(ref["fid"], abs=1e-3)
+    with pytest.raises(ValueError, match="--torchscript applies to a GAN's generate task only"):
+        evaluate(EvalConfig(model="noise", torchscript=str(tmp_path / "model.pt")))
+    with pytest.raises(ValueError, match="--torchscript 'nope.pt': no such file"):
+        evaluate(EvalConfig(model=str(standin_gan), torchscript="nope.pt"))
+
+
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([PY, "-m", "training.evaluate", *args], cwd=REPO, env=env, capture_output=True,

@@ -68,6 +68,58 @@ def test_generator_export_parity_names_and_dynamic_batch(repo):
     assert meta["graph"] == "DCGANServing"  # the inference rewrite is what is served
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_generator_gets_a_bf16_torchscript_with_an_fp32_interface_within_its_tolerance(repo):
+    """model_bf16.pt: fp32 latents in, fp32 images out, bf16 inside (a model that differs from fp32 by more than
+    bf16 rounding would be a broken export), and a missing one makes the export stale."""
+    from mnistgen.engine import BF16_FILE, BF16_MEAN_TOL, load_torchscript
+
+    ckpt = stand_in(repo.parent / "ckpt", "dcgan-modified", GANArch(latent_dim=64, depth=4))
+    (result,) = run(cfg_for(repo, only=("dcgan_modified",), measure_engines=False))
+    assert 0 < result["bf16"]["mean_abs_diff"] <= BF16_MEAN_TOL  # > 0: really bf16, not the fp32 graph again
+    path = repo / "dcgan_modified" / "1" / BF16_FILE
+    assert {p.dtype for p in torch.jit.load(str(path)).parameters()} == {torch.bfloat16}
+    gen, _ = load_generator(ckpt)
+    z = torch.from_numpy(np.random.default_rng(5).standard_normal((37, 64), dtype=np.float32))
+    with torch.inference_mode():
+        out, ref = load_torchscript(path)(z), gen(z)
+    assert out.dtype == torch.float32 and out.shape == (37, 1, 28, 28)
+    assert float((out - ref).abs().mean()) <= BF16_MEAN_TOL and float((out - ref).abs().max()) > TOL
+    (again,) = run(cfg_for(repo, only=("dcgan_modified",), measure_engines=False))
+    assert again["skipped"]
+    path.unlink()
+    (redone,) = run(cfg_for(repo, only=("dcgan_modified",), measure_engines=False))
+    assert not redone.get("skipped") and path.exists()
+
+
+def test_a_bf16_export_off_by_more_than_rounding_fails_loudly(repo, monkeypatch):
+    stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100))
+    monkeypatch.setattr("mnistgen.engine.BF16_MEAN_TOL", 1e-9)  # no bf16 model is this close to fp32
+    with pytest.raises(ExportError, match="bf16 TorchScript parity failed: mean"):
+        run(cfg_for(repo, only=("mlp_generator",), measure_engines=False))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("native", [True, False])
+def test_engine_record_has_the_bf16_column_where_the_cpu_has_native_bf16(repo, monkeypatch, native):
+    from mnistgen import engine as eng
+
+    if native and not eng.bf16_native():
+        pytest.skip("this CPU has no native bf16 kernels")
+    monkeypatch.setattr(eng, "bf16_native", lambda: native)
+    stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100))
+    run(cfg_for(repo, only=("mlp_generator",), measure_engines=False))
+    v = repo / "mlp_generator" / "1"
+    record = eng.measure_engines(v / "model.onnx", v / "model.pt", (1, 8), 1, budget_s=0.01,
+                                 bf16_path=v / eng.BF16_FILE, checkpoint_sha256="x")
+    assert record["bf16"]["native"] is native and (eng.TORCHSCRIPT_BF16 in record["ms_per_sample"]) is native
+    assert record["torchscript_precision"] in ((eng.FP32, eng.BF16) if native else (eng.FP32,))
+    assert record["threshold"] == record[f"threshold_{record['torchscript_precision']}"]
+    if native:
+        assert record["bf16"]["within_tolerance"] and 0 < record["bf16"]["mean_abs_diff"] <= eng.BF16_MEAN_TOL
+    assert eng.record_matches(record, "x", 1, bf16_file=True)
+
+
 def test_an_older_export_format_is_stale_and_its_engine_record_dropped(repo, monkeypatch):
     stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100))
     run(cfg_for(repo, only=("mlp_generator",), measure_engines=False))

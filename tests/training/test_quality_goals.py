@@ -45,6 +45,27 @@ def test_goals_from_rows():
     assert len(qg.judge(old)) == 8
 
 
+def test_the_served_bf16_generator_must_not_cost_fid_beyond_the_noise():
+    r = rows(gan_fid=21.3)
+    r["gan"]["fid_sd"] = 0.6
+    assert "gan-bf16-fid" not in {g["id"] for g in qg.judge(r)}  # no model_bf16.pt: no row, no goal
+    r["gan-bf16"] = {**r["gan"], "fid": 21.2, "fid_sd": 0.8}
+    (g,) = [g for g in qg.judge(r) if g["id"] == "gan-bf16-fid"]
+    assert g["measured"] == pytest.approx(-0.1) and g["target"] == pytest.approx(2.0) and g["met"]
+    r["gan-bf16"]["fid"] = 23.4  # 2.1 worse: more than twice the spread of the difference
+    (g,) = [g for g in qg.judge(r) if g["id"] == "gan-bf16-fid"]
+    assert not g["met"] and "precision" in qg.lever(g, r, [])
+
+
+def test_plan_scores_the_served_bf16_generator_where_it_is_exported(tmp_path):
+    assert "gan-bf16" not in qg.plan(qg.GoalsConfig(model_repository=str(tmp_path)))
+    (tmp_path / "dcgan_generator" / "1").mkdir(parents=True)
+    (tmp_path / "dcgan_generator" / "1" / "model_bf16.pt").write_bytes(b"x")
+    row = qg.plan(qg.GoalsConfig(model_repository=str(tmp_path)))["gan-bf16"]
+    assert row.model == "dcgan-baseline" and row.torchscript == str(tmp_path / "dcgan_generator/1/model_bf16.pt")
+    assert "gan-bf16" not in qg.plan(qg.GoalsConfig(gan="mlp-x.safetensors", model_repository=str(tmp_path)))
+
+
 def test_markdown_rendered_from_the_json(tmp_path):
     r = rows()
     data = {"config": {"threads": 2}, "rows": r, "goals": qg.judge(r), "wall_s": 600.0}
