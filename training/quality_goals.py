@@ -88,7 +88,8 @@ def checkpoint_info(model: str) -> dict:
 def row_key(ecfg: EvalConfig, info: dict, classifier_sha256: str) -> dict:
     """What a row's figures depend on: the evaluation's settings (threads change speed, not results), the model
     checkpoint's sha256 (none for real data) and the judging classifier's sha256."""
-    settings = {k: v for k, v in asdict(ecfg).items() if k not in ("threads", "json")}
+    settings = {k: v for k, v in asdict(ecfg).items()
+                if k not in ("threads", "json") and not (k == "torchscript" and not v)}  # rows before --torchscript
     return {**settings, "sha256": info.get("sha256"), "classifier_sha256": classifier_sha256}
 
 
