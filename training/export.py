@@ -42,6 +42,8 @@ from torch import nn
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.engine import BF16_FILE
+from mnistgen import engines_param  # the measured `engines` block (kept out of git: see there)
+from mnistgen.engines_param import ENGINES_PARAM
 from mnistgen.files import sha256
 from mnistgen.models.dcgan import serving_module
 from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator
@@ -376,9 +378,6 @@ def export_ddpm(cfg: ExportConfig, models: tuple[str, ...], checkpoint: str = DD
 
 # -- engines -----------------------------------------------------------------------------------------
 
-ENGINES_PARAM = "engines"  # config.pbtxt parameter: export's summary of 1/engines.json for clients
-_ENGINES_BLOCK = re.compile(r'# [^\n]*engines\.json[^\n]*\n(?:# [^\n]*\n)*parameters \{\s*key: "engines"\s*'
-                            r"value \{ string_value: '[^']*' \}\s*\}\n?")
 
 
 def model_params(config_path: Path) -> dict[str, str]:
@@ -386,17 +385,14 @@ def model_params(config_path: Path) -> dict[str, str]:
 
 
 def sync_engines_param(config_path: Path, summary: dict) -> bool:
-    """Write `summary` as the config.pbtxt parameter `engines` (one line of JSON); True if the file changed."""
-    if model_params(config_path).get(ENGINES_PARAM) == json.dumps(summary):
+    """Write `summary` as the config.pbtxt parameter `engines` (one line of JSON, padded: mnistgen.engines_param);
+    True if the file changed."""
+    new, text = engines_param.block(summary), config_path.read_text()
+    if new in text:
         return False
-    value = json.dumps(summary).replace("'", "").replace("\\", "")  # single-quoted text-format string
-    block = ("# written by `python -m training.export` from 1/engines.json (its summary; edit runtime /\n"
-             "# engine_threshold above to override, not this)\n"
-             f"parameters {{\n  key: \"{ENGINES_PARAM}\"\n  value {{ string_value: '{value}' }}\n}}\n")
-    text = config_path.read_text()
-    text, n = _ENGINES_BLOCK.subn(lambda _: block, text)
+    text, n = engines_param.BLOCK.subn(lambda _: new, text)
     if n == 0:
-        text = text.rstrip("\n") + "\n" + block
+        text = text.rstrip("\n") + "\n" + new
     config_path.write_text(text)
     read_model_config(config_path)  # still parses
     return True

@@ -301,11 +301,19 @@ def test_engine_records_shown_in_the_markdown(tmp_path):
     assert list(records) == ["dcgan_generator"] and records["dcgan_generator"]["threads"] == 2
     assert records["dcgan_generator"]["ort_split_from"] is None  # a record from before the split column
     md = "\n".join(bench.engines_markdown(records))
-    assert "| dcgan_generator | 1 | 0.3 | 0.25 | - | 2 | onnxruntime, 1 thread |" in md
-    assert "| dcgan_generator | 64 | 0.3 | 0.5 | - | 0.2 | torchscript |" in md
+    assert "| dcgan_generator | 1 | 0.3 | 0.25 | - | 2 | - | onnxruntime, 1 thread |" in md
+    assert "| dcgan_generator | 64 | 0.3 | 0.5 | - | 0.2 | - | torchscript fp32 |" in md  # a record before bf16
     assert ("onnxruntime (1 thread below batch 4) for batch 1-63, torchscript from 64 (engines.json, 2 threads)"
             in md)
     assert bench.engines_markdown({}) == []
+    record = eng.read_record(d / eng.ENGINES_FILE)
+    record["ms_per_sample"]["torchscript-bf16"] = {"1": 1.5, "64": 0.1}
+    record.update(threshold=16, torchscript_precision="bf16",
+                  bf16={"native": True, "mean_abs_diff": 0.0011, "max_abs_diff": 0.12, "within_tolerance": True})
+    eng.write_record(d / eng.ENGINES_FILE, record)
+    md = "\n".join(bench.engines_markdown(bench.engine_records(tmp_path, ("dcgan_generator",))))
+    assert "| dcgan_generator | 64 | 0.3 | 0.5 | - | 0.2 | 0.1 | torchscript bf16 |" in md
+    assert "torchscript bf16 from 16 (engines.json, 2 threads)" in md and "mean |diff| 0.0011, max 0.12" in md
 
 
 def test_split_engine_choice_shown_in_the_markdown(tmp_path):
@@ -319,8 +327,8 @@ def test_split_engine_choice_shown_in_the_markdown(tmp_path):
         "ms_per_sample": {"onnxruntime": {"1": 2.0, "4": 1.4, "16": 1.2}, "onnxruntime-1thread": {"1": 2.0, "4": 1.8},
                           "onnxruntime-split": {"1": 2.0, "4": 1.1, "16": 0.9}, "torchscript": {"16": 1.6}}})
     md = "\n".join(bench.engines_markdown(bench.engine_records(tmp_path, ("ddpm_unet",))))
-    assert "| ddpm_unet | 1 | 2 | 2 | 2 | - | onnxruntime |" in md  # all threads from 1 row, split from 4
-    assert "| ddpm_unet | 16 | 1.2 | - | 0.9 | 1.6 | onnxruntime, split |" in md
+    assert "| ddpm_unet | 1 | 2 | 2 | 2 | - | - | onnxruntime |" in md  # all threads from 1 row, split from 4
+    assert "| ddpm_unet | 16 | 1.2 | - | 0.9 | 1.6 | - | onnxruntime, split |" in md
     assert ("onnxruntime (the batch split over 2 one-thread sessions from 4) at every batch size (engines.json, "
             "2 threads)" in md)
 

@@ -361,3 +361,53 @@ def test_engines_param_is_written_once_and_replaced(tmp_path):
     assert text.count('key: "engines"') == 1 and "# DCGAN generator" in text
     params = {k: v.string_value for k, v in read_model_config(path).parameters.items()}
     assert json.loads(params[ENGINES_PARAM]) == second and params["intra_op_threads"] == "0"
+
+
+def test_the_measured_engines_block_stays_out_of_git(tmp_path):
+    """export writes this machine's `engines` block into config.pbtxt at the placeholder's size, and the clean filter
+    that `make setup` configures (.gitattributes) turns it back into the placeholder: after `make run` the checkout
+    is clean and `git pull` updates the file; an edit elsewhere still shows."""
+    import subprocess
+
+    from google.protobuf import text_format
+
+    from mnistgen import engines_param
+
+    root = Path(__file__).resolve().parents[2]
+    assert f"model_repository/*/config.pbtxt filter={engines_param.GIT_FILTER}" in (root / ".gitattributes").read_text()
+    assert f"filter.{engines_param.GIT_FILTER}.clean 'python3 mnistgen/engines_param.py'" in (
+        root / "Makefile").read_text()
+    committed = engines_param.clean((MODEL_REPOSITORY / "dcgan_generator" / "config.pbtxt").read_text())
+    assert committed.count(engines_param.PLACEHOLDER) == 1 and 'key: "runtime"' in committed
+    params = {k: v.string_value for k, v in text_format.Parse(committed, mc.ModelConfig()).parameters.items()}
+    assert json.loads(params[ENGINES_PARAM]) == engines_param.NOT_MEASURED  # the padding parses away
+
+    def git(*args, cwd=tmp_path / "a"):
+        return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout
+
+    def clone(name):  # a checkout with the filter configured, as `make setup` does
+        git("clone", "-q", str(tmp_path / "a"), str(tmp_path / name), cwd=tmp_path)
+        git("config", f"filter.{engines_param.GIT_FILTER}.clean", f"python3 {root / 'mnistgen' / 'engines_param.py'}",
+            cwd=tmp_path / name)
+        return tmp_path / name
+
+    (tmp_path / "a").mkdir()
+    git("init", "-q")
+    cfg = tmp_path / "a" / "model_repository" / "dcgan_generator" / "config.pbtxt"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(committed)
+    (tmp_path / "a" / ".gitattributes").write_text((root / ".gitattributes").read_text())
+    git("add", "-A")
+    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "init")
+    user, dev = clone("user"), clone("dev")
+    ucfg = user / cfg.relative_to(tmp_path / "a")
+    summary = {"engines": ["onnxruntime"], "threshold": None, "description": "measured here"}
+    assert sync_engines_param(ucfg, summary) and "measured here" in ucfg.read_text()
+    assert ucfg.stat().st_size == len(committed.encode())
+    assert git("status", "--porcelain", cwd=user) == ""  # the measured block is invisible to git
+    dcfg = dev / cfg.relative_to(tmp_path / "a")
+    dcfg.write_text(dcfg.read_text().replace('string_value: "auto"', 'string_value: "onnxruntime"', 1))
+    assert git("status", "--porcelain", cwd=dev).strip() == "M model_repository/dcgan_generator/config.pbtxt"
+    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qam", "runtime onnxruntime", cwd=dev)
+    git("pull", "-q", str(dev), "HEAD", cwd=user)  # does not refuse: nothing local to lose
+    assert 'string_value: "onnxruntime"' in ucfg.read_text() and "measured here" not in ucfg.read_text()
