@@ -64,6 +64,8 @@ def test_config_parses_and_matches_contract(model):
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params["runtime"] in eng.RUNTIMES and params["intra_op_threads"] == "0"  # derived from the cores
     eng.parse_threshold(params["engine_threshold"])  # a valid override (auto by default)
+    assert params.get("precision", "auto") in eng.PRECISIONS
+    assert ("precision" in params) == (model in GENERATORS)  # the generators have a bf16 TorchScript to choose
     if ENGINES_PARAM in params:  # export's summary for clients: valid JSON naming the engines in use
         summary = json.loads(params[ENGINES_PARAM])
         assert set(summary["engines"]) <= set(eng.ENGINES) and "threshold" in summary

@@ -410,8 +410,8 @@ def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_r
         shutil.copytree(src / model, repo / model, ignore=shutil.ignore_patterns("__pycache__", "engines.json"))
     set_param(repo / "dcgan_generator" / "config.pbtxt", "engine_threshold", "auto", "4")
     # dcgan_modified: TorchScript at every batch size, in bf16 (model_bf16.pt) whatever engines.json would say
-    set_param(repo / "dcgan_modified" / "config.pbtxt", "runtime", "auto", "torchscript",
-              extra='parameters {\n  key: "precision"\n  value { string_value: "bf16" }\n}\n')
+    set_param(repo / "dcgan_modified" / "config.pbtxt", "runtime", "auto", "torchscript")
+    set_param(repo / "dcgan_modified" / "config.pbtxt", "precision", "auto", "bf16")
     with TritonServer(tiny_config(repo, tmp_path)) as server:
         server.wait_ready(timeout=300)
         log = server.log_tail(400)
@@ -437,12 +437,12 @@ def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_r
         assert image.dtype == np.float32 and diff.mean() <= BF16_MEAN_TOL and diff.max() > GEN_TOL  # bf16, really
 
 
-def set_param(path: Path, key: str, old: str, new: str, extra: str = "") -> None:
-    """Change a config.pbtxt parameter's value (and append `extra` text)."""
+def set_param(path: Path, key: str, old: str, new: str) -> None:
+    """Change a config.pbtxt parameter's value."""
     text = path.read_text()
     before = f'key: "{key}"\n  value {{ string_value: "{old}" }}'
     assert before in text
-    path.write_text(text.replace(before, f'key: "{key}"\n  value {{ string_value: "{new}" }}') + extra)
+    path.write_text(text.replace(before, f'key: "{key}"\n  value {{ string_value: "{new}" }}'))
 
 
 @pytest.mark.parametrize("kw, match", [
