@@ -411,6 +411,17 @@ def choose_precision(ms_per_sample: dict[str, dict[str, float]], batches: list[i
     return BF16 if choose_crossover(ms_per_sample, batches, TORCHSCRIPT, TORCHSCRIPT_BF16) is not None else FP32
 
 
+def request_groups(sizes: list[int], threshold: int | None) -> list[tuple[list[int], bool]]:
+    """Queued requests (their row counts) -> (request indices, on TorchScript?) groups that run together: those below
+    the TorchScript threshold on ONNX Runtime (whatever their total) and those at or above it on TorchScript, each in
+    queue order, empty groups left out. Choosing by a request's own size, not the batch total, keeps its result
+    independent of what it was batched with (ONNX Runtime and TorchScript differ by float rounding, by bf16's when
+    TorchScript runs in bf16; each alone gives a row the same result in any batch)."""
+    low = [i for i, n in enumerate(sizes) if threshold is None or n < threshold]
+    high = [i for i, n in enumerate(sizes) if threshold is not None and n >= threshold]
+    return [(g, on_ts) for g, on_ts in ((low, False), (high, True)) if g]
+
+
 def measure_engines(onnx_path: str | Path, ts_path: str | Path, batches: tuple[int, ...], threads: int,
                     allow_spinning: str = "0", budget_s: float = 1.0, bf16_path: str | Path | None = None,
                     **record) -> dict:

@@ -173,12 +173,14 @@ class Engines:
                              precision=self.precision)
                 + f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
-    def runner(self, batch: int):
-        which = eng.engine_for(batch, self.threshold, self.multithread_from, self.split_from)
+    def runner(self, batch: int, onnx_only: bool = False):
+        """The runner for `batch` rows; onnx_only: the ONNX Runtime variant for it even at or above the threshold."""
+        which = eng.engine_for(batch, None if onnx_only else self.threshold, self.multithread_from, self.split_from)
         return {eng.TORCHSCRIPT: self.ts, eng.ORT_1T: self.ort1, eng.ORT_SPLIT: self.split}.get(which, self.ort)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner(next(iter(feeds.values())).shape[0])(feeds)
+
 
 
 class EngineEps:
@@ -265,28 +267,34 @@ class SingleShotModel:
             )
 
     def execute(self, requests: list) -> list:
-        # concatenate every queued request along the batch axis, run once, split back
-        feeds: dict[str, list[np.ndarray]] = {name: [] for name in self.input_names}
-        sizes: list[int] = []
+        """Every queued request's rows concatenated and run at once, split back; except that each request runs on the
+        engine its OWN row count selects (Engines.request_groups): rows below the TorchScript threshold on ONNX
+        Runtime together, rows of requests at or above it on TorchScript together. So a request's images depend on
+        its seed and size only, never on what it was batched with (TorchScript in bf16 differs from ONNX Runtime fp32
+        by bf16 rounding; each engine alone gives a row the same result in any batch)."""
+        feeds: list[dict[str, np.ndarray]] = []
         for request in requests:
-            for name in self.input_names:
-                feeds[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
-            sizes.append(feeds[self.input_names[0]][-1].shape[0])
-        runner = self.engines.runner(sum(sizes))
-        try:
-            batch = {name: np.concatenate(parts, axis=0).reshape(-1, *self.row_shapes[name])  # (sum B, ...)
-                     for name, parts in feeds.items()}
-            by_name = dict(zip(self.engines.output_names, runner(batch)))
-            outputs = [by_name[name] for name in self.output_names]
-        except Exception as e:  # a failed run answers every request with the error; the model stays up
-            return [error_response(f"{runner.engine} failed: {e}") for _ in requests]
-        responses, start = [], 0
-        for n in sizes:
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(out[start:start + n]))
-                       for name, out in zip(self.output_names, outputs)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            start += n
-        return responses
+            feeds.append({name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                          for name in self.input_names})
+        sizes = [f[self.input_names[0]].shape[0] for f in feeds]
+        outputs: list[list[np.ndarray] | None] = [None] * len(requests)
+        errors: dict[int, str] = {}
+        for members, on_ts in eng.request_groups(sizes, self.engines.threshold):
+            runner = self.engines.ts if on_ts else self.engines.runner(sum(sizes[i] for i in members), onnx_only=True)
+            try:
+                batch = {name: np.concatenate([feeds[i][name] for i in members], axis=0).reshape(
+                    -1, *self.row_shapes[name]) for name in self.input_names}  # (sum B, ...)
+                by_name = dict(zip(self.engines.output_names, runner(batch)))
+            except Exception as e:  # a failed run answers its requests with the error; the model stays up
+                errors.update({i: f"{runner.engine} failed: {e}" for i in members})
+                continue
+            start = 0
+            for i in members:
+                outputs[i] = [by_name[name][start:start + sizes[i]] for name in self.output_names]
+                start += sizes[i]
+        return [error_response(errors[i]) if i in errors else pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(name, np.ascontiguousarray(out)) for name, out in zip(self.output_names, outputs[i])])
+                for i in range(len(requests))]
 
     def finalize(self) -> None:
         self.engines = None

@@ -313,6 +313,14 @@ def test_torchscript_runs_bf16_only_where_measured_faster_and_within_tolerance(b
     assert eng.choose_precision(ms, [1, 16, 64, 256], bf16) == want
 
 
+def test_each_request_runs_on_the_engine_its_own_size_selects():
+    # queued requests of 1, 20, 3, 16 and 40 rows, TorchScript from 16: the small ones together on ONNX Runtime
+    # (23 rows: still ONNX Runtime), the large ones together on TorchScript
+    assert eng.request_groups([1, 20, 3, 16, 40], 16) == [([0, 2], False), ([1, 3, 4], True)]
+    assert eng.request_groups([1, 2], None) == [([0, 1], False)]  # no threshold: ONNX Runtime for all
+    assert eng.request_groups([64], 16) == [([0], True)] and eng.request_groups([4, 9], 1) == [([0, 1], True)]
+
+
 def test_precision_parameter_and_the_threshold_measured_for_it():
     record = {"threshold": 16, "torchscript_precision": eng.BF16, "threshold_fp32": 64, "threshold_bf16": 16}
     assert eng.effective_precision("auto", record, bf16_file=True) == eng.BF16
