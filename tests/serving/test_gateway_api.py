@@ -15,6 +15,7 @@ from PIL import Image
 from serving import images as imgs
 from serving.client import as_array
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
+from mnistgen import engine as eng
 from mnistgen.latent import sample_latent
 
 GANS = {"dcgan-baseline": "dcgan_generator", "dcgan-modified": "dcgan_modified", "mlp": "mlp_generator"}
@@ -124,9 +125,16 @@ def test_same_seed_same_images_over_both_transports(ready_gateway, triton):
     other = raw_of(ready_gateway.stub.Generate(pb.GenerateRequest(model="dcgan-baseline", num_samples=5, seed=8),
                                                timeout=30).images)
     assert np.abs(other - a).max() > 1e-3
-    # a prefix of a bigger request is the same sample: latents are drawn in one go per request
-    np.testing.assert_array_equal(raw_of(ready_gateway.stub.Generate(
-        pb.GenerateRequest(model="dcgan-baseline", num_samples=2, seed=7), timeout=30).images), a[:2])
+    # a prefix of a bigger request is the same sample: latents are drawn in one go per request; exactly so while both
+    # sizes run on one engine (docs/api.md), within bf16 rounding where the TorchScript threshold lies between them
+    prefix = raw_of(ready_gateway.stub.Generate(
+        pb.GenerateRequest(model="dcgan-baseline", num_samples=2, seed=7), timeout=30).images)
+    record = eng.read_record(triton.server.config.model_repository / "dcgan_generator" / "1" / eng.ENGINES_FILE)
+    threshold = (record or {}).get("threshold")
+    if threshold is None or (2 >= threshold) == (5 >= threshold):
+        np.testing.assert_array_equal(prefix, a[:2])
+    else:
+        assert np.abs(prefix - a[:2]).mean() <= eng.BF16_MEAN_TOL
 
 
 def test_random_seed_is_returned_and_reproduces(ready_gateway, triton):
