@@ -57,6 +57,53 @@ def log(level: str, message: str) -> None:
         print(message, flush=True)
 
 
+class EngineUsage:
+    """Rows and runs per engine as Prometheus counters on Triton's metrics endpoint (:8002):
+        mnistgen_engine_rows_total{model, version, engine}  rows each engine ran (DDPM loops: rows x UNet evaluations)
+        mnistgen_engine_runs_total{model, version, engine}  engine calls
+    engine: onnxruntime | onnxruntime-1thread | onnxruntime-split | torchscript | torchscript-bf16. Counted in memory
+    and flushed to Triton at most every FLUSH_S seconds, at a run (each increment is a round trip from the stub to
+    Triton: not once per UNet step), so the counters lag the traffic by up to FLUSH_S. A Triton without the custom
+    metrics API, or one that refuses the families, leaves the model serving without them (logged)."""
+
+    ROWS, RUNS = "mnistgen_engine_rows_total", "mnistgen_engine_runs_total"
+    FLUSH_S = 1.0
+
+    def __init__(self, model: str, version: str):
+        import time
+
+        self.clock, self.labels = time.monotonic, {"model": model, "version": str(version)}
+        self.pending: dict[str, list[int]] = {}  # engine -> [rows, runs] not yet sent
+        self.metrics: dict[str, tuple] = {}
+        self.last_flush = self.clock()
+        try:
+            counter = pb_utils.MetricFamily.COUNTER
+            self.families = (
+                pb_utils.MetricFamily(name=self.ROWS, description="Rows each engine ran (samples; in the DDPM loops "
+                                      "samples x UNet evaluations)", kind=counter),
+                pb_utils.MetricFamily(name=self.RUNS, description="Engine calls", kind=counter))
+        except Exception as e:  # noqa: BLE001  (AttributeError on an old stub, TritonModelException on a refusal)
+            log("warn", f"{model}: engine usage metrics unavailable ({e})")
+            self.families = None
+
+    def count(self, engine: str, rows: int) -> None:
+        c = self.pending.setdefault(engine, [0, 0])
+        c[0] += rows
+        c[1] += 1
+        if self.families is not None and self.clock() - self.last_flush >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = self.clock()
+        for engine, (rows, runs) in self.pending.items():
+            if engine not in self.metrics:
+                labels = {**self.labels, "engine": engine}
+                self.metrics[engine] = tuple(f.Metric(labels=labels) for f in self.families)
+            self.metrics[engine][0].increment(rows)
+            self.metrics[engine][1].increment(runs)
+        self.pending = {}
+
+
 def make_session(onnx_path: str, model_config: dict, instance_kind: str, device_id: int):
     """CUDA execution provider on a GPU instance when onnxruntime-gpu has it, else the CPU provider."""
     import onnxruntime as ort
@@ -145,6 +192,7 @@ class Engines:
                                             self.input_names)
             self._warm_up(min(max_batch, MEASURE_MAX_BATCH))
         log("info", f"{self.name}: engines {self.describe()}")
+        self.usage = EngineUsage(self.name, args["model_version"])
 
     def _measure(self, version_dir: Path, ts_path: Path, meta: dict, batches: tuple[int, ...], path: Path) -> dict:
         with eng.measuring_lock():  # models load in parallel: measure one at a time
@@ -173,9 +221,13 @@ class Engines:
                              precision=self.precision)
                 + f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
-    def runner(self, batch: int, onnx_only: bool = False):
-        """The runner for `batch` rows; onnx_only: the ONNX Runtime variant for it even at or above the threshold."""
-        which = eng.engine_for(batch, None if onnx_only else self.threshold, self.multithread_from, self.split_from)
+    def runner(self, batch: int, onnx_only: bool = False, torchscript: bool = False):
+        """The runner for `batch` rows (counted in self.usage); onnx_only: the ONNX Runtime variant for it even at or
+        above the threshold; torchscript: TorchScript even below it."""
+        which = eng.TORCHSCRIPT if torchscript else eng.engine_for(
+            batch, None if onnx_only else self.threshold, self.multithread_from, self.split_from)
+        self.usage.count(eng.TORCHSCRIPT_BF16 if which == eng.TORCHSCRIPT and self.precision == eng.BF16 else which,
+                         batch)
         return {eng.TORCHSCRIPT: self.ts, eng.ORT_1T: self.ort1, eng.ORT_SPLIT: self.split}.get(which, self.ort)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -280,7 +332,7 @@ class SingleShotModel:
         outputs: list[list[np.ndarray] | None] = [None] * len(requests)
         errors: dict[int, str] = {}
         for members, on_ts in eng.request_groups(sizes, self.engines.threshold):
-            runner = self.engines.ts if on_ts else self.engines.runner(sum(sizes[i] for i in members), onnx_only=True)
+            runner = self.engines.runner(sum(sizes[i] for i in members), onnx_only=not on_ts, torchscript=on_ts)
             try:
                 batch = {name: np.concatenate([feeds[i][name] for i in members], axis=0).reshape(
                     -1, *self.row_shapes[name]) for name in self.input_names}  # (sum B, ...)

@@ -471,3 +471,51 @@ def test_metrics_endpoint_counts_inferences(triton):
     with urllib.request.urlopen(triton.metrics_url, timeout=5) as r:
         text = r.read().decode()
     assert "nv_inference_count" in text and 'model="dcgan_generator"' in text
+
+
+def _engine_counters(url: str, model: str) -> dict[tuple[str, str], float]:
+    """{(metric, engine): value} of the mnistgen_engine_* counters of `model` on Triton's metrics endpoint."""
+    import re
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for m in re.finditer(r'^(mnistgen_engine_(?:rows|runs)_total)\{([^}]*)\} (\S+)$', text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if labels.get("model") == model:
+            out[m.group(1), labels["engine"]] = float(m.group(3))
+    return out
+
+
+def test_engine_usage_is_counted_per_engine_on_the_metrics_endpoint(triton):
+    """Rows and runs per engine (the measured choice: ONNX Runtime variants below the threshold, TorchScript in its
+    precision from it on), flushed to Triton's :8002 at most once a second."""
+    triton.require("dcgan_generator")
+    record = json.loads((triton.server.config.model_repository / "dcgan_generator" / "1" / "engines.json").read_text())
+    threshold, precision = record["threshold"], record.get("torchscript_precision", "fp32")
+    ts = "torchscript-bf16" if precision == "bf16" else "torchscript"
+    z = np.zeros((64, 256), np.float32)
+    time.sleep(1.2)  # a run past the flush interval sends what earlier tests left counted but unsent
+    _grpc_infer(triton.grpc_url, "dcgan_generator", {"latent": (z[:1], "FP32")}, ["image"])
+    before = _engine_counters(triton.metrics_url, "dcgan_generator")
+    for b in (1, 64, 64):
+        _grpc_infer(triton.grpc_url, "dcgan_generator", {"latent": (z[:b], "FP32")}, ["image"])
+    time.sleep(1.2)  # past the flush interval: the next run sends the counts
+    _grpc_infer(triton.grpc_url, "dcgan_generator", {"latent": (z[:1], "FP32")}, ["image"])
+    after = _engine_counters(triton.metrics_url, "dcgan_generator")
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    big = ts if threshold is not None and threshold <= 64 else None
+    if big is not None:
+        assert delta[("mnistgen_engine_rows_total", big)] == 128 and delta[("mnistgen_engine_runs_total", big)] == 2
+    small_rows = sum(v for (m, e), v in delta.items() if m == "mnistgen_engine_rows_total" and e != big)
+    assert small_rows == (2 if big else 130), delta  # the batch-1 runs (and the 64s without TorchScript) on ONNX Runtime
+    assert all(e.startswith("onnxruntime") or e == big for _, e in delta), delta
+    # the DDPM loops count their UNet evaluations the same way (a family of the same name in several models)
+    triton.require("ddpm_generate")
+    before = _engine_counters(triton.metrics_url, "ddpm_generate")
+    infer(triton, "grpc", "ddpm_generate", generate_inputs(1, 3, "ddim", 0), ["image"])
+    time.sleep(1.2)
+    infer(triton, "grpc", "ddpm_generate", generate_inputs(1, 3, "ddim", 1), ["image"])
+    after = _engine_counters(triton.metrics_url, "ddpm_generate")
+    rows = sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == "mnistgen_engine_rows_total")
+    assert rows >= 4, after  # the first request's 3 UNet evaluations and at least the second's first
