@@ -21,7 +21,6 @@ import json
 import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
