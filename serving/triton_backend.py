@@ -63,7 +63,8 @@ class EngineUsage:
         mnistgen_engine_runs_total{model, version, engine}  engine calls
     engine: onnxruntime | onnxruntime-1thread | onnxruntime-split | torchscript | torchscript-bf16. Counted in memory
     and flushed to Triton at most every FLUSH_S seconds, at a run (each increment is a round trip from the stub to
-    Triton: not once per UNet step), so the counters lag the traffic by up to FLUSH_S. A Triton without the custom
+    Triton: not once per UNet step), so the counters trail the traffic by up to FLUSH_S (and an idle model's last
+    FLUSH_S of counts shows at its next run). A Triton without the custom
     metrics API, or one that refuses the families, leaves the model serving without them (logged)."""
 
     ROWS, RUNS = "mnistgen_engine_rows_total", "mnistgen_engine_runs_total"
