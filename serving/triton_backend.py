@@ -162,7 +162,7 @@ class Engines:
         if (runtime == "auto" and not eng.parse_threshold(override)[0] and ts_path.exists()
                 and not eng.record_matches(self.record, meta.get("checkpoint_sha256", ""), self.threads,
                                            bf16_path.exists())):
-            self.record = self._measure(version_dir, ts_path, meta, measure_batches, engines_path)
+            self.record = self._measure(version_dir, ts_path, bf16_path, meta, measure_batches, engines_path)
         # TorchScript in bf16 (model_bf16.pt) where engines.json measured it faster and within tolerance
         self.precision = eng.effective_precision(param(model_config, "precision", "auto"), self.record,
                                                  bf16_path.exists())
@@ -195,10 +195,10 @@ class Engines:
         log("info", f"{self.name}: engines {self.describe()}")
         self.usage = EngineUsage(self.name, args["model_version"])
 
-    def _measure(self, version_dir: Path, ts_path: Path, meta: dict, batches: tuple[int, ...], path: Path) -> dict:
+    def _measure(self, version_dir: Path, ts_path: Path, bf16_path: Path, meta: dict, batches: tuple[int, ...],
+                 path: Path) -> dict:
         with eng.measuring_lock():  # models load in parallel: measure one at a time
             record = eng.read_record(path)  # another instance may have measured meanwhile
-            bf16_path = version_dir / eng.BF16_FILE
             if eng.record_matches(record, meta.get("checkpoint_sha256", ""), self.threads, bf16_path.exists()):
                 return record
             log("info", f"{self.name}: no engines.json for this machine / {self.threads} threads: measuring")
@@ -222,18 +222,18 @@ class Engines:
                              precision=self.precision)
                 + f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
-    def runner(self, batch: int, onnx_only: bool = False, torchscript: bool = False):
-        """The runner for `batch` rows (counted in self.usage); onnx_only: the ONNX Runtime variant for it even at or
-        above the threshold; torchscript: TorchScript even below it."""
-        which = eng.TORCHSCRIPT if torchscript else eng.engine_for(
-            batch, None if onnx_only else self.threshold, self.multithread_from, self.split_from)
+    def runner(self, batch: int, torchscript: bool | None = None):
+        """The runner for `batch` rows (counted in self.usage): TorchScript or the ONNX Runtime variant for `batch` as
+        `torchscript` says; None = as the threshold says."""
+        if torchscript is None:
+            torchscript = self.threshold is not None and batch >= self.threshold
+        which = eng.TORCHSCRIPT if torchscript else eng.engine_for(batch, None, self.multithread_from, self.split_from)
         self.usage.count(eng.TORCHSCRIPT_BF16 if which == eng.TORCHSCRIPT and self.precision == eng.BF16 else which,
                          batch)
         return {eng.TORCHSCRIPT: self.ts, eng.ORT_1T: self.ort1, eng.ORT_SPLIT: self.split}.get(which, self.ort)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner(next(iter(feeds.values())).shape[0])(feeds)
-
 
 
 class EngineEps:
@@ -321,7 +321,7 @@ class SingleShotModel:
 
     def execute(self, requests: list) -> list:
         """Every queued request's rows concatenated and run at once, split back; except that each request runs on the
-        engine its OWN row count selects (Engines.request_groups): rows below the TorchScript threshold on ONNX
+        engine its OWN row count selects (mnistgen.engine.request_groups): rows below the TorchScript threshold on ONNX
         Runtime together, rows of requests at or above it on TorchScript together. So a request's images depend on
         its seed and size only, never on what it was batched with (TorchScript in bf16 differs from ONNX Runtime fp32
         by bf16 rounding; each engine alone gives a row the same result in any batch)."""
@@ -333,7 +333,7 @@ class SingleShotModel:
         outputs: list[list[np.ndarray] | None] = [None] * len(requests)
         errors: dict[int, str] = {}
         for members, on_ts in eng.request_groups(sizes, self.engines.threshold):
-            runner = self.engines.runner(sum(sizes[i] for i in members), onnx_only=not on_ts, torchscript=on_ts)
+            runner = self.engines.runner(sum(sizes[i] for i in members), torchscript=on_ts)
             try:
                 batch = {name: np.concatenate([feeds[i][name] for i in members], axis=0).reshape(
                     -1, *self.row_shapes[name]) for name in self.input_names}  # (sum B, ...)

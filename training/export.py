@@ -242,13 +242,14 @@ def export_generator(model: str, cfg: ExportConfig) -> dict | None:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; TorchScript is still asked for
             traced = torch.jit.trace(served, z[:2], check_trace=False)
-            d_ts = float((traced(z) - gen(z)).abs().max())
+            ref = gen(z)  # (B, 1, 28, 28): what the TorchScript files are checked against
+            d_ts = float((traced(z) - ref).abs().max())
         _check_parity(f"{model} TorchScript", d_ts, cfg.tolerance)
         traced.save(str(tmp_ts))
         d_ts = max(d_ts, served_torchscript_diff(tmp_ts, gen, (z,)))
         _check_parity(f"{model} TorchScript (frozen, optimised)", d_ts, cfg.tolerance)
         tmp_bf16 = Path(tmp) / BF16_FILE
-        bf16 = export_bf16(served, (z,), tmp_bf16, gen(z))
+        bf16 = export_bf16(served, (z,), tmp_bf16, ref)
         _atomic_replace(tmp_bf16, bf16_path)
         _atomic_replace(tmp_ts, ts_path)
         _atomic_replace(tmp_onnx, onnx_path)  # last: model.onnx present == export complete
