@@ -17,7 +17,8 @@ bf16: the GAN generators also get 1/model_bf16.pt, the TorchScript traced in bfl
 mean |diff| to fp32 checked here). Where the CPU has native bf16 (AVX512_BF16 / AMX) it is timed as a column of its
 own, and serves as the TorchScript engine when it is faster and within tolerance (engines.json
 `torchscript_precision`; config.pbtxt `precision` overrides). Not for the DDPM UNet: measured, bf16 TorchScript loses
-to ONNX Runtime fp32 there (batch 64, 2 threads: 1.33 vs 1.10 ms/sample), and 100 steps would compound its error.
+to ONNX Runtime fp32 there at every batch size measured (2-core AVX512_BF16 EPYC), and 100 steps would compound its
+error.
 """
 from __future__ import annotations
 
