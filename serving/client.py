@@ -12,10 +12,10 @@ import http.client
 import json
 import os
 import re
+import select
 import ssl
 import sys
-import urllib.error
-import urllib.request
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from . import images as imgs
+from . import pb_json
 from .generated.mnistgen.v1 import generation_pb2 as pb
 from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 
@@ -72,6 +73,7 @@ class GatewayClient:
         c = self.config
         self._metadata = (("authorization", f"Bearer {c.token}"),) if c.token else None
         self._ssl = None  # HTTP: the client SSL context
+        self._local = threading.local()  # HTTP: each thread's kept-alive connection
         if c.transport == "grpc":
             options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -85,8 +87,10 @@ class GatewayClient:
             self._ssl = ssl.create_default_context(cafile=str(c.ca) if c.ca else None)
 
     def close(self) -> None:
+        """Closes the gRPC channel, or this thread's HTTP connection (a later call opens a new one)."""
         if self._channel is not None:
             self._channel.close()
+        self._drop_http_connection()
 
     def __enter__(self) -> "GatewayClient":
         return self
@@ -102,6 +106,10 @@ class GatewayClient:
             raise ClientError(e.code().name, e.details() or "") from None
 
     def _http(self, method: str, path: str, request, response_type):
+        """One HTTP/JSON call on this thread's kept-alive connection, opened on first use. A kept connection the gateway
+        closed while idle (its keep-alive timeout, a restart) is replaced before sending; one that closes without an
+        answer as the call goes out is replaced and the call sent once more, as browsers do. The response is read
+        with serving.pb_json (image bytes decoded in one block)."""
         url = f"{'https' if self.config.tls else 'http'}://{self.config.target}{path}"
         data = None
         headers = {"X-Request-Timeout": str(self.config.timeout_s), "Accept": "application/json"}
@@ -110,22 +118,49 @@ class GatewayClient:
         if request is not None:
             data = json.dumps(json_format.MessageToDict(request, preserving_proto_field_name=True)).encode()
             headers["Content-Type"] = "application/json"
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=self.config.timeout_s + 5, context=self._ssl) as r:
-                body = r.read()
-        except urllib.error.HTTPError as e:
-            raw = e.read()
+        for attempt in (1, 2):
+            conn, reused = self._http_connection()
             try:
-                err = json.loads(raw)["error"]
-                raise ClientError(err["code"], err["message"], e.code) from None
+                conn.request(method, path, body=data, headers=headers)
+                r = conn.getresponse()
+                status, body = r.status, r.read()
+                if r.will_close:
+                    self._drop_http_connection()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                self._drop_http_connection()
+                if reused and attempt == 1:
+                    continue  # closed without an answer as the call went out: once more on a new connection
+                raise ClientError("UNAVAILABLE", f"{url}: {e!r}") from None
+            except (OSError, http.client.HTTPException) as e:  # refused, timed out, TLS failed, no HTTP status line
+                self._drop_http_connection()
+                raise ClientError("UNAVAILABLE", f"{url}: {e!r}" if isinstance(e, http.client.HTTPException)
+                                  else f"{url}: {e}") from None
+        if status >= 400:
+            try:
+                err = json.loads(body)["error"]
+                raise ClientError(err["code"], err["message"], status) from None
             except (ValueError, KeyError, TypeError):
-                raise ClientError("UNKNOWN", f"HTTP {e.code}: {raw[:200]!r}", e.code) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-            # (HTTPException: e.g. plain HTTP against a TLS port answers no HTTP status line)
-            raise ClientError("UNAVAILABLE", f"{url}: {e!r}" if isinstance(e, http.client.HTTPException)
-                              else f"{url}: {e}") from None
-        return json_format.Parse(body, response_type(), ignore_unknown_fields=True)
+                raise ClientError("UNKNOWN", f"HTTP {status}: {body[:200]!r}", status) from None
+        return pb_json.loads(body, response_type)
+
+    def _http_connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """(this thread's connection to the gateway, whether it served a call before)."""
+        conn = getattr(self._local, "http", None)
+        if conn is not None and conn.sock is not None and not readable(conn.sock):
+            return conn, True
+        self._drop_http_connection()  # (idle and readable: the gateway closed it, or sent what nobody asked for)
+        timeout = self.config.timeout_s + 5
+        conn = (http.client.HTTPSConnection(self.config.target, timeout=timeout, context=self._ssl) if self.config.tls
+                else http.client.HTTPConnection(self.config.target, timeout=timeout))
+        self._local.http = conn
+        return conn, False
+
+    def _drop_http_connection(self) -> None:
+        conn = getattr(self._local, "http", None)
+        self._local.http = None
+        if conn is not None:
+            conn.close()
 
     # -- calls --
     def generate(self, model: str = "", num_samples: int = 1, seed: int | None = None, steps: int = 0,
@@ -161,6 +196,12 @@ class GatewayClient:
         if self._stub is not None:
             return self._grpc("ListModels", pb.ListModelsRequest())
         return self._http("GET", "/v1/models", None, pb.ListModelsResponse)
+
+
+def readable(sock) -> bool:
+    """Whether an idle socket has something to read: on a kept-alive HTTP connection between calls, that is the
+    peer's close (or bytes nobody asked for): either way it cannot carry the next call."""
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def as_array(msg: pb.Images) -> np.ndarray:

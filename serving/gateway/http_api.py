@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from google.protobuf import json_format
 
 from .. import images as imgs
+from .. import pb_json
+from ..pb_json import message_json  # noqa: F401 (serving.gateway re-exports it)
 from ..generated.mnistgen.v1 import generation_pb2 as pb
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..validation import (
@@ -33,9 +34,9 @@ TIMEOUT_HEADER = "X-Request-Timeout"  # HTTP: seconds the client will wait; beco
 
 log = logging.getLogger("mnistgen.gateway")
 
-def message_json(msg) -> dict:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+def json_message_response(msg) -> web.Response:
+    """200 with protobuf's JSON mapping of msg (serving.pb_json: raw image bytes base64-encoded in one block)."""
+    return web.Response(body=pb_json.dumps(msg), content_type="application/json", charset="utf-8")
 
 
 RETRY_AFTER_S = 1  # Retry-After on 429 / 503: Triton restarts take seconds, a busy slot frees in milliseconds
@@ -167,7 +168,7 @@ class HttpApi:
             return error_response(e)
         if wants_png(request):
             return web.Response(body=resp.images.grid_png, content_type="image/png", headers=png_headers(resp))
-        return web.json_response(message_json(resp))
+        return json_message_response(resp)
 
     async def denoise(self, request: web.Request) -> web.Response:
         try:
@@ -202,7 +203,7 @@ class HttpApi:
             else:
                 png = imgs.grid_png(den if view == "denoised" else noisy)
             return web.Response(body=png, content_type="image/png", headers=png_headers(resp))
-        return web.json_response(message_json(resp))
+        return json_message_response(resp)
 
     async def models(self, request: web.Request) -> web.Response:
         try:
@@ -210,7 +211,7 @@ class HttpApi:
                                     pb.ListModelsRequest())
         except ApiError as e:
             return error_response(e)
-        return web.json_response(message_json(resp))
+        return json_message_response(resp)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -1,6 +1,8 @@
 """serving.client against the real gateway: the CLI's generate / denoise / models over gRPC and HTTP."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -60,3 +62,77 @@ def test_client_unreachable_target(capsys):
     assert "UNAVAILABLE" in capsys.readouterr().err
     assert client.main(["models", "--transport", "http", "--target", f"127.0.0.1:{port}", "--timeout", "2"]) == 2
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_http_client_keeps_one_connection_alive(ready_gateway, triton):
+    c = client.GatewayClient(transport="http", target=ready_gateway.http_target)
+    first = c.generate(num_samples=2, seed=5)
+    conn = c._local.http
+    port = conn.sock.getsockname()[1]
+    for n in (64, 1):
+        c.generate(num_samples=n, seed=5)
+    assert c._local.http is conn and conn.sock.getsockname()[1] == port  # the same TCP connection throughout
+    assert c.generate(num_samples=2, seed=5).images.raw == first.images.raw
+    with pytest.raises(client.ClientError) as e:  # an error answer keeps the connection too
+        c.generate(num_samples=5000)
+    assert (e.value.code, e.value.http_status) == ("INVALID_ARGUMENT", 400)
+    assert c._local.http is conn
+    c.close()
+    assert c._local.http is None
+    assert c.generate(num_samples=1, seed=5).images.count == 1  # a new connection after close()
+
+
+class OneAnswerPerConnection:
+    """A real HTTP/1.1 server on 127.0.0.1 that answers the first request on each connection and then, like a
+    gateway at its keep-alive timeout or restarting, drops the connection: at once (`close_after_answer`) or when the
+    next request arrives, without answering it."""
+
+    def __init__(self, close_after_answer: bool):
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.close_after_answer, self.requests, self.answered = close_after_answer, 0, 0
+        body = json.dumps({"models": [{"name": "m"}]}).encode()
+        self.answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def read_request(self, conn) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        self.requests += 1
+        return True
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # the test closed the listening socket
+                return
+            with conn:
+                if not self.read_request(conn):
+                    continue
+                conn.sendall(self.answer)
+                self.answered += 1
+                if not self.close_after_answer:
+                    self.read_request(conn)  # the next request on this connection: dropped unanswered
+
+
+@pytest.mark.parametrize("close_after_answer", [True, False], ids=["closed-while-idle", "closed-on-next-request"])
+def test_http_client_replaces_a_connection_the_server_closed(close_after_answer):
+    import time
+
+    server = OneAnswerPerConnection(close_after_answer)
+    c = client.GatewayClient(transport="http", target=f"127.0.0.1:{server.port}", timeout_s=5)
+    for _ in range(3):
+        assert [m.name for m in c.list_models().models] == ["m"]
+        time.sleep(0.05)  # (the server's close arrives)
+    assert server.answered == 3
+    assert server.requests == (3 if close_after_answer else 5)  # every call after the first sent twice
+    server.sock.close()
