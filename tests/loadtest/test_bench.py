@@ -104,7 +104,7 @@ def conc_cell(clients, samples_per_s, p50, p99, ok=10, errors=0, **extra):
 
 def synthetic_result(rows: list[dict], cfg, concurrency: dict) -> dict:
     """What bench.run writes to results.json, around synthetic rows (goals judged without a concurrency sweep)."""
-    return {"config": {"threads": 2, "generator_repeats": 3, "ddpm_repeats": 2, "fast_repeats": 2, "warmup": 1,
+    return {"config": {"generator": "dcgan-baseline", "threads": 2, "generator_repeats": 3, "ddpm_repeats": 2, "fast_repeats": 2, "warmup": 1,
                        "fast_sampler": "dpm-solver++:20", "sigma": 0.5, "denoise_batches": [1]},
             "machine": {"cpu": "x", "cores": 2, "platform": "p", "python": "3", "torch": "t", "onnxruntime": "o",
                         "load_avg_1m": 1.0},
@@ -350,6 +350,28 @@ def test_triton_phases_arithmetic_and_markdown(rows):
     assert "## Inside Triton" in md
     assert "| generator dcgan-baseline | 64 | 4 | 0.2 | 0.1 | 3 | 0.3 | 0.4 |" in md
     assert bench.triton_phases_markdown(bench.results_table(rows[:-1])) == []  # no statistics, no section
+
+
+def test_bounds_section_arithmetic(rows):
+    """Batch 1: what the served path spends outside the engine vs eager's call; the fast sampler's speed-up as the
+    ratio of UNet evaluations x the ratio of per-evaluation costs."""
+    g = "generator dcgan-baseline"
+    t = {"queue": 0.1, "compute_input": 0.05, "compute_infer": 0.8, "compute_output": 0.05}
+    rows = [r for r in rows if not (r["workload"] == g and r["batch"] == 1 and r["backend"] == "triton-grpc")]
+    rows += [row(g, 1, "onnxruntime", [0.5] * 3), row(g, 1, "triton-grpc", [1.5] * 3, triton_ms=t)]
+    cfg = bench.GatewayBenchConfig(generator_batches=(1, 64), denoise_batches=(1,))
+    result = synthetic_result(rows, cfg, {})
+    result["overhead_batch1"] = {"repeats": 10, "triton_p50_ms": 1.5, "gateway_p50_ms": 2.5, "overhead_p50_ms": 1.0,
+                                 "triton_p99_ms": 2.0, "gateway_p99_ms": 3.0}
+    md = "\n".join(bench.bounds_markdown(result))
+    assert "the engine in-process (ONNX Runtime) takes 0.5 ms, the gateway path 2.5 ms" in md
+    assert "the Triton gRPC hop 0.5, the gateway 1" in md  # 1.5 - (0.1 + 0.05 + 0.8 + 0.05)
+    assert "outside the engine, 2 ms, is 1.00x eager PyTorch's whole call (2 ms)" in md
+    # fixture: DDPM-100 600 ms for 100 evaluations, dpm-solver++ 20 steps 100 ms for 20
+    assert "100 vs 20 UNet evaluations per request (5.00x), 6 vs 5 ms per evaluation" in md
+    assert "speed-up 5.00 x 1.200 = 6.00x" in md
+    assert "## What bounds" in bench.markdown(result)
+    assert bench.bounds_markdown(synthetic_result([], cfg, {})) == []
 
 
 def test_timed_in_triton_reads_the_real_servers_statistics(triton):
