@@ -10,7 +10,7 @@ Then a concurrency sweep (results["concurrency"]): 1, 4, 16 closed-loop clients 
 batch-1 DPM-Solver++-20 denoise requests through the gateway over gRPC, against eager PyTorch serving the same
 stream in-process one request at a time: samples/s and request p50/p99 per level.
 
-    python -m loadtest.bench                                   # ~10 minutes on 2 CPU cores
+    python -m loadtest.bench                                   # a few minutes on 2 CPU cores
     python -m loadtest.bench --quick                           # fewer repeats, for a smoke run
     python -m loadtest.bench --device cuda                     # the same table on a GPU (+ TensorRT EP, Locust)
 """
