@@ -446,6 +446,15 @@ def goals(res: dict, cfg: GatewayBenchConfig, overhead: dict | None = None,
     return out
 
 
+def repo_relative(path: Path) -> str:
+    """A path as results.json records it: relative to the repository where it lies inside (a committed reference
+    run names no checkout's location), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def machine_info(device: str = "cpu") -> dict:
     import onnxruntime
     import torch
@@ -537,7 +546,7 @@ def bounds_markdown(result: dict) -> list[str]:
         split = ""
         if t and o:
             outside = o["triton_p50_ms"] - sum(t.values())
-            split = (f": Triton's queue {_f(t['queue'])}, the python-backend model's execute {_f(t['compute_infer'])} "
+            split = (f", in ms: Triton's queue {_f(t['queue'])}, the python-backend model's execute {_f(t['compute_infer'])} "
                      f"(the engine plus the stub round trip), input + output copies "
                      f"{_f(t['compute_input'] + t['compute_output'])}, the Triton gRPC hop {_f(outside)}, the gateway "
                      f"{_f(o['overhead_p50_ms'])} (means of Triton's statistics; p50 of the paired runs)")
@@ -755,7 +764,7 @@ def run(cfg: GatewayBenchConfig) -> dict:
         triton.close()
     res = results_table(rows)
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": machine, "load_avg_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
         "results": res, "overhead_batch1": overhead, "concurrency": concurrency, "locust": locust,
         "skipped": skipped, "goals": [], "rows": rows,
@@ -783,7 +792,17 @@ def main(argv: list[str] | None = None) -> int:
                                               f"{LOCUST_TIME_S_CUDA:g} with --device cuda, else 0 = none)"})
     p.add_argument("--quick", action="store_true", help="5 generator repeats, 1 per denoise cell, batch 1 only, "
                                                         "concurrency 1 and 4 with few requests")
+    p.add_argument("--render", action="store_true", help="measure nothing: rewrite OUT_DIR/results.md from its "
+                                                         "results.json (after a change to the report's layout)")
     a = p.parse_args(argv)
+    if a.render:
+        out = Path(a.out_dir) if a.out_dir else GatewayBenchConfig.out_dir
+        src = out / "results.json"
+        if not src.is_file():
+            p.error(f"--render: {src} does not exist; run the bench first")
+        (out / "results.md").write_text(markdown(json.loads(src.read_text())))
+        print(f"written {out / 'results.md'} from {src}")
+        return 0
     quick = dict(generator_repeats=5, denoise_batches=(1,), ddpm_repeats=1, fast_repeats=1, overhead_repeats=50,
                  cond_batches=(1,),
                  concurrency=(1, 4), concurrency_requests=40, concurrency_denoise_requests=4)

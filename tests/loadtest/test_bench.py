@@ -374,6 +374,22 @@ def test_bounds_section_arithmetic(rows):
     assert bench.bounds_markdown(synthetic_result([], cfg, {})) == []
 
 
+def test_render_rewrites_the_markdown_from_the_json_alone(rows, tmp_path, capsys):
+    cfg = bench.GatewayBenchConfig(generator_batches=(1, 64), denoise_batches=(1,))
+    result = synthetic_result(rows, cfg, {})
+    (tmp_path / "results.json").write_text(json.dumps(result))
+    assert bench.main(["--render", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == bench.markdown(result)
+    with pytest.raises(SystemExit):
+        bench.main(["--render", "--out-dir", str(tmp_path / "none")])
+    assert "does not exist; run the bench first" in capsys.readouterr().err
+
+
+def test_results_record_paths_inside_the_repository_relative():
+    assert bench.repo_relative(REPO_ROOT / "bench") == "bench"
+    assert bench.repo_relative(Path("/tmp/elsewhere")) == "/tmp/elsewhere"
+
+
 def test_timed_in_triton_reads_the_real_servers_statistics(triton):
     import numpy as np
     import tritonclient.grpc as grpcclient
