@@ -122,7 +122,17 @@ class GatewayBenchConfig:
             generator_batches=self.generator_batches, generator_repeats=self.generator_repeats,
             denoise_batches=self.denoise_batches, denoise_samplers=denoise, denoise_repeats=repeats,
             sigma=self.sigma, warmup=self.warmup, threads=self.threads, seed=self.seed, device=self.device,
-            trt_cache_dir=self.trt_cache_dir)
+            trt_cache_dir=self.trt_cache_dir, onnxruntime=bool(self.ort_paths))
+
+    @property
+    def served_paths(self) -> list[str]:
+        """The requested paths that need Triton (and the gateway): none, and neither is started."""
+        return [p for p in self.paths if p in SERVED]
+
+    @property
+    def ort_paths(self) -> list[str]:
+        """The requested in-process ONNX Runtime paths."""
+        return [p for p in self.paths if p.startswith("onnxruntime")]
 
 
 # ---- the gateway paths ------------------------------------------------------------------------------------
@@ -682,38 +692,47 @@ def locust_markdown(loc: dict | None) -> list[str]:
 
 # ---- the run ----------------------------------------------------------------------------------------------
 def run(cfg: GatewayBenchConfig) -> dict:
-    bt.check_device(cfg.device)  # --device cuda without CUDA / onnxruntime-gpu: refused here, before anything slow
+    """The bench. Triton and the gateway start only where a served path is among cfg.paths, and the models are
+    exported only where a path reads ONNX: `--paths pytorch-eager pytorch-eager-bf16` needs torch and the
+    checkpoints alone (a GPU machine without Triton or onnxruntime-gpu gets its eager rows)."""
+    # --device cuda without CUDA (or onnxruntime-gpu, where a path needs it): refused here, before anything slow
+    bt.check_device(cfg.device, onnxruntime=bool(cfg.ort_paths or cfg.served_paths))
     import contextlib
 
     import torch
-    import tritonclient.grpc as grpcclient
 
     from serving.client import GatewayClient
-    from serving.triton_server import TritonConfig, TritonServer, free_ports
-    from training.export import ExportConfig
-    from training.export import run as export
-
-    from .stack import GatewayProcess, GatewayProcessConfig
 
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     machine = machine_info(cfg.device)
     gen_model = bt.GENERATOR_MODELS[cfg.generator]
-    ecfg = ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
-                        only=(gen_model, "ddpm_unet", "ddpm_denoise", "ddpm_cond_generate"),
-                        gpu_variant=cfg.device == "cuda")
-    export(ecfg)
-    if cfg.device == "cuda":  # Triton and the in-process ONNX sessions use the GPU variant
-        cfg.model_repository = ecfg.gpu_repository
+    if cfg.ort_paths or cfg.served_paths:
+        from training.export import ExportConfig
+        from training.export import run as export
+
+        ecfg = ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
+                            only=(gen_model, "ddpm_unet", "ddpm_denoise", "ddpm_cond_generate"),
+                            gpu_variant=cfg.device == "cuda")
+        export(ecfg)
+        if cfg.device == "cuda":  # Triton and the in-process ONNX sessions use the GPU variant
+            cfg.model_repository = ecfg.gpu_repository
     has_ddpm = (cfg.checkpoint_dir / bt.DDPM_CHECKPOINT).is_file()
     has_cond = (cfg.checkpoint_dir / DDPM_COND_CHECKPOINT).is_file() and bool(cfg.cond_batches)
     models = (gen_model,) + (("ddpm_denoise",) if has_ddpm else ()) + (("ddpm_cond_generate",) if has_cond else ())
-    http, grpc_port, metrics = free_ports(3)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    triton = TritonServer(TritonConfig(
-        model_repository=cfg.model_repository, models=models, bind_address="127.0.0.1", http_port=http,
-        grpc_port=grpc_port, metrics_port=metrics, startup_timeout_s=600, log_file=cfg.log_dir / "tritonserver.log"))
-    print(f"starting Triton ({', '.join(models)}, {cfg.model_repository.name}) and the gateway ...", flush=True)
+    triton = None
+    if cfg.served_paths:
+        from serving.triton_server import TritonConfig, TritonServer, free_ports
+
+        http, grpc_port, metrics = free_ports(3)
+        triton = TritonServer(TritonConfig(
+            model_repository=cfg.model_repository, models=models, bind_address="127.0.0.1", http_port=http,
+            grpc_port=grpc_port, metrics_port=metrics, startup_timeout_s=600,
+            log_file=cfg.log_dir / "tritonserver.log"))
+        print(f"starting Triton ({', '.join(models)}, {cfg.model_repository.name}) and the gateway ...", flush=True)
+    else:
+        print(f"paths {list(cfg.paths)}: in-process only, no Triton or gateway started", flush=True)
     rows: list[dict] = []
     overhead: dict | None = None
     concurrency: dict = {}
@@ -723,7 +742,8 @@ def run(cfg: GatewayBenchConfig) -> dict:
         with contextlib.ExitStack() as stack:
             gw = tclient = None
             try:
-                triton.start().wait_ready()
+                if triton is not None:
+                    triton.start().wait_ready()
             except Exception as e:
                 if cfg.device != "cuda":
                     raise
@@ -732,9 +752,14 @@ def run(cfg: GatewayBenchConfig) -> dict:
                 skipped["triton-grpc, gateway"] = f"Triton on {cfg.model_repository} did not start: {e}"
                 print(f"  Triton/gateway paths skipped: {e} (log: {cfg.log_dir / 'tritonserver.log'})", flush=True)
             else:
-                gw = stack.enter_context(GatewayProcess(GatewayProcessConfig(
-                    triton_url=triton.grpc_url, startup_timeout_s=120, log_file=cfg.log_dir / "gateway.log")))
-                tclient = grpcclient.InferenceServerClient(triton.grpc_url)
+                if triton is not None:
+                    import tritonclient.grpc as grpcclient
+
+                    from .stack import GatewayProcess, GatewayProcessConfig
+
+                    gw = stack.enter_context(GatewayProcess(GatewayProcessConfig(
+                        triton_url=triton.grpc_url, startup_timeout_s=120, log_file=cfg.log_dir / "gateway.log")))
+                    tclient = grpcclient.InferenceServerClient(triton.grpc_url)
             clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=DENOISE_TIMEOUT_S,
                                         target=gw.grpc_target if p == "gateway-grpc" else gw.http_url[7:])
                        for p in ("gateway-grpc", "gateway-http") if p in cfg.paths and gw is not None}
@@ -761,14 +786,16 @@ def run(cfg: GatewayBenchConfig) -> dict:
             if cfg.locust_time_s and gw is not None:
                 locust = run_locust(cfg, gw.grpc_target, gw.http_url, has_ddpm)
     finally:
-        triton.close()
+        if triton is not None:
+            triton.close()
     res = results_table(rows)
     result = {
         "config": {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": machine, "load_avg_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
         "results": res, "overhead_batch1": overhead, "concurrency": concurrency, "locust": locust,
         "skipped": skipped, "goals": [], "rows": rows,
-        "engines": engine_records(cfg.model_repository, (gen_model, "ddpm_unet", "ddpm_cond_generate")),
+        "engines": (engine_records(cfg.model_repository, (gen_model, "ddpm_unet", "ddpm_cond_generate"))
+                    if cfg.ort_paths or cfg.served_paths else {}),  # (what the ONNX / served paths ran with)
     }
     result["goals"] = [{**asdict(g), "met": g.met} for g in goals(res, cfg, overhead, concurrency)]
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ class BenchConfig:
     # trt_cache_dir); check_device() refuses at once where CUDA or onnxruntime-gpu is missing
     device: str = "cpu"
     trt_cache_dir: Path = REPO_ROOT / "out" / "bench" / "trt_cache"
+    onnxruntime: bool = True  # the in-process ONNX Runtime columns; False: none (no ONNX files or onnxruntime-gpu needed)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -152,8 +153,9 @@ def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: 
     return best
 
 
-def check_device(device: str) -> None:
-    """Raise SystemExit at once, saying what to install, when `device` cannot be benchmarked on this machine."""
+def check_device(device: str, onnxruntime: bool = True) -> None:
+    """Raise SystemExit at once, saying what to install, when `device` cannot be benchmarked on this machine
+    (`onnxruntime` False: only torch runs there, so onnxruntime-gpu is not needed)."""
     if device == "cpu":
         return
     if device not in DEVICES:
@@ -163,6 +165,8 @@ def check_device(device: str) -> None:
                                                 else " built without CUDA")
         raise SystemExit(f"--device cuda: no CUDA device is usable here (torch.cuda.is_available() is False; "
                          f"{build}). Run on a machine with an NVIDIA GPU and driver; needs {GPU_INSTALL_HINT}.")
+    if not onnxruntime:
+        return
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -185,7 +189,9 @@ def ort_providers(device: str, engine: str = "onnxruntime", trt_cache_dir: Path 
 
 def ort_sessions(model_dir: Path, cfg: BenchConfig) -> dict:
     """{path: session}: onnxruntime (CPU, or the CUDA EP), plus onnxruntime-trt on cuda when the TensorRT EP loads
-    (a machine without TensorRT libraries skips that column, saying why)."""
+    (a machine without TensorRT libraries skips that column, saying why); {} when cfg.onnxruntime is off."""
+    if not cfg.onnxruntime:
+        return {}
     out = {"onnxruntime": ort_session(model_dir, ort_providers(cfg.device))}
     if cfg.device == "cuda":
         try:
@@ -275,7 +281,7 @@ def bench_generator(cfg: BenchConfig, client) -> list[dict]:
     for b in cfg.generator_batches:
         z = sample_latent(b, dim, cfg.seed)  # (B, latent_dim)
         zt = torch.from_numpy(z).to(cfg.device)
-        ins = _grpc_inputs({"latent": (z, "FP32")})
+        ins = _grpc_inputs({"latent": (z, "FP32")}) if client is not None else None  # (no tritonclient without Triton)
 
         def eager_call():
             with torch.inference_mode():
@@ -326,7 +332,7 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
                     "seed": (np.arange(cfg.seed, cfg.seed + b, dtype=np.int64).reshape(b, 1), "INT64"),
                 })
 
-            ins, warm_ins = triton_inputs(steps), triton_inputs(2)
+            ins, warm_ins = (triton_inputs(steps), triton_inputs(2)) if client is not None else (None, None)
 
             def run_with(eps_fn, n_steps):
                 return lambda: denoise(eps_fn, x0t, cfg.sigma, sampler, n_steps, cfg.seed, scheduler_config=sched_cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -250,6 +251,30 @@ def test_device_cuda_names_onnxruntime_gpu_when_only_its_ep_is_missing(monkeypat
         bench_triton.check_device("cuda")
     assert "no CUDAExecutionProvider" in str(e.value) and "onnxruntime-gpu" in str(e.value)
     bench_triton.check_device("cpu")  # nothing to check
+    bench_triton.check_device("cuda", onnxruntime=False)  # eager-only runs need torch's CUDA alone
+
+
+def test_eager_only_paths_start_no_triton_and_need_no_onnx(tmp_path):
+    """--paths pytorch-eager[-bf16]: in-process rows only; no export, Triton, gateway, tritonclient or onnx import (so a
+    GPU machine without Triton or onnxruntime-gpu can run it). A real run, on the GAN checkpoint alone."""
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    shutil.copy(REPO_ROOT / "checkpoints" / "dcgan-baseline.safetensors", ckpt)
+    code = ("import sys, json; from loadtest import bench; "
+            f"bench.main(['--paths', 'pytorch-eager', '--quick', '--concurrency', '1', '--checkpoint-dir', {str(ckpt)!r}, "
+            f"'--model-repository', {str(tmp_path / 'repo')!r}, '--out-dir', {str(tmp_path / 'out')!r}]); "
+            "print('IMPORTED', [m for m in ('tritonclient', 'serving.triton_server', 'training.export', 'onnx', "
+            "'onnxruntime') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no Triton or gateway started" in r.stdout
+    assert "IMPORTED ['onnxruntime']" in r.stdout  # (machine_info reports its version; no session is made)
+    assert not (tmp_path / "repo").exists()  # nothing exported
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["backend"] for r in result["rows"]} == {"pytorch-eager"}
+    assert sorted(result["results"]["generator dcgan-baseline"]["pytorch-eager"], key=int) == ["1", "64", "256"]
+    assert result["engines"] == {} and result["overhead_batch1"] is None
+    assert set(result["concurrency"]["generate dcgan-baseline batch 1"]) == {"pytorch-eager"}
 
 
 def test_device_argument_plumbing(monkeypatch, tmp_path):
