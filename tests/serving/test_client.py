@@ -136,3 +136,27 @@ def test_http_client_replaces_a_connection_the_server_closed(close_after_answer)
     assert server.answered == 3
     assert server.requests == (3 if close_after_answer else 5)  # every call after the first sent twice
     server.sock.close()
+
+
+def test_idle_connection_check_works_above_descriptor_1024():
+    """readable() uses poll(): select() refuses descriptors over 1,023, which a load generator's process reaches."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"open-file limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
+                                                else min(max(soft, 1200), hard), hard))
+    filler = [socket.socket() for _ in range(1030)]
+    try:
+        a, b = socket.socketpair()
+        assert a.fileno() > 1024
+        assert not client.readable(a)  # idle, open
+        b.close()
+        assert client.readable(a)  # the peer closed it
+        a.close()
+    finally:
+        for s in filler:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
