@@ -17,6 +17,7 @@ from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..validation import (
     DENOISE_MODEL, MAX_SEED, ApiError, ValidationError, clip, decode_png_image, decode_raw_images, echo,
 )
+from . import request_id
 from .json_body import JSON_THREAD_BYTES, parse_json_body
 from .auth import HTTP_HEADER, OPEN_HTTP_PATHS, UNAUTHENTICATED_MESSAGE, WWW_AUTHENTICATE, TokenAuth
 from .service import GenerationServicer, images_array, model_label
@@ -96,6 +97,20 @@ def query_text(request: web.Request, name: str) -> str:
     return raw
 
 
+@web.middleware
+async def request_id_middleware(request: web.Request, handler):
+    """Every HTTP answer carries X-Request-Id: the client's when usable, else a new one (request_id.py)."""
+    rid = request_id.choose(request.headers.get(request_id.HTTP_HEADER))
+    request_id.current.set(rid)
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:  # aiohttp's own answers (unknown path, wrong method)
+        e.headers[request_id.HTTP_HEADER] = rid
+        raise
+    resp.headers[request_id.HTTP_HEADER] = rid
+    return resp
+
+
 def auth_middleware(auth: TokenAuth):
     """Every path but OPEN_HTTP_PATHS needs `Authorization: Bearer <token>` (when auth is on); else a 401 JSON
     error with `WWW-Authenticate: Bearer`, the same whatever was wrong. Unknown paths get 401 too."""
@@ -121,7 +136,8 @@ class HttpApi:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.s.config.max_request_bytes,
-                              middlewares=[auth_middleware(self.auth)] if self.auth is not None else [])
+                              middlewares=[request_id_middleware]
+                              + ([auth_middleware(self.auth)] if self.auth is not None else []))
         app.add_routes([
             web.post("/v1/generate", self.generate), web.post("/v1/denoise", self.denoise),
             web.get("/v1/models", self.models), web.get("/healthz", self.healthz),

@@ -21,6 +21,7 @@ from ..validation import (
     DENOISE_MODEL, MODELS, SAMPLERS, ApiError, DenoiseParams, GenerateParams, ValidationError, clip,
     validate_denoise, validate_generate,
 )
+from . import request_id
 from .admission import FREE, Limiter, denoise_cost, generate_cost
 from .config import GatewayConfig
 from .triton_client import (
@@ -169,9 +170,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except Exception as e:  # a bug or an unexpected Triton answer: log it, keep serving
             code = "INTERNAL"
             # the traceback's frames, and the exception's text cut and escaped (it may quote the request)
-            log.error("%s failed: %s: %s\n%s", rpc, type(e).__name__, clip(e),
+            rid = request_id.current.get()
+            log.error("%s failed (request id %s): %s: %s\n%s", rpc, rid, type(e).__name__, clip(e),
                       "".join(traceback.format_tb(e.__traceback__)).rstrip())
-            raise ApiError(f"internal error: {type(e).__name__}: {clip(e)}", code=code) from None
+            raise ApiError(f"internal error: {type(e).__name__}: {clip(e)} (request id {rid})", code=code) from None
         finally:
             self.metrics.in_flight.dec()
             self.in_flight -= 1
@@ -300,12 +302,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     # -- gRPC --
     async def _grpc(self, rpc, label, fn, request, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
+        rid = request_id.from_grpc_metadata(context.invocation_metadata())
+        request_id.current.set(rid)  # (this call's own task: the Triton client and the error log read it)
+        trailer = ((request_id.GRPC_KEY, rid),)
+        context.set_trailing_metadata(trailer)
         if isinstance(request, Undecodable):
             fn = request.refuse
         try:
             return await self.run(rpc, "grpc", label, remaining, fn, request)
         except ApiError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), status_message(e.message))
+            await context.abort(getattr(grpc.StatusCode, e.code), status_message(e.message), trailer)
 
     async def Generate(self, request, context):
         return await self._grpc("Generate", model_label(request.model), self.generate, request, context)

@@ -12,6 +12,7 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, triton_to_np_dtype
 
 from ..validation import ApiError
+from . import request_id
 
 # Triton tensor names (the same in config.pbtxt, export and tests)
 LATENT, IMAGE, SIGMA, STEPS, SAMPLER, SEED, NUM_SAMPLES, NOISY, DENOISED, DIGIT, GUIDANCE = (
@@ -100,7 +101,8 @@ class TritonClient:
     async def infer(self, model: str, inputs: list[Tensor], outputs: list[str], timeout: float) -> InferResult:
         """One ModelInfer call; the result is tritonclient's InferResult (as_numpy(name), get_response())."""
         try:
-            return InferResult(await self._model_infer(infer_request(model, inputs, outputs), timeout=timeout))
+            req = infer_request(model, inputs, outputs, request_id.current.get())
+            return InferResult(await self._model_infer(req, timeout=timeout))
         except grpc.RpcError as e:  # grpc.aio.AioRpcError: as tritonclient raises it, then mapped
             raise triton_error(InferenceServerException(msg=e.details(), status=str(e.code()),
                                                         debug_details=e.debug_error_string()), model) from None
@@ -146,9 +148,10 @@ def raw_contents(t: Tensor) -> bytes:
     return np.ascontiguousarray(t.array).tobytes()
 
 
-def infer_request(model: str, inputs: list, outputs: list[str]) -> service_pb2.ModelInferRequest:
-    """A ModelInferRequest from Tensor inputs (a tritonclient InferInput is taken too)."""
-    req = service_pb2.ModelInferRequest(model_name=model)
+def infer_request(model: str, inputs: list, outputs: list[str], rid: str = "") -> service_pb2.ModelInferRequest:
+    """A ModelInferRequest from Tensor inputs (a tritonclient InferInput is taken too); `rid`: its `id` (the gateway's
+    request id: Triton echoes it in the response and names it in its logs)."""
+    req = service_pb2.ModelInferRequest(model_name=model, id=rid)
     for t in inputs:
         if isinstance(t, InferInput):
             req.inputs.append(t._get_tensor())
