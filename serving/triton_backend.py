@@ -48,6 +48,19 @@ def instance_threads(model_config: dict) -> int:
     return eng.resolve_threads(param(model_config, "intra_op_threads", "0"))
 
 
+def request_ids(requests: list) -> str:
+    """The requests' ids for a log line ("ids a, b"; the gateway sends its request id as Triton's), "" when none."""
+    ids = []
+    for r in requests:
+        try:
+            rid = r.request_id()
+        except Exception:  # noqa: BLE001  (a stub without it)
+            rid = ""
+        if rid:
+            ids.append(text(rid) if not isinstance(rid, str) else rid)
+    return f" (request ids {', '.join(ids)})" if ids else ""
+
+
 def log(level: str, message: str) -> None:
     """Into Triton's log (pb_utils.Logger), falling back to stdout outside a stub that has it."""
     logger = getattr(pb_utils, "Logger", None)
@@ -340,6 +353,8 @@ class SingleShotModel:
                 by_name = dict(zip(self.engines.output_names, runner(batch)))
             except Exception as e:  # a failed run answers its requests with the error; the model stays up
                 errors.update({i: f"{runner.engine} failed: {e}" for i in members})
+                log("error", f"{self.model_config.get('name', 'model')}: {runner.engine} failed on {len(members)} "
+                             f"request(s){request_ids([requests[i] for i in members])}: {e}")
                 continue
             start = 0
             for i in members:
@@ -456,11 +471,13 @@ class GenerateLoopModel(DiffusionLoopModel):
             except diffusion.SamplingStopped as e:
                 samples = sum(m[2] for m in members)
                 log("info", f"{name}: {len(rs)} request(s) cancelled ({samples} samples, {sampler}-{steps}): "
-                            f"stopped at UNet evaluation {e.step + 1} of {e.steps}")
+                            f"stopped at UNet evaluation {e.step + 1} of {e.steps}"
+                            f"{request_ids([requests[r] for r in rs])}")
                 for r in rs:
                     responses[r] = cancelled_response(f"; stopped at UNet evaluation {e.step + 1} of {e.steps}")
                 continue
             except Exception as e:  # e.g. an engine failure: fail only the requests in this group
+                log("error", f"{name}: generate failed{request_ids([requests[r] for r in rs])}: {e}")
                 for r in rs:
                     responses[r] = error_response(f"generate failed: {e}")
                 continue

@@ -110,7 +110,8 @@ def test_client_timeout_stops_a_running_generate_loop(triton):
     before = len(stops_logged(triton, "ddpm_generate"))
     timeout_s = max(2.0, 5 * step_s)
     t_big, err = timed(lambda: pytest.raises(InferenceServerException, client.infer, "ddpm_generate",
-                                             generate_request(64, BIG_STEPS), client_timeout=timeout_s))
+                                             generate_request(64, BIG_STEPS), client_timeout=timeout_s,
+                                             request_id="cancel-gen-1"))
     assert "DEADLINE_EXCEEDED" in str(err.value.status()), err.value
     # the instance is free again within about one UNet step of the deadline: a small request runs at once
     t_small, result = timed(lambda: client.infer("ddpm_generate", generate_request(1, 2, "ddim")))
@@ -122,6 +123,7 @@ def test_client_timeout_stops_a_running_generate_loop(triton):
     _, samples, sampler, steps, at, of = stops[-1]
     assert (samples, sampler, steps, of) == ("64", "ddpm", str(BIG_STEPS), str(BIG_STEPS))
     assert int(at) < BIG_STEPS / 4  # stopped near the deadline, nowhere near the end
+    assert f"stopped at UNet evaluation {at} of {of} (request ids cancel-gen-1)" in triton.log_tail(2000)
 
 
 def test_client_cancel_stops_a_running_denoise_loop(triton):

@@ -20,7 +20,8 @@ import triton_python_backend_utils as pb_utils
 sys.path.append(str(Path(__file__).resolve().parents[3]))  # the source tree, used when mnistgen is not installed
 # serving.triton_backend first: it sets torch's OpenMP environment (OMP_WAIT_POLICY) before torch is imported
 from serving.triton_backend import (  # noqa: E402
-    SEED_MAX, DiffusionLoopModel, StopWhenAllCancelled, cancelled_response, error_response, is_cancelled, log, text,
+    SEED_MAX, DiffusionLoopModel, StopWhenAllCancelled, cancelled_response, error_response, is_cancelled, log,
+    request_ids, text,
 )
 import torch  # noqa: E402
 
@@ -89,11 +90,13 @@ class TritonPythonModel(DiffusionLoopModel):
                                                          should_stop=StopWhenAllCancelled([requests[r] for r in rs]))
             except diffusion.SamplingStopped as e:
                 log("info", f"ddpm_denoise: {len(rs)} request(s) cancelled ({len(members)} images, {sampler}-{steps}): "
-                            f"stopped at UNet evaluation {e.step + 1} of {e.steps}")
+                            f"stopped at UNet evaluation {e.step + 1} of {e.steps}"
+                            f"{request_ids([requests[r] for r in rs])}")
                 for r in rs:
                     cancelled[r] = f"; stopped at UNet evaluation {e.step + 1} of {e.steps}"
                 continue
             except Exception as e:  # e.g. ONNX Runtime failure: fail only the requests in this group
+                log("error", f"ddpm_denoise: denoise failed{request_ids([requests[r] for r in rs])}: {e}")
                 for r, _ in members:
                     failed[r] = f"denoise failed: {e}"
                 continue
