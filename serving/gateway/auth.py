@@ -205,7 +205,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(request_or_iterator, context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    from .request_id import GRPC_KEY, from_grpc_metadata
+
+    rid = from_grpc_metadata(context.invocation_metadata())  # a refused call gets its request id too
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, ((GRPC_KEY, rid),))
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -135,6 +135,9 @@ def test_grpc_refuses_missing_wrong_and_malformed_tokens_alike(secure_gateway):
     for what, e in refused.items():
         assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (what, e.code(), e.details())
         assert e.details() == UNAUTHENTICATED_MESSAGE, (what, e.details())  # identical: never says which
+        assert dict(e.trailing_metadata()).get("x-request-id"), what  # a refused call gets a request id too
+    e = grpc_error(stub.ListModels, pb.ListModelsRequest(), metadata=(("x-request-id", "refused-1"),))
+    assert dict(e.trailing_metadata())["x-request-id"] == "refused-1"
 
 
 def test_grpc_accepts_every_configured_token(secure_gateway):
@@ -185,6 +188,7 @@ def test_http_refuses_missing_wrong_and_malformed_tokens_alike(secure_gateway):
         assert r.headers["WWW-Authenticate"].startswith("Bearer"), what
         err = r.json()["error"]
         assert (err["code"], err["http_status"], err["message"]) == ("UNAUTHENTICATED", 401, UNAUTHENTICATED_MESSAGE)
+        assert r.headers.get("X-Request-Id"), what  # a refused call gets a request id too
         bodies.add(r.body)
     assert len(bodies) == 1, "the 401 bodies differ: they would tell a missing token from a wrong one"
 
