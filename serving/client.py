@@ -33,15 +33,18 @@ from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 TRANSPORTS = ("grpc", "http")
 DEFAULT_TARGETS = {"grpc": "127.0.0.1:50051", "http": "127.0.0.1:8080"}
 MAX_MESSAGE_BYTES = 64 << 20  # responses of 1024 raw samples are 3.2 MB
+REQUEST_ID_HEADER, REQUEST_ID_KEY = "X-Request-Id", "x-request-id"  # what the gateway answers with (HTTP, gRPC)
 TOKEN_ENV = "MNISTGEN_TOKEN"  # the CLI's --token when not given (a command line is visible to other users)
 
 
 class ClientError(Exception):
-    """A failed call: `code` is the gRPC status name (HTTP errors carry it in their JSON body)."""
+    """A failed call: `code` is the gRPC status name (HTTP errors carry it in their JSON body); `request_id` the id the
+    gateway answered with (X-Request-Id / x-request-id trailing metadata; None when no gateway answered): quote it
+    when reporting the failure, the gateway's and Triton's logs name it."""
 
-    def __init__(self, code: str, message: str, http_status: int | None = None):
+    def __init__(self, code: str, message: str, http_status: int | None = None, request_id: str | None = None):
         super().__init__(f"{code}: {message}")
-        self.code, self.message, self.http_status = code, message, http_status
+        self.code, self.message, self.http_status, self.request_id = code, message, http_status, request_id
 
 
 @dataclass
@@ -103,7 +106,8 @@ class GatewayClient:
         try:
             return getattr(self._stub, method)(request, timeout=self.config.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise ClientError(e.code().name, e.details() or "") from None
+            trailer = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
+            raise ClientError(e.code().name, e.details() or "", request_id=trailer.get(REQUEST_ID_KEY)) from None
 
     def _http(self, method: str, path: str, request, response_type):
         """One HTTP/JSON call on this thread's kept-alive connection, opened on first use. A kept connection the gateway
@@ -123,7 +127,7 @@ class GatewayClient:
             try:
                 conn.request(method, path, body=data, headers=headers)
                 r = conn.getresponse()
-                status, body = r.status, r.read()
+                status, body, rid = r.status, r.read(), r.getheader(REQUEST_ID_HEADER)
                 if r.will_close:
                     self._drop_http_connection()
                 break
@@ -139,9 +143,9 @@ class GatewayClient:
         if status >= 400:
             try:
                 err = json.loads(body)["error"]
-                raise ClientError(err["code"], err["message"], status) from None
+                raise ClientError(err["code"], err["message"], status, rid) from None
             except (ValueError, KeyError, TypeError):
-                raise ClientError("UNKNOWN", f"HTTP {status}: {body[:200]!r}", status) from None
+                raise ClientError("UNKNOWN", f"HTTP {status}: {body[:200]!r}", status, rid) from None
         return pb_json.loads(body, response_type)
 
     def _http_connection(self) -> tuple[http.client.HTTPConnection, bool]:
@@ -310,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         with GatewayClient(config) as c:
             print(COMMANDS[a.command](c, a))
     except (ClientError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rid = getattr(e, "request_id", None)
+        print(f"error: {e}" + (f" (request id {rid})" if rid else ""), file=sys.stderr)
         return 2
     return 0
 

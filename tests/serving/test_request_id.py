@@ -80,3 +80,17 @@ def test_triton_receives_the_id(triton):
             await client.close()
 
     assert asyncio.run(call()) == "triton-id-1"
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_client_errors_carry_the_gateway_request_id(ready_gateway, transport, capsys):
+    from serving import client
+
+    assert (client.REQUEST_ID_HEADER, client.REQUEST_ID_KEY) == (request_id.HTTP_HEADER, request_id.GRPC_KEY)
+    target = ready_gateway.grpc_target if transport == "grpc" else ready_gateway.http_target
+    with pytest.raises(client.ClientError) as e:
+        client.GatewayClient(transport=transport, target=target).generate(num_samples=5000)
+    assert e.value.code == "INVALID_ARGUMENT" and NEW_ID.fullmatch(e.value.request_id)
+    assert client.main(["generate", "--transport", transport, "--target", target, "--n", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT: num_samples" in err and re.search(r"\(request id [0-9a-f]{16}\)$", err.strip())
