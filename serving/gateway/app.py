@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -117,7 +118,7 @@ async def start(config: GatewayConfig) -> RunningGateway:
     triton = TritonClient(config.triton_url, config.max_response_bytes)
     limiter = Limiter(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
     metrics.watch_admission(limiter)  # cost gauges
-    servicer = GenerationServicer(triton, metrics, limiter, config)
+    servicer = GenerationServicer(triton, metrics, limiter, config, access_logger(config.access_log))
     server = grpc.aio.server(interceptors=[AuthInterceptor(auth)] if auth is not None else None, options=[
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", config.max_response_bytes),
@@ -144,6 +145,26 @@ async def start(config: GatewayConfig) -> RunningGateway:
     await state.check()
     probe = asyncio.create_task(state.probe_forever())
     return RunningGateway(server, runner, state, triton, metrics, servicer, grpc_port, http_port, probe, auth)
+
+
+def access_logger(target: str) -> logging.Logger | None:
+    """The access log: None for "", standard error for "-", else the file `target` (appended to; its folder must
+    exist). Records are bare JSON lines (no level or logger prefix), apart from the gateway's own log."""
+    if not target:
+        return None
+    logger = logging.getLogger("mnistgen.access")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    try:
+        handler = logging.StreamHandler(sys.stderr) if target == "-" else logging.FileHandler(target)
+    except OSError as e:
+        raise ConfigError(f"--access-log {target!r}: {e}") from None
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    return logger
 
 
 async def serve(config: GatewayConfig) -> None:

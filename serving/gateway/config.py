@@ -35,6 +35,9 @@ class GatewayConfig:
     api_token_file: str = ""  # file of bearer tokens, one per line, # comments; re-read when it changes
     tls_cert: str = ""  # PEM certificate chain: TLS on both ports (with tls_key)
     tls_key: str = ""  # PEM private key of tls_cert
+    # one JSON line per Generate/Denoise/ListModels call (request id, rpc, transport, model, status, ms, samples):
+    # "" = none, "-" = standard error (beside the gateway's log), else a file path (appended to)
+    access_log: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):

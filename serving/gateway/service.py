@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import json
 import logging
 import time
 import traceback
@@ -127,6 +129,15 @@ def model_label(name: str) -> str:
     return name if name in MODELS else "unknown"
 
 
+def access_line(rpc: str, transport: str, model: str, code: str, seconds: float, samples: int,
+                triton_s: float) -> str:
+    """One access-log record as a JSON line (the request id from request_id.current)."""
+    return json.dumps({"ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+                       "request_id": request_id.current.get(), "rpc": rpc, "transport": transport, "model": model,
+                       "code": code, "ms": round(seconds * 1e3, 3), "samples": samples,
+                       "triton_ms": round(triton_s * 1e3, 3)})
+
+
 def deadline_remaining(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -137,8 +148,10 @@ def deadline_remaining(deadline: float) -> float:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """mnistgen.v1.GenerationService; the HTTP routes call the same coroutines (`run`)."""
 
-    def __init__(self, triton: TritonClient, metrics: GatewayMetrics, limiter: Limiter, config: GatewayConfig):
+    def __init__(self, triton: TritonClient, metrics: GatewayMetrics, limiter: Limiter, config: GatewayConfig,
+                 access: logging.Logger | None = None):
         self.triton, self.metrics, self.limiter, self.config = triton, metrics, limiter, config
+        self.access = access  # the access log (app.access_logger), None when off
         self.in_flight = 0  # requests inside run() now (drain waits for 0)
 
     # -- transport-independent core --
@@ -177,7 +190,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finally:
             self.metrics.in_flight.dec()
             self.in_flight -= 1
-            self.metrics.observe(rpc, label, transport, code, time.perf_counter() - start, samples, triton_s)
+            seconds = time.perf_counter() - start
+            self.metrics.observe(rpc, label, transport, code, seconds, samples, triton_s)
+            if self.access is not None:
+                self.access.info(access_line(rpc, transport, label, code, seconds, samples, triton_s))
 
     async def generate(self, req: pb.GenerateRequest, deadline: float, start: float):
         p = validate_generate(req.model, req.num_samples, req.seed if req.HasField("seed") else None,

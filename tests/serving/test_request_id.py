@@ -94,3 +94,27 @@ def test_client_errors_carry_the_gateway_request_id(ready_gateway, transport, ca
     assert client.main(["generate", "--transport", transport, "--target", target, "--n", "5000"]) == 2
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT: num_samples" in err and re.search(r"\(request id [0-9a-f]{16}\)$", err.strip())
+
+
+def test_access_log_has_one_json_line_per_call(make_gateway, tmp_path):
+    import json
+
+    path = tmp_path / "access.log"
+    gw = make_gateway("--access-log", str(path))
+    gw.stub.Generate(pb.GenerateRequest(num_samples=2, seed=1), timeout=30, metadata=(("x-request-id", "acc-1"),))
+    gw.http("POST", "/v1/generate", {"num_samples": 5000}, headers={"X-Request-Id": "acc-2"})
+    gw.http("GET", "/healthz")  # not an API call: not logged
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["request_id"], r["rpc"], r["transport"], r["model"], r["code"], r["samples"]) for r in lines] == [
+        ("acc-1", "Generate", "grpc", "dcgan-baseline", "OK", 2),
+        ("acc-2", "Generate", "http", "dcgan-baseline", "INVALID_ARGUMENT", 0)]  # (no model given: the default)
+    assert lines[0]["ms"] > 0 and lines[0]["triton_ms"] > 0 and lines[0]["ts"].endswith("+00:00")
+
+
+def test_access_log_off_by_default_and_a_bad_path_refused_at_start(gateway, triton, tmp_path):
+    from serving.gateway.app import access_logger
+    from serving.gateway.auth import ConfigError
+
+    assert access_logger("") is None
+    with pytest.raises(ConfigError, match="--access-log"):
+        access_logger(str(tmp_path / "no-such-dir" / "access.log"))
