@@ -134,6 +134,12 @@ class GatewayBenchConfig:
         """The requested in-process ONNX Runtime paths."""
         return [p for p in self.paths if p.startswith("onnxruntime")]
 
+    @property
+    def reads_onnx(self) -> bool:
+        """Whether a requested path runs the exported models (in-process ONNX Runtime, or served): then they are
+        exported first, and --device cuda needs onnxruntime-gpu."""
+        return bool(self.ort_paths or self.served_paths)
+
 
 # ---- the gateway paths ------------------------------------------------------------------------------------
 def clean_digits(n: int) -> np.ndarray:
@@ -696,7 +702,7 @@ def run(cfg: GatewayBenchConfig) -> dict:
     exported only where a path reads ONNX: `--paths pytorch-eager pytorch-eager-bf16` needs torch and the
     checkpoints alone (a GPU machine without Triton or onnxruntime-gpu gets its eager rows)."""
     # --device cuda without CUDA (or onnxruntime-gpu, where a path needs it): refused here, before anything slow
-    bt.check_device(cfg.device, onnxruntime=bool(cfg.ort_paths or cfg.served_paths))
+    bt.check_device(cfg.device, onnxruntime=cfg.reads_onnx)
     import contextlib
 
     import torch
@@ -707,7 +713,7 @@ def run(cfg: GatewayBenchConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     machine = machine_info(cfg.device)
     gen_model = bt.GENERATOR_MODELS[cfg.generator]
-    if cfg.ort_paths or cfg.served_paths:
+    if cfg.reads_onnx:
         from training.export import ExportConfig
         from training.export import run as export
 
@@ -741,18 +747,18 @@ def run(cfg: GatewayBenchConfig) -> dict:
     try:
         with contextlib.ExitStack() as stack:
             gw = tclient = None
-            try:
-                if triton is not None:
+            if triton is not None:
+                try:
                     triton.start().wait_ready()
-            except Exception as e:
-                if cfg.device != "cuda":
-                    raise
-                # e.g. a tritonserver without the onnxruntime backend the GPU variant's single-shot models use:
-                # the in-process GPU paths still run (NVIDIA's Triton container has every backend)
-                skipped["triton-grpc, gateway"] = f"Triton on {cfg.model_repository} did not start: {e}"
-                print(f"  Triton/gateway paths skipped: {e} (log: {cfg.log_dir / 'tritonserver.log'})", flush=True)
-            else:
-                if triton is not None:
+                except Exception as e:
+                    if cfg.device != "cuda":
+                        raise
+                    # e.g. a tritonserver without the onnxruntime backend the GPU variant's single-shot models use:
+                    # the in-process GPU paths still run (NVIDIA's Triton container has every backend)
+                    skipped["triton-grpc, gateway"] = f"Triton on {cfg.model_repository} did not start: {e}"
+                    print(f"  Triton/gateway paths skipped: {e} (log: {cfg.log_dir / 'tritonserver.log'})",
+                          flush=True)
+                else:
                     import tritonclient.grpc as grpcclient
 
                     from .stack import GatewayProcess, GatewayProcessConfig
@@ -795,7 +801,7 @@ def run(cfg: GatewayBenchConfig) -> dict:
         "results": res, "overhead_batch1": overhead, "concurrency": concurrency, "locust": locust,
         "skipped": skipped, "goals": [], "rows": rows,
         "engines": (engine_records(cfg.model_repository, (gen_model, "ddpm_unet", "ddpm_cond_generate"))
-                    if cfg.ort_paths or cfg.served_paths else {}),  # (what the ONNX / served paths ran with)
+                    if cfg.reads_onnx else {}),  # (what the ONNX / served paths ran with)
     }
     result["goals"] = [{**asdict(g), "met": g.met} for g in goals(res, cfg, overhead, concurrency)]
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def request_ids(requests: list) -> str:
         except Exception:  # noqa: BLE001  (a stub without it)
             rid = ""
         if rid:
-            ids.append(text(rid) if not isinstance(rid, str) else rid)
+            ids.append(text(rid))
     return f" (request ids {', '.join(ids)})" if ids else ""
 
 

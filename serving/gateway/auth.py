@@ -28,6 +28,8 @@ from typing import Callable, Iterable
 
 import grpc
 
+from .request_id import GRPC_KEY, from_grpc_metadata
+
 log = logging.getLogger("mnistgen.gateway.auth")
 
 SCHEME = "Bearer"
@@ -205,8 +207,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(request_or_iterator, context: grpc.aio.ServicerContext):
-    from .request_id import GRPC_KEY, from_grpc_metadata
-
     rid = from_grpc_metadata(context.invocation_metadata())  # a refused call gets its request id too
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, ((GRPC_KEY, rid),))
 
