@@ -30,11 +30,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # repo root: `serving` without an install
 from loadtest.report import CSV_COLUMNS  # noqa: E402  (the raw CSV layout the report reads)
+from mnistgen import catalog  # noqa: E402
 from serving.generated.mnistgen.v1 import generation_pb2 as pb  # noqa: E402
 from serving.generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
 RPCS = ("generate", "denoise")
-SAMPLERS = ("", "ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++")  # "" = the gateway's default
+SAMPLERS = ("",) + catalog.SAMPLERS  # "" = the gateway's default
 FORMATS = ("RAW_FLOAT32", "PNG", "PNG_GRID")
 MAX_MESSAGE_BYTES = 64 << 20  # 1024 raw samples are 3.2 MB
 SIDE = 28
@@ -43,10 +44,10 @@ SIDE = 28
 @dataclass
 class LoadConfig:
     mix: dict[str, float] = field(default_factory=lambda: {"generate": 4.0, "denoise": 1.0})  # relative weights
-    model: str = "dcgan-baseline"  # Generate's model (the gateway validates the name)
+    model: str = catalog.DEFAULT_MODEL  # Generate's model (the gateway validates the name)
     num_samples: tuple[int, ...] = (1, 64)  # Generate batch sizes; each request picks one uniformly
-    sampler: str = ""  # Generate with model=ddpm: one of SAMPLERS ("" = default)
-    steps: int = 0  # Generate with model=ddpm: 0 = the sampler's default
+    sampler: str = ""  # Generate with a diffusion model: one of SAMPLERS ("" = default)
+    steps: int = 0  # Generate with a diffusion model: 0 = the sampler's default
     denoise_images: tuple[int, ...] = (1, 4)  # Denoise batch sizes; each request picks one uniformly
     sigma: float = 0.5  # Denoise noise level, 0 < sigma <= 1
     denoise_sampler: str = "dpm-solver++"  # one of SAMPLERS
@@ -118,11 +119,11 @@ def _add_arguments(parser) -> None:
     g.add_argument("--http-host", default="http://127.0.0.1:8080", help="gateway HTTP base URL (HttpGatewayUser)")
     g.add_argument("--mix", default=",".join(f"{k}={v:g}" for k, v in d.mix.items()),
                    help=f"relative weights of the rpcs {RPCS}, e.g. generate=4,denoise=1")
-    g.add_argument("--model", default=d.model, help="Generate's model: dcgan-baseline, dcgan-modified, mlp, ddpm")
+    g.add_argument("--model", default=d.model, help=f"Generate's model: one of {list(catalog.GENERATORS)}")
     g.add_argument("--num-samples", default=",".join(map(str, d.num_samples)),
                    help="Generate batch sizes (1..1024), comma-separated; one is picked per request")
-    g.add_argument("--sampler", default=d.sampler, help=f"Generate with --model ddpm: one of {SAMPLERS}")
-    g.add_argument("--steps", type=int, default=d.steps, help="Generate with --model ddpm: steps, 0 = default")
+    g.add_argument("--sampler", default=d.sampler, help=f"Generate with a diffusion --model: one of {SAMPLERS}")
+    g.add_argument("--steps", type=int, default=d.steps, help="Generate with a diffusion --model: steps, 0 = default")
     g.add_argument("--denoise-images", default=",".join(map(str, d.denoise_images)),
                    help="Denoise batch sizes (1..64), comma-separated; one is picked per request")
     g.add_argument("--sigma", type=float, default=d.sigma, help="Denoise noise level, 0 < sigma <= 1")
@@ -198,10 +199,16 @@ def clean_images(k: int, rng: random.Random) -> np.ndarray:
     return out
 
 
+def is_diffusion(model: str) -> bool:
+    """A catalog model that takes a sampler and steps (an unknown name is sent as it is, for the gateway to refuse)."""
+    m = catalog.GENERATORS.get(model)
+    return m is not None and m.kind != catalog.GAN
+
+
 def generate_request(c: LoadConfig, rng: random.Random) -> pb.GenerateRequest:
     msg = pb.GenerateRequest(model=c.model, num_samples=rng.choice(c.num_samples),
                              format=pb.ImageFormat.Value(c.format))
-    if c.model == "ddpm":
+    if is_diffusion(c.model):
         msg.sampler, msg.steps = c.sampler, c.steps
     return msg
 
@@ -222,7 +229,7 @@ def request_samples(msg) -> int:
 def request_name(msg) -> str:
     """Locust's stats key: one row per rpc, model/sampler and batch size."""
     if isinstance(msg, pb.GenerateRequest):
-        extra = f" {msg.sampler or 'default'}-{msg.steps or 'default'}" if msg.model == "ddpm" else ""
+        extra = f" {msg.sampler or 'default'}-{msg.steps or 'default'}" if is_diffusion(msg.model) else ""
         return f"Generate {msg.model}{extra} n={request_samples(msg)}"
     return f"Denoise {msg.sampler or 'default'}-{msg.steps or 'default'} n={request_samples(msg)}"
 
@@ -291,7 +298,7 @@ def json_body(msg) -> dict:
     """The JSON the HTTP API takes (protobuf JSON mapping: bytes as base64, field names as in the proto)."""
     if isinstance(msg, pb.GenerateRequest):
         body = {"model": msg.model, "num_samples": msg.num_samples, "format": pb.ImageFormat.Name(msg.format)}
-        if msg.model == "ddpm":
+        if is_diffusion(msg.model):
             body.update(sampler=msg.sampler, steps=msg.steps)
         return body
     return {"raw_images": base64.b64encode(msg.raw_images).decode(), "sigma": msg.sigma, "steps": msg.steps,

@@ -40,9 +40,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from torch import nn
 
+from .catalog import GENERATORS, MAX_STEPS, SAMPLERS  # noqa: F401  (re-exported; MAX_STEPS = num_train_timesteps)
 from .checkpoint import CHECKPOINT_DIR, load_module
-from .limits import MAX_STEPS, SAMPLERS  # noqa: F401  (re-exported; MAX_STEPS = num_train_timesteps)
-from .registry import DDPM_CHECKPOINT
 from .schedule import DEFAULT_SCHEDULER, noise_to_signal, sigma_to_timestep  # noqa: F401  (re-exported)
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -147,7 +146,7 @@ def guided_eps_fn(model_or_fn, labels: torch.Tensor, guidance: float | torch.Ten
 
 def load_unet(path: str | Path | None = None) -> tuple[UNet2DModel, dict]:
     """Rebuild the EMA UNet (eval mode, CPU) from a checkpoint (default checkpoints/ddpm.safetensors)."""
-    path = Path(path) if path is not None else CHECKPOINT_DIR / DDPM_CHECKPOINT
+    path = Path(path) if path is not None else CHECKPOINT_DIR / GENERATORS["ddpm"].checkpoint
     tensors, config = load_module(path, "ema", "ddpm")
     unet = build_unet(UNetConfig(**config["unet"]))
     unet.load_state_dict(tensors)

@@ -1,4 +1,4 @@
-"""Names of the committed models and how to load a generator from a name or a checkpoint path."""
+"""Load a GAN generator from a catalog name (mnistgen.catalog) or a checkpoint path."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,25 +6,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import latent
+from . import catalog, latent
 from .checkpoint import CHECKPOINT_DIR, load_module
 from .models import GANArch, build_generator
 
-# Committed GAN generators: service name -> checkpoint file under checkpoints/.
-GAN_MODELS = {
-    "dcgan-baseline": "dcgan-baseline.safetensors",
-    "dcgan-modified": "dcgan-modified.safetensors",
-    "mlp": "mlp.safetensors",
-}
-DDPM_CHECKPOINT = "ddpm.safetensors"
-DDPM_COND_CHECKPOINT = "ddpm-cond.safetensors"  # class-conditional DDPM (digits 0-9 + null class)
-CLASSIFIER_CHECKPOINT = "classifier.safetensors"
+CLASSIFIER_CHECKPOINT = "classifier.safetensors"  # the evaluation classifier (not served: no catalog entry)
 
 
-def resolve(name_or_path: str | Path, table: dict[str, str] = GAN_MODELS) -> Path:
-    """A committed model's name, or a path to a checkpoint file."""
+def resolve(name_or_path: str | Path, table: dict[str, catalog.Model] = catalog.GANS) -> Path:
+    """A catalog model's name (a GAN generator by default), or a path to a checkpoint file."""
     if str(name_or_path) in table:
-        return CHECKPOINT_DIR / table[str(name_or_path)]
+        return CHECKPOINT_DIR / table[str(name_or_path)].checkpoint
     path = Path(name_or_path)
     if path.suffix == ".safetensors" or path.exists():
         if not path.exists():

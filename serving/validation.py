@@ -1,56 +1,26 @@
 """Request validation for the gateway: every bad input becomes an ApiError naming the field and the allowed range."""
 from __future__ import annotations
 
-import math
 import reprlib
 import secrets
 from dataclasses import dataclass
 
 import numpy as np
 
-from mnistgen.limits import (
-    DEFAULT_GENERATE_SAMPLER, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, DIGITS, MAX_DDPM_SAMPLES,
-    MAX_DENOISE_IMAGES, MAX_GAN_SAMPLES, MAX_GUIDANCE, MAX_STEPS, SAMPLERS,
-)
+from mnistgen import catalog
+from mnistgen.catalog import DIGITS, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SAMPLERS, Model  # noqa: F401 (re-exported)
 
 from .images import PIXELS, SIDE, decode_png
 
-# ---- limits and choices (the API contract; the proto comments and docs/api.md repeat them) -------------
-# MAX_GAN_SAMPLES, MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES, MAX_STEPS: mnistgen.limits (shared with the Triton models)
-MAX_SEED = 2**63 - 1  # seeds are int64 >= 0 (numpy's default_rng rejects negative seeds)
+# ---- limits and choices: the model table, its limits and defaults are mnistgen.catalog's ----------------
 RANDOM_SEED_BITS = 32  # an absent seed is drawn from 0..2^32-1 (exact in JSON numbers too)
 RAW_TOLERANCE = 1e-3  # raw pixels may overshoot [-1, 1] by this much (float rounding), no more
-# steps=0 means these; the default sampler's from mnistgen.limits
-DEFAULT_GENERATE_STEPS = {"ddpm": 100, "ddim": 50, "dpm-solver++": 20, "sde-dpm-solver++": 20,
-                          DEFAULT_SAMPLER: DEFAULT_SAMPLER_STEPS}
-DEFAULT_DENOISE_STEPS = DEFAULT_SAMPLER_STEPS  # steps=0 in Denoise means this
 # ImageFormat enum values (mirrors mnistgen.v1.ImageFormat; kept here so validation needs no generated code)
 FORMATS = {0: "RAW_FLOAT32", 1: "RAW_FLOAT32", 2: "PNG", 3: "PNG_GRID"}
 FORMAT_NAMES = ("RAW_FLOAT32", "PNG", "PNG_GRID")
 PNG_MODES = ("L", "1", "P", "LA", "RGB", "RGBA", "I;16", "I;16B", "I")  # colour -> L (ITU-R 601-2 luma), alpha dropped
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # service name clients use
-    triton_model: str  # the Triton model behind it
-    kind: str  # "gan" or "ddpm"
-    max_num_samples: int
-    conditional: bool = False  # takes GenerateRequest.digit / guidance (class-conditional DDPM)
-    default_sampler: str = ""  # ddpm: the sampler a request that names none gets
-
-
-MODELS: dict[str, ModelSpec] = {
-    "dcgan-baseline": ModelSpec("dcgan-baseline", "dcgan_generator", "gan", MAX_GAN_SAMPLES),
-    "dcgan-modified": ModelSpec("dcgan-modified", "dcgan_modified", "gan", MAX_GAN_SAMPLES),
-    "mlp": ModelSpec("mlp", "mlp_generator", "gan", MAX_GAN_SAMPLES),
-    "ddpm": ModelSpec("ddpm", "ddpm_generate", "ddpm", MAX_DDPM_SAMPLES, default_sampler=DEFAULT_GENERATE_SAMPLER),
-    "ddpm-cond": ModelSpec("ddpm-cond", "ddpm_cond_generate", "ddpm", MAX_DDPM_SAMPLES, conditional=True,
-                           default_sampler=DEFAULT_SAMPLER),
-}
-CONDITIONAL_MODELS = [name for name, spec in MODELS.items() if spec.conditional]
-DEFAULT_MODEL = "dcgan-baseline"
-DENOISE_MODEL = ModelSpec("ddpm", "ddpm_denoise", "ddpm", MAX_DENOISE_IMAGES, default_sampler=DEFAULT_SAMPLER)
+CONDITIONAL_MODELS = [m.name for m in catalog.GENERATORS.values() if m.conditional]
+DIFFUSION_MODELS = [m.name for m in catalog.GENERATORS.values() if m.kind != catalog.GAN]
 
 
 # ---- echoing user input -------------------------------------------------------------------------------
@@ -126,7 +96,7 @@ class ValidationError(ApiError):
 # ---- validated requests ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GenerateParams:
-    model: ModelSpec
+    model: Model
     num_samples: int
     seed: int
     steps: int  # 0 for GANs
@@ -151,41 +121,24 @@ class DenoiseParams:
     format: str
 
 
-def check_model(model: str) -> ModelSpec:
-    name = model or DEFAULT_MODEL
-    if name not in MODELS:
-        raise ValidationError("model", f"unknown model {echo(model)}: expected one of {list(MODELS)}")
-    return MODELS[name]
+def check_model(model: str) -> Model:
+    try:
+        return catalog.generator(model)
+    except KeyError:
+        raise ValidationError("model", f"unknown model {echo(model)}: expected one of {list(catalog.GENERATORS)}") from None
 
 
 def check_int(field: str, value, lo: int, hi: int) -> int:
+    """An integer (not a bool, not a float); its range is catalog.check_request's to check, `lo..hi` only says it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValidationError(field, f"must be an integer in {lo}..{hi}, got {echo(value)}")
-    if not lo <= int(value) <= hi:
-        raise ValidationError(field, f"must be in {lo}..{hi}, got {int(value)}")
     return int(value)
 
 
-def check_seed(seed) -> int:
-    """None -> a fresh random seed in 0..2^32-1; else an int in 0..2^63-1."""
-    if seed is None:
-        return secrets.randbits(RANDOM_SEED_BITS)
-    return check_int("seed", seed, 0, MAX_SEED)
-
-
-def check_sampler(sampler: str, default: str) -> str:
-    """"" -> `default` (the model's ModelSpec.default_sampler); else one of SAMPLERS."""
-    s = sampler or default
-    if s not in SAMPLERS:
-        raise ValidationError("sampler", f"unknown sampler {echo(sampler)}: expected one of {list(SAMPLERS)}")
-    return s
-
-
-def check_steps(steps, default: int) -> int:
-    """0 -> default; else 1..MAX_STEPS."""
-    if steps == 0 and not isinstance(steps, bool):
-        return default
-    return check_int("steps", steps, 1, MAX_STEPS)
+def check_number(field: str, value, bounds: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValidationError(field, f"must be a number {bounds}, got {echo(value)}")
+    return float(value)
 
 
 def check_format(fmt) -> str:
@@ -197,64 +150,51 @@ def check_format(fmt) -> str:
     raise ValidationError("format", f"unknown image format {echo(fmt)}: expected one of {list(FORMAT_NAMES)}")
 
 
-def check_digit(digit, spec: ModelSpec) -> int:
-    """None (absent) -> -1 (any digit); else 0..DIGITS-1, and only for a class-conditional model."""
-    if digit is None:
-        return -1
-    if not spec.conditional:
-        raise ValidationError("digit", f"model {spec.name!r} is unconditional and draws random digits; only "
-                                       f"{CONDITIONAL_MODELS} take a digit (0..{DIGITS - 1}); leave it out")
-    return check_int("digit", digit, 0, DIGITS - 1)
+def diffusion_args(spec: Model, steps, sampler: str) -> tuple[int, str]:
+    """steps 0 -> the model's default for the sampler, sampler "" -> the model's default."""
+    if not isinstance(sampler, str) or (sampler and sampler not in SAMPLERS):
+        raise ValidationError("sampler", f"unknown sampler {echo(sampler)}: expected one of {list(SAMPLERS)}")
+    s = sampler or spec.sampler
+    st = check_int("steps", steps, 1, MAX_STEPS)
+    return (st or spec.default_steps(s)), s
 
 
-def check_guidance(guidance, spec: ModelSpec) -> float:
-    """None (absent) -> DEFAULT_GUIDANCE for conditional models (0.0 otherwise); else a finite 0..MAX_GUIDANCE."""
-    if guidance is None:
-        return DEFAULT_GUIDANCE if spec.conditional else 0.0
-    if not spec.conditional:
-        raise ValidationError("guidance", f"model {spec.name!r} is unconditional; only {CONDITIONAL_MODELS} take a "
-                                          f"guidance scale (0..{MAX_GUIDANCE:g}); leave it out")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)):
-        raise ValidationError("guidance", f"must be a number in 0..{MAX_GUIDANCE:g}, got {echo(guidance)}")
-    g = float(guidance)
-    if not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
-        raise ValidationError("guidance", f"must be in 0..{MAX_GUIDANCE:g}, got {g!r}")
-    return g
+def check_limits(spec: Model, n: int, seed: int | None, **values) -> int:
+    """catalog.check_request (the one limits check, shared with the Triton models) as a ValidationError; an absent
+    seed becomes a fresh random one in 0..2^32-1."""
+    seed = secrets.randbits(RANDOM_SEED_BITS) if seed is None else check_int("seed", seed, 0, MAX_SEED)
+    try:
+        catalog.check_request(spec, n, seed=seed, **values)
+    except catalog.LimitError as e:
+        raise ValidationError(e.field, e.message) from None
+    return seed
 
 
 def validate_generate(model: str, num_samples: int, seed: int | None, steps: int, sampler: str, fmt,
                       digit: int | None = None, guidance: float | None = None) -> GenerateParams:
-    """Check a Generate request (proto3 defaults: model "" -> dcgan-baseline, num_samples 0 -> 1; digit and guidance
-    None when absent)."""
+    """Check a Generate request (proto3 defaults: model "" -> the catalog's first, num_samples 0 -> 1; digit and
+    guidance None when absent)."""
     spec = check_model(model)
-    n = 1 if num_samples == 0 and not isinstance(num_samples, bool) else num_samples
-    if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and not 1 <= n <= spec.max_num_samples:
-        limits = f"dcgan-*/mlp: 1..{MAX_GAN_SAMPLES}, ddpm and ddpm-cond: 1..{MAX_DDPM_SAMPLES}"
-        raise ValidationError("num_samples", f"must be in 1..{spec.max_num_samples} for model {spec.name!r} "
-                                             f"({limits}), got {int(n)}")
-    n = check_int("num_samples", n, 1, spec.max_num_samples)
-    if spec.kind == "gan":
-        if steps:
-            raise ValidationError("steps", f"only the ddpm models ('ddpm', 'ddpm-cond') take steps (1..{MAX_STEPS}); "
-                                           f"leave it 0 for {spec.name!r}, got {echo(steps)}")
-        if sampler:
-            raise ValidationError("sampler", f"only the ddpm models ('ddpm', 'ddpm-cond') take a sampler {list(SAMPLERS)}; "
-                                             f"leave it empty for {spec.name!r}, got {echo(sampler)}")
-        s, st = "", 0
+    n = check_int("num_samples", num_samples, 1, spec.max_samples) or 1
+    if spec.kind == catalog.GAN:
+        for field, value, what in (("steps", steps, f"steps (1..{MAX_STEPS}); leave it 0"),
+                                   ("sampler", sampler, f"a sampler {list(SAMPLERS)}; leave it empty")):
+            if value:
+                raise ValidationError(field, f"only the ddpm models {DIFFUSION_MODELS} take {what} for {spec.name!r}, "
+                                             f"got {echo(value)}")
+        st, s = 0, ""
     else:
-        s = check_sampler(sampler, spec.default_sampler)
-        st = check_steps(steps, DEFAULT_GENERATE_STEPS[s])
-    return GenerateParams(spec, n, check_seed(seed), st, s, check_format(fmt), check_digit(digit, spec),
-                          check_guidance(guidance, spec))
-
-
-def check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating)):
-        raise ValidationError("sigma", f"must be a number with 0 < sigma <= 1, got {echo(sigma)}")
-    s = float(sigma)
-    if not math.isfinite(s) or not 0.0 < s <= 1.0:
-        raise ValidationError("sigma", f"must satisfy 0 < sigma <= 1, got {s!r}")
-    return s
+        st, s = diffusion_args(spec, steps, sampler)
+    for field, value, allowed in (("digit", digit, f"0..{DIGITS - 1}"), ("guidance", guidance, f"0..{MAX_GUIDANCE:g}")):
+        if value is not None and not spec.conditional:
+            raise ValidationError(field, f"model {spec.name!r} is unconditional; only {CONDITIONAL_MODELS} take a "
+                                         f"{field} ({allowed}); leave it out")
+    d = -1 if digit is None else check_int("digit", digit, 0, DIGITS - 1)
+    if digit is not None and not 0 <= d < DIGITS:  # (-1, "any digit", is Triton's encoding of an absent digit)
+        raise ValidationError("digit", f"must be in 0..{DIGITS - 1}, got {d}")
+    g = spec.guidance if guidance is None else check_number("guidance", guidance, f"in 0..{MAX_GUIDANCE:g}")
+    seed = check_limits(spec, n, seed, steps=st, sampler=s, digit=d, guidance=g)
+    return GenerateParams(spec, n, seed, st, s, check_format(fmt), d, g)
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:
@@ -306,20 +246,22 @@ def decode_raw_images(raw: bytes) -> np.ndarray:
 
 def validate_denoise(png_images: list[bytes], raw_images: bytes, sigma, steps, sampler: str,
                      seed: int | None, fmt) -> DenoiseParams:
-    """Check a Denoise request: PNGs or raw floats (exactly one), 1..64 images, 0 < sigma <= 1."""
+    """Check a Denoise request: PNGs or raw floats (exactly one), 1..max images, 0 < sigma <= 1."""
+    spec = catalog.DENOISER
     if png_images and raw_images:
         raise ValidationError("images", "give either png_images or raw_images, not both")
     if not png_images and not raw_images:
-        raise ValidationError("images", f"no images: give 1..{MAX_DENOISE_IMAGES} 28x28 images in png_images "
+        raise ValidationError("images", f"no images: give 1..{spec.max_samples} 28x28 images in png_images "
                                         "(PNG bytes) or raw_images (k*784 float32 in [-1, 1])")
     count = len(png_images) if png_images else len(raw_images) // (PIXELS * 4)
-    if count > MAX_DENOISE_IMAGES:
+    if count > spec.max_samples:
         field = "png_images" if png_images else "raw_images"
-        raise ValidationError(field, f"image count must be in 1..{MAX_DENOISE_IMAGES}, got {count}")
+        raise ValidationError(field, f"image count must be in 1..{spec.max_samples}, got {count}")
     if png_images:
         x = np.stack([decode_png_image(b, i) for i, b in enumerate(png_images)])  # (K, 1, 28, 28)
     else:
         x = decode_raw_images(raw_images)
-    sig = check_sigma(sigma)
-    s = check_sampler(sampler, DENOISE_MODEL.default_sampler)
-    return DenoiseParams(x, sig, check_steps(steps, DEFAULT_DENOISE_STEPS), s, check_seed(seed), check_format(fmt))
+    sig = check_number("sigma", sigma, "with 0 < sigma <= 1")
+    st, s = diffusion_args(spec, steps, sampler)
+    seed = check_limits(spec, len(x), seed, steps=st, sampler=s, sigma=sig)
+    return DenoiseParams(x, sig, st, s, seed, check_format(fmt))

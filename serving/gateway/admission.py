@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from mnistgen import catalog
 from mnistgen.schedule import default_alphas_cumprod, sigma_to_timestep
 
 from ..validation import ApiError, DenoiseParams, GenerateParams
@@ -68,13 +69,13 @@ def denoise_evaluations(sigma: float, steps: int) -> int:
 
 
 def generate_cost(p: GenerateParams) -> Cost:
-    n = p.num_samples
-    if p.model.kind == "gan":
-        return Cost(n, lambda: f"{_plural(n, 'sample')} x 1 generator pass")
+    n, units = p.num_samples, p.model.cost(p.num_samples, p.steps, p.guided)  # mnistgen.catalog.Model.cost
+    if not p.steps:
+        return Cost(units, lambda: f"{_plural(n, 'sample')} x 1 generator pass")
     if p.guided:  # classifier-free guidance: the digit's and the null pass, batched together, every step
-        return Cost(2 * n * p.steps, lambda: f"{_plural(n, 'sample')} x {_plural(p.steps, 'step')} x 2 UNet passes "
-                                             f"(guidance {p.guidance:g})")
-    return Cost(n * p.steps, lambda: f"{_plural(n, 'sample')} x {_plural(p.steps, 'step')}")
+        return Cost(units, lambda: f"{_plural(n, 'sample')} x {_plural(p.steps, 'step')} x 2 UNet passes "
+                                   f"(guidance {p.guidance:g})")
+    return Cost(units, lambda: f"{_plural(n, 'sample')} x {_plural(p.steps, 'step')}")
 
 
 def denoise_cost(p: DenoiseParams) -> Cost:
@@ -84,7 +85,7 @@ def denoise_cost(p: DenoiseParams) -> Cost:
         how = f"steps {p.steps}" if evals == p.steps else f"steps {p.steps} capped at t*+1 = {evals} for sigma {p.sigma:g}"
         return f"{_plural(k, 'image')} x {_plural(evals, 'UNet evaluation')}, {how}"
 
-    return Cost(k * evals, describe)
+    return Cost(catalog.DENOISER.cost(k, evals), describe)
 
 
 class _Slot:

@@ -16,7 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from ..generated.mnistgen.v1 import generation_pb2 as pb
 from ..metrics import GatewayMetrics
-from ..validation import DENOISE_MODEL, MODELS
+from mnistgen import catalog
+
 from .admission import Limiter
 from .auth import AuthInterceptor, ConfigError, TokenAuth, load_tls
 from .config import GatewayConfig, parse_args
@@ -36,7 +37,7 @@ class GatewayState:
         self.triton, self.metrics, self.health, self.config = triton, metrics, health_servicer, config
         self.draining = False
         self.ready = False
-        self.models = [s.triton_model for s in MODELS.values()] + [DENOISE_MODEL.triton_model]
+        self.models = list(catalog.SERVED)
 
     async def check(self) -> tuple[bool, dict]:
         server, models = await self.triton.readiness(self.models, self.config.readiness_timeout_s)

@@ -14,8 +14,10 @@ from .. import pb_json
 from ..pb_json import message_json  # noqa: F401 (serving.gateway re-exports it)
 from ..generated.mnistgen.v1 import generation_pb2 as pb
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from mnistgen import catalog
+
 from ..validation import (
-    DENOISE_MODEL, MAX_SEED, ApiError, ValidationError, clip, decode_png_image, decode_raw_images, echo,
+    MAX_SEED, ApiError, ValidationError, clip, decode_png_image, decode_raw_images, echo,
 )
 from . import request_id
 from .json_body import JSON_THREAD_BYTES, parse_json_body
@@ -204,11 +206,11 @@ class HttpApi:
                 if view not in PNG_VIEWS:
                     raise ValidationError("view", f"unknown view {echo(view)}: expected one of {list(PNG_VIEWS)}")
             except ApiError as e:
-                self.s.metrics.observe("Denoise", DENOISE_MODEL.name, "http", e.code, 0.0, 0)
+                self.s.metrics.observe("Denoise", catalog.DENOISER.name, "http", e.code, 0.0, 0)
                 raise
             if wants_png(request):
                 msg.format = pb.RAW_FLOAT32
-            resp = await self.s.run("Denoise", "http", DENOISE_MODEL.name, timeout, self.s.denoise, msg)
+            resp = await self.s.run("Denoise", "http", catalog.DENOISER.name, timeout, self.s.denoise, msg)
         except ApiError as e:
             return error_response(e)
         if wants_png(request):

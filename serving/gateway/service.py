@@ -13,14 +13,14 @@ import grpc
 import numpy as np
 
 from mnistgen.latent import sample_latent
-from mnistgen.limits import DEFAULT_GUIDANCE
+from mnistgen import catalog
 
 from .. import images as imgs
 from ..generated.mnistgen.v1 import generation_pb2 as pb
 from ..generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 from ..metrics import GatewayMetrics
 from ..validation import (
-    DENOISE_MODEL, MODELS, SAMPLERS, ApiError, DenoiseParams, GenerateParams, ValidationError, clip,
+    SAMPLERS, ApiError, DenoiseParams, GenerateParams, ValidationError, clip,
     validate_denoise, validate_generate,
 )
 from . import request_id
@@ -126,7 +126,7 @@ def set_timing(msg: pb.Timing, start: float, triton_s: float, n: int) -> pb.Timi
 def model_label(name: str) -> str:
     """Metrics label for a requested model: only known names (unbounded user input never becomes a label)."""
     name = name or "dcgan-baseline"
-    return name if name in MODELS else "unknown"
+    return name if name in catalog.GENERATORS else "unknown"
 
 
 def access_line(rpc: str, transport: str, model: str, code: str, seconds: float, samples: int,
@@ -201,7 +201,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                               req.guidance if req.HasField("guidance") else None)
         async with self.limiter.slot(generate_cost(p)):
             t0 = time.perf_counter()
-            if p.model.kind == "gan":
+            if p.model.kind == catalog.GAN:
                 x, version = await self._generate_gan(p, deadline)  # (N, 1, 28, 28)
             else:
                 x, version = await self._generate_ddpm(p, deadline)
@@ -218,7 +218,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return resp, p.num_samples, triton_s
 
     async def _generate_gan(self, p: GenerateParams, deadline: float) -> tuple[np.ndarray, str]:
-        model = p.model.triton_model
+        model = p.model.triton
         info = await self.triton.model_info(model, deadline_remaining(deadline))
         z = sample_latent(p.num_samples, info.latent_dim, p.seed)  # (N, latent_dim)
         step = info.max_batch_size or p.num_samples
@@ -232,7 +232,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return x, results[0].get_response().model_version
 
     async def _generate_ddpm(self, p: GenerateParams, deadline: float) -> tuple[np.ndarray, str]:
-        model = p.model.triton_model
+        model = p.model.triton
         info = await self.triton.model_info(model, deadline_remaining(deadline))
         row = (1, 1) if info.max_batch_size else (1,)  # batched ddpm_generate: one row (1, 1) per request
         inputs = [
@@ -257,7 +257,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             t0 = time.perf_counter()
             noisy, denoised, version = await self._denoise(p, deadline)
             triton_s = time.perf_counter() - t0
-            resp = pb.DenoiseResponse(model=DENOISE_MODEL.name, model_version=version, seed=p.seed, sigma=p.sigma,
+            resp = pb.DenoiseResponse(model=catalog.DENOISER.name, model_version=version, seed=p.seed, sigma=p.sigma,
                                       steps=p.steps, sampler=p.sampler)
             await encode_into(resp.noisy, noisy, p.format)
             await encode_into(resp.denoised, denoised, p.format)
@@ -267,7 +267,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _denoise(self, p: DenoiseParams, deadline: float) -> tuple[np.ndarray, np.ndarray, str]:
         """Each image i gets its own noise seed (seed + i), so results do not depend on how Triton batches."""
-        model = DENOISE_MODEL.triton_model
+        model = catalog.DENOISER.triton
         info = await self.triton.model_info(model, deadline_remaining(deadline))
         k = len(p.images)
         seeds = (np.uint64(p.seed) + np.arange(k, dtype=np.uint64)) % np.uint64(2**63)
@@ -296,22 +296,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _list_models(self, deadline: float):
         timeout = min(self.config.readiness_timeout_s, deadline_remaining(deadline))
-        specs = list(MODELS.values()) + [DENOISE_MODEL]
-        _, ready = await self.triton.readiness([s.triton_model for s in specs], timeout)
+        _, ready = await self.triton.readiness(list(catalog.SERVED), timeout)
         resp = pb.ListModelsResponse()
-        for spec in MODELS.values():
-            info = pb.ModelInfo(name=spec.name, triton_model=spec.triton_model, kind=spec.kind,
-                                ready=ready[spec.triton_model], max_num_samples=spec.max_num_samples,
-                                accepts_digit=spec.conditional,
-                                default_guidance=DEFAULT_GUIDANCE if spec.conditional else 0.0)
+        for spec in catalog.GENERATORS.values():
+            info = pb.ModelInfo(name=spec.name, triton_model=spec.triton, kind=spec.kind, ready=ready[spec.triton],
+                                max_num_samples=spec.max_samples, accepts_digit=spec.conditional,
+                                default_guidance=spec.guidance)
             if info.ready:
                 with contextlib.suppress(ApiError):
-                    t = await self.triton.model_info(spec.triton_model, timeout)
+                    t = await self.triton.model_info(spec.triton, timeout)
                     info.version, info.latent_dim, info.engines = t.version, t.latent_dim, t.engines
-            if spec.kind == "ddpm":
+            if spec.kind != catalog.GAN:
                 info.samplers.extend(SAMPLERS)
-                info.default_sampler = spec.default_sampler
-                info.supports_denoise = ready[DENOISE_MODEL.triton_model]
+                info.default_sampler = spec.sampler
+                info.supports_denoise = spec.name == catalog.DENOISER.name and ready[catalog.DENOISER.triton]
             resp.models.append(info)
         return resp, 0, 0.0
 
@@ -333,7 +331,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return await self._grpc("Generate", model_label(request.model), self.generate, request, context)
 
     async def Denoise(self, request, context):
-        return await self._grpc("Denoise", DENOISE_MODEL.name, self.denoise, request, context)
+        return await self._grpc("Denoise", catalog.DENOISER.name, self.denoise, request, context)
 
     async def ListModels(self, request, context):
         return await self._grpc("ListModels", "", self.list_models, request, context)

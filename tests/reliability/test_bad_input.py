@@ -24,7 +24,9 @@ from PIL import Image
 
 from serving.gateway.json_body import MAX_JSON_DEPTH, MAX_JSON_ITEMS
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
-from serving.validation import MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES, MAX_GAN_SAMPLES, MAX_STEPS, MODELS, SAMPLERS
+from mnistgen.catalog import DENOISER, GAN, GENERATORS as MODELS, MAX_STEPS, SAMPLERS
+
+MAX_DENOISE_IMAGES = DENOISER.max_samples
 
 from reliability_support import write_figures
 
@@ -52,8 +54,8 @@ def bad_text(valid) -> st.SearchStrategy[str]:
 def bad_generate(draw) -> tuple[pb.GenerateRequest, set[str]]:
     """A GenerateRequest with >= 1 invalid field (never a valid one: nothing reaches Triton) + the invalid fields."""
     model = draw(st.sampled_from([*MODELS, ""]))
-    kind = MODELS[model or "dcgan-baseline"].kind
-    limit = MAX_DDPM_SAMPLES if kind == "ddpm" else MAX_GAN_SAMPLES
+    limit = MODELS[model or next(iter(MODELS))].max_samples
+    kind = "gan" if MODELS[model or next(iter(MODELS))].kind == GAN else "ddpm"
     valid = {
         "model": model,
         "num_samples": draw(st.integers(0, limit)),

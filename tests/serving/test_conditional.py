@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mnistgen.limits import DEFAULT_GUIDANCE, MAX_GUIDANCE
+from mnistgen.catalog import GENERATORS, MAX_GUIDANCE
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
 
 MODEL, TRITON_MODEL = "ddpm-cond", "ddpm_cond_generate"
+DEFAULT_GUIDANCE = GENERATORS[MODEL].guidance
 
 
 def raw(images: pb.Images) -> np.ndarray:

@@ -9,10 +9,13 @@ from PIL import Image
 
 from serving import images as imgs
 from serving.metrics import GatewayMetrics, mean_pairwise_distance
-from serving.validation import (
-    DEFAULT_DENOISE_STEPS, DEFAULT_GENERATE_STEPS, MAX_DDPM_SAMPLES, MAX_DENOISE_IMAGES, MAX_GAN_SAMPLES,
-    ValidationError, decode_png_image, decode_raw_images, validate_denoise, validate_generate,
-)
+from mnistgen import catalog
+from serving.validation import ValidationError, decode_png_image, decode_raw_images, validate_denoise, validate_generate
+
+DEFAULT_DENOISE_STEPS = catalog.DENOISER.steps
+MAX_GAN_SAMPLES = catalog.GENERATORS["dcgan-baseline"].max_samples
+MAX_DDPM_SAMPLES = catalog.GENERATORS["ddpm"].max_samples
+MAX_DENOISE_IMAGES = catalog.DENOISER.max_samples
 
 
 def png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -49,13 +52,13 @@ def raises(field: str, *fragments: str):
 # ---- Generate -----------------------------------------------------------------------------------------
 def test_generate_defaults():
     p = validate_generate("", 0, None, 0, "", 0)
-    assert (p.model.name, p.model.triton_model, p.num_samples, p.format) == ("dcgan-baseline", "dcgan_generator", 1,
+    assert (p.model.name, p.model.triton, p.num_samples, p.format) == ("dcgan-baseline", "dcgan_generator", 1,
                                                                               "RAW_FLOAT32")
     assert 0 <= p.seed < 2**32 and p.steps == 0 and p.sampler == ""
 
 
 def test_generate_ddpm_defaults_per_sampler():
-    for sampler, steps in DEFAULT_GENERATE_STEPS.items():
+    for sampler, steps in {**catalog.SAMPLER_STEPS, catalog.GENERATORS["ddpm"].sampler: 20}.items():
         p = validate_generate("ddpm", 2, 5, 0, sampler, 2)
         assert (p.steps, p.sampler, p.seed, p.format) == (steps, sampler, 5, "PNG")
     # no sampler named: the model's default (unconditional ddpm: the SDE solver; ddpm-cond and Denoise: dpm-solver++)
