@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+
+from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 # the --help description (what the gateway is)
 DESCRIPTION = ("The gRPC + HTTP/JSON gateway: validates requests, samples GAN latents, calls Triton over gRPC, "
                "returns images and metrics.")
 ENV_PREFIX = "MNISTGEN_"  # every GatewayConfig field can be set as MNISTGEN_<FIELD> (e.g. MNISTGEN_TRITON_URL)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass
@@ -31,7 +34,7 @@ class GatewayConfig:
     stop_grace_s: float = 10.0  # SIGTERM: finish in-flight requests for up to this long, then stop
     log_level: str = "INFO"  # one of LOG_LEVELS
     # auth (serving/gateway/auth.py): off unless tokens are configured; both sources add up (rotation)
-    api_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens (prefer the env var)
+    api_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens (prefer the env var; never shown)
     api_token_file: str = ""  # file of bearer tokens, one per line, # comments; re-read when it changes
     tls_cert: str = ""  # PEM certificate chain: TLS on both ports (with tls_key)
     tls_key: str = ""  # PEM private key of tls_cert
@@ -44,7 +47,8 @@ class GatewayConfig:
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             raise ValueError(f"{given} is set but {missing} is not: TLS needs both the certificate and its key "
                              f"(--tls-cert/--tls-key or MNISTGEN_TLS_CERT/MNISTGEN_TLS_KEY), or neither")
-        if self.log_level.upper() not in LOG_LEVELS:
+        self.log_level = self.log_level.upper()
+        if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         for name in ("grpc_port", "http_port"):
             if not 0 <= int(getattr(self, name)) < 65536:
@@ -56,36 +60,14 @@ class GatewayConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue!r}")
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-SECRET_FIELDS = ("api_tokens",)  # never shown (--help defaults, repr)
-
-
 def env_defaults(environ=os.environ) -> GatewayConfig:
     """GatewayConfig defaults overridden by MNISTGEN_<FIELD> environment variables."""
-    cfg = GatewayConfig()
-    for f in fields(GatewayConfig):
-        raw = environ.get(ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            kind = type(getattr(cfg, f.name))
-            try:
-                setattr(cfg, f.name, kind(raw))
-            except ValueError:
-                raise SystemExit(f"{ENV_PREFIX}{f.name.upper()} must be a {kind.__name__}, got {raw!r}") from None
-    return cfg
+    return dataclass_from_args(GatewayConfig, argparse.Namespace(), env_prefix=ENV_PREFIX, environ=environ)
 
 
 def parse_args(argv: list[str] | None = None, environ=os.environ) -> GatewayConfig:
-    d = env_defaults(environ)
-    p = argparse.ArgumentParser(description=DESCRIPTION,
-                                epilog=f"Every option can also be set as {ENV_PREFIX}<OPTION> (e.g. MNISTGEN_TRITON_URL).")
-    for f in fields(GatewayConfig):
-        default = getattr(d, f.name)
-        kw = {"choices": LOG_LEVELS, "type": str.upper} if f.name == "log_level" else {"type": type(default)}
-        shown = ("set from " + ENV_PREFIX + f.name.upper() if default else "none") if f.name in SECRET_FIELDS \
-            else repr(default)
-        p.add_argument("--" + f.name.replace("_", "-"), default=default, **kw, help=f"default {shown}")
-    a = p.parse_args(argv)
-    try:
-        return GatewayConfig(**{f.name: getattr(a, f.name) for f in fields(GatewayConfig)})
-    except ValueError as e:
-        p.error(str(e))
+    """The options given, over MNISTGEN_<FIELD> environment variables, over the defaults; usage error otherwise."""
+    p = argparse.ArgumentParser(description=DESCRIPTION, epilog=f"Every option can also be set as {ENV_PREFIX}<OPTION> "
+                                                                "(e.g. MNISTGEN_TRITON_URL); an option given wins.")
+    add_dataclass_args(p, GatewayConfig, help={"log_level": f"one of {LOG_LEVELS}"})
+    return dataclass_from_args(GatewayConfig, p.parse_args(argv), parser=p, env_prefix=ENV_PREFIX, environ=environ)
