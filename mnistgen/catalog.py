@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 # ---- request limits shared by the gateway and the Triton models (check_request below) ----------------------
 MAX_SEED = 2**63 - 1  # seeds are int64 >= 0 (numpy's default_rng rejects negative seeds)
@@ -96,8 +96,10 @@ def _extra(path: str | None) -> tuple[Model, ...]:
     names = {f.name for f in fields(Model)}
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and set(r) <= names for r in rows):
-        raise ValueError(f"MNISTGEN_CATALOG {path}: expected a list of objects with keys from {sorted(names)}")
+    required = {f.name for f in fields(Model) if f.default is MISSING}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and required <= set(r) <= names for r in rows):
+        raise ValueError(f"MNISTGEN_CATALOG {path}: expected a list of objects with the keys {sorted(required)} "
+                         f"and any of {sorted(names - required)}")
     return tuple(Model(**r) for r in rows)
 
 
@@ -154,3 +156,20 @@ def check_request(model: Model, samples: int, steps: int = 0, sampler: str = "",
             raise LimitError("digit", f"must be in 0..{DIGITS - 1} (or -1 in Triton: any digit), got {digit}")
         if not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
             raise LimitError("guidance", f"must be in 0..{MAX_GUIDANCE:g}, got {guidance!r}")
+
+
+def markdown() -> str:
+    """The table docs/api.md and README.md show between `<!-- catalog -->` markers (a test keeps them equal)."""
+    rows = ["| `model` | RPC | Triton model | kind | samples | defaults | what |", "|---|---|---|---|---|---|---|"]
+    for m in MODELS:
+        if m.rpc == INTERNAL:
+            continue
+        default = "" if m.kind == GAN else f"`{m.sampler}`, {m.steps} steps" + (f", guidance {m.guidance:g}"
+                                                                                if m.conditional else "")
+        first = " (default)" if m.name == DEFAULT_MODEL and m.rpc == GENERATE else ""
+        rows.append(f"| `{m.name}`{first} | {m.rpc} | `{m.triton}` | {m.kind} | 1..{m.max_samples} | {default} | {m.about} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

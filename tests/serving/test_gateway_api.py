@@ -52,6 +52,8 @@ def test_list_models_grpc_and_http(ready_gateway, triton):
     # what a request without a sampler gets, per model
     assert [m.default_sampler for m in g.models] == ["", "", "", "sde-dpm-solver++", "dpm-solver++"]
     assert [j["default_sampler"] for j in h["models"]] == [m.default_sampler for m in g.models]
+    assert [m.kind for m in g.models] == ["gan", "gan", "gan", "ddpm", "ddpm-cond"]  # mnistgen.catalog.KINDS
+    assert [m.supports_denoise for m in g.models] == [False, False, False, "ddpm_denoise" in triton.models, False]
     # the engine choice per batch range, from export's measurement (config.pbtxt `engines`), for every ready model
     for m, j in zip(g.models, h["models"]):
         assert bool(m.engines) == m.ready and j.get("engines", "") == m.engines
