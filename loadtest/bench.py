@@ -17,25 +17,26 @@ stream in-process one request at a time: samples/s and request p50/p99 per level
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mnistgen import catalog
 from mnistgen import engine as eng
-from mnistgen.registry import DDPM_COND_CHECKPOINT
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from . import bench_triton as bt
+from .load import closed_loop
+
+COND = catalog.by_kind(catalog.DDPM_COND)[0]  # the class-conditional Generate workload's model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # table column order; onnxruntime-trt (TensorRT EP) only runs with --device cuda
@@ -66,14 +67,14 @@ class Goal:
 class GatewayBenchConfig:
     model_repository: Path = REPO_ROOT / "model_repository"  # exported first when a checkpoint is newer
     checkpoint_dir: Path = bt.CHECKPOINT_DIR
-    generator: str = "dcgan-baseline"  # one of bench_triton.GENERATOR_MODELS
+    generator: str = catalog.DEFAULT_MODEL  # one of catalog.GANS
     generator_batches: tuple[int, ...] = (1, 64, 256)
     generator_repeats: int = 20  # timed runs per cell (median and p99 over these)
     denoise_batches: tuple[int, ...] = (1, 4, 16)  # small on purpose: DDPM-100 at 16 is ~10 s per run on 2 cores
     fast_sampler: str = "dpm-solver++:20"  # SAMPLER:STEPS compared against DDPM-100
     ddpm_repeats: int = 2  # DDPM-100 is slow: fewer timed runs
     fast_repeats: int = 4
-    cond_digit: int = 7  # class-conditional generate row (ddpm-cond, the fast sampler, the served default guidance)
+    cond_digit: int = 7  # class-conditional generate row (COND, the fast sampler, the served default guidance)
     cond_batches: tuple[int, ...] = (1, 16)  # "give me sixteen 7s"
     overhead_repeats: int = 200  # interleaved batch-1 pairs (Triton direct, gateway gRPC) for the overhead goal
     sigma: float = 0.5  # denoise noise level
@@ -179,20 +180,18 @@ def bench_gateway_denoise(cfg: GatewayBenchConfig, clients: dict, spec: str, rep
 
 
 def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[dict]:
-    """Generate `cond_digit` from ddpm-cond with the fast sampler and the served default guidance: eager PyTorch
+    """Generate `cond_digit` from COND with the fast sampler and the served default guidance: eager PyTorch
     (the same guided loop in-process: labelled and null passes in one batch), Triton direct, the gateway."""
     from mnistgen.diffusion import generate, load_unet
-    from mnistgen.limits import DEFAULT_GUIDANCE
-    from mnistgen.registry import DDPM_COND_CHECKPOINT
-
-    unet, config = load_unet(cfg.checkpoint_dir / DDPM_COND_CHECKPOINT)
+    guidance = COND.guidance
+    unet, config = load_unet(cfg.checkpoint_dir / COND.checkpoint)
     sampler, steps = cfg.fast_sampler.split(":")[0], int(cfg.fast_sampler.split(":")[1])
-    name = f"generate ddpm-cond digit {cfg.cond_digit} {sampler}-{steps} (guidance {DEFAULT_GUIDANCE:g})"
+    name = f"generate {COND.name} digit {cfg.cond_digit} {sampler}-{steps} (guidance {guidance:g})"
     rows = []
     for b in cfg.cond_batches:
         def eager(n_steps):
             return lambda: generate(unet, b, sampler, n_steps, cfg.seed, scheduler_config=config.get("scheduler"),
-                                    labels=[cfg.cond_digit] * b, guidance=DEFAULT_GUIDANCE)
+                                    labels=[cfg.cond_digit] * b, guidance=guidance)
 
         def triton(n_steps):
             ins = bt._grpc_inputs({
@@ -201,19 +200,19 @@ def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[di
                 "sampler": (np.array([[sampler.encode()]], dtype=object), "BYTES"),
                 "seed": (np.full((1, 1), cfg.seed, np.int64), "INT64"),
                 "digit": (np.full((1, 1), cfg.cond_digit, np.int32), "INT32"),
-                "guidance": (np.full((1, 1), DEFAULT_GUIDANCE, np.float32), "FP32")})
-            return lambda: direct.infer("ddpm_cond_generate", ins, client_timeout=DENOISE_TIMEOUT_S)
+                "guidance": (np.full((1, 1), guidance, np.float32), "FP32")})
+            return lambda: direct.infer(COND.triton, ins, client_timeout=DENOISE_TIMEOUT_S)
 
         def gateway(c, n_steps):
-            return lambda: c.generate("ddpm-cond", b, cfg.seed, n_steps, sampler, digit=cfg.cond_digit)
+            return lambda: c.generate(COND.name, b, cfg.seed, n_steps, sampler, digit=cfg.cond_digit)
 
         runs = {"pytorch-eager": (eager(steps), eager(2))}
         if direct is not None and "triton-grpc" in cfg.paths:
             runs["triton-grpc"] = (triton(steps), triton(2))
         runs.update({path: (gateway(c, steps), gateway(c, 2)) for path, c in clients.items()})
         threads = bt.best_threads(eager(2), (1, cfg.threads))
-        rows += bt.time_paths(runs, direct, "ddpm_cond_generate", cfg.fast_repeats, cfg.warmup, name, b, threads,
-                              label="generate ddpm-cond", unet_evals=steps)
+        rows += bt.time_paths(runs, direct, COND.triton, cfg.fast_repeats, cfg.warmup, name, b, threads,
+                              label=f"generate {COND.name}", unet_evals=steps)
     return rows
 
 
@@ -224,7 +223,7 @@ def bench_overhead(cfg: GatewayBenchConfig, tclient, gateway_client) -> dict:
 
     from mnistgen.latent import sample_latent
 
-    model = bt.GENERATOR_MODELS[cfg.generator]
+    model = catalog.GANS[cfg.generator].triton
     dim = int(tclient.get_model_config(model, as_json=True)["config"]["input"][0]["dims"][-1])
     ins = bt._grpc_inputs({"latent": (sample_latent(1, dim, cfg.seed), "FP32")})
     direct = lambda: tclient.infer(model, ins).as_numpy("image")  # noqa: E731
@@ -241,76 +240,6 @@ def bench_overhead(cfg: GatewayBenchConfig, tclient, gateway_client) -> dict:
 
 
 # ---- concurrency sweep ------------------------------------------------------------------------------------
-class FifoLock:
-    """A lock granted in arrival order (threading.Lock is not fair: the thread that releases it usually takes it
-    again at once, so one client would run its whole stream while the others wait, which is not a server's queue)."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-
-    def __enter__(self) -> None:
-        with self._cv:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._cv.wait_for(lambda: self._serving == ticket)
-
-    def __exit__(self, *exc) -> None:
-        with self._cv:
-            self._serving += 1
-            self._cv.notify_all()
-
-
-def closed_loop(make_call, clients: int, requests: int, serial: bool = False, warm: bool = False) -> dict:
-    """`clients` threads send `requests` requests in all, each client its next one as soon as the previous one is
-    answered (closed loop); request i is call(i) with call = make_call(), made once per client thread (e.g. its own
-    gRPC channel). serial=True: the calls run one at a time behind one lock (in-process serving of the same stream),
-    and a request's latency counts from when its client sent it, the wait for the lock included. warm=True: one
-    untimed call per client first (connections). Failed requests are counted, not timed."""
-    counter = itertools.count()
-    latencies: list[float] = []
-    errors: list[str] = []
-    gate = FifoLock()  # serial: first come, first served
-    start = threading.Barrier(clients + 1)
-
-    def client() -> None:
-        try:
-            call = make_call()
-            if warm:
-                call(0)  # (request 0's arguments, untimed)
-        except BaseException:
-            start.abort()
-            raise
-        start.wait()
-        while (i := next(counter)) < requests:
-            t0 = time.perf_counter()
-            try:
-                if serial:
-                    with gate:
-                        call(i)
-                else:
-                    call(i)
-            except Exception as e:  # noqa: BLE001  (RESOURCE_EXHAUSTED, UNAVAILABLE...: counted and shown)
-                errors.append(f"{type(e).__name__}: {e}"[:300])
-                continue
-            latencies.append(time.perf_counter() - t0)
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    ms = np.asarray(latencies, np.float64) * 1e3
-    pct = (lambda q: float(np.percentile(ms, q))) if len(ms) else (lambda q: float("nan"))
-    return {"clients": clients, "requests": requests, "ok": len(latencies), "errors": len(errors),
-            "first_error": errors[0] if errors else "", "wall_s": wall, "samples_per_s": len(latencies) / wall,
-            "p50_ms": pct(50), "p99_ms": pct(99), "load_avg_1m": os.getloadavg()[0]}
-
-
 def bench_concurrency(cfg: GatewayBenchConfig, gateway_target: str | None, has_ddpm: bool) -> dict:
     """{workload: {path: {clients: cell}}}: batch-1 requests from 1, 4, 16... closed-loop clients, through the
     gateway (gRPC, one channel per client) and in-process eager PyTorch serving the same stream one at a time.
@@ -318,7 +247,7 @@ def bench_concurrency(cfg: GatewayBenchConfig, gateway_target: str | None, has_d
     import torch
 
     from mnistgen.latent import sample_latent
-    from mnistgen.registry import GAN_MODELS, load_generator
+    from mnistgen.registry import load_generator
     from serving.client import GatewayClient
 
     paths = [p for p in CONCURRENCY_PATHS if p in cfg.paths and (p != "gateway-grpc" or gateway_target)]
@@ -331,7 +260,7 @@ def bench_concurrency(cfg: GatewayBenchConfig, gateway_target: str | None, has_d
             return lambda i: fn(c, i)
         return make
 
-    gen, gconf = load_generator(cfg.checkpoint_dir / GAN_MODELS[cfg.generator])
+    gen, gconf = load_generator(cfg.checkpoint_dir / catalog.GANS[cfg.generator].checkpoint)
     gen, dim = gen.to(cfg.device), gconf["arch"]["latent_dim"]
 
     def eager_generate(i: int):
@@ -346,7 +275,7 @@ def bench_concurrency(cfg: GatewayBenchConfig, gateway_target: str | None, has_d
         from mnistgen.diffusion import denoise, load_unet
 
         sampler, steps = cfg.fast_sampler.split(":")[0], int(cfg.fast_sampler.split(":")[1])
-        unet, uconf = load_unet(cfg.checkpoint_dir / bt.DDPM_CHECKPOINT)
+        unet, uconf = load_unet(cfg.checkpoint_dir / catalog.DENOISER.checkpoint)
         eps = bt.CudaEps(unet) if cfg.device == "cuda" else unet
         digits = clean_digits(64)  # (64, 1, 28, 28): request i denoises digit i % 64
 
@@ -703,8 +632,6 @@ def run(cfg: GatewayBenchConfig) -> dict:
     checkpoints alone (a GPU machine without Triton or onnxruntime-gpu gets its eager rows)."""
     # --device cuda without CUDA (or onnxruntime-gpu, where a path needs it): refused here, before anything slow
     bt.check_device(cfg.device, onnxruntime=cfg.reads_onnx)
-    import contextlib
-
     import torch
 
     from serving.client import GatewayClient
@@ -712,30 +639,27 @@ def run(cfg: GatewayBenchConfig) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     machine = machine_info(cfg.device)
-    gen_model = bt.GENERATOR_MODELS[cfg.generator]
+    gen_model = catalog.GANS[cfg.generator].triton
     if cfg.reads_onnx:
         from training.export import ExportConfig
         from training.export import run as export
 
         ecfg = ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
-                            only=(gen_model, "ddpm_unet", "ddpm_denoise", "ddpm_cond_generate"),
-                            gpu_variant=cfg.device == "cuda")
+                            only=(gen_model, bt.UNET, bt.DENOISER, COND.triton), gpu_variant=cfg.device == "cuda")
         export(ecfg)
         if cfg.device == "cuda":  # Triton and the in-process ONNX sessions use the GPU variant
             cfg.model_repository = ecfg.gpu_repository
-    has_ddpm = (cfg.checkpoint_dir / bt.DDPM_CHECKPOINT).is_file()
-    has_cond = (cfg.checkpoint_dir / DDPM_COND_CHECKPOINT).is_file() and bool(cfg.cond_batches)
-    models = (gen_model,) + (("ddpm_denoise",) if has_ddpm else ()) + (("ddpm_cond_generate",) if has_cond else ())
+    has_ddpm = (cfg.checkpoint_dir / catalog.DENOISER.checkpoint).is_file()
+    has_cond = (cfg.checkpoint_dir / COND.checkpoint).is_file() and bool(cfg.cond_batches)
+    models = (gen_model,) + ((bt.DENOISER,) if has_ddpm else ()) + ((COND.triton,) if has_cond else ())
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    triton = None
+    stack = gw = tclient = None
     if cfg.served_paths:
-        from serving.triton_server import TritonConfig, TritonServer, free_ports
+        from serving.run import RunConfig, Stack
 
-        http, grpc_port, metrics = free_ports(3)
-        triton = TritonServer(TritonConfig(
-            model_repository=cfg.model_repository, models=models, bind_address="127.0.0.1", http_port=http,
-            grpc_port=grpc_port, metrics_port=metrics, startup_timeout_s=600,
-            log_file=cfg.log_dir / "tritonserver.log"))
+        stack = Stack(RunConfig(grpc_port=0, http_port=0, triton_http_port=0, model_repository=cfg.model_repository,
+                                models=models, startup_timeout_s=600, log_dir=cfg.log_dir,
+                                gateway_log=cfg.log_dir / "gateway.log", gateway_args=("--log-level", "WARNING")))
         print(f"starting Triton ({', '.join(models)}, {cfg.model_repository.name}) and the gateway ...", flush=True)
     else:
         print(f"paths {list(cfg.paths)}: in-process only, no Triton or gateway started", flush=True)
@@ -745,62 +669,55 @@ def run(cfg: GatewayBenchConfig) -> dict:
     locust: dict | None = None
     skipped: dict[str, str] = {}
     try:
-        with contextlib.ExitStack() as stack:
-            gw = tclient = None
-            if triton is not None:
-                try:
-                    triton.start().wait_ready()
-                except Exception as e:
-                    if cfg.device != "cuda":
-                        raise
-                    # e.g. a tritonserver without the onnxruntime backend the GPU variant's single-shot models use:
-                    # the in-process GPU paths still run (NVIDIA's Triton container has every backend)
-                    skipped["triton-grpc, gateway"] = f"Triton on {cfg.model_repository} did not start: {e}"
-                    print(f"  Triton/gateway paths skipped: {e} (log: {cfg.log_dir / 'tritonserver.log'})",
-                          flush=True)
-                else:
-                    import tritonclient.grpc as grpcclient
-
-                    from .stack import GatewayProcess, GatewayProcessConfig
-
-                    gw = stack.enter_context(GatewayProcess(GatewayProcessConfig(
-                        triton_url=triton.grpc_url, startup_timeout_s=120, log_file=cfg.log_dir / "gateway.log")))
-                    tclient = grpcclient.InferenceServerClient(triton.grpc_url)
-            clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=DENOISE_TIMEOUT_S,
-                                        target=gw.grpc_target if p == "gateway-grpc" else gw.http_url[7:])
-                       for p in ("gateway-grpc", "gateway-http") if p in cfg.paths and gw is not None}
-            base = [p for p in cfg.paths if p in bt.BACKENDS]
-            direct = tclient if "triton-grpc" in cfg.paths else None
-            rows += [r for r in bt.bench_generator(cfg.triton_config((), 1), direct) if r["backend"] in base]
-            rows += bench_gateway_generator(cfg, clients)
-            if "gateway-grpc" in clients and direct is not None:
-                overhead = bench_overhead(cfg, tclient, clients["gateway-grpc"])
-            if has_ddpm:
-                for spec, repeats in (("ddpm:100", cfg.ddpm_repeats), (cfg.fast_sampler, cfg.fast_repeats)):
-                    tcfg = cfg.triton_config((spec,), repeats)
-                    rows += [r for r in bt.bench_denoise(tcfg, direct) if r["backend"] in base]
-                    rows += bench_gateway_denoise(cfg, clients, spec, repeats)
+        if stack is not None:
+            try:
+                stack.start().wait_ready()
+            except Exception as e:
+                if cfg.device != "cuda":
+                    raise
+                # e.g. a tritonserver without the onnxruntime backend the GPU variant's single-shot models use:
+                # the in-process GPU paths still run (NVIDIA's Triton container has every backend)
+                skipped["triton-grpc, gateway"] = f"Triton on {cfg.model_repository} did not start: {e}"
+                print(f"  Triton/gateway paths skipped: {e} (log: {cfg.log_dir / 'tritonserver.log'})", flush=True)
             else:
-                print(f"no {bt.DDPM_CHECKPOINT} in {cfg.checkpoint_dir}: denoise workloads skipped", flush=True)
-            if has_cond:
-                rows += bench_conditional(cfg, clients, direct)
-            for c in clients.values():
-                c.close()
-            if cfg.concurrency:
-                print(f"concurrency sweep: {list(cfg.concurrency)} clients, batch 1 ...", flush=True)
-                concurrency = bench_concurrency(cfg, gw.grpc_target if gw is not None else None, has_ddpm)
-            if cfg.locust_time_s and gw is not None:
-                locust = run_locust(cfg, gw.grpc_target, gw.http_url, has_ddpm)
+                import tritonclient.grpc as grpcclient
+
+                gw, tclient = stack.gateway, grpcclient.InferenceServerClient(stack.triton.grpc_url)
+        clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=DENOISE_TIMEOUT_S,
+                                    target=gw.grpc_target if p == "gateway-grpc" else gw.http_target)
+                   for p in ("gateway-grpc", "gateway-http") if p in cfg.paths and gw is not None}
+        base = [p for p in cfg.paths if p in bt.BACKENDS]
+        direct = tclient if "triton-grpc" in cfg.paths else None
+        rows += [r for r in bt.bench_generator(cfg.triton_config((), 1), direct) if r["backend"] in base]
+        rows += bench_gateway_generator(cfg, clients)
+        if "gateway-grpc" in clients and direct is not None:
+            overhead = bench_overhead(cfg, tclient, clients["gateway-grpc"])
+        if has_ddpm:
+            for spec, repeats in (("ddpm:100", cfg.ddpm_repeats), (cfg.fast_sampler, cfg.fast_repeats)):
+                tcfg = cfg.triton_config((spec,), repeats)
+                rows += [r for r in bt.bench_denoise(tcfg, direct) if r["backend"] in base]
+                rows += bench_gateway_denoise(cfg, clients, spec, repeats)
+        else:
+            print(f"no {catalog.DENOISER.checkpoint} in {cfg.checkpoint_dir}: denoise workloads skipped", flush=True)
+        if has_cond:
+            rows += bench_conditional(cfg, clients, direct)
+        for c in clients.values():
+            c.close()
+        if cfg.concurrency:
+            print(f"concurrency sweep: {list(cfg.concurrency)} clients, batch 1 ...", flush=True)
+            concurrency = bench_concurrency(cfg, gw.grpc_target if gw is not None else None, has_ddpm)
+        if cfg.locust_time_s and gw is not None:
+            locust = run_locust(cfg, gw.grpc_target, gw.http_url, has_ddpm)
     finally:
-        if triton is not None:
-            triton.close()
+        if stack is not None:
+            stack.close()
     res = results_table(rows)
     result = {
         "config": {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": machine, "load_avg_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
         "results": res, "overhead_batch1": overhead, "concurrency": concurrency, "locust": locust,
         "skipped": skipped, "goals": [], "rows": rows,
-        "engines": (engine_records(cfg.model_repository, (gen_model, "ddpm_unet", "ddpm_cond_generate"))
+        "engines": (engine_records(cfg.model_repository, (gen_model, bt.UNET, COND.triton))
                     if cfg.reads_onnx else {}),  # (what the ONNX / served paths ran with)
     }
     result["goals"] = [{**asdict(g), "met": g.met} for g in goals(res, cfg, overhead, concurrency)]
@@ -815,7 +732,7 @@ def run(cfg: GatewayBenchConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, GatewayBenchConfig, exclude=("seed", "log_dir"),
-                       choices={"generator": sorted(bt.GENERATOR_MODELS), "paths": PATHS, "device": bt.DEVICES},
+                       choices={"generator": list(catalog.GANS), "paths": PATHS, "device": bt.DEVICES},
                        help={"fast_sampler": "SAMPLER:STEPS compared with ddpm:100",
                              "concurrency": "closed-loop client counts of the batch-1 sweep (0 = no sweep)",
                              "device": "cuda: the same table on a GPU (eager CUDA, ONNX Runtime CUDA + TensorRT EPs, "

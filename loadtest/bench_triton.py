@@ -1,6 +1,6 @@
 """Per-sample latency, side by side: eager PyTorch vs ONNX Runtime in-process vs Triton over gRPC.
 
-Workloads: the dcgan-baseline generator (`dcgan_generator`) and DDPM denoising (`ddpm_denoise`) with DDPM-100
+Workloads: a GAN generator of the catalog (--generator) and the catalog's Denoise model with DDPM-100
 and DPM-Solver++-20. Every cell is the median of `repeats` timed runs after `warmup` untimed ones; one Triton
 request carries the whole batch. Prints a markdown table and writes bench/triton.json.
 
@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mnistgen import catalog
+from mnistgen import engine as eng
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
-from mnistgen.engine import bf16_native
 from mnistgen.latent import sample_latent
-from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS
 
 # pytorch-eager-bf16: the generator in-process under torch.autocast(bfloat16), CPUs with native bf16 only: what a user
 # who turns bf16 on in-process gets (context for the served bf16 TorchScript; the goals compare with fp32 eager)
@@ -34,7 +34,8 @@ BACKENDS = ("pytorch-eager", "pytorch-eager-bf16", "onnxruntime", "onnxruntime-t
 DEVICES = ("cpu", "cuda")
 GPU_INSTALL_HINT = ("pip install -e '.[gpu]' (onnxruntime-gpu, the CUDA build of ONNX Runtime; remove the CPU wheel "
                     "first: pip uninstall -y onnxruntime) and a CUDA build of torch")
-GENERATOR_MODELS = {"dcgan-baseline": "dcgan_generator", "dcgan-modified": "dcgan_modified", "mlp": "mlp_generator"}
+DENOISER = catalog.DENOISER.triton  # the Denoise workload's Triton model
+UNET = next(m.triton for m in catalog.MODELS if m.rpc == catalog.INTERNAL)  # one UNet evaluation (its engines.json)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class BenchConfig:
     model_repository: Path = REPO_ROOT / "model_repository"
     checkpoint_dir: Path = CHECKPOINT_DIR
     grpc_url: str | None = None  # a running Triton (host:port); None = start one with just the two models
-    generator: str = "dcgan-baseline"  # one of GENERATOR_MODELS
+    generator: str = catalog.DEFAULT_MODEL  # one of catalog.GANS
     generator_batches: tuple[int, ...] = (1, 64, 256)
     generator_repeats: int = 20
     # DDPM-100 at batch 256 is minutes per run on 2 shared CPU cores; raise this on a bigger machine
@@ -65,15 +66,13 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.generator not in GENERATOR_MODELS:
-            raise ValueError(f"generator must be one of {sorted(GENERATOR_MODELS)}, got {self.generator!r}")
-        from mnistgen.diffusion import MAX_STEPS, SAMPLERS
-
+        if self.generator not in catalog.GANS:
+            raise ValueError(f"generator must be one of {list(catalog.GANS)}, got {self.generator!r}")
         for spec in self.denoise_samplers:
             name, _, steps = spec.partition(":")
-            if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= MAX_STEPS:
-                raise ValueError(f"denoise sampler {spec!r}: expected SAMPLER:STEPS with SAMPLER in {SAMPLERS} "
-                                 f"and STEPS in [1, {MAX_STEPS}]")
+            if name not in catalog.SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= catalog.MAX_STEPS:
+                raise ValueError(f"denoise sampler {spec!r}: expected SAMPLER:STEPS with SAMPLER in "
+                                 f"{catalog.SAMPLERS} and STEPS in [1, {catalog.MAX_STEPS}]")
         for name in ("generator_batches", "denoise_batches"):
             if any(b < 1 for b in getattr(self, name)):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -205,23 +204,12 @@ def ort_sessions(model_dir: Path, cfg: BenchConfig) -> dict:
 
 
 def ort_session(model_dir: Path, providers: list | None = None):
-    """An ONNX Runtime session over <model_dir>/1/model.onnx with the thread settings of its config.pbtxt."""
-    import onnxruntime as ort
-
-    from training.export import read_model_config
-
-    params = {k: v.string_value for k, v in read_model_config(model_dir / "config.pbtxt").parameters.items()}
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
-    opts.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_dir / "1" / "model.onnx"), sess_options=opts,
-                                providers=providers or ["CPUExecutionProvider"])
+    """mnistgen.engine's session over <model_dir>/1/model.onnx with the threads a served instance uses."""
+    return eng.ort_session(model_dir / "1" / "model.onnx", eng.available_cores(), providers)
 
 
 class OrtEps:
-    """eps_fn over the exported UNet, as ddpm_denoise's model.py builds it."""
+    """eps_fn over the exported UNet, as the served Denoise model builds it."""
 
     def __init__(self, session):
         self.session = session
@@ -271,12 +259,12 @@ def _grpc_inputs(arrays: dict[str, tuple[np.ndarray, str]]):
 def bench_generator(cfg: BenchConfig, client) -> list[dict]:
     from mnistgen.registry import load_generator
 
-    model = GENERATOR_MODELS[cfg.generator]
-    gen, config = load_generator(cfg.checkpoint_dir / GAN_MODELS[cfg.generator])
+    model = catalog.GANS[cfg.generator].triton
+    gen, config = load_generator(cfg.checkpoint_dir / catalog.GANS[cfg.generator].checkpoint)
     gen = gen.to(cfg.device)
     dim = config["arch"]["latent_dim"]
     sessions = ort_sessions(cfg.model_repository / model, cfg)
-    bf16 = cfg.device == "cpu" and bf16_native()
+    bf16 = cfg.device == "cpu" and eng.bf16_native()
     rows = []
     for b in cfg.generator_batches:
         z = sample_latent(b, dim, cfg.seed)  # (B, latent_dim)
@@ -308,9 +296,9 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
     from training.data import DataConfig, load_mnist
     from mnistgen.diffusion import denoise, inference_timesteps, load_unet, make_scheduler, sigma_to_timestep
 
-    unet, config = load_unet(cfg.checkpoint_dir / DDPM_CHECKPOINT)
+    unet, config = load_unet(cfg.checkpoint_dir / catalog.DENOISER.checkpoint)
     sched_cfg = config.get("scheduler")
-    ort_eps = {path: OrtEps(s) for path, s in ort_sessions(cfg.model_repository / "ddpm_denoise", cfg).items()}
+    ort_eps = {path: OrtEps(s) for path, s in ort_sessions(cfg.model_repository / DENOISER, cfg).items()}
     eager_eps = CudaEps(unet) if cfg.device == "cuda" else unet
     x_test, _ = load_mnist("test", DataConfig())  # (N, 1, 28, 28) in [-1, 1]
     t_star = sigma_to_timestep(cfg.sigma, make_scheduler("ddpm", sched_cfg).alphas_cumprod)
@@ -341,8 +329,8 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
             runs.update({path: (run_with(e, steps), run_with(e, 2)) for path, e in ort_eps.items()})
             if client is not None:
                 runs["triton-grpc"] = (
-                    lambda: client.infer("ddpm_denoise", ins, client_timeout=3600).as_numpy("denoised"),
-                    lambda: client.infer("ddpm_denoise", warm_ins, client_timeout=3600))
+                    lambda: client.infer(DENOISER, ins, client_timeout=3600).as_numpy("denoised"),
+                    lambda: client.infer(DENOISER, warm_ins, client_timeout=3600))
             t_probe = torch.full((b,), t_star, dtype=torch.int64)  # (B,)
 
             def one_eval():
@@ -350,7 +338,7 @@ def bench_denoise(cfg: BenchConfig, client) -> list[dict]:
                     return eager_eps(x0t, t_probe) if cfg.device == "cuda" else unet(x0t, t_probe)
 
             threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
-            rows += time_paths(runs, client, "ddpm_denoise", cfg.denoise_repeats, cfg.warmup, name, b, threads,
+            rows += time_paths(runs, client, DENOISER, cfg.denoise_repeats, cfg.warmup, name, b, threads,
                                unet_evals=evals)
     return rows
 
@@ -385,9 +373,9 @@ def run(cfg: BenchConfig) -> dict:
 
     check_device(cfg.device)
     torch.set_num_threads(cfg.threads)
-    gen_model = GENERATOR_MODELS[cfg.generator]
+    gen_model = catalog.GANS[cfg.generator].triton
     ecfg = ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository,
-                        only=(gen_model, "ddpm_unet", "ddpm_denoise"), gpu_variant=cfg.device == "cuda")
+                        only=(gen_model, UNET, DENOISER), gpu_variant=cfg.device == "cuda")
     export(ecfg)
     if cfg.device == "cuda":  # Triton and the in-process sessions read the GPU variant (--gpu-variant)
         cfg.model_repository = ecfg.gpu_repository
@@ -396,7 +384,7 @@ def run(cfg: BenchConfig) -> dict:
     if url is None:
         http, grpc, metrics = free_ports(3)
         server = TritonServer(TritonConfig(
-            model_repository=cfg.model_repository, models=(gen_model, "ddpm_denoise"), bind_address="127.0.0.1",
+            model_repository=cfg.model_repository, models=(gen_model, DENOISER), bind_address="127.0.0.1",
             http_port=http, grpc_port=grpc, metrics_port=metrics, startup_timeout_s=600))
         print("starting Triton ...", flush=True)
         server.start().wait_ready()
@@ -424,7 +412,7 @@ def run(cfg: BenchConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, BenchConfig, exclude=("seed",),
-                       choices={"generator": sorted(GENERATOR_MODELS), "device": DEVICES},
+                       choices={"generator": list(catalog.GANS), "device": DEVICES},
                        help={"grpc_url": "use a running Triton (host:port) instead of starting one",
                              "denoise_samplers": "SAMPLER:STEPS ...",
                              "device": "cuda: eager on the GPU, ONNX Runtime CUDA + TensorRT EPs, Triton on "

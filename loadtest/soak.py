@@ -3,27 +3,18 @@
     python -m loadtest.soak                          # 10 minutes (starts its own Triton + gateway on free ports)
     python -m loadtest.soak --duration 60 --window-s 10   # a short proof run
 
-The mix: a `--denoise-share` of the requests (default 0.2, i.e. 4 Generate : 1 Denoise, the Locust default too;
-spread evenly over each stream of requests) are Denoise, the rest Generate of the GAN `--model` (batch from
-`--num-samples`). A Denoise sends `--denoise-images` (1, 2 or 4) images of the vendored official MNIST test split
-as raw floats at sigma `--sigma` 0.5, with the gateway's default sampler and steps (DPM-Solver++, 20 UNet calls);
-its answer is checked (shape, finite values in [-1, 1], the sampler and steps echoed). `--denoise-share 0` is the
-Generate-only soak. The capacity ramp and the soak draw from the same mix.
-
-Steps: start Triton (the GAN the soak calls and `ddpm_denoise`) and the gateway; measure capacity with a
-closed-loop ramp (1, 2, 4, 8 ... clients, `--ramp-step-s` each; capacity = the best throughput); then send
-requests open-loop at `--load-fraction` x capacity for `--duration` seconds (fixed arrival times; a request's
-latency counts from its scheduled time, so a stalled server cannot hide behind a slowed-down client); sample
-the RSS of the gateway and of Triton (tritonserver + its python-backend stub processes) and the machine's
-1-minute load average every second. RSS growth is end minus start of the soak phase (after the ramp warmed
-every path), also as a percentage of the start.
-Writes out/soak/soak.json, soak.md and soak.png (p99 per window and RSS over time).
-A command, not a test: the full 10-minute soak is not part of `make test`.
+The mix: `--denoise-share` of the requests (default 0.2, spread evenly) are Denoise of `--denoise-images` test-split
+images at `--sigma` with the gateway's default sampler (answers checked: shape, values, sampler and steps echoed),
+the rest Generate of the GAN `--model`. Steps: start Triton and the gateway (serving.run's Stack); measure capacity
+with a closed-loop ramp (loadtest.load; capacity = the best throughput); send requests open-loop at
+`--load-fraction` x capacity for `--duration` s (latency counts from the scheduled time, so a stalled server cannot
+hide behind a slowed-down client); sample the RSS of the gateway and of Triton (+ its stub processes) and the load
+average every second. Writes out/soak/soak.json, soak.md and soak.png. A command, not a test.
 """
 from __future__ import annotations
 
 import argparse
-import base64
+import itertools
 import json
 import os
 import platform
@@ -37,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistgen import catalog
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
-from mnistgen.limits import MAX_DENOISE_IMAGES, MAX_STEPS
+
+from .load import closed_loop, pct_ms
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("grpc", "http")
 KINDS = ("generate", "denoise")
-MAX_MESSAGE_BYTES = 64 << 20
 PIXELS = 28 * 28
 RAW_SLACK = 1e-3  # denoised raw pixels must lie in [-1, 1] up to float rounding
 
@@ -52,7 +44,7 @@ RAW_SLACK = 1e-3  # denoised raw pixels must lie in [-1, 1] up to float rounding
 class SoakConfig:
     duration_s: float = 600.0  # the soak itself (after the capacity ramp)
     load_fraction: float = 0.7  # offered rate = this x measured capacity
-    model: str = "dcgan-baseline"  # a GAN from serving.validation.MODELS (cheap, batched by Triton)
+    model: str = catalog.DEFAULT_MODEL  # a GAN of the catalog (cheap, batched by Triton)
     num_samples: tuple[int, ...] = (1, 4, 16)  # each Generate picks one uniformly
     denoise_share: float = 0.2  # share of requests that are Denoise, spread evenly (0.2 = 4 Generate : 1 Denoise)
     denoise_images: tuple[int, ...] = (1, 2, 4)  # each Denoise picks one uniformly (test-split images)
@@ -74,33 +66,30 @@ class SoakConfig:
     triton_pid: int = 0  # with --triton-url: tritonserver's pid for the RSS series (0 = not sampled)
 
     def __post_init__(self) -> None:
-        from serving.validation import MODELS
-
-        if self.model not in MODELS or MODELS[self.model].kind != "gan":
-            raise ValueError(f"model must be one of {[m for m, s in MODELS.items() if s.kind == 'gan']}, "
-                             f"got {self.model!r}")
+        if self.model not in catalog.GANS:
+            raise ValueError(f"model must be one of {list(catalog.GANS)}, got {self.model!r}")
         bad = [t for t in self.transports if t not in TRANSPORTS]
         if bad or not self.transports:
             raise ValueError(f"transports must be a non-empty subset of {TRANSPORTS}, got {list(self.transports)}")
         if not 0 < self.load_fraction <= 1:
             raise ValueError(f"load_fraction must be in (0, 1], got {self.load_fraction}")
-        limit = MODELS[self.model].max_num_samples
+        limit, most = catalog.GANS[self.model].max_samples, catalog.DENOISER.max_samples
         if not self.num_samples or any(not 1 <= n <= limit for n in self.num_samples):
             raise ValueError(f"num_samples must be in 1..{limit}, got {list(self.num_samples)}")
         if not 0 <= self.denoise_share <= 1:
             raise ValueError(f"denoise_share must be in [0, 1], got {self.denoise_share}")
-        if not self.denoise_images or any(not 1 <= n <= MAX_DENOISE_IMAGES for n in self.denoise_images):
-            raise ValueError(f"denoise_images must be in 1..{MAX_DENOISE_IMAGES}, got {list(self.denoise_images)}")
+        if not self.denoise_images or any(not 1 <= n <= most for n in self.denoise_images):
+            raise ValueError(f"denoise_images must be in 1..{most}, got {list(self.denoise_images)}")
         if not 0 < self.sigma <= 1:
             raise ValueError(f"sigma must be in (0, 1], got {self.sigma}")
-        if not 0 <= self.denoise_steps <= MAX_STEPS:
-            raise ValueError(f"denoise_steps must be in 0..{MAX_STEPS} (0 = default), got {self.denoise_steps}")
+        if not 0 <= self.denoise_steps <= catalog.MAX_STEPS:
+            raise ValueError(f"denoise_steps must be in 0..{catalog.MAX_STEPS} (0 = default), got {self.denoise_steps}")
         for name in ("duration_s", "ramp_step_s", "window_s", "sample_interval_s", "timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
-# ---- one request over either transport ------------------------------------------------------------------
+# ---- the request mix -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Job:
     """One request of the mix: Generate (n samples) or Denoise (n test-split images)."""
@@ -109,14 +98,6 @@ class Job:
     transport: str  # one of TRANSPORTS
     n: int
     seed: int
-
-
-def denoise_inputs() -> np.ndarray:
-    """The vendored official MNIST test split as (10000, 784) float32 in [-1, 1] (the Denoise inputs)."""
-    from mnistgen.files import official_test_split
-
-    images, _ = official_test_split()
-    return (images.reshape(len(images), PIXELS).astype(np.float32) / 127.5 - 1.0).astype("<f4")
 
 
 class Mix:
@@ -130,108 +111,51 @@ class Mix:
 
     def next(self, transport: str | None = None) -> Job:
         self.acc += self.cfg.denoise_share
-        kind = "generate"
-        if self.acc >= 1.0:
-            self.acc -= 1.0
-            kind = "denoise"
+        kind = "denoise" if self.acc >= 1.0 else "generate"
+        self.acc -= kind == "denoise"
         n = self.rng.choice(self.cfg.denoise_images if kind == "denoise" else self.cfg.num_samples)
         return Job(kind, transport or self.rng.choice(self.cfg.transports), n, self.rng.randrange(2**31))
 
 
-class Client:
-    """Thread-safe Generate/Denoise over gRPC (one shared channel) or HTTP (one connection per request)."""
+class Sender:
+    """Sends jobs through serving.client (one GatewayClient per transport, shared by the threads) and checks the
+    answers: call(job) is "OK" or the error's code (the gateway's, UNAVAILABLE when none answered), WRONG_SHAPE /
+    WRONG_ANSWER when a success does not hold the images asked for (a Denoise: finite, in [-1, 1], the sampler and
+    steps echoed)."""
 
-    def __init__(self, grpc_target: str, http_url: str, cfg: SoakConfig):
-        import grpc
+    def __init__(self, grpc_target: str, http_target: str, cfg: SoakConfig):
+        from mnistgen.files import official_test_split
+        from serving.client import GatewayClient
+        from serving.images import from_uint8
 
-        from serving.generated.mnistgen.v1 import generation_pb2 as pb
-        from serving.generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
-        from serving.validation import DEFAULT_DENOISE_STEPS, DEFAULT_SAMPLER
-
-        self.pb, self.cfg, self.http_url = pb, cfg, http_url
-        self.expect_sampler = cfg.denoise_sampler or DEFAULT_SAMPLER
-        self.expect_steps = cfg.denoise_steps or DEFAULT_DENOISE_STEPS
-        self.images = denoise_inputs() if cfg.denoise_share > 0 else np.zeros((0, PIXELS), np.float32)
-        self.channel = grpc.insecure_channel(grpc_target, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.cfg = cfg
+        self.expect_sampler = cfg.denoise_sampler or catalog.DENOISER.sampler
+        self.expect_steps = cfg.denoise_steps or catalog.DENOISER.default_steps(self.expect_sampler)
+        self.images = from_uint8(official_test_split()[0]) if cfg.denoise_share > 0 else None  # (N, 1, 28, 28)
+        self.clients = {t: GatewayClient(transport=t, target=grpc_target if t == "grpc" else http_target,
+                                         timeout_s=cfg.timeout_s) for t in TRANSPORTS}
 
     def call(self, job: Job) -> str:
-        """"OK" or the error's code name (gRPC status / the HTTP error body's code / CLIENT:<exception>),
-        WRONG_SHAPE / WRONG_ANSWER when a success does not hold the images asked for."""
-        if job.kind == "denoise":
-            return self.denoise(job)
-        return self.generate(job.transport, job.n, job.seed)
+        from serving.client import ClientError
 
-    def generate(self, transport: str, n: int, seed: int) -> str:
-        import grpc
-
-        if transport == "grpc":
-            try:
-                r = self.stub.Generate(self.pb.GenerateRequest(model=self.cfg.model, num_samples=n, seed=seed),
-                                       timeout=self.cfg.timeout_s)
-            except grpc.RpcError as e:
-                return e.code().name
-            return "OK" if r.images.count == n and len(r.images.raw) == n * PIXELS * 4 else "WRONG_SHAPE"
-        out = self._http("/v1/generate", {"model": self.cfg.model, "num_samples": n, "seed": seed})
-        if isinstance(out, str):
-            return out
-        return "OK" if len(base64.b64decode(out["images"]["raw"])) == n * PIXELS * 4 else "WRONG_SHAPE"
-
-    def denoise_body(self, job: Job) -> tuple[bytes, dict]:
-        """Raw float32 bytes of job.n test-split images (picked by the job's seed) and the other fields."""
-        rows = random.Random(job.seed).sample(range(len(self.images)), job.n)
-        raw = self.images[rows].tobytes()
-        fields = {"sigma": self.cfg.sigma, "seed": job.seed}
-        if self.cfg.denoise_sampler:
-            fields["sampler"] = self.cfg.denoise_sampler
-        if self.cfg.denoise_steps:
-            fields["steps"] = self.cfg.denoise_steps
-        return raw, fields
-
-    def denoise(self, job: Job) -> str:
-        import grpc
-
-        raw, fields = self.denoise_body(job)
-        if job.transport == "grpc":
-            try:
-                r = self.stub.Denoise(self.pb.DenoiseRequest(raw_images=raw, **fields), timeout=self.cfg.timeout_s)
-            except grpc.RpcError as e:
-                return e.code().name
-            return self._check_denoised(job.n, r.denoised.raw, r.sampler, r.steps)
-        out = self._http("/v1/denoise", {"raw_images": base64.b64encode(raw).decode(), **fields})
-        if isinstance(out, str):
-            return out
-        return self._check_denoised(job.n, base64.b64decode(out["denoised"]["raw"]), out["sampler"], out["steps"])
-
-    def _check_denoised(self, n: int, raw: bytes, sampler: str, steps: int) -> str:
-        if len(raw) != n * PIXELS * 4:
-            return "WRONG_SHAPE"
-        x = np.frombuffer(raw, "<f4")
-        ok = np.isfinite(x).all() and np.abs(x).max() <= 1 + RAW_SLACK
-        return "OK" if ok and sampler == self.expect_sampler and steps == self.expect_steps else "WRONG_ANSWER"
-
-    def _http(self, path: str, payload: dict) -> dict | str:
-        """The JSON answer of a 200, else the error's code (the error body's, HTTP<status> or CLIENT:<exception>)."""
-        import urllib.error
-        import urllib.request
-
-        req = urllib.request.Request(f"{self.http_url}{path}", data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "X-Request-Timeout": str(self.cfg.timeout_s)})
+        c, n = self.clients[job.transport], job.n
         try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s + 2) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            try:
-                return json.loads(e.read())["error"]["code"]
-            except (ValueError, KeyError):
-                return f"HTTP{e.code}"
-        except OSError as e:
-            return f"CLIENT:{type(getattr(e, 'reason', e)).__name__}"
+            if job.kind == "generate":
+                r = c.generate(self.cfg.model, n, job.seed)
+                return "OK" if r.images.count == n and len(r.images.raw) == n * PIXELS * 4 else "WRONG_SHAPE"
+            rows = random.Random(job.seed).sample(range(len(self.images)), n)
+            r = c.denoise(self.images[rows], self.cfg.sigma, self.cfg.denoise_steps, self.cfg.denoise_sampler, job.seed)
+        except ClientError as e:
+            return e.code
+        x = np.frombuffer(r.denoised.raw, "<f4")
+        if x.size != n * PIXELS:
+            return "WRONG_SHAPE"
+        ok = np.isfinite(x).all() and np.abs(x).max() <= 1 + RAW_SLACK
+        return "OK" if ok and (r.sampler, r.steps) == (self.expect_sampler, self.expect_steps) else "WRONG_ANSWER"
 
     def close(self) -> None:
-        self.channel.close()
+        for c in self.clients.values():
+            c.close()
 
 
 # ---- process memory -------------------------------------------------------------------------------------
@@ -276,51 +200,43 @@ class RssSampler(threading.Thread):
 
 
 # ---- capacity ramp and the soak -------------------------------------------------------------------------
-def closed_loop(client: Client, cfg: SoakConfig, clients: int, seconds: float, rng_seed: int) -> dict:
-    """`clients` threads back to back for `seconds` with the soak's mix: throughput (OK requests/s), latency
-    percentiles, errors, requests per kind."""
-    lat: list[float] = []
-    errors: dict[str, int] = {}
+class Failed(Exception):
+    """A soak request that did not answer OK: `code` names why (closed_loop counts errors by it)."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.code = code
+
+
+def ramp_step(sender: Sender, cfg: SoakConfig, clients: int, seconds: float, rng_seed: int) -> dict:
+    """loadtest.load.closed_loop with the soak's mix for `seconds`: throughput (OK requests/s), latency
+    percentiles, errors by code, requests per kind."""
     kinds = dict.fromkeys(KINDS, 0)
-    lock = threading.Lock()
-    end = time.monotonic() + seconds
+    streams = itertools.count()
 
-    def loop(k: int) -> None:
-        mix = Mix(cfg, random.Random(rng_seed * 1000 + k))
-        while time.monotonic() < end:
-            t0 = time.monotonic()
+    def make_call():
+        mix = Mix(cfg, random.Random(rng_seed * 1000 + next(streams)))
+
+        def call(_i: int) -> None:
             job = mix.next()
-            code = client.call(job)
-            with lock:
-                kinds[job.kind] += 1
-                if code == "OK":
-                    lat.append(time.monotonic() - t0)
-                else:
-                    errors[code] = errors.get(code, 0) + 1
+            kinds[job.kind] += 1
+            if (code := sender.call(job)) != "OK":
+                raise Failed(code)
+        return call
 
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    return {"clients": clients, "seconds": round(wall, 2), "ok": len(lat), "errors": errors, "kinds": kinds,
-            "throughput_rps": round(len(lat) / wall, 2), "p50_ms": round(pct_ms(lat, 50), 2),
-            "p99_ms": round(pct_ms(lat, 99), 2)}
+    r = closed_loop(make_call, clients, seconds=seconds)
+    return {"clients": clients, "seconds": round(r["wall_s"], 2), "ok": r["ok"], "errors": r["error_codes"],
+            "kinds": kinds, "throughput_rps": round(r["samples_per_s"], 2), "p50_ms": round(r["p50_ms"], 2),
+            "p99_ms": round(r["p99_ms"], 2)}
 
 
-def pct_ms(seconds: list[float], q: float) -> float:
-    return float(np.percentile(seconds, q) * 1e3) if seconds else float("nan")
-
-
-def measure_capacity(client: Client, cfg: SoakConfig) -> tuple[float, list[dict]]:
+def measure_capacity(sender: Sender, cfg: SoakConfig) -> tuple[float, list[dict]]:
     """Best closed-loop throughput over the ramp (stops early once two steps in a row do not beat the best by 5%:
     one step is not enough on shared cores, where a single slow step is often noise)."""
     steps: list[dict] = []
     flat = 0
     for i, c in enumerate(cfg.ramp_clients):
-        s = closed_loop(client, cfg, c, cfg.ramp_step_s, i)
+        s = ramp_step(sender, cfg, c, cfg.ramp_step_s, i)
         steps.append(s)
         print(f"  ramp: {c:3d} clients -> {s['throughput_rps']:7.1f} req/s, p50 {s['p50_ms']:.1f} ms, "
               f"p99 {s['p99_ms']:.1f} ms, errors {s['errors'] or 0}, {s['kinds']}", flush=True)
@@ -334,14 +250,14 @@ def measure_capacity(client: Client, cfg: SoakConfig) -> tuple[float, list[dict]
 Record = tuple[float, float, str, str, str, int]  # (scheduled, end, transport, kind, code, n)
 
 
-def open_loop(client: Client, cfg: SoakConfig, rate: float) -> list[Record]:
+def open_loop(sender: Sender, cfg: SoakConfig, rate: float) -> list[Record]:
     """Requests of the mix at fixed arrival times (rate per second) for cfg.duration_s; transports alternate."""
     mix = Mix(cfg, random.Random(cfg.seed))
     records: list[Record] = []
     lock = threading.Lock()
 
     def one(t_sched: float, job: Job) -> None:
-        code = client.call(job)
+        code = sender.call(job)
         with lock:
             records.append((t_sched, time.monotonic(), job.transport, job.kind, code, job.n))
 
@@ -521,55 +437,46 @@ def plot(res: dict, path: Path) -> None:
 
 
 def run(cfg: SoakConfig) -> dict:
-    from serving.triton_server import TritonConfig, TritonServer, free_ports
-    from serving.validation import DENOISE_MODEL, MODELS
-
-    from .stack import GatewayProcess, GatewayProcessConfig
+    from serving.run import GatewayProcess, GatewayProcessConfig, RunConfig, Stack
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    triton = None
-    triton_url, triton_pid = cfg.triton_url, cfg.triton_pid
-    if not triton_url:
+    models = (catalog.GANS[cfg.model].triton,) + ((catalog.DENOISER.triton,) if cfg.denoise_share > 0 else ())
+    gw_log = cfg.out_dir / "gateway.log"
+    if cfg.triton_url:  # a running Triton: only the gateway
+        stack, gw = None, GatewayProcess(GatewayProcessConfig(cfg.triton_url, log_file=gw_log))
+    else:
         from training.export import ExportConfig
         from training.export import run as export
 
-        models = (MODELS[cfg.model].triton_model,) + ((DENOISE_MODEL.triton_model,) if cfg.denoise_share > 0 else ())
         export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository, only=models))
-        http, grpc_port, metrics = free_ports(3)
-        triton = TritonServer(TritonConfig(
-            model_repository=cfg.model_repository, models=models, bind_address="127.0.0.1", http_port=http,
-            grpc_port=grpc_port, metrics_port=metrics, startup_timeout_s=600,
-            log_file=cfg.out_dir / "tritonserver.log"))
+        stack = Stack(RunConfig(grpc_port=0, http_port=0, triton_http_port=0, model_repository=cfg.model_repository,
+                                models=models, startup_timeout_s=600, log_dir=cfg.out_dir, gateway_log=gw_log))
+        gw = stack.gateway
+        print(f"starting Triton ({', '.join(models)}) and the gateway ...", flush=True)
     try:
-        if triton is not None:
-            print(f"starting Triton ({', '.join(triton.config.models)}) and the gateway ...", flush=True)
-            triton.start().wait_ready()
-            triton_url, triton_pid = triton.grpc_url, triton.proc.pid
-        with GatewayProcess(GatewayProcessConfig(triton_url=triton_url, startup_timeout_s=120,
-                                                 log_file=cfg.out_dir / "gateway.log")) as gw:
-            client = Client(gw.grpc_target, gw.http_url, cfg)
-            for t in cfg.transports:  # warm up every path (model configs cached, connections up)
-                client.generate(t, max(cfg.num_samples), 0)
-                if cfg.denoise_share > 0:
-                    client.call(Job("denoise", t, max(cfg.denoise_images), 0))
-            sampler = RssSampler(gw.proc.pid, triton_pid, cfg.sample_interval_s)
-            sampler.start()
-            print("measuring capacity ...", flush=True)
-            capacity, ramp = measure_capacity(client, cfg)
-            rate = cfg.load_fraction * capacity
-            print(f"capacity {capacity:.1f} req/s; soaking at {rate:.1f} req/s for {cfg.duration_s:.0f} s ...",
-                  flush=True)
-            started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            t0 = time.monotonic()
-            records = open_loop(client, cfg, rate)
-            rss = sampler.stop()
-            client.close()
+        (stack or gw).start().wait_ready()
+        triton_pid = stack.triton.proc.pid if stack else cfg.triton_pid
+        sender = Sender(gw.grpc_target, gw.http_target, cfg)
+        for t in cfg.transports:  # warm up every path (model configs cached, connections up)
+            sender.call(Job("generate", t, max(cfg.num_samples), 0))
+            if cfg.denoise_share > 0:
+                sender.call(Job("denoise", t, max(cfg.denoise_images), 0))
+        sampler = RssSampler(gw.proc.pid, triton_pid, cfg.sample_interval_s)
+        sampler.start()
+        print("measuring capacity ...", flush=True)
+        capacity, ramp = measure_capacity(sender, cfg)
+        rate = cfg.load_fraction * capacity
+        print(f"capacity {capacity:.1f} req/s; soaking at {rate:.1f} req/s for {cfg.duration_s:.0f} s ...", flush=True)
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        t0 = time.monotonic()
+        records = open_loop(sender, cfg, rate)
+        rss = sampler.stop()
+        sender.close()
     finally:
-        if triton is not None:
-            triton.close()
+        (stack or gw).close()
     res = summarize(cfg, capacity, ramp, rate, records, rss, t0, started)
     if cfg.denoise_share > 0:  # what every OK Denoise answer echoed (else it counted as WRONG_ANSWER)
-        res["denoise_checked"] = {"sampler": client.expect_sampler, "steps": client.expect_steps, "sigma": cfg.sigma}
+        res["denoise_checked"] = {"sampler": sender.expect_sampler, "steps": sender.expect_steps, "sigma": cfg.sigma}
     (cfg.out_dir / "soak.json").write_text(json.dumps(res, indent=2) + "\n")
     (cfg.out_dir / "soak.md").write_text(markdown(res))
     plot(res, cfg.out_dir / "soak.png")

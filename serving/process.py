@@ -1,6 +1,5 @@
-"""Subprocess helpers shared by every launcher (Triton, Prometheus, the gateway in `make run`, benchmarks and
-tests): wait until a child is ready, stop it politely, read its log tail, run one in the foreground, and
-ManagedProcess, the start/wait_ready/stop/close life cycle of the server classes built on them."""
+"""Subprocess helpers of every launcher (Triton, the gateway, Prometheus): readiness waits, polite stops, log tails,
+a foreground run, and ManagedProcess, the start/wait_ready/stop/close life cycle of the server classes."""
 from __future__ import annotations
 
 import http.client
@@ -9,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Protocol, TypeVar
+from typing import Callable, TypeVar
 
 T = TypeVar("T")
 LogSource = Callable[[], str] | Path | str | None
@@ -35,24 +34,16 @@ def log_tail(path: Path | str | None, n_lines: int = 40) -> str:
 
 
 def _describe_log(log: LogSource) -> str:
-    if log is None:
-        return ""
-    if callable(log):
-        return f"; log:\n{log()}"
-    return f"; log {log}:\n{log_tail(log)}"
+    return "" if log is None else f"; log:\n{log()}" if callable(log) else f"; log {log}:\n{log_tail(log)}"
 
 
 def wait_until(check: Callable[[], T], timeout_s: float, what: str, *, proc: subprocess.Popen | None = None,
                log: LogSource = None, interval_s: float = 0.25,
                retry_on: tuple[type[BaseException], ...] = RETRY_ON, abort: Callable[[], bool] | None = None) -> T:
-    """Call `check` every `interval_s` until it returns something truthy, and return that.
-
-    `check` may also raise one of `retry_on` (e.g. NotReady("/readyz 503"), a refused connection) to mean
-    "not yet". Fails fast with RuntimeError when `proc` exits first (its exit code), and with TimeoutError
-    after `timeout_s` (the last error or result); both name `what` and end with the log tail (`log`: a path,
-    or a callable returning the tail). `check` is always called at least once. When `abort()` turns true (a
-    signal handler set a flag) the wait stops with Interrupted: nothing is raised from inside a signal handler.
-    """
+    """Call `check` (at least once) every `interval_s` until it returns something truthy, and return that; raising
+    one of `retry_on` (NotReady("/readyz 503"), a refused connection) means "not yet". RuntimeError when `proc`
+    exits first, TimeoutError after `timeout_s`: both name `what`, the last answer and the log tail (`log`: a path,
+    or a callable returning the tail). Interrupted once `abort()` is true (a signal handler set a flag)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while True:
@@ -102,13 +93,9 @@ def terminate(proc: subprocess.Popen, grace_s: float) -> int | None:
 
 
 class ManagedProcess:
-    """One child server process: start(), wait_ready(), stop(), close(); also a context manager.
-
-    A subclass builds its command in start() and launches it with `_spawn`, says what "ready" means in
-    `_check_ready` (return True, or raise NotReady / OSError) and how to name itself in `describe()`;
-    `startup_timeout_s` and `stop_grace_s` come from its config. A temporary directory a subclass keeps in
-    `_tmp` is deleted by close().
-    """
+    """One child server process: start(), wait_ready(), stop(), close(); also a context manager. A subclass launches
+    its command with `_spawn` in start(), says what "ready" means in `_check_ready` (True, or raise NotReady /
+    OSError) and names itself in `describe()`; timeouts come from its config; close() deletes `_tmp`, if any."""
 
     proc: subprocess.Popen | None = None
     log_path: Path | None = None  # the child's stdout + stderr (None: inherited from us)
@@ -149,8 +136,7 @@ class ManagedProcess:
         return log_tail(self.log_path, n_lines)
 
     def wait_ready(self, timeout: float | None = None, abort: Callable[[], bool] | None = None):
-        """Block until ready; RuntimeError (it exited) / TimeoutError name it and carry the log tail;
-        Interrupted as soon as `abort()` is true."""
+        """Block until ready (see wait_until)."""
         if self.proc is None:
             raise RuntimeError(f"{self.describe()} was not started: call start() first")
         wait_until(self._check_ready, self.startup_timeout_s if timeout is None else timeout, self.describe(),
@@ -181,34 +167,19 @@ class ManagedProcess:
         self.close()
 
 
-class Server(Protocol):
-    proc: subprocess.Popen | None
-
-    def start(self): ...
-
-    def wait_ready(self, timeout: float | None = None, abort: Callable[[], bool] | None = None): ...
-
-    def close(self) -> None: ...
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each one means: stop cleanly
 
 
-def run_in_foreground(server: Server, name: str, ready_message: Callable[[], str],
+def run_in_foreground(server, name: str, ready_message: Callable[[], str],
                       alive: Callable[[], bool] | None = None, exit_message: Callable[[], str] | None = None,
                       errors: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError, FileNotFoundError),
                       poll_s: float = 0.5) -> int:
-    """A launcher's main(): start `server`, wait until ready, print `ready_message()`, then run until SIGTERM/
-    SIGINT/SIGHUP or until it stops for good; close() it exactly once, whatever arrives when.
-
-    `alive()` is called every `poll_s` while running: a supervisor may repair things there (restart a child) and
-    return True; False means the server is gone for good (default: its `proc` exited). The signal handlers only
-    set a flag; waits read it (`abort`), so no exception ever fires between a Popen and its bookkeeping, and a
-    second signal cannot cut the cleanup short.
-    Returns the exit status: 0 after a signal; 1 when it failed to start (the error is printed) or stopped on its
-    own (`exit_message()` is printed; default: `<name> exited with code N`); 128 + signal when stopped during
-    startup.
-    """
+    """A launcher's main(): start `server` (start(), wait_ready(abort=), close(), proc), print `ready_message()`, run
+    until SIGTERM/SIGINT/SIGHUP or until `alive()` (default: proc running; a supervisor repairs things there) is
+    false; close() it exactly once. The handlers only set a flag that waits read, so nothing is raised between a
+    Popen and its bookkeeping and a second signal cannot cut the cleanup short. Exit status: 0 after a signal; 1
+    when it failed to start or stopped on its own (`exit_message()`, or `<name> exited with code N`); 128 + signal
+    when stopped during startup."""
     alive = alive or (lambda: server.proc is not None and server.proc.poll() is None)
     stop: dict[str, int | None] = {"sig": None}
 

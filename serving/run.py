@@ -1,4 +1,5 @@
-"""`make run`: export what is stale, start Triton and the gateway, supervise both, stop both on Ctrl-C / SIGTERM / SIGHUP.
+"""The one launcher of Triton + gateway: `make run` (export, start, supervise, stop on Ctrl-C / SIGTERM / SIGHUP), and
+the Stack and GatewayProcess that the bench, the soak and the test fixtures start.
 
 The supervisor restarts Triton when it exits or stops answering its health endpoint (and the gateway when it
 exits), with exponential backoff; meanwhile the gateway answers UNAVAILABLE / HTTP 503 with Retry-After and its
@@ -7,63 +8,169 @@ exits), with exponential backoff; meanwhile the gateway answers UNAVAILABLE / HT
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import os
+import re
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
-from .process import NotReady, http_ok, run_in_foreground, terminate, wait_until
-from .triton_server import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonConfig, TritonServer
+from .process import ManagedProcess, NotReady, http_ok, run_in_foreground, wait_until
+from .triton_server import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonConfig, TritonServer, free_ports
+
+LISTENING = re.compile(r"gateway listening: grpc [\d.]+:(\d+), http https?://[\d.]+:(\d+)")  # its first stdout line
+
+
+@dataclass
+class HttpReply:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class GatewayProcessConfig:
+    triton_url: str  # Triton's gRPC endpoint host:port
+    host: str = "127.0.0.1"  # where the gateway binds (clients connect to 127.0.0.1 when it is 0.0.0.0)
+    grpc_port: int = 0  # 0 = the OS picks a free one, read back from the gateway's log (needs log_file)
+    http_port: int = 0
+    startup_timeout_s: float = 120.0  # until /readyz answers 200 (Triton reachable, a model ready)
+    stop_grace_s: float = 30.0  # SIGTERM (the gateway drains), then SIGKILL after this long
+    log_file: Path | None = None  # gateway stdout + stderr; None = ours
+    extra_args: tuple[str, ...] = ()  # more `python -m serving.gateway` options
+    env: dict | None = None  # extra environment (e.g. MNISTGEN_API_TOKENS)
+    ca: Path | None = None  # the gateway serves TLS signed by this CA: http() and the channel trust it
+
+    def __post_init__(self) -> None:
+        if not (self.grpc_port and self.http_port) and self.log_file is None:
+            raise ValueError("ports chosen by the OS are read from the gateway's log: give log_file")
+
+
+class GatewayProcess(ManagedProcess):
+    """`python -m serving.gateway` in its own process: start() (returns once it listens), wait_ready() (/readyz
+    200), stop(); http() and a gRPC `stub` to talk to it; a context manager."""
+
+    def __init__(self, config: GatewayProcessConfig):
+        self.config = config
+        self.host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+        self.scheme = "https" if config.ca else "http"
+        self._ssl = ssl.create_default_context(cafile=str(config.ca)) if config.ca else None
+
+    grpc_target = property(lambda self: f"{self.host}:{self.config.grpc_port}")
+    http_target = property(lambda self: f"{self.host}:{self.config.http_port}")
+    http_url = property(lambda self: f"{self.scheme}://{self.http_target}")
+    metrics_url = property(lambda self: f"{self.http_url}/metrics")
+
+    def describe(self) -> str:
+        return f"gateway (grpc {self.config.grpc_port}, http {self.config.http_port})"
+
+    def start(self) -> "GatewayProcess":
+        c = self.config
+        cmd = [sys.executable, "-m", "serving.gateway", "--host", c.host, "--grpc-port", str(c.grpc_port),
+               "--http-port", str(c.http_port), "--triton-url", c.triton_url, *c.extra_args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1") | (c.env or {})
+        self._spawn(cmd, c.log_file, cwd=REPO_ROOT, env=env, start_new_session=True)  # Ctrl-C reaches it via us
+        if not (c.grpc_port and c.http_port):
+            def listening() -> re.Match:
+                m = LISTENING.search(self.log_path.read_text(errors="replace"))
+                if m is None:
+                    raise NotReady("no 'gateway listening' line in its log yet")
+                return m
+
+            try:
+                m = wait_until(listening, c.startup_timeout_s, f"gateway {cmd}", proc=self.proc, log=self.log_path,
+                               interval_s=0.1)
+            except (RuntimeError, TimeoutError):
+                self.stop()
+                raise
+            c.grpc_port, c.http_port = int(m.group(1)), int(m.group(2))  # a restart keeps them
+        return self
+
+    def http(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
+             timeout: float = 60.0) -> HttpReply:
+        """One HTTP call (a dict body is sent as JSON); error statuses are replies, not exceptions."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        h = ({"Content-Type": "application/json"} if isinstance(body, dict) else {}) | (headers or {})
+        req = urllib.request.Request(f"{self.http_url}{path}", data=data, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._ssl) as r:
+                return HttpReply(r.status, dict(r.headers), r.read())
+        except urllib.error.HTTPError as e:
+            return HttpReply(e.code, dict(e.headers), e.read())
+
+    def metrics(self) -> str:
+        return self.http("GET", "/metrics").body.decode()
+
+    def _check_ready(self) -> bool:
+        r = self.http("GET", "/readyz", timeout=5)
+        if r.status != 200:
+            raise NotReady(f"/readyz {r.status} {r.body[:300]!r}")
+        return True
+
+    @functools.cached_property
+    def channel(self):
+        import grpc
+
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        if self.config.ca is None:
+            return grpc.insecure_channel(self.grpc_target, options=options)
+        creds = grpc.ssl_channel_credentials(self.config.ca.read_bytes())
+        return grpc.secure_channel(self.grpc_target, creds, options=options)
+
+    @functools.cached_property
+    def stub(self):
+        from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
+
+        return pb_grpc.GenerationServiceStub(self.channel)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        if "channel" in self.__dict__:
+            self.__dict__.pop("channel").close()
+            self.__dict__.pop("stub", None)
+        if timeout is not None:
+            self.config.stop_grace_s = timeout
+        return super().stop()
+
+
+def start_gateway(triton_url: str, log_file: Path, *extra_args: str, env: dict | None = None,
+                  ca: Path | None = None) -> GatewayProcess:
+    """A gateway for tests and benchmarks: ports the OS picks on 127.0.0.1, Triton probed every 0.5 s, a 5 s drain;
+    returned listening (call wait_ready() for /readyz 200). RuntimeError with its log tail when it exits first."""
+    return GatewayProcess(GatewayProcessConfig(
+        triton_url, log_file=log_file, env=env, ca=ca,
+        extra_args=("--probe-interval-s", "0.5", "--stop-grace-s", "5", *extra_args))).start()
 
 
 @dataclass
 class RunConfig:
-    host: str = "127.0.0.1"  # interface the gateway binds (0.0.0.0 to reach it from other machines)
-    grpc_port: int = 50051  # gateway gRPC
-    http_port: int = 8080  # gateway HTTP/JSON, /metrics, /readyz
-    triton_http_port: int = 8000
+    host: str = "127.0.0.1"  # where the gateway and Triton bind (0.0.0.0 to reach them from other machines)
+    grpc_port: int = 50051  # gateway gRPC (0 = a free port)
+    http_port: int = 8080  # gateway HTTP/JSON, /metrics, /readyz (0 = a free port)
+    triton_http_port: int = 8000  # (0 = free ports for all three Triton ports)
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    models: tuple[str, ...] | None = None  # Triton models to load; None = every exported one
     export: bool = True  # run `python -m training.export` first (it skips up-to-date exports)
     startup_timeout_s: float = 300.0  # Triton loading every model on a small CPU machine
     log_dir: Path = REPO_ROOT / "out" / "run"  # tritonserver.log goes here
+    gateway_log: Path | None = None  # gateway stdout + stderr; None = ours
+    gateway_args: tuple[str, ...] = ()  # more `python -m serving.gateway` options
     unhealthy_after_s: float = 10.0  # Triton alive but failing /v2/health/ready this long: kill and restart it
     backoff_s: float = 1.0  # first restart delay; doubles per restart in a row, up to backoff_max_s
     backoff_max_s: float = 30.0
     stable_after_s: float = 60.0  # healthy this long: the next failure starts the backoff from backoff_s again
-
-
-def export_models() -> None:
-    print("exporting checkpoints that changed (python -m training.export) ...", flush=True)
-    r = subprocess.run([sys.executable, "-m", "training.export"], cwd=REPO_ROOT)
-    if r.returncode != 0:
-        raise RuntimeError(f"python -m training.export failed with exit code {r.returncode}")
-
-
-def banner(c: RunConfig, models: list[str]) -> str:
-    shown = shown_host(c)
-    return "\n".join([
-        "",
-        "mnistgen-serve is up (Ctrl-C stops both servers)",
-        f"  gateway gRPC     {shown}:{c.grpc_port}   (mnistgen.v1.GenerationService, health, reflection)",
-        f"  gateway HTTP     http://{shown}:{c.http_port}   (/v1/generate, /v1/denoise, /v1/models, /readyz, /metrics)",
-        f"  Triton           http :{c.triton_http_port}, grpc :{c.triton_grpc_port}, "
-        f"metrics http://127.0.0.1:{c.triton_metrics_port}/metrics",
-        f"  Triton models    {', '.join(models)}",
-        f"  Triton log       {c.log_dir / 'tritonserver.log'}",
-        "  supervised       Triton and the gateway restart on their own (backoff), Ctrl-C / SIGTERM / SIGHUP stop",
-        "try:",
-        f"  .venv/bin/python -m serving.client generate --model dcgan-baseline --n 64 --out out/grid.png "
-        f"--target {shown}:{c.grpc_port}",
-        f"  curl -s -X POST http://{shown}:{c.http_port}/v1/generate -H 'Accept: image/png' "
-        "-d '{\"num_samples\": 64}' > out/grid.png",
-        "  make demo",
-        "",
-    ])
 
 
 class Backoff:
@@ -83,26 +190,29 @@ class Backoff:
 
 
 class Stack:
-    """Triton, then the gateway in front of it: what run_in_foreground starts, supervises and stops."""
+    """Triton, then the gateway in front of it: start(), wait_ready(), close(); alive() supervises (run_in_foreground
+    calls it every poll); also a context manager (no supervision: the bench and the soak)."""
 
     def __init__(self, c: RunConfig):
         self.c = c
+        tports = (c.triton_http_port, c.triton_grpc_port, c.triton_metrics_port)
+        tports = tports if all(tports) else free_ports(3)
         self.triton = TritonServer(TritonConfig(
-            model_repository=c.model_repository, http_port=c.triton_http_port, grpc_port=c.triton_grpc_port,
-            metrics_port=c.triton_metrics_port, startup_timeout_s=c.startup_timeout_s,
-            log_file=c.log_dir / "tritonserver.log",
-        ))
-        self.proc: subprocess.Popen | None = None  # the gateway
-        self.triton_backoff = Backoff(c.backoff_s, c.backoff_max_s, c.stable_after_s)
-        self.gateway_backoff = Backoff(c.backoff_s, c.backoff_max_s, c.stable_after_s)
+            model_repository=c.model_repository, models=c.models, bind_address=c.host, http_port=tports[0],
+            grpc_port=tports[1], metrics_port=tports[2], startup_timeout_s=c.startup_timeout_s,
+            log_file=c.log_dir / "tritonserver.log"))
+        self.gateway = GatewayProcess(GatewayProcessConfig(
+            self.triton.grpc_url, c.host, c.grpc_port, c.http_port, log_file=c.gateway_log,
+            extra_args=c.gateway_args))
+        self.backoff = {k: Backoff(c.backoff_s, c.backoff_max_s, c.stable_after_s) for k in ("triton", "gateway")}
+        self.restarts = {"triton": 0, "gateway": 0}
         self.triton_state = "ready"  # ready | down (restart at triton_due) | starting (since triton_due)
         self.triton_due = 0.0
         self.unhealthy_since: float | None = None
         self.gateway_due: float | None = None  # gateway exited: restart at this time
-        self.restarts = {"triton": 0, "gateway": 0}
 
     def start(self) -> "Stack":
-        print(f"starting Triton (log {self.c.log_dir / 'tritonserver.log'}) ...", flush=True)
+        print(f"starting Triton (log {self.triton.config.log_file}) ...", flush=True)
         self.triton.start()
         return self
 
@@ -110,36 +220,33 @@ class Stack:
         self.triton.wait_ready(abort=abort)
         print(f"Triton ready with {self.triton.models} (pid {self.triton.proc.pid}); starting the gateway ...",
               flush=True)
-        self._start_gateway()
-        wait_until(lambda: http_ok(f"http://{shown_host(self.c)}:{self.c.http_port}/readyz"), 60, "the gateway",
-                   proc=self.proc, abort=abort)
+        self.gateway.start().wait_ready(60, abort=abort)
         return self
 
-    def _start_gateway(self) -> None:
-        c = self.c
-        self.proc = subprocess.Popen([
-            sys.executable, "-m", "serving.gateway", "--host", c.host, "--grpc-port", str(c.grpc_port),
-            "--http-port", str(c.http_port), "--triton-url", f"127.0.0.1:{c.triton_grpc_port}",
-        ], cwd=REPO_ROOT, start_new_session=True)  # own group: Ctrl-C reaches it through us, in order
+    def __enter__(self) -> "Stack":
+        try:
+            return self.start().wait_ready()
+        except BaseException:
+            self.close()
+            raise
 
-    # -- supervision: called every poll by run_in_foreground; never blocks for long ----------------------------
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- supervision: never blocks for long ----------------------------------------------------------------
     def alive(self) -> bool:
         now = time.monotonic()
         self._supervise_triton(now)
         self._supervise_gateway(now)
         return True  # a supervisor keeps trying; only a signal stops the stack
 
-    def _triton_healthy(self) -> bool:
-        try:
-            return http_ok(f"http://{self.triton.http_url}/v2/health/ready", timeout_s=1.0)
-        except (NotReady, OSError):
-            return False
+    def _delay(self, what: str, now: float) -> float:
+        self.restarts[what] += 1
+        return self.backoff[what].next_delay(now)
 
-    def _schedule_triton_restart(self, now: float, why: str) -> None:
-        delay = self.triton_backoff.next_delay(now)
-        self.restarts["triton"] += 1
-        print(f"supervisor: {why}; restarting Triton in {delay:g} s (restart #{self.restarts['triton']})",
-              flush=True)
+    def _restart_triton(self, now: float, why: str) -> None:
+        delay = self._delay("triton", now)
+        print(f"supervisor: {why}; restarting Triton in {delay:g} s (restart #{self.restarts['triton']})", flush=True)
         self.triton.stop()  # SIGTERM, then SIGKILL; a dead one is only reaped
         self.triton_state, self.triton_due, self.unhealthy_since = "down", now + delay, None
 
@@ -150,67 +257,82 @@ class Stack:
                 self.triton_state, self.triton_due = "starting", now
             return
         if not self.triton.running:
-            self._schedule_triton_restart(now, f"Triton exited with code {self.triton.proc.returncode}")
-            return
-        healthy = self._triton_healthy()
+            return self._restart_triton(now, f"Triton exited with code {self.triton.proc.returncode}")
+        try:
+            healthy = http_ok(f"http://{self.triton.http_url}/v2/health/ready", timeout_s=1.0)
+        except (NotReady, OSError):
+            healthy = False
         if self.triton_state == "starting":
             if healthy:
                 self.triton_state = "ready"
                 print(f"supervisor: Triton ready again after {now - self.triton_due:.1f} s "
                       f"(pid {self.triton.proc.pid})", flush=True)
             elif now - self.triton_due > self.c.startup_timeout_s:
-                self._schedule_triton_restart(now, f"Triton not ready {self.c.startup_timeout_s:g} s after start")
-            return
-        if healthy:
+                self._restart_triton(now, f"Triton not ready {self.c.startup_timeout_s:g} s after start")
+        elif healthy:
             self.unhealthy_since = None
         elif self.unhealthy_since is None:
             self.unhealthy_since = now
         elif now - self.unhealthy_since > self.c.unhealthy_after_s:
-            self._schedule_triton_restart(now, f"Triton failing /v2/health/ready for {self.c.unhealthy_after_s:g} s")
+            self._restart_triton(now, f"Triton failing /v2/health/ready for {self.c.unhealthy_after_s:g} s")
 
     def _supervise_gateway(self, now: float) -> None:
         if self.gateway_due is not None:
             if now >= self.gateway_due:
-                self._start_gateway()
+                self.gateway.start()
                 self.gateway_due = None
-            return
-        if self.proc is not None and self.proc.poll() is not None:
-            delay = self.gateway_backoff.next_delay(now)
-            self.restarts["gateway"] += 1
-            print(f"supervisor: gateway exited with code {self.proc.returncode}; restarting it in {delay:g} s "
-                  f"(restart #{self.restarts['gateway']})", flush=True)
+        elif self.gateway.proc is not None and not self.gateway.running:
+            delay = self._delay("gateway", now)
+            print(f"supervisor: gateway exited with code {self.gateway.proc.returncode}; restarting it in {delay:g} "
+                  f"s (restart #{self.restarts['gateway']})", flush=True)
             self.gateway_due = now + delay
 
     def exit_message(self) -> str:
         return f"stack stopped; Triton log {self.triton.log_path}:\n{self.triton.log_tail()}"
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.gateway.running:
             print("stopping the gateway (draining in-flight requests) ...", flush=True)
-            terminate(self.proc, 30)
+        self.gateway.stop()
         print("stopping Triton ...", flush=True)
         self.triton.close()
         print("stopped.", flush=True)
 
 
-def shown_host(c: RunConfig) -> str:
-    return "127.0.0.1" if c.host in ("0.0.0.0", "") else c.host
+def banner(stack: Stack) -> str:
+    c, gw, t = stack.c, stack.gateway, stack.triton
+    return "\n".join([
+        "", "mnistgen-serve is up (Ctrl-C stops both servers)",
+        f"  gateway gRPC     {gw.grpc_target}   (mnistgen.v1.GenerationService, health, reflection)",
+        f"  gateway HTTP     {gw.http_url}   (/v1/generate, /v1/denoise, /v1/models, /readyz, /metrics)",
+        f"  Triton           http :{t.config.http_port}, grpc :{t.config.grpc_port}, metrics {t.metrics_url}",
+        f"  Triton models    {', '.join(t.models)}",
+        f"  Triton log       {t.log_path}",
+        "  supervised       Triton and the gateway restart on their own (backoff), Ctrl-C / SIGTERM / SIGHUP stop",
+        "try:",
+        f"  .venv/bin/python -m serving.client generate --n 64 --out out/grid.png --target {gw.grpc_target}",
+        f"  curl -s -X POST {gw.http_url}/v1/generate -H 'Accept: image/png' -d '{{\"num_samples\": 64}}' "
+        "> out/grid.png",
+        "  make demo", ""])
 
 
 def run(c: RunConfig) -> int:
     if c.export:
-        export_models()
-    c.log_dir.mkdir(parents=True, exist_ok=True)
+        print("exporting checkpoints that changed (python -m training.export) ...", flush=True)
+        r = subprocess.run([sys.executable, "-m", "training.export"], cwd=REPO_ROOT)
+        if r.returncode != 0:
+            print(f"error: python -m training.export failed with exit code {r.returncode}", file=sys.stderr)
+            return 1
     stack = Stack(c)
-    return run_in_foreground(stack, "mnistgen-serve", lambda: banner(c, stack.triton.models), alive=stack.alive,
+    return run_in_foreground(stack, "mnistgen-serve", lambda: banner(stack), alive=stack.alive,
                              exit_message=stack.exit_message)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    add_dataclass_args(p, RunConfig, names={"startup_timeout_s": "--startup-timeout"},
-                       help={"host": "gateway bind address", "export": "run `python -m training.export` first"})
-    return run(dataclass_from_args(RunConfig, p.parse_args(argv)))
+    add_dataclass_args(p, RunConfig, names={"startup_timeout_s": "--startup-timeout"}, exclude=("models",),
+                       help={"export": "run `python -m training.export` first"})
+    return run(dataclass_from_args(RunConfig, p.parse_args(argv), parser=p))
 
 
 if __name__ == "__main__":

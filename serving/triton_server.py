@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
-from serving.process import RETRY_ON, ManagedProcess, http_ok, run_in_foreground
+from serving.process import ManagedProcess, http_ok, run_in_foreground
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -117,36 +117,22 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """One ephemeral port that is free right now."""
     return free_ports(1, host)[0]
 
 
 class TritonServer(ManagedProcess):
-    """One tritonserver process: `start()`, `wait_ready()`, `stop()`; also a context manager.
-
-    `grpc_url` and `http_url` are `host:port` (what tritonclient.grpc / tritonclient.http take);
-    `metrics_url` is the full `http://host:port/metrics` address for scraping.
-    """
+    """One tritonserver process: `start()`, `wait_ready()`, `stop()`; also a context manager. `grpc_url` and
+    `http_url` are `host:port` (what tritonclient takes), `metrics_url` the full scrape address."""
 
     def __init__(self, config: TritonConfig | None = None):
         self.config = config or TritonConfig()
         self.install = find_tritonserver()
         self.models: list[str] = []
 
-    # -- addresses -------------------------------------------------------------------------------
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.config.host}:{self.config.grpc_port}"
+    grpc_url = property(lambda self: f"{self.config.host}:{self.config.grpc_port}")
+    http_url = property(lambda self: f"{self.config.host}:{self.config.http_port}")
+    metrics_url = property(lambda self: f"http://{self.config.host}:{self.config.metrics_port}/metrics")
 
-    @property
-    def http_url(self) -> str:
-        return f"{self.config.host}:{self.config.http_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.config.host}:{self.config.metrics_port}/metrics"
-
-    # -- lifecycle -------------------------------------------------------------------------------
     def _backends(self) -> Path:
         """A private copy of the wheel's backends with the python stub in place (site-packages untouched)."""
         if self._tmp is None:
@@ -187,6 +173,8 @@ class TritonServer(ManagedProcess):
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libdirs if p)
         # the python backend stub runs model.py in the first `python` on PATH: make it this venv's
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        # model.py files import serving.triton_backend: the repository root on the stub's path
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         return env
 
     def _select_models(self) -> list[str]:
@@ -235,17 +223,8 @@ class TritonServer(ManagedProcess):
         with socket.create_connection((self.config.host, self.config.grpc_port), timeout=2):
             return True
 
-    def is_ready(self) -> bool:
-        """GET /v2/health/ready on the HTTP port is 200 (every loaded model READY) and gRPC accepts connections."""
-        try:
-            return self._check_ready()
-        except RETRY_ON:
-            return False
-
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after the grace period; returns the exit code (None if never started).
-
-        (close() also deletes the temporary backends copy, and the default log file with it.)"""
+        """SIGTERM, then SIGKILL after the grace period, and the stubs of its process group; the exit code."""
         code = super().stop()
         if self.proc is not None:
             try:  # python-backend stubs orphaned by a SIGKILL live in the group this object created

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: one real Triton server per test session, on free ports of 127.0.0.1."""
+"""Shared pytest fixtures: one real Triton server and one gateway in front of it per test session (serving.run's
+launcher), on free ports of 127.0.0.1, and extra gateways with other options."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from serving.run import GatewayProcess, start_gateway
 from serving.triton_server import TritonConfig, TritonServer, available_models, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -149,3 +151,36 @@ def triton(tmp_path_factory) -> TritonHandle:
 def checkpoint_dir() -> Path:
     """Where the committed checkpoints are (what the `triton` fixture exported from)."""
     return CHECKPOINT_DIR
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, tmp_path_factory) -> GatewayProcess:
+    """One gateway for the session in front of the session's Triton, ready."""
+    gw = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    try:
+        yield gw.wait_ready(60)
+    finally:
+        code = gw.stop(20)
+        assert code == 0, f"gateway exited with {code} after SIGTERM:\n{gw.log_tail()}"
+
+
+@pytest.fixture
+def ready_gateway(gateway, triton) -> GatewayProcess:
+    """The session gateway, with Triton running and ready again (after a test that stopped it)."""
+    triton.start()
+    return gateway.wait_ready(120)
+
+
+@pytest.fixture
+def make_gateway(triton, tmp_path):
+    """Start extra gateways with other options (`make_gateway("--max-queue", "0")`, env=/ca= as start_gateway),
+    ready; stopped after the test."""
+    started: list[GatewayProcess] = []
+
+    def make(*extra: str, env: dict | None = None, ca: Path | None = None) -> GatewayProcess:
+        started.append(start_gateway(triton.grpc_url, tmp_path / f"gateway{len(started)}.log", *extra, env=env, ca=ca))
+        return started[-1].wait_ready(60)
+
+    yield make
+    for gw in started:
+        gw.stop(20)

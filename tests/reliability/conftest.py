@@ -1,13 +1,7 @@
-"""Reliability fixtures: the serving tests' gateway fixtures reused, and the shared Triton restored after faults."""
+"""Reliability fixtures: the shared Triton restored after faults (the gateway fixtures are tests/conftest.py's)."""
 from __future__ import annotations
 
 import pytest
-
-from reliability_support import serving_conftest
-
-gateway = serving_conftest.gateway  # session: one gateway in front of the session's Triton
-ready_gateway = serving_conftest.ready_gateway  # that gateway, Triton restarted and ready first
-make_gateway = serving_conftest.make_gateway  # extra gateways with other options, stopped after the test
 
 
 @pytest.fixture
