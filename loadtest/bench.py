@@ -34,7 +34,7 @@ from mnistgen import engine as eng
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from . import bench_triton as bt
-from .load import closed_loop
+from .load import closed_loop, relative_paths
 
 COND = catalog.by_kind(catalog.DDPM_COND)[0]  # the class-conditional Generate workload's model
 
@@ -114,16 +114,14 @@ class GatewayBenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.sigma <= 1:
             raise ValueError(f"sigma must be in (0, 1], got {self.sigma}")
-        self.triton_config(denoise=("ddpm:100", self.fast_sampler), repeats=1)  # validates generator/samplers/batches
-
-    def triton_config(self, denoise: tuple[str, ...], repeats: int) -> bt.BenchConfig:
-        """bench_triton's config for the in-process and Triton-direct paths of one workload."""
-        return bt.BenchConfig(
-            model_repository=self.model_repository, checkpoint_dir=self.checkpoint_dir, generator=self.generator,
-            generator_batches=self.generator_batches, generator_repeats=self.generator_repeats,
-            denoise_batches=self.denoise_batches, denoise_samplers=denoise, denoise_repeats=repeats,
-            sigma=self.sigma, warmup=self.warmup, threads=self.threads, seed=self.seed, device=self.device,
-            trt_cache_dir=self.trt_cache_dir, onnxruntime=bool(self.ort_paths))
+        if self.generator not in catalog.GANS:
+            raise ValueError(f"generator must be one of {list(catalog.GANS)}, got {self.generator!r}")
+        name, _, steps = self.fast_sampler.partition(":")
+        if name not in catalog.SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= catalog.MAX_STEPS:
+            raise ValueError(f"fast_sampler {self.fast_sampler!r}: expected SAMPLER:STEPS with SAMPLER in "
+                             f"{catalog.SAMPLERS} and STEPS in [1, {catalog.MAX_STEPS}]")
+        if any(b < 1 for b in self.generator_batches + self.denoise_batches + self.cond_batches):
+            raise ValueError("batch sizes must be >= 1")
 
     @property
     def served_paths(self) -> list[str]:
@@ -143,14 +141,6 @@ class GatewayBenchConfig:
 
 
 # ---- the gateway paths ------------------------------------------------------------------------------------
-def clean_digits(n: int) -> np.ndarray:
-    """The first n MNIST test digits, (n, 1, 28, 28) float32 in [-1, 1] (what bench_triton denoises too)."""
-    from training.data import DataConfig, load_mnist
-
-    x, _ = load_mnist("test", DataConfig())
-    return np.ascontiguousarray(np.asarray(x[:n]), dtype=np.float32)
-
-
 def bench_gateway_generator(cfg: GatewayBenchConfig, clients: dict) -> list[dict]:
     rows = []
     for b in cfg.generator_batches:
@@ -170,7 +160,7 @@ def bench_gateway_denoise(cfg: GatewayBenchConfig, clients: dict, spec: str, rep
     name = f"denoise {sampler}-{steps}"
     rows = []
     for b in cfg.denoise_batches:
-        x0 = clean_digits(b)  # (B, 1, 28, 28)
+        x0 = bt.clean_digits(b)  # (B, 1, 28, 28)
 
         def call(c, n_steps):
             return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
@@ -277,7 +267,7 @@ def bench_concurrency(cfg: GatewayBenchConfig, gateway_target: str | None, has_d
         sampler, steps = cfg.fast_sampler.split(":")[0], int(cfg.fast_sampler.split(":")[1])
         unet, uconf = load_unet(cfg.checkpoint_dir / catalog.DENOISER.checkpoint)
         eps = bt.CudaEps(unet) if cfg.device == "cuda" else unet
-        digits = clean_digits(64)  # (64, 1, 28, 28): request i denoises digit i % 64
+        digits = bt.clean_digits(64)  # (64, 1, 28, 28): request i denoises digit i % 64
 
         def eager_denoise(i: int):
             x0 = torch.from_numpy(digits[i % len(digits)][None])  # (1, 1, 28, 28)
@@ -389,15 +379,6 @@ def goals(res: dict, cfg: GatewayBenchConfig, overhead: dict | None = None,
         out.append(Goal(f"batch-1 Generate samples/s through gateway-grpc at {CONCURRENCY_GOAL_CLIENTS} clients / "
                         "eager's sequential rate", served / eager, 1.0, ">=", "x"))
     return out
-
-
-def repo_relative(path: Path) -> str:
-    """A path as results.json records it: relative to the repository where it lies inside (a committed reference
-    run names no checkout's location), else absolute."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -688,14 +669,13 @@ def run(cfg: GatewayBenchConfig) -> dict:
                    for p in ("gateway-grpc", "gateway-http") if p in cfg.paths and gw is not None}
         base = [p for p in cfg.paths if p in bt.BACKENDS]
         direct = tclient if "triton-grpc" in cfg.paths else None
-        rows += [r for r in bt.bench_generator(cfg.triton_config((), 1), direct) if r["backend"] in base]
+        rows += [r for r in bt.bench_generator(cfg, direct) if r["backend"] in base]
         rows += bench_gateway_generator(cfg, clients)
         if "gateway-grpc" in clients and direct is not None:
             overhead = bench_overhead(cfg, tclient, clients["gateway-grpc"])
         if has_ddpm:
             for spec, repeats in (("ddpm:100", cfg.ddpm_repeats), (cfg.fast_sampler, cfg.fast_repeats)):
-                tcfg = cfg.triton_config((spec,), repeats)
-                rows += [r for r in bt.bench_denoise(tcfg, direct) if r["backend"] in base]
+                rows += [r for r in bt.bench_denoise(cfg, direct, spec, repeats) if r["backend"] in base]
                 rows += bench_gateway_denoise(cfg, clients, spec, repeats)
         else:
             print(f"no {catalog.DENOISER.checkpoint} in {cfg.checkpoint_dir}: denoise workloads skipped", flush=True)
@@ -713,7 +693,7 @@ def run(cfg: GatewayBenchConfig) -> dict:
             stack.close()
     res = results_table(rows)
     result = {
-        "config": {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": relative_paths(asdict(cfg)),
         "machine": machine, "load_avg_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
         "results": res, "overhead_batch1": overhead, "concurrency": concurrency, "locust": locust,
         "skipped": skipped, "goals": [], "rows": rows,

@@ -1,5 +1,5 @@
 """The one closed-loop load generator: N clients, each sending its next request as soon as its last one is answered
-(the bench's concurrency sweep, the soak's capacity ramp)."""
+(the bench's concurrency sweep, the soak's capacity ramp), and what both record about a run."""
 from __future__ import annotations
 
 import itertools
@@ -7,9 +7,26 @@ import os
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_relative(path: Path) -> str:
+    """A path as a results file records it: relative to the repository where it lies inside (a committed run names
+    no checkout's location), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def relative_paths(config: dict) -> dict:
+    return {k: repo_relative(v) if isinstance(v, Path) else v for k, v in config.items()}
 
 
 class FifoLock:

@@ -22,6 +22,7 @@ import random
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 from mnistgen import catalog
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
-from .load import closed_loop, pct_ms
+from .load import closed_loop, pct_ms, relative_paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("grpc", "http")
@@ -66,27 +67,23 @@ class SoakConfig:
     triton_pid: int = 0  # with --triton-url: tritonserver's pid for the RSS series (0 = not sampled)
 
     def __post_init__(self) -> None:
-        if self.model not in catalog.GANS:
-            raise ValueError(f"model must be one of {list(catalog.GANS)}, got {self.model!r}")
-        bad = [t for t in self.transports if t not in TRANSPORTS]
-        if bad or not self.transports:
-            raise ValueError(f"transports must be a non-empty subset of {TRANSPORTS}, got {list(self.transports)}")
-        if not 0 < self.load_fraction <= 1:
-            raise ValueError(f"load_fraction must be in (0, 1], got {self.load_fraction}")
-        limit, most = catalog.GANS[self.model].max_samples, catalog.DENOISER.max_samples
-        if not self.num_samples or any(not 1 <= n <= limit for n in self.num_samples):
-            raise ValueError(f"num_samples must be in 1..{limit}, got {list(self.num_samples)}")
-        if not 0 <= self.denoise_share <= 1:
-            raise ValueError(f"denoise_share must be in [0, 1], got {self.denoise_share}")
-        if not self.denoise_images or any(not 1 <= n <= most for n in self.denoise_images):
-            raise ValueError(f"denoise_images must be in 1..{most}, got {list(self.denoise_images)}")
-        if not 0 < self.sigma <= 1:
-            raise ValueError(f"sigma must be in (0, 1], got {self.sigma}")
-        if not 0 <= self.denoise_steps <= catalog.MAX_STEPS:
-            raise ValueError(f"denoise_steps must be in 0..{catalog.MAX_STEPS} (0 = default), got {self.denoise_steps}")
-        for name in ("duration_s", "ramp_step_s", "window_s", "sample_interval_s", "timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        limit, most = catalog.GANS[self.model].max_samples if self.model in catalog.GANS else 0, \
+            catalog.DENOISER.max_samples
+        for name, ok, want in (
+                ("model", self.model in catalog.GANS, f"one of {list(catalog.GANS)}"),
+                ("transports", self.transports and set(self.transports) <= set(TRANSPORTS),
+                 f"a non-empty subset of {TRANSPORTS}"),
+                ("load_fraction", 0 < self.load_fraction <= 1, "in (0, 1]"),
+                ("num_samples", self.num_samples and all(1 <= n <= limit for n in self.num_samples), f"in 1..{limit}"),
+                ("denoise_share", 0 <= self.denoise_share <= 1, "in [0, 1]"),
+                ("denoise_images", self.denoise_images and all(1 <= n <= most for n in self.denoise_images),
+                 f"in 1..{most}"),
+                ("sigma", 0 < self.sigma <= 1, "in (0, 1]"),
+                ("denoise_steps", 0 <= self.denoise_steps <= catalog.MAX_STEPS, f"in 0..{catalog.MAX_STEPS} (0 = default)"),
+                *((n, getattr(self, n) > 0, "> 0") for n in ("duration_s", "ramp_step_s", "window_s",
+                                                            "sample_interval_s", "timeout_s"))):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
 
 # ---- the request mix -------------------------------------------------------------------------------------
@@ -182,19 +179,16 @@ class RssSampler(threading.Thread):
 
     def __init__(self, gateway_pid: int, triton_pid: int, interval_s: float):
         super().__init__(daemon=True)
-        self.pids, self.interval = (gateway_pid, triton_pid), interval_s
-        self.samples: list[tuple[float, float, float, float]] = []
-        self.stop_event = threading.Event()
+        self.pids, self.interval, self.samples, self.done = (gateway_pid, triton_pid), interval_s, [], threading.Event()
 
     def run(self) -> None:
-        while not self.stop_event.is_set():
-            gw = rss_mib(self.pids[0], False) if self.pids[0] else float("nan")
-            tr = rss_mib(self.pids[1], True) if self.pids[1] else float("nan")
-            self.samples.append((time.monotonic(), gw, tr, os.getloadavg()[0]))
-            self.stop_event.wait(self.interval)
+        while not self.done.is_set():
+            self.samples.append((time.monotonic(), *(rss_mib(pid, i == 1) if pid else float("nan")
+                                                     for i, pid in enumerate(self.pids)), os.getloadavg()[0]))
+            self.done.wait(self.interval)
 
     def stop(self) -> list[tuple[float, float, float, float]]:
-        self.stop_event.set()
+        self.done.set()
         self.join(5)
         return self.samples
 
@@ -273,79 +267,59 @@ def open_loop(sender: Sender, cfg: SoakConfig, rate: float) -> list[Record]:
     return records
 
 
+def _ms(records: list[Record], q: float, kind: str | None = None) -> float:
+    """The q-th percentile latency (ms, from the scheduled time) of the OK records (of `kind`), rounded."""
+    return round(pct_ms([r[1] - r[0] for r in records if r[4] == "OK" and kind in (None, r[3])], q), 2)
+
+
 def windows(records: list[Record], rss, t0: float, window_s: float) -> list[dict]:
-    """Per window (by scheduled time): requests, errors, p50/p99 from the scheduled time (all, and per kind),
-    RSS and load average at its end."""
+    """Per window (by scheduled time): requests, errors, p50/p99 (all, and p99 per kind), RSS and load average at
+    its end."""
     out = []
-    n_win = max(1, int(np.ceil(max((r[0] - t0 for r in records), default=0) / window_s + 1e-9)))
-    for w in range(n_win):
-        lo, hi = t0 + w * window_s, t0 + (w + 1) * window_s
-        rs = [r for r in records if lo <= r[0] < hi]
-        lat = [r[1] - r[0] for r in rs if r[4] == "OK"]
-        mem = [s for s in rss if s[0] < hi + 1e-9]
-        out.append({
-            "window": w, "t_start_s": round(w * window_s, 1), "requests": len(rs),
-            "errors": sum(r[4] != "OK" for r in rs), "p50_ms": round(pct_ms(lat, 50), 2),
-            "p99_ms": round(pct_ms(lat, 99), 2),
-            "p99_ms_by_kind": {k: round(pct_ms([r[1] - r[0] for r in rs if r[3] == k and r[4] == "OK"], 99), 2)
-                               for k in KINDS},
-            "gateway_rss_mib": round(mem[-1][1], 1) if mem else float("nan"),
-            "triton_rss_mib": round(mem[-1][2], 1) if mem else float("nan"),
-            "load_avg_1m": round(mem[-1][3], 2) if mem else float("nan"),
-        })
+    for w in range(max(1, int(np.ceil(max((r[0] - t0 for r in records), default=0) / window_s + 1e-9)))):
+        hi = t0 + (w + 1) * window_s
+        rs = [r for r in records if hi - window_s <= r[0] < hi]
+        mem = ([s for s in rss if s[0] < hi + 1e-9] or [(0.0,) + (float("nan"),) * 3])[-1]
+        out.append({"window": w, "t_start_s": round(w * window_s, 1), "requests": len(rs),
+                    "errors": sum(r[4] != "OK" for r in rs), "p50_ms": _ms(rs, 50), "p99_ms": _ms(rs, 99),
+                    "p99_ms_by_kind": {k: _ms(rs, 99, k) for k in KINDS}, "gateway_rss_mib": round(mem[1], 1),
+                    "triton_rss_mib": round(mem[2], 1), "load_avg_1m": round(mem[3], 2)})
     return out
 
 
-def slope_mib_per_min(rss, col: int) -> float:
-    t = np.array([s[0] for s in rss])
-    y = np.array([s[col] for s in rss])
-    ok = np.isfinite(y)
-    if ok.sum() < 3:
-        return float("nan")
-    return float(np.polyfit((t[ok] - t[ok][0]) / 60.0, y[ok], 1)[0])
-
-
-def config_json(cfg: SoakConfig) -> dict:
-    """The config as JSON: paths inside the repository relative to it (a committed summary names no home dir)."""
-    def plain(v):
-        if isinstance(v, Path):
-            return str(v.relative_to(REPO_ROOT)) if v.is_relative_to(REPO_ROOT) else str(v)
-        return list(v) if isinstance(v, tuple) else v
-
-    return {k: plain(v) for k, v in asdict(cfg).items()}
+def rss_stats(during, col: int) -> dict:
+    """Start, end, peak, growth (MiB and % of the start) and the fitted trend (MiB/min) of one RSS column."""
+    ys = [s[col] for s in during if np.isfinite(s[col])]
+    if not ys:
+        return dict.fromkeys(("start_mib", "end_mib", "peak_mib", "growth_mib", "growth_pct"), None) | {
+            "slope_mib_per_min": float("nan")}
+    t = np.array([s[0] for s in during if np.isfinite(s[col])])
+    slope = float(np.polyfit((t - t[0]) / 60.0, ys, 1)[0]) if len(ys) >= 3 else float("nan")
+    return {"start_mib": round(ys[0], 1), "end_mib": round(ys[-1], 1), "peak_mib": round(max(ys), 1),
+            "growth_mib": round(ys[-1] - ys[0], 1),
+            "growth_pct": round(100 * (ys[-1] - ys[0]) / ys[0], 2) if ys[0] > 0 else None,
+            "slope_mib_per_min": round(slope, 3)}
 
 
 def summarize(cfg: SoakConfig, capacity: float, ramp: list[dict], rate: float, records: list[Record], rss,
               t0: float, started_utc: str = "") -> dict:
-    lat_ok = [r[1] - r[0] for r in records if r[4] == "OK"]
-    codes: dict[str, int] = {}
-    for r in records:
-        codes[r[4]] = codes.get(r[4], 0) + 1
+    codes = dict(Counter(r[4] for r in records))
+    errors = sum(v for k, v in codes.items() if k != "OK")
     by_kind = {}
     for k in KINDS:
         rs = [r for r in records if r[3] == k]
         lat = [r[1] - r[0] for r in rs if r[4] == "OK"]
-        by_kind[k] = {"requests": len(rs), "errors": sum(r[4] != "OK" for r in rs),
-                      "images": sum(r[5] for r in rs), "p50_ms": round(pct_ms(lat, 50), 2),
-                      "p99_ms": round(pct_ms(lat, 99), 2), "max_ms": round(max(lat) * 1e3, 2) if lat else None}
+        by_kind[k] = {"requests": len(rs), "errors": sum(r[4] != "OK" for r in rs), "images": sum(r[5] for r in rs),
+                      "p50_ms": _ms(rs, 50), "p99_ms": _ms(rs, 99), "max_ms": round(max(lat) * 1e3, 2) if lat else None}
     wins = windows(records, rss, t0, cfg.window_s)
     full = [w for w in wins if w["requests"]]
     first, last = (full[0], full[-1]) if full else ({}, {})
     during = [s for s in rss if s[0] >= t0]
-    rss_stats = {}
-    for name, col in (("gateway", 1), ("triton", 2)):
-        ys = [s[col] for s in during if np.isfinite(s[col])]
-        rss_stats[name] = {
-            "start_mib": round(ys[0], 1) if ys else None, "end_mib": round(ys[-1], 1) if ys else None,
-            "peak_mib": round(max(ys), 1) if ys else None,
-            "growth_mib": round(ys[-1] - ys[0], 1) if ys else None,
-            "growth_pct": round(100 * (ys[-1] - ys[0]) / ys[0], 2) if ys and ys[0] > 0 else None,
-            "slope_mib_per_min": round(slope_mib_per_min(during, col), 3),
-        }
     loads = [s[3] for s in during]
     wall = max((r[1] for r in records), default=t0) - t0
+    lat_ok = [r[1] - r[0] for r in records if r[4] == "OK"]
     return {
-        "config": config_json(cfg),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in relative_paths(asdict(cfg)).items()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "gpu_devices": len(list(Path("/dev").glob("nvidia[0-9]*"))), "started_utc": started_utc,
                     "load_avg_1m": {"min": round(min(loads), 2), "mean": round(float(np.mean(loads)), 2),
@@ -353,16 +327,14 @@ def summarize(cfg: SoakConfig, capacity: float, ramp: list[dict], rate: float, r
                     "load_avg_1m_end": round(os.getloadavg()[0], 2)},
         "capacity_rps": round(capacity, 2), "ramp": ramp, "offered_rps": round(rate, 2),
         "requests": len(records), "achieved_rps": round(len(records) / wall, 2) if wall > 0 else None,
-        "by_kind": by_kind,
-        "codes": codes, "errors": sum(v for k, v in codes.items() if k != "OK"),
-        "error_rate": round(sum(v for k, v in codes.items() if k != "OK") / max(len(records), 1), 6),
-        "latency_ms": {"p50": round(pct_ms(lat_ok, 50), 2), "p99": round(pct_ms(lat_ok, 99), 2),
+        "by_kind": by_kind, "codes": codes, "errors": errors, "error_rate": round(errors / max(len(records), 1), 6),
+        "latency_ms": {"p50": _ms(records, 50), "p99": _ms(records, 99),
                        "max": round(max(lat_ok) * 1e3, 2) if lat_ok else None},
         "p99_drift": {"first_window_ms": first.get("p99_ms"), "last_window_ms": last.get("p99_ms"),
                       "last_over_first": round(last["p99_ms"] / first["p99_ms"], 3)
                       if full and first["p99_ms"] > 0 else None,
                       "max_window_ms": max((w["p99_ms"] for w in full), default=None)},
-        "rss": rss_stats, "windows": wins,
+        "rss": {"gateway": rss_stats(during, 1), "triton": rss_stats(during, 2)}, "windows": wins,
         "rss_series": [[round(s[0] - t0, 2), round(s[1], 1), round(s[2], 1), round(s[3], 2)] for s in rss],
     }
 
@@ -413,12 +385,10 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    w = res["windows"]
-    ws = res["config"]["window_s"]
-    a.step([x["t_start_s"] for x in w] + [w[-1]["t_start_s"] + ws], [x["p99_ms"] for x in w] + [w[-1]["p99_ms"]],
-           where="post", label="p99")
-    a.step([x["t_start_s"] for x in w] + [w[-1]["t_start_s"] + ws], [x["p50_ms"] for x in w] + [w[-1]["p50_ms"]],
-           where="post", label="p50")
+    w, ws = res["windows"], res["config"]["window_s"]
+    for q in ("p99", "p50"):
+        a.step([x["t_start_s"] for x in w] + [w[-1]["t_start_s"] + ws], [x[f"{q}_ms"] for x in w] + [w[-1][f"{q}_ms"]],
+               where="post", label=q)
     a.set_ylabel("latency (ms)")
     a.set_title(f"soak: {res['offered_rps']} req/s ({res['config']['load_fraction']:.0%} of "
                 f"{res['capacity_rps']}), {res['errors']} errors")

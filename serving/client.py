@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import re
 import select
 import ssl
@@ -23,6 +22,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from mnistgen import catalog
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from . import images as imgs
@@ -34,13 +34,12 @@ TRANSPORTS = ("grpc", "http")
 DEFAULT_TARGETS = {"grpc": "127.0.0.1:50051", "http": "127.0.0.1:8080"}
 MAX_MESSAGE_BYTES = 64 << 20  # responses of 1024 raw samples are 3.2 MB
 REQUEST_ID_HEADER, REQUEST_ID_KEY = "X-Request-Id", "x-request-id"  # what the gateway answers with (HTTP, gRPC)
-TOKEN_ENV = "MNISTGEN_TOKEN"  # the CLI's --token when not given (a command line is visible to other users)
+TOKEN_ENV = "MNISTGEN_TOKEN"  # the CLI's --token when not given (as MNISTGEN_<OPTION> any option)
 
 
 class ClientError(Exception):
     """A failed call: `code` is the gRPC status name (HTTP errors carry it in their JSON body); `request_id` the id the
-    gateway answered with (X-Request-Id / x-request-id trailing metadata; None when no gateway answered): quote it
-    when reporting the failure, the gateway's and Triton's logs name it."""
+    gateway answered with (None when none answered): the gateway's and Triton's logs name it."""
 
     def __init__(self, code: str, message: str, http_status: int | None = None, request_id: str | None = None):
         super().__init__(f"{code}: {message}")
@@ -70,12 +69,9 @@ class GatewayClient:
     """The same three calls over either transport; every call returns the response protobuf message."""
 
     def __init__(self, config: ClientConfig | None = None, **kw):
-        self.config = config or ClientConfig(**kw)
-        self._channel = None
-        self._stub = None
-        c = self.config
+        c = self.config = config or ClientConfig(**kw)
+        self._channel = self._stub = self._ssl = None  # gRPC; HTTP: the client SSL context
         self._metadata = (("authorization", f"Bearer {c.token}"),) if c.token else None
-        self._ssl = None  # HTTP: the client SSL context
         self._local = threading.local()  # HTTP: each thread's kept-alive connection
         if c.transport == "grpc":
             options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -110,12 +106,10 @@ class GatewayClient:
             raise ClientError(e.code().name, e.details() or "", request_id=trailer.get(REQUEST_ID_KEY)) from None
 
     def _http(self, method: str, path: str, request, response_type):
-        """One HTTP/JSON call on this thread's kept-alive connection, opened on first use. A kept connection the gateway
-        closed while idle (its keep-alive timeout, a restart) is replaced before sending; one that closes without an
-        answer as the call goes out is replaced and the call sent once more, as browsers do. The response is read
-        with serving.pb_json (image bytes decoded in one block)."""
-        url = f"{'https' if self.config.tls else 'http'}://{self.config.target}{path}"
-        data = None
+        """One HTTP/JSON call on this thread's kept-alive connection. One the gateway closed while idle is replaced
+        before sending; one that closes without an answer as the call goes out is replaced and the call sent once
+        more, as browsers do. The response is read with serving.pb_json (image bytes decoded in one block)."""
+        url, data = f"{'https' if self.config.tls else 'http'}://{self.config.target}{path}", None
         headers = {"X-Request-Timeout": str(self.config.timeout_s), "Accept": "application/json"}
         if self.config.token:
             headers["Authorization"] = f"Bearer {self.config.token}"
@@ -203,9 +197,8 @@ class GatewayClient:
 
 
 def readable(sock) -> bool:
-    """Whether an idle socket has something to read: on a kept-alive HTTP connection between calls, that is the
-    peer's close (or bytes nobody asked for): either way it cannot carry the next call. poll(), not select(): a
-    process with over 1,024 open files (a load generator) has descriptors select() refuses."""
+    """Whether an idle kept-alive socket has something to read (the peer's close, or bytes nobody asked for): then
+    it cannot carry the next call. poll(), not select(), which refuses descriptors over 1,023 (a load generator)."""
     if hasattr(select, "poll"):
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -220,10 +213,6 @@ def as_array(msg: pb.Images) -> np.ndarray:
     if msg.format == pb.PNG_GRID:
         raise ValueError("a PNG_GRID holds one tiled picture; ask for RAW_FLOAT32 or PNG to get samples")
     return np.frombuffer(msg.raw, dtype="<f4").reshape(-1, 1, imgs.SIDE, imgs.SIDE).copy()
-
-
-def load_images(paths: list[Path]) -> list[bytes]:
-    return [Path(p).read_bytes() for p in paths]
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
@@ -246,7 +235,7 @@ def _cmd_generate(c: GatewayClient, a) -> str:
 
 
 def _cmd_denoise(c: GatewayClient, a) -> str:
-    pngs = load_images(a.input)
+    pngs = [Path(p).read_bytes() for p in a.input]
     r = c.denoise(pngs, a.sigma, a.steps, a.sampler, a.seed, pb.RAW_FLOAT32)
     from .validation import decode_png_image  # the server's own decoding, for the "clean" column
 
@@ -281,21 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "tls": "connect with TLS; without --ca the system's CAs verify the gateway"})
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common], help="sample a grid of digits")
-    g.add_argument("--model", default="dcgan-baseline", help="dcgan-baseline, dcgan-modified, mlp, ddpm, ddpm-cond")
-    g.add_argument("--n", type=int, default=64, help="samples (GANs 1..1024, ddpm and ddpm-cond 1..64)")
-    g.add_argument("--digit", type=int, default=None, help="ddpm-cond only: the digit to draw, 0..9 (default: any)")
-    g.add_argument("--guidance", type=float, default=None,
-                   help="ddpm-cond only: classifier-free guidance scale 0..10 (default: the service's)")
+    models = "; ".join(f"{m.name} (1..{m.max_samples}): {m.about}" for m in catalog.GENERATORS.values())
+    g.add_argument("--model", default=catalog.DEFAULT_MODEL, help=f"one of: {models}")
+    g.add_argument("--n", type=int, default=64, help="samples (the model's range above)")
+    g.add_argument("--digit", type=int, default=None, help="class-conditional models only: the digit to draw, "
+                                                           f"0..{catalog.DIGITS - 1} (default: any)")
+    g.add_argument("--guidance", type=float, default=None, help="class-conditional models only: classifier-free "
+                   f"guidance scale 0..{catalog.MAX_GUIDANCE:g} (default: the service's)")
     g.add_argument("--seed", type=int, default=None, help="default: random (printed)")
-    g.add_argument("--steps", type=int, default=0, help="ddpm only; 0 = the sampler's default")
-    g.add_argument("--sampler", default="", help="ddpm only: ddpm, ddim, dpm-solver++, sde-dpm-solver++")
+    g.add_argument("--steps", type=int, default=0, help="diffusion models; 0 = the sampler's default")
+    g.add_argument("--sampler", default="", help=f"diffusion models: {', '.join(catalog.SAMPLERS)}")
     g.add_argument("--out", type=Path, default=Path("out/generate.png"))
     g.add_argument("--npy", type=Path, default=None, help="also save the raw (N, 1, 28, 28) float32 samples")
     d = sub.add_parser("denoise", parents=[common], help="noise 28x28 digits to level sigma and denoise them")
     d.add_argument("--input", type=Path, nargs="+", required=True, help="28x28 PNG(s)")
     d.add_argument("--sigma", type=float, default=0.5, help="0 < sigma <= 1")
     d.add_argument("--steps", type=int, default=0, help="0 = default")
-    d.add_argument("--sampler", default="", help="ddpm, ddim, dpm-solver++, sde-dpm-solver++")
+    d.add_argument("--sampler", default="", help=", ".join(catalog.SAMPLERS))
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--out", type=Path, default=Path("out/denoise.png"))
     sub.add_parser("models", parents=[common], help="list the served models and their readiness")
@@ -308,8 +299,7 @@ COMMANDS = {"generate": _cmd_generate, "denoise": _cmd_denoise, "models": _cmd_m
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    env_token = {"token": os.environ[TOKEN_ENV]} if a.token is None and os.environ.get(TOKEN_ENV) else {}
-    config = dataclass_from_args(ClientConfig, a, parser=p, **env_token)  # a bad value: usage + exit 2
+    config = dataclass_from_args(ClientConfig, a, parser=p, env_prefix="MNISTGEN_")  # MNISTGEN_TOKEN; bad: exit 2
     try:
         with GatewayClient(config) as c:
             print(COMMANDS[a.command](c, a))
