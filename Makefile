@@ -13,8 +13,6 @@ help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(STAMP) ## create .venv and install the project with its pinned dependencies
-	@# config.pbtxt's measured `engines` block stays out of git (mnistgen/engines_param.py, .gitattributes)
-	@git rev-parse --git-dir >/dev/null 2>&1 && git config filter.engines-param.clean 'python3 mnistgen/engines_param.py' && git config filter.engines-param.smudge cat || true
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv

@@ -305,7 +305,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if info.ready:
                 with contextlib.suppress(ApiError):
                     t = await self.triton.model_info(spec.triton, timeout)
-                    info.version, info.latent_dim, info.engines = t.version, t.latent_dim, t.engines
+                    info.version, info.latent_dim = t.version, t.latent_dim
             if spec.kind != catalog.GAN:
                 info.samplers.extend(SAMPLERS)
                 info.default_sampler = spec.sampler

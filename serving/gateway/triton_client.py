@@ -40,18 +40,6 @@ class TritonModelInfo:
     max_batch_size: int  # 0 = the model is not batched
     latent_dim: int  # GANs: dims of the `latent` input; 0 otherwise
     version: str  # the newest version Triton serves
-    engines: str = ""  # which engine serves which batch sizes (config.pbtxt's `engines` parameter, in words)
-
-
-def engines_description(summary: str) -> str:
-    """The `description` of the `engines` parameter training.export writes into config.pbtxt (mnistgen.engine.summary
-    as JSON), e.g. "onnxruntime for batch 1-31, torchscript from 32 (engines.json, 2 threads)"; "" when absent."""
-    import json
-
-    try:
-        return str(json.loads(summary).get("description") or "")
-    except (ValueError, TypeError, AttributeError):
-        return ""
 
 
 class TritonClient:
@@ -94,8 +82,7 @@ class TritonClient:
             versions = sorted(meta.get("versions", []), key=lambda v: int(v) if v.isdigit() else -1)
             self._info[model] = TritonModelInfo(
                 model, int(cfg.get("max_batch_size", 0)), int(latent[0]["dims"][-1]) if latent else 0,
-                versions[-1] if versions else "",
-                engines_description(cfg.get("parameters", {}).get("engines", {}).get("string_value", "")))
+                versions[-1] if versions else "")
         return self._info[model]
 
     async def infer(self, model: str, inputs: list[Tensor], outputs: list[str], timeout: float) -> InferResult:

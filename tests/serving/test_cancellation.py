@@ -129,7 +129,7 @@ def test_client_timeout_stops_a_running_generate_loop(triton):
 def test_client_cancel_stops_a_running_denoise_loop(triton):
     triton.require("ddpm_denoise")
     client = grpcclient.InferenceServerClient(triton.grpc_url)
-    sigma = 50.0  # t* near the end of the schedule: ~1000 evaluations for steps=1000
+    sigma = 1.0  # the largest the catalog allows: t* ~ 258, so ~259 evaluations for steps=1000
     step_s = unet_step_s(client, "ddpm_denoise", denoise_request(32, sigma, 4))
     before = len(stops_logged(triton, "ddpm_denoise"))
     outcome: dict = {}
@@ -139,13 +139,13 @@ def test_client_cancel_stops_a_running_denoise_loop(triton):
     future.cancel()
     t_small, result = timed(lambda: client.infer("ddpm_denoise", denoise_request(1, 0.3, 2, "ddim")))
     assert result.as_numpy("denoised").shape == (1, 1, 28, 28)
-    assert t_small < 3 * step_s + 5.0 and t_small < BIG_STEPS * step_s / 20, (t_small, step_s)
+    assert t_small < 3 * step_s + 5.0 and t_small < 100 * step_s, (t_small, step_s)  # the rest: ~220 steps
     deadline = time.monotonic() + 10
     while "error" not in outcome and time.monotonic() < deadline:
         time.sleep(0.05)
     assert outcome.get("error") is not None and "CANCELLED" in str(outcome["error"].status())
     stops = stops_logged(triton, "ddpm_denoise")[before:]
-    assert stops and int(stops[-1][4]) < BIG_STEPS / 4, triton.log_tail(40)
+    assert stops and int(stops[-1][4]) < int(stops[-1][5]) / 4, triton.log_tail(40)
 
 
 def settled_inference_count(client, model: str) -> int:

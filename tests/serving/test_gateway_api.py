@@ -54,15 +54,8 @@ def test_list_models_grpc_and_http(ready_gateway, triton):
     assert [j["default_sampler"] for j in h["models"]] == [m.default_sampler for m in g.models]
     assert [m.kind for m in g.models] == ["gan", "gan", "gan", "ddpm", "ddpm-cond"]  # mnistgen.catalog.KINDS
     assert [m.supports_denoise for m in g.models] == [False, False, False, "ddpm_denoise" in triton.models, False]
-    # the engine choice per batch range, from export's measurement (config.pbtxt `engines`), for every ready model
-    for m, j in zip(g.models, h["models"]):
-        assert bool(m.engines) == m.ready and j.get("engines", "") == m.engines
-        if m.ready:
-            split = r"the batch split over \d+ one-thread sessions( from \d+)?"
-            ort = rf"onnxruntime( \((1 thread( below batch \d+(, {split})?)?|{split})\))?"
-            ts = r"torchscript( bf16)?"
-            assert re.match(rf"({ort}|{ts}) (at every batch size|for batch 1-\d+, {ts} from \d+)", m.engines), \
-                m.engines
+    # `engines` is unused (the choice is measured per machine inside Triton): empty, so old clients still parse
+    assert not any(m.engines for m in g.models) and not any(j.get("engines") for j in h["models"])
 
 
 def test_health_and_reflection(ready_gateway):

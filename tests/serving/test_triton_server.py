@@ -16,10 +16,10 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from serving.triton_server import TritonConfig, TritonServer, find_tritonserver, free_ports
-from training.export import GENERATORS
+from mnistgen import catalog
 from mnistgen.engine import BF16_MEAN_TOL
 from mnistgen.latent import sample_latent
-from mnistgen.registry import DDPM_CHECKPOINT, GAN_MODELS, load_generator
+from mnistgen.registry import load_generator
 
 GEN_TOL = 1e-4  # ONNX Runtime in Triton vs eager PyTorch, fp32
 UNET_TOL = 1e-4
@@ -173,9 +173,9 @@ def infer(triton, protocol, model, inputs, outputs):
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
-@pytest.mark.parametrize("model", sorted(GENERATORS))
-def test_generator_matches_pytorch(triton, checkpoint_dir, model, protocol):
-    ckpt = checkpoint_dir / GAN_MODELS[GENERATORS[model]]
+@pytest.mark.parametrize("name", sorted(catalog.GANS))
+def test_generator_matches_pytorch(triton, checkpoint_dir, name, protocol):
+    model, ckpt = catalog.GANS[name].triton, checkpoint_dir / catalog.GANS[name].checkpoint
     triton.require_checkpoint(model, ckpt)
     gen, config = load_generator(ckpt)
     dim = config["arch"]["latent_dim"]
@@ -208,7 +208,7 @@ def test_bad_shape_gets_triton_error_and_server_stays_up(triton, protocol):
 def unet(checkpoint_dir):
     from mnistgen.diffusion import load_unet
 
-    path = checkpoint_dir / DDPM_CHECKPOINT
+    path = checkpoint_dir / catalog.DENOISER.checkpoint
     if not path.exists():
         pytest.skip(f"{path} not found")
     torch.set_num_threads(1)
@@ -288,12 +288,12 @@ def test_ddpm_denoise_rows_do_not_depend_on_batching(triton):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("sampler", "euler", "sampler must be one of"),
-    ("steps", 0, r"steps must be an integer in \[1, 1000\]"),
-    ("steps", 1001, r"steps must be an integer in \[1, 1000\]"),
-    ("sigma", -0.1, r"sigma must be a number in \[0, "),
-    ("sigma", 1e6, r"sigma must be a number in \[0, "),
-    ("seed", -1, r"seed must be an integer in \[0, "),
+    ("sampler", "euler", r"sampler: unknown sampler 'euler': expected one of"),
+    ("steps", 0, r"steps: must be in 1\.\.1000, got 0"),
+    ("steps", 1001, r"steps: must be in 1\.\.1000, got 1001"),
+    ("sigma", -0.1, r"sigma: must satisfy 0 < sigma <= 1"),
+    ("sigma", 1e6, r"sigma: must satisfy 0 < sigma <= 1"),
+    ("seed", -1, r"seed: must be in 0\.\."),
 ])
 def test_ddpm_denoise_bad_values_get_clear_errors(triton, field, value, match):
     triton.require("ddpm_denoise")
@@ -376,42 +376,37 @@ def test_ddpm_generate_batches_requests_and_items_keep_their_seeds(triton):
     assert execs - exec0 < 5, "the queued requests were not batched into one execute()"
 
 
-def test_generator_engines_are_visible_in_the_model_config(triton):
-    """What export measured (1/engines.json) is summarised in the `engines` parameter the gateway reads."""
+def test_generator_engines_are_measured_per_machine_not_configured(triton):
+    """The committed config carries no engine choice; 1/engines.json (untracked) holds what was measured here."""
     triton.require("dcgan_generator")
     cfg = grpcclient.InferenceServerClient(triton.grpc_url).get_model_config("dcgan_generator", as_json=True)["config"]
-    params = {k: v["string_value"] for k, v in cfg["parameters"].items()}
-    summary = json.loads(params["engines"])
-    assert summary["engines"] in (["onnxruntime"], ["onnxruntime", "torchscript"], ["torchscript"])
-    assert summary["threads"] >= 1 and params["runtime"] == "auto"
+    assert not cfg.get("parameters")
     record = json.loads((triton.server.config.model_repository / "dcgan_generator" / "1" / "engines.json").read_text())
     threads = record["machine"]["threads"]
-    # with more than one thread, ONNX Runtime is measured with one thread too (its column decides below which batch)
-    # and with the batch split over one-thread sessions (against one session's intra-op threads: ort_parallel)
-    want = {"onnxruntime", "torchscript"} | ({"onnxruntime-1thread", "onnxruntime-split"} if threads > 1 else set())
-    # and TorchScript in bf16 (model_bf16.pt) where the CPU has native bf16 kernels
+    # with more than one thread, ONNX Runtime is measured with the batch split over one-thread sessions too, and
+    # TorchScript in bf16 (model_bf16.pt) where the CPU has native bf16 kernels
+    want = {"onnxruntime", "torchscript"} | ({"onnxruntime-split"} if threads > 1 else set())
     want |= {"torchscript-bf16"} if record["bf16"]["native"] else set()
-    assert set(record["ms_per_sample"]) == want and threads >= 1 and "ort_multithread_from" in record
-    assert summary["torchscript_precision"] == (record["torchscript_precision"] if summary["threshold"] else None)
-    assert summary["ort_multithread_from"] == record["ort_multithread_from"]
-    assert "ort_split_from" in record and summary["ort_split_from"] == (
-        record["ort_split_from"] if threads > 1 else None)
+    assert set(record["ms_per_sample"]) == want and threads >= 1
+    assert record["torchscript_precision"] in ("fp32", "bf16") and "ort_split_from" in record
+    assert "dcgan_generator: engines " in triton.log_tail(100000)
 
 
-def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_record(tmp_path, checkpoint_dir):
-    """A private Triton: dcgan_generator with engine_threshold 4 (ONNX Runtime below 4 rows, TorchScript from 4),
-    mlp_generator without engines.json (measured at initialize, written beside the model, its bf16 TorchScript too)
-    and dcgan_modified on TorchScript in bf16 (runtime torchscript, precision bf16)."""
+def test_engines_json_switches_engines_and_start_measures_a_missing_record(tmp_path, checkpoint_dir):
+    """A private Triton: dcgan_generator with a record saying TorchScript from 4 rows (ONNX Runtime below),
+    dcgan_modified with one saying TorchScript in bf16 at every batch size, and mlp_generator without engines.json
+    (measured at initialize, written beside the model, its bf16 TorchScript too)."""
     src = Path(__file__).resolve().parents[2] / "model_repository"
     repo = tmp_path / "repo"
     for model in ("dcgan_generator", "mlp_generator", "dcgan_modified"):
-        if not (src / model / "1" / "model.pt").exists():
-            pytest.skip(f"{model} not exported")
-        shutil.copytree(src / model, repo / model, ignore=shutil.ignore_patterns("__pycache__", "engines.json"))
-    set_param(repo / "dcgan_generator" / "config.pbtxt", "engine_threshold", "auto", "4")
-    # dcgan_modified: TorchScript at every batch size, in bf16 (model_bf16.pt) whatever engines.json would say
-    set_param(repo / "dcgan_modified" / "config.pbtxt", "runtime", "auto", "torchscript")
-    set_param(repo / "dcgan_modified" / "config.pbtxt", "precision", "auto", "bf16")
+        if not (src / model / "1" / "engines.json").exists():
+            pytest.skip(f"{model} not exported and measured")
+        shutil.copytree(src / model, repo / model, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "mlp_generator" / "1" / "engines.json").unlink()
+    for model, change in (("dcgan_generator", {"threshold": 4, "torchscript_precision": "fp32"}),
+                          ("dcgan_modified", {"threshold": 1, "torchscript_precision": "bf16"})):
+        path = repo / model / "1" / "engines.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with TritonServer(tiny_config(repo, tmp_path)) as server:
         server.wait_ready(timeout=300)
         log = server.log_tail(400)
@@ -420,7 +415,7 @@ def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_r
         record = json.loads((repo / "mlp_generator" / "1" / "engines.json").read_text())
         assert record["measured_by"] == "triton-initialize" and record["batches"][0] == 1
         assert record["bf16"]["native"] == ("torchscript-bf16" in record["ms_per_sample"])
-        gen, config = load_generator(checkpoint_dir / GAN_MODELS["dcgan-baseline"])
+        gen, config = load_generator(checkpoint_dir / catalog.GANS["dcgan-baseline"].checkpoint)
         dim = config["arch"]["latent_dim"]
         for b in (1, 3, 4, 37):  # both engines, batch sizes never seen before
             z = sample_latent(b, dim, seed=b)
@@ -428,8 +423,8 @@ def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_r
             with torch.inference_mode():
                 ref = gen(torch.from_numpy(z)).numpy()
             assert image.shape == (b, 1, 28, 28) and np.abs(image - ref).max() <= GEN_TOL, b
-        assert "dcgan_modified: engines torchscript bf16 at every batch size (runtime=torchscript" in log, log
-        gen, config = load_generator(checkpoint_dir / GAN_MODELS["dcgan-modified"])
+        assert "dcgan_modified: engines torchscript bf16 at every batch size (engines.json" in log, log
+        gen, config = load_generator(checkpoint_dir / catalog.GANS["dcgan-modified"].checkpoint)
         z = sample_latent(64, config["arch"]["latent_dim"], seed=7)
         (image,) = _grpc_infer(server.grpc_url, "dcgan_modified", {"latent": (z, "FP32")}, ["image"])
         with torch.inference_mode():
@@ -437,18 +432,10 @@ def test_engine_threshold_switches_to_torchscript_and_start_measures_a_missing_r
         assert image.dtype == np.float32 and diff.mean() <= BF16_MEAN_TOL and diff.max() > GEN_TOL  # bf16, really
 
 
-def set_param(path: Path, key: str, old: str, new: str) -> None:
-    """Change a config.pbtxt parameter's value."""
-    text = path.read_text()
-    before = f'key: "{key}"\n  value {{ string_value: "{old}" }}'
-    assert before in text
-    path.write_text(text.replace(before, f'key: "{key}"\n  value {{ string_value: "{new}" }}'))
-
-
 @pytest.mark.parametrize("kw, match", [
-    ({"n": 0}, r"num_samples must be an integer in \[1, "),
-    ({"sampler": "heun"}, "sampler must be one of"),
-    ({"steps": 5000}, r"steps must be an integer in \[1, 1000\]"),
+    ({"n": 0}, r"num_samples: must be in 1\.\.64 for model 'ddpm', got 0"),
+    ({"sampler": "heun"}, "sampler: unknown sampler 'heun'"),
+    ({"steps": 5000}, r"steps: must be in 1\.\.1000, got 5000"),
 ])
 def test_ddpm_generate_bad_values_get_clear_errors(triton, kw, match):
     triton.require("ddpm_generate")
