@@ -1,14 +1,11 @@
 """`make bench`: one run, side by side, per-sample latency of every serving path on this machine.
 
-Paths: eager PyTorch in-process (the research code's way), ONNX Runtime in-process, Triton direct
-(tritonclient gRPC), and through the gateway over gRPC and over HTTP/JSON. Workloads: a GAN generator at
-batch 1/64/256, and DDPM denoising with DDPM-100 and a fast sampler (DPM-Solver++-20) at small batches.
-The first three paths are loadtest/bench_triton.py's measuring functions, reused as they are; this module adds
-the gateway paths with the same timing loop (bench_triton.timed), starts its own Triton + gateway on free
-ports, and writes bench/results.json and bench/results.md (headline: served / eager ratios).
-Then a concurrency sweep (results["concurrency"]): 1, 4, 16 closed-loop clients sending batch-1 Generate and
-batch-1 DPM-Solver++-20 denoise requests through the gateway over gRPC, against eager PyTorch serving the same
-stream in-process one request at a time: samples/s and request p50/p99 per level.
+Paths: eager PyTorch in-process (the research code's way), ONNX Runtime in-process, Triton direct (tritonclient
+gRPC), and through the gateway over gRPC and HTTP/JSON (loadtest/bench_triton.py times them alike). Workloads: a GAN
+generator at batch 1/64/256, DDPM denoising with DDPM-100 and a fast sampler at small batches, class-conditional
+Generate. Then a concurrency sweep: 1, 4, 16 closed-loop clients (loadtest.load) sending batch-1 requests through
+the gateway, against eager PyTorch serving the same stream in-process one at a time. Starts its own Triton +
+gateway (serving.run's Stack) and writes bench/results.json and results.md (headline: served / eager ratios).
 
     python -m loadtest.bench                                   # a few minutes on 2 CPU cores
     python -m loadtest.bench --quick                           # fewer repeats, for a smoke run
@@ -79,9 +76,8 @@ class GatewayBenchConfig:
     overhead_repeats: int = 200  # interleaved batch-1 pairs (Triton direct, gateway gRPC) for the overhead goal
     sigma: float = 0.5  # denoise noise level
     warmup: int = 1  # untimed runs per cell (denoise warm-ups use 2 steps)
-    # eager torch: bench_triton probes 1 and this many intra-op threads per cell and keeps the faster (on this
-    # busy 2-core machine, 2 threads took 65-2500 ms per UNet call vs ~24 ms with 1); in-process ORT uses the
-    # thread settings of the model's config.pbtxt, as Triton does
+    # eager torch: bench_triton probes 1 and this many intra-op threads per cell and keeps the faster (on a busy
+    # machine more threads can be far slower); in-process ORT uses the threads a served instance uses
     threads: int = 2
     seed: int = 0
     out_dir: Path = REPO_ROOT / "bench"  # results.json, results.md
@@ -140,35 +136,7 @@ class GatewayBenchConfig:
         return bool(self.ort_paths or self.served_paths)
 
 
-# ---- the gateway paths ------------------------------------------------------------------------------------
-def bench_gateway_generator(cfg: GatewayBenchConfig, clients: dict) -> list[dict]:
-    rows = []
-    for b in cfg.generator_batches:
-        runs = {path: (lambda c=c: c.generate(model=cfg.generator, num_samples=b, seed=cfg.seed), None)
-                for path, c in clients.items()}
-        rows += bt.time_paths(runs, None, "", cfg.generator_repeats, cfg.warmup, f"generator {cfg.generator}", b,
-                              digits=4)
-    return rows
-
-
-def bench_gateway_denoise(cfg: GatewayBenchConfig, clients: dict, spec: str, repeats: int) -> list[dict]:
-    from mnistgen.diffusion import inference_timesteps, make_scheduler, sigma_to_timestep
-
-    sampler, steps = spec.split(":")[0], int(spec.split(":")[1])
-    t_star = sigma_to_timestep(cfg.sigma, make_scheduler("ddpm").alphas_cumprod)
-    evals = len(inference_timesteps(t_star, steps))
-    name = f"denoise {sampler}-{steps}"
-    rows = []
-    for b in cfg.denoise_batches:
-        x0 = bt.clean_digits(b)  # (B, 1, 28, 28)
-
-        def call(c, n_steps):
-            return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
-        runs = {path: (call(c, steps), call(c, 2)) for path, c in clients.items()}
-        rows += bt.time_paths(runs, None, "", repeats, cfg.warmup, name, b, unet_evals=evals)
-    return rows
-
-
+# ---- workloads beyond bench_triton's ------------------------------------------------------------------------
 def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[dict]:
     """Generate `cond_digit` from COND with the fast sampler and the served default guidance: eager PyTorch
     (the same guided loop in-process: labelled and null passes in one batch), Triton direct, the gateway."""
@@ -508,14 +476,11 @@ def triton_phases_markdown(res: dict) -> list[str]:
                 client = float(np.mean(c["runs_ms"]))
                 out.append(f"| {w} | {b} | {_f(client)} | {_f(t['queue'])} | {_f(t['compute_input'])} | "
                            f"{_f(t['compute_infer'])} | {_f(t['compute_output'])} | {_f(client - sum(t.values()))} |")
-    if not out:
-        return []
-    return ["## Inside Triton: where a request's time goes", "",
-            "Triton-direct requests, ms per request, means over the timed runs: the client's wall time and Triton's "
-            "inference statistics (execute = the python-backend model: stub round trip + engine); outside = client "
-            "minus the server's phases (gRPC transfer and (de)serialisation).", "",
-            "| workload | batch | client | queue | input | execute | output | outside |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|", *out, ""]
+    return _section("Inside Triton: where a request's time goes",
+                    "Triton-direct requests, ms per request, means over the timed runs: the client's wall time and "
+                    "Triton's inference statistics (execute = the python-backend model: stub round trip + engine); "
+                    "outside = client minus the server's phases (gRPC transfer and (de)serialisation).",
+                    "| workload | batch | client | queue | input | execute | output | outside |", out)
 
 
 def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
@@ -540,17 +505,7 @@ def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
 
 
 def engines_markdown(engines: dict) -> list[str]:
-    if not engines:
-        return []
-    lines = ["## Engine choice per batch size (each model's 1/engines.json, measured at export)", "",
-             "ms/sample of ONNX Runtime (one session with all threads; with one thread; the batch split over "
-             "one-thread sessions side by side) vs TorchScript (frozen, optimize_for_inference; fp32, and bf16 where "
-             "the CPU has native bf16) as the served model runs them, best of interleaved calls; the served model "
-             "uses TorchScript from the threshold on, in bf16 where that was faster and its outputs within "
-             f"{eng.BF16_MEAN_TOL} (mean |diff|) of fp32's.", "",
-             "| model | batch | onnxruntime | onnxruntime 1 thread | onnxruntime split | torchscript | "
-             "torchscript bf16 | served by |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = []
     for m, r in engines.items():
         ms = r.get("ms_per_sample") or {}
         for b in r.get("batches") or []:
@@ -565,18 +520,18 @@ def engines_markdown(engines: dict) -> list[str]:
                 if "mean_abs_diff" in bf16 else "")
         lines.append(f"| {m} | | | | | | | {r['choice']}; measured by {r.get('measured_by')} at "
                      f"{r.get('measured_at')}{diff} |")
-    return lines + [""]
+    return _section("Engine choice per batch size (each model's 1/engines.json, measured at export)",
+                    "ms/sample of ONNX Runtime (one session with all threads; with one thread; the batch split over "
+                    "one-thread sessions side by side) vs TorchScript (frozen, optimize_for_inference; fp32, and bf16 "
+                    "where the CPU has native bf16) as the served model runs them, best of interleaved calls; the "
+                    "served model uses TorchScript from the threshold on, in bf16 where that was faster and its "
+                    f"outputs within {eng.BF16_MEAN_TOL} (mean |diff|) of fp32's.",
+                    "| model | batch | onnxruntime | onnxruntime 1 thread | onnxruntime split | torchscript | "
+                    "torchscript bf16 | served by |", lines, "|---|---:|---:|---:|---:|---:|---:|---|")
 
 
 def concurrency_markdown(conc: dict) -> list[str]:
-    if not conc:
-        return []
-    lines = ["## Concurrency: batch-1 requests from N closed-loop clients", "",
-             "Through the gateway over gRPC (one channel per client), against eager PyTorch serving the same stream "
-             "in-process one request at a time (its latency includes the wait for its turn). samples/s = answered "
-             "requests / wall time; the last column is the served samples/s over eager's at the same level.", "",
-             "| workload | clients | path | samples/s | request p50 ms | request p99 ms | requests | errors | "
-             "vs eager | load avg 1m |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = []
     for w, by_path in conc.items():
         levels = sorted({int(c) for cells in by_path.values() for c in cells})
         for level in levels:
@@ -590,20 +545,30 @@ def concurrency_markdown(conc: dict) -> list[str]:
                 lines.append(f"| {w} | {level} | {label} | {_f(c['samples_per_s'])} | {_f(c['p50_ms'])} | "
                              f"{_f(c['p99_ms'])} | {c['ok']} | {c['errors']} | "
                              f"{f'{ratio:.2f}x' if ratio is not None else '-'} | {c['load_avg_1m']:.1f} |")
-    return lines + [""]
+    return _section("Concurrency: batch-1 requests from N closed-loop clients",
+                    "Through the gateway over gRPC (one channel per client), against eager PyTorch serving the same "
+                    "stream in-process one request at a time (its latency includes the wait for its turn). samples/s "
+                    "= answered requests / wall time; the last column is the served samples/s over eager's at the "
+                    "same level.", "| workload | clients | path | samples/s | request p50 ms | request p99 ms | "
+                    "requests | errors | vs eager | load avg 1m |", lines, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def locust_markdown(loc: dict | None) -> list[str]:
     if not loc:
         return []
-    lines = [f"## Locust: {loc['users']} users for {loc['time_s']:g} s (gRPC + HTTP, closed loop)", "",
-             "| group | requests | errors | samples/s | request p50 ms | request p99 ms | per-sample p50 ms | "
-             "per-sample p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for g in loc["groups"]:
-        lines.append(f"| {g['group']} | {g['requests']} | {g['errors']} | {_f(g['samples_per_s'])} | "
-                     f"{_f(g['request_ms']['p50'])} | {_f(g['request_ms']['p99'])} | {_f(g['sample_ms']['p50'])} | "
-                     f"{_f(g['sample_ms']['p99'])} |")
-    return lines + ["", f"Raw per-request CSV: {loc['csv']}", ""]
+    rows = [f"| {g['group']} | {g['requests']} | {g['errors']} | {_f(g['samples_per_s'])} | {_f(g['request_ms']['p50'])} "
+            f"| {_f(g['request_ms']['p99'])} | {_f(g['sample_ms']['p50'])} | {_f(g['sample_ms']['p99'])} |"
+            for g in loc["groups"]]
+    return _section(f"Locust: {loc['users']} users for {loc['time_s']:g} s (gRPC + HTTP, closed loop)", "",
+                    "| group | requests | errors | samples/s | request p50 ms | request p99 ms | per-sample p50 ms | "
+                    "per-sample p99 ms |", rows) + [f"Raw per-request CSV: {loc['csv']}", ""]
+
+
+def _section(title: str, intro: str, head: str, rows: list[str], align: str = "") -> list[str]:
+    """A markdown section: the title, an intro paragraph ("" for none), a table (`align` by default: the first column
+    left, the others right), a blank line; nothing without rows."""
+    align = align or "|---|" + "---:|" * (head.count("|") - 2)
+    return [f"## {title}", "", *([intro, ""] if intro else []), head, align, *rows, ""] if rows else []
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -667,16 +632,13 @@ def run(cfg: GatewayBenchConfig) -> dict:
         clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=DENOISE_TIMEOUT_S,
                                     target=gw.grpc_target if p == "gateway-grpc" else gw.http_target)
                    for p in ("gateway-grpc", "gateway-http") if p in cfg.paths and gw is not None}
-        base = [p for p in cfg.paths if p in bt.BACKENDS]
         direct = tclient if "triton-grpc" in cfg.paths else None
-        rows += [r for r in bt.bench_generator(cfg, direct) if r["backend"] in base]
-        rows += bench_gateway_generator(cfg, clients)
+        rows += bt.bench_generator(cfg, direct, clients)
         if "gateway-grpc" in clients and direct is not None:
             overhead = bench_overhead(cfg, tclient, clients["gateway-grpc"])
         if has_ddpm:
             for spec, repeats in (("ddpm:100", cfg.ddpm_repeats), (cfg.fast_sampler, cfg.fast_repeats)):
-                rows += [r for r in bt.bench_denoise(cfg, direct, spec, repeats) if r["backend"] in base]
-                rows += bench_gateway_denoise(cfg, clients, spec, repeats)
+                rows += bt.bench_denoise(cfg, direct, clients, spec, repeats)
         else:
             print(f"no {catalog.DENOISER.checkpoint} in {cfg.checkpoint_dir}: denoise workloads skipped", flush=True)
         if has_cond:

@@ -199,8 +199,9 @@ def _grpc_inputs(arrays: dict[str, tuple[np.ndarray, str]]):
     return ins
 
 
-def bench_generator(cfg, client) -> list[dict]:
-    """cfg.generator at cfg.generator_batches on the in-process paths and (client: Triton's) Triton direct."""
+def bench_generator(cfg, client, gateways: dict) -> list[dict]:
+    """cfg.generator at cfg.generator_batches in-process, Triton direct (client: Triton's) and through the gateway
+    ({path: serving.client.GatewayClient})."""
     from mnistgen.registry import load_generator
 
     model = catalog.GANS[cfg.generator].triton
@@ -227,14 +228,16 @@ def bench_generator(cfg, client) -> list[dict]:
         if client is not None:
             ins = _grpc_inputs({"latent": (z, "FP32")})
             runs["triton-grpc"] = lambda: client.infer(model, ins).as_numpy("image")
+        runs.update({p: (lambda c=c: c.generate(model=cfg.generator, num_samples=b, seed=cfg.seed))
+                     for p, c in gateways.items()})
         threads = best_threads(eager, (1, cfg.threads))
-        rows += time_paths({k: (fn, None) for k, fn in runs.items()}, client, model, cfg.generator_repeats,
-                           cfg.warmup, f"generator {cfg.generator}", b, threads, digits=4)
+        rows += time_paths({k: (fn, None) for k, fn in runs.items() if k in cfg.paths}, client, model,
+                           cfg.generator_repeats, cfg.warmup, f"generator {cfg.generator}", b, threads, digits=4)
     return rows
 
 
-def bench_denoise(cfg, client, spec: str, repeats: int) -> list[dict]:
-    """Denoise at cfg.sigma with `spec` (SAMPLER:STEPS) at cfg.denoise_batches, in-process and Triton direct."""
+def bench_denoise(cfg, client, gateways: dict, spec: str, repeats: int) -> list[dict]:
+    """Denoise at cfg.sigma with `spec` (SAMPLER:STEPS) at cfg.denoise_batches, every path (as bench_generator)."""
     from mnistgen.diffusion import denoise, inference_timesteps, load_unet, make_scheduler, sigma_to_timestep
 
     unet, config = load_unet(cfg.checkpoint_dir / catalog.DENOISER.checkpoint)
@@ -259,9 +262,13 @@ def bench_denoise(cfg, client, spec: str, repeats: int) -> list[dict]:
                 "seed": (np.arange(cfg.seed, cfg.seed + b, dtype=np.int64).reshape(b, 1), "INT64")})
             return lambda: client.infer(DENOISER, ins, client_timeout=3600).as_numpy("denoised")
 
+        def gateway(c, n_steps):
+            return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
+
         runs = {path: (run_with(e, steps), run_with(e, 2)) for path, e in {"pytorch-eager": eager_eps, **ort_eps}.items()}
         if client is not None:
             runs["triton-grpc"] = (triton(steps), triton(2))
+        runs.update({p: (gateway(c, steps), gateway(c, 2)) for p, c in gateways.items()})
         t_probe = torch.full((b,), t_star, dtype=torch.int64)  # (B,)
 
         def one_eval():
@@ -269,7 +276,7 @@ def bench_denoise(cfg, client, spec: str, repeats: int) -> list[dict]:
                 return eager_eps(x0t, t_probe)
 
         threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
-        rows += time_paths(runs, client, DENOISER, repeats, cfg.warmup, f"denoise {sampler}-{steps}", b, threads,
+        rows += time_paths({k: v for k, v in runs.items() if k in cfg.paths}, client, DENOISER, repeats, cfg.warmup, f"denoise {sampler}-{steps}", b, threads,
                            unet_evals=len(inference_timesteps(t_star, steps)))
     return rows
 

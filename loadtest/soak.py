@@ -63,8 +63,6 @@ class SoakConfig:
     model_repository: Path = REPO_ROOT / "model_repository"
     checkpoint_dir: Path = REPO_ROOT / "checkpoints"
     out_dir: Path = REPO_ROOT / "out" / "soak"
-    triton_url: str = ""  # "" = start our own Triton; else use this one (host:port, gRPC)
-    triton_pid: int = 0  # with --triton-url: tritonserver's pid for the RSS series (0 = not sampled)
 
     def __post_init__(self) -> None:
         limit, most = catalog.GANS[self.model].max_samples if self.model in catalog.GANS else 0, \
@@ -407,31 +405,23 @@ def plot(res: dict, path: Path) -> None:
 
 
 def run(cfg: SoakConfig) -> dict:
-    from serving.run import GatewayProcess, GatewayProcessConfig, RunConfig, Stack
+    from serving.run import RunConfig, Stack
+    from training.export import ExportConfig
+    from training.export import run as export
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     models = (catalog.GANS[cfg.model].triton,) + ((catalog.DENOISER.triton,) if cfg.denoise_share > 0 else ())
-    gw_log = cfg.out_dir / "gateway.log"
-    if cfg.triton_url:  # a running Triton: only the gateway
-        stack, gw = None, GatewayProcess(GatewayProcessConfig(cfg.triton_url, log_file=gw_log))
-    else:
-        from training.export import ExportConfig
-        from training.export import run as export
-
-        export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository, only=models))
-        stack = Stack(RunConfig(grpc_port=0, http_port=0, triton_http_port=0, model_repository=cfg.model_repository,
-                                models=models, startup_timeout_s=600, log_dir=cfg.out_dir, gateway_log=gw_log))
-        gw = stack.gateway
-        print(f"starting Triton ({', '.join(models)}) and the gateway ...", flush=True)
-    try:
-        (stack or gw).start().wait_ready()
-        triton_pid = stack.triton.proc.pid if stack else cfg.triton_pid
-        sender = Sender(gw.grpc_target, gw.http_target, cfg)
+    export(ExportConfig(checkpoint_dir=cfg.checkpoint_dir, model_repository=cfg.model_repository, only=models))
+    print(f"starting Triton ({', '.join(models)}) and the gateway ...", flush=True)
+    with Stack(RunConfig(grpc_port=0, http_port=0, triton_http_port=0, model_repository=cfg.model_repository,
+                         models=models, startup_timeout_s=600, log_dir=cfg.out_dir,
+                         gateway_log=cfg.out_dir / "gateway.log")) as stack:
+        sender = Sender(stack.gateway.grpc_target, stack.gateway.http_target, cfg)
         for t in cfg.transports:  # warm up every path (model configs cached, connections up)
             sender.call(Job("generate", t, max(cfg.num_samples), 0))
             if cfg.denoise_share > 0:
                 sender.call(Job("denoise", t, max(cfg.denoise_images), 0))
-        sampler = RssSampler(gw.proc.pid, triton_pid, cfg.sample_interval_s)
+        sampler = RssSampler(stack.gateway.proc.pid, stack.triton.proc.pid, cfg.sample_interval_s)
         sampler.start()
         print("measuring capacity ...", flush=True)
         capacity, ramp = measure_capacity(sender, cfg)
@@ -442,8 +432,6 @@ def run(cfg: SoakConfig) -> dict:
         records = open_loop(sender, cfg, rate)
         rss = sampler.stop()
         sender.close()
-    finally:
-        (stack or gw).close()
     res = summarize(cfg, capacity, ramp, rate, records, rss, t0, started)
     if cfg.denoise_share > 0:  # what every OK Denoise answer echoed (else it counted as WRONG_ANSWER)
         res["denoise_checked"] = {"sampler": sender.expect_sampler, "steps": sender.expect_steps, "sigma": cfg.sigma}
@@ -458,9 +446,7 @@ def run(cfg: SoakConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, SoakConfig, names={"duration_s": "--duration"}, choices={"transports": TRANSPORTS}, help={
-        "duration_s": "soak seconds", "triton_url": "use a running Triton (host:port) instead of starting one",
-        "triton_pid": "with --triton-url: its pid, for RSS",
-        "denoise_share": "fraction of requests that are Denoise (0 = Generate only)",
+        "duration_s": "soak seconds", "denoise_share": "fraction of requests that are Denoise (0 = Generate only)",
         "denoise_images": "images per Denoise (from the official test split); one is picked per request",
         "denoise_sampler": "Denoise sampler ('' = the gateway's default)",
         "denoise_steps": "Denoise steps (0 = the gateway's default)"})

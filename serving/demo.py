@@ -1,5 +1,5 @@
 """`make demo` (with `make run` up in another terminal): out/generate.png, out/denoise.png and out/digits.png (one
-row per digit from the class-conditional ddpm-cond) through the gateway client."""
+row per digit from the catalog's class-conditional model) through the gateway client."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistgen import catalog
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.files import official_test_split
 
@@ -24,19 +25,13 @@ class DemoConfig:
     transport: str = "grpc"  # one of client.TRANSPORTS
     target: str | None = None  # default: the gateway of `make run` (127.0.0.1:50051 / :8080)
     out_dir: Path = REPO_ROOT / "out"
-    model: str = "dcgan-baseline"  # generator for generate.png
+    model: str = catalog.DEFAULT_MODEL  # generator for generate.png
     num_samples: int = 64  # generate.png is an 8 x 8 grid
     num_digits: int = 8  # real test digits in denoise.png (one row each)
     sigma: float = 0.5  # noise std added before denoising
     steps: int = 0  # 0 = the gateway's default
     seed: int = 0  # same picture every run
-    digits_per_row: int = 8  # digits.png: 10 rows (0-9) of this many ddpm-cond samples
-
-
-def test_digits(n: int) -> np.ndarray:
-    """The first n images of the official MNIST test split, (n, 1, 28, 28) float32 in [-1, 1]."""
-    images, _ = official_test_split()  # (10000, 28, 28) uint8
-    return imgs.from_uint8(images[:n])
+    digits_per_row: int = 8  # digits.png: a row per digit of this many class-conditional samples
 
 
 def run(c: DemoConfig) -> int:
@@ -50,7 +45,7 @@ def run(c: DemoConfig) -> int:
         (c.out_dir / "generate.png").write_bytes(g.images.grid_png)
         print(f"{c.out_dir / 'generate.png'}: {g.images.count} samples from {g.model} v{g.model_version} "
               f"(seed {g.seed}), server {g.timing.server_ms:.1f} ms")
-        clean = test_digits(c.num_digits)  # (K, 1, 28, 28)
+        clean = imgs.from_uint8(official_test_split()[0][:c.num_digits])  # (K, 1, 28, 28) real test digits
         try:
             d = client.denoise(clean, c.sigma, c.steps, seed=c.seed)
         except ClientError as e:
@@ -64,19 +59,20 @@ def run(c: DemoConfig) -> int:
 
 
 def digits_grid(client: GatewayClient, c: DemoConfig) -> int:
-    """out/digits.png: row d holds `digits_per_row` ddpm-cond samples of digit d (one Generate per digit)."""
-    rows, ms = [], 0.0
-    for d in range(10):
+    """out/digits.png: row d holds `digits_per_row` class-conditional samples of digit d (one Generate per digit)."""
+    rows, ms, model = [], 0.0, catalog.by_kind(catalog.DDPM_COND)[0].name
+    for d in range(catalog.DIGITS):
         try:
-            r = client.generate("ddpm-cond", c.digits_per_row, c.seed, digit=d)
+            r = client.generate(model, c.digits_per_row, c.seed, digit=d)
         except ClientError as e:
             print(f"generate digit {d} failed: {e}", file=sys.stderr)
             return 1
         rows.append(as_array(r.images))  # (digits_per_row, 1, 28, 28)
         ms += r.timing.server_ms
     (c.out_dir / "digits.png").write_bytes(imgs.grid_png(np.concatenate(rows), cols=c.digits_per_row))
-    print(f"{c.out_dir / 'digits.png'}: digits 0-9, {c.digits_per_row} each from ddpm-cond v{r.model_version} "
-          f"({r.sampler} {r.steps} steps, guidance {r.guidance:g}), server {ms / 10:.0f} ms per digit")
+    print(f"{c.out_dir / 'digits.png'}: digits 0-{catalog.DIGITS - 1}, {c.digits_per_row} each from {model} "
+          f"v{r.model_version} ({r.sampler} {r.steps} steps, guidance {r.guidance:g}), server "
+          f"{ms / catalog.DIGITS:.0f} ms per digit")
     return 0
 
 

@@ -1,11 +1,8 @@
-"""Run a real Prometheus server scraping the gateway and Triton with prometheus/ (scrape config + rules).
+"""`make monitor`: a real Prometheus server scraping the gateway and Triton with prometheus/ (scrape config + rules).
 
-    python -m serving.monitor                      # make run's ports: gateway :8080, Triton metrics :8002, UI :9090
-    python -m serving.monitor --gateway 127.0.0.1:8080 --triton 127.0.0.1:8002 --port 9090 --storage out/prometheus
+    python -m serving.monitor --gateway 127.0.0.1:8080 --triton 127.0.0.1:8002 --port 9090   # make run's ports
 
-Needs the `prometheus` binary (Debian: `apt-get install -y prometheus`; it installs prometheus and promtool
-and starts nothing by itself).
-"""
+Needs the `prometheus` binary (Debian: `apt-get install -y prometheus`, which starts nothing by itself)."""
 from __future__ import annotations
 
 import argparse

@@ -103,13 +103,9 @@ class ManagedProcess:
     _log_fh = None
     _tmp = None  # tempfile.TemporaryDirectory | None
 
-    @property
-    def startup_timeout_s(self) -> float:
-        return self.config.startup_timeout_s
-
-    @property
-    def stop_grace_s(self) -> float:
-        return self.config.stop_grace_s
+    startup_timeout_s = property(lambda self: self.config.startup_timeout_s)
+    stop_grace_s = property(lambda self: self.config.stop_grace_s)
+    running = property(lambda self: self.proc is not None and self.proc.poll() is None)
 
     def describe(self) -> str:
         return type(self).__name__
@@ -119,18 +115,13 @@ class ManagedProcess:
 
     def _spawn(self, cmd: list[str], log_path: Path | None, **popen_kw) -> subprocess.Popen:
         """Popen `cmd` with stdout + stderr appended to `log_path` (None: ours) and no stdin."""
-        self.log_path = Path(log_path) if log_path is not None else None
-        out = None
+        self.log_path = out = None if log_path is None else Path(log_path)
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_fh = out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
                                      stdin=subprocess.DEVNULL, **popen_kw)
         return self.proc
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, n_lines: int = 40) -> str:
         return log_tail(self.log_path, n_lines)
@@ -149,8 +140,8 @@ class ManagedProcess:
             return None
         terminate(self.proc, self.stop_grace_s)
         if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
+            self._log_fh, fh = None, self._log_fh
+            fh.close()
         return self.proc.returncode
 
     def close(self) -> None:

@@ -1,10 +1,7 @@
-"""The one launcher of Triton + gateway: `make run` (export, start, supervise, stop on Ctrl-C / SIGTERM / SIGHUP), and
-the Stack and GatewayProcess that the bench, the soak and the test fixtures start.
+"""The one launcher of Triton + gateway (Stack, GatewayProcess): `make run`, the bench, the soak, the test fixtures.
 
-The supervisor restarts Triton when it exits or stops answering its health endpoint (and the gateway when it
-exits), with exponential backoff; meanwhile the gateway answers UNAVAILABLE / HTTP 503 with Retry-After and its
-/readyz says why, and it serves again as soon as Triton is ready.
-"""
+`make run` exports, starts, supervises (Triton restarted when it exits or fails its health check, the gateway when
+it exits, with exponential backoff; meanwhile the gateway answers 503 + Retry-After) and stops on a signal."""
 from __future__ import annotations
 
 import argparse
@@ -58,8 +55,8 @@ class GatewayProcessConfig:
 
 
 class GatewayProcess(ManagedProcess):
-    """`python -m serving.gateway` in its own process: start() (returns once it listens), wait_ready() (/readyz
-    200), stop(); http() and a gRPC `stub` to talk to it; a context manager."""
+    """`python -m serving.gateway`: start() (returns once it listens), wait_ready() (/readyz 200), stop(); http() and
+    a gRPC `stub` to talk to it."""
 
     def __init__(self, config: GatewayProcessConfig):
         self.config = config
@@ -82,15 +79,9 @@ class GatewayProcess(ManagedProcess):
         env = dict(os.environ, PYTHONUNBUFFERED="1") | (c.env or {})
         self._spawn(cmd, c.log_file, cwd=REPO_ROOT, env=env, start_new_session=True)  # Ctrl-C reaches it via us
         if not (c.grpc_port and c.http_port):
-            def listening() -> re.Match:
-                m = LISTENING.search(self.log_path.read_text(errors="replace"))
-                if m is None:
-                    raise NotReady("no 'gateway listening' line in its log yet")
-                return m
-
             try:
-                m = wait_until(listening, c.startup_timeout_s, f"gateway {cmd}", proc=self.proc, log=self.log_path,
-                               interval_s=0.1)
+                m = wait_until(lambda: LISTENING.search(self.log_path.read_text(errors="replace")), c.startup_timeout_s,
+                               f"gateway {cmd}", proc=self.proc, log=self.log_path, interval_s=0.1)
             except (RuntimeError, TimeoutError):
                 self.stop()
                 raise
@@ -122,11 +113,10 @@ class GatewayProcess(ManagedProcess):
     def channel(self):
         import grpc
 
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        if self.config.ca is None:
-            return grpc.insecure_channel(self.grpc_target, options=options)
-        creds = grpc.ssl_channel_credentials(self.config.ca.read_bytes())
-        return grpc.secure_channel(self.grpc_target, creds, options=options)
+        opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        ca = self.config.ca
+        return (grpc.secure_channel(self.grpc_target, grpc.ssl_channel_credentials(ca.read_bytes()), options=opts)
+                if ca else grpc.insecure_channel(self.grpc_target, options=opts))
 
     @functools.cached_property
     def stub(self):
@@ -138,8 +128,7 @@ class GatewayProcess(ManagedProcess):
         if "channel" in self.__dict__:
             self.__dict__.pop("channel").close()
             self.__dict__.pop("stub", None)
-        if timeout is not None:
-            self.config.stop_grace_s = timeout
+        self.config.stop_grace_s = timeout or self.config.stop_grace_s
         return super().stop()
 
 
@@ -173,22 +162,6 @@ class RunConfig:
     stable_after_s: float = 60.0  # healthy this long: the next failure starts the backoff from backoff_s again
 
 
-class Backoff:
-    """Restart delays: base, 2 base, 4 base ... up to max; back to base after `stable_s` without a failure."""
-
-    def __init__(self, base_s: float, max_s: float, stable_s: float):
-        self.base_s, self.max_s, self.stable_s = base_s, max_s, stable_s
-        self.failures = 0
-        self.last_failure = float("-inf")
-
-    def next_delay(self, now: float) -> float:
-        if now - self.last_failure > self.stable_s:
-            self.failures = 0
-        self.failures += 1
-        self.last_failure = now
-        return min(self.max_s, self.base_s * 2 ** (self.failures - 1))
-
-
 class Stack:
     """Triton, then the gateway in front of it: start(), wait_ready(), close(); alive() supervises (run_in_foreground
     calls it every poll); also a context manager (no supervision: the bench and the soak)."""
@@ -204,8 +177,8 @@ class Stack:
         self.gateway = GatewayProcess(GatewayProcessConfig(
             self.triton.grpc_url, c.host, c.grpc_port, c.http_port, log_file=c.gateway_log,
             extra_args=c.gateway_args))
-        self.backoff = {k: Backoff(c.backoff_s, c.backoff_max_s, c.stable_after_s) for k in ("triton", "gateway")}
         self.restarts = {"triton": 0, "gateway": 0}
+        self.failures = {"triton": (0, float("-inf")), "gateway": (0, float("-inf"))}  # (in a row, last at)
         self.triton_state = "ready"  # ready | down (restart at triton_due) | starting (since triton_due)
         self.triton_due = 0.0
         self.unhealthy_since: float | None = None
@@ -230,8 +203,7 @@ class Stack:
             self.close()
             raise
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    __exit__ = ManagedProcess.__exit__
 
     # -- supervision: never blocks for long ----------------------------------------------------------------
     def alive(self) -> bool:
@@ -240,13 +212,19 @@ class Stack:
         self._supervise_gateway(now)
         return True  # a supervisor keeps trying; only a signal stops the stack
 
-    def _delay(self, what: str, now: float) -> float:
-        self.restarts[what] += 1
-        return self.backoff[what].next_delay(now)
+    def _delay(self, what: str, now: float, why: str) -> float:
+        """Backoff: backoff_s, twice that, 4x ... up to backoff_max_s; from backoff_s again once stable_after_s
+        passed without a failure."""
+        n, last = self.failures[what]
+        n = 1 if now - last > self.c.stable_after_s else n + 1
+        self.failures[what], self.restarts[what] = (n, now), self.restarts[what] + 1
+        delay = min(self.c.backoff_max_s, self.c.backoff_s * 2 ** (n - 1))
+        print(f"supervisor: {why}; restarting {dict(triton='Triton', gateway='the gateway')[what]} in {delay:g} s "
+              f"(restart #{self.restarts[what]})", flush=True)
+        return delay
 
     def _restart_triton(self, now: float, why: str) -> None:
-        delay = self._delay("triton", now)
-        print(f"supervisor: {why}; restarting Triton in {delay:g} s (restart #{self.restarts['triton']})", flush=True)
+        delay = self._delay("triton", now, why)
         self.triton.stop()  # SIGTERM, then SIGKILL; a dead one is only reaped
         self.triton_state, self.triton_due, self.unhealthy_since = "down", now + delay, None
 
@@ -282,10 +260,7 @@ class Stack:
                 self.gateway.start()
                 self.gateway_due = None
         elif self.gateway.proc is not None and not self.gateway.running:
-            delay = self._delay("gateway", now)
-            print(f"supervisor: gateway exited with code {self.gateway.proc.returncode}; restarting it in {delay:g} "
-                  f"s (restart #{self.restarts['gateway']})", flush=True)
-            self.gateway_due = now + delay
+            self.gateway_due = now + self._delay("gateway", now, f"gateway exited with code {self.gateway.proc.returncode}")
 
     def exit_message(self) -> str:
         return f"stack stopped; Triton log {self.triton.log_path}:\n{self.triton.log_tail()}"

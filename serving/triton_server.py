@@ -38,15 +38,13 @@ class TritonConfig:
         self.model_repository = Path(self.model_repository).resolve()
         if self.log_verbose not in LOG_LEVELS:
             raise ValueError(f"log_verbose must be one of {LOG_LEVELS}, got {self.log_verbose!r}")
-        for name in ("http_port", "grpc_port", "metrics_port"):
-            port = getattr(self, name)
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        for name, port in zip(("http_port", "grpc_port", "metrics_port"), ports):
             if not 0 < int(port) < 65536:
                 raise ValueError(f"{name} must be in 1..65535, got {port!r}")
-        ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3:
             raise ValueError(f"http_port, grpc_port and metrics_port must differ, got {ports}")
-        if self.models is not None:
-            self.models = tuple(self.models)
+        self.models = None if self.models is None else tuple(self.models)
 
 
 @dataclass
@@ -63,19 +61,13 @@ def find_tritonserver() -> TritonInstall:
     try:
         import pytriton  # noqa: F401  (only its location is needed)
     except ImportError as e:
-        raise RuntimeError(
-            "tritonserver not found: the nvidia-pytriton wheel is not installed in this environment "
-            f"({sys.executable}); install it with `pip install nvidia-pytriton==0.7.0 'numpy<2'`"
-        ) from e
+        raise RuntimeError("tritonserver not found: the nvidia-pytriton wheel is not installed in this environment "
+                           f"({sys.executable}); install it with `pip install nvidia-pytriton==0.7.0 'numpy<2'`") from e
     pkg = Path(pytriton.__file__).resolve().parent
-    root = pkg / "tritonserver"
-    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    install = TritonInstall(
-        binary=root / "bin" / "tritonserver",
-        lib_dir=pkg.parent / "nvidia_pytriton.libs",
-        backends_dir=root / "backends",
-        stub=root / "python_backend_stubs" / ver / "triton_python_backend_stub",
-    )
+    root, ver = pkg / "tritonserver", f"{sys.version_info.major}.{sys.version_info.minor}"
+    install = TritonInstall(binary=root / "bin" / "tritonserver", lib_dir=pkg.parent / "nvidia_pytriton.libs",
+                            backends_dir=root / "backends",
+                            stub=root / "python_backend_stubs" / ver / "triton_python_backend_stub")
     for what, path in vars(install).items():
         if not path.exists():
             hint = f" (no python backend stub for Python {ver})" if what == "stub" else ""
@@ -96,10 +88,8 @@ def python_libdir() -> str:
 def available_models(model_repository: Path) -> list[str]:
     """Models that can load: a config.pbtxt and an exported 1/model.onnx (all models here run ONNX)."""
     repo = Path(model_repository)
-    return sorted(
-        d.name for d in repo.iterdir()
-        if (d / "config.pbtxt").is_file() and (d / "1" / "model.onnx").is_file()
-    ) if repo.is_dir() else []
+    return sorted(d.name for d in repo.iterdir() if (d / "config.pbtxt").is_file() and (d / "1" / "model.onnx").is_file()
+                  ) if repo.is_dir() else []
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -144,26 +134,16 @@ class TritonServer(ManagedProcess):
         return dst
 
     def command(self) -> list[str]:
-        c = self.config
-        cmd = [
-            str(self.install.binary),
-            f"--model-repository={c.model_repository}",
-            f"--backend-directory={self._backends()}",
-            f"--http-port={c.http_port}",
-            f"--grpc-port={c.grpc_port}",
-            f"--metrics-port={c.metrics_port}",
-            f"--http-address={c.bind_address}",
-            f"--grpc-address={c.bind_address}",
-            f"--metrics-address={c.bind_address}",
-            "--allow-metrics=true",
-            f"--log-verbose={c.log_verbose}",
-            # explicit mode: load exactly the exported models, so a missing export is a clear
-            # "not loaded" rather than a failed start; a model that fails to load still stops the server
-            "--model-control-mode=explicit",
-            "--disable-auto-complete-config",  # configs are complete; skips one extra stub process per model
-        ]
-        cmd += [f"--load-model={m}" for m in self.models]
-        return cmd + list(c.extra_args)
+        c, kinds = self.config, ("http", "grpc", "metrics")
+        return [str(self.install.binary), f"--model-repository={c.model_repository}",
+                f"--backend-directory={self._backends()}", *(f"--{k}-port={getattr(c, k + '_port')}" for k in kinds),
+                *(f"--{k}-address={c.bind_address}" for k in kinds), "--allow-metrics=true",
+                f"--log-verbose={c.log_verbose}",
+                # explicit mode: load exactly the exported models, so a missing export is a clear "not loaded"
+                # rather than a failed start; a model that fails to load still stops the server
+                "--model-control-mode=explicit",
+                "--disable-auto-complete-config",  # configs are complete; skips one extra stub process per model
+                *(f"--load-model={m}" for m in self.models), *c.extra_args]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -182,20 +162,14 @@ class TritonServer(ManagedProcess):
         if not c.model_repository.is_dir():
             raise FileNotFoundError(f"model repository not found: {c.model_repository}")
         present = available_models(c.model_repository)
-        if c.models is not None:
-            missing = sorted(set(c.models) - set(present))
-            if missing:
-                raise FileNotFoundError(
-                    f"models {missing} have no config.pbtxt + 1/model.onnx in {c.model_repository}; "
-                    f"exported: {present}; run `python -m training.export`"
-                )
-            present = list(c.models)
-        if not present:
-            raise FileNotFoundError(
-                f"no exported model in {c.model_repository} (need <name>/1/model.onnx): "
-                "run `python -m training.export` first"
-            )
-        return present
+        missing = sorted(set(c.models or ()) - set(present))
+        if missing:
+            raise FileNotFoundError(f"models {missing} have no config.pbtxt + 1/model.onnx in {c.model_repository}; "
+                                    f"exported: {present}; run `python -m training.export`")
+        if not (c.models or present):
+            raise FileNotFoundError(f"no exported model in {c.model_repository} (need <name>/1/model.onnx): "
+                                    "run `python -m training.export` first")
+        return list(c.models or present)
 
     def start(self) -> "TritonServer":
         """Spawn tritonserver (returns at once; call wait_ready())."""
