@@ -13,6 +13,8 @@ help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(STAMP) ## create .venv and install the project with its pinned dependencies
+	@# config.pbtxt's measured `engines` block stays out of git (mnistgen/engines_param.py, .gitattributes)
+	@git rev-parse --git-dir >/dev/null 2>&1 && git config filter.engines-param.clean 'python3 mnistgen/engines_param.py' && git config filter.engines-param.smudge cat || true
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
@@ -62,17 +64,17 @@ train-ddpm: setup ## train the DDPM UNet (60k images, 20,000 steps: ~80 min on 1
 train-ddpm-cond: setup ## train the class-conditional DDPM (digits 0-9 + null class, label dropout 0.1; ~100 min on 1 CPU thread) -> checkpoints/ddpm-cond.safetensors + runs/ddpm-cond/ [ARGS=--resume]
 	$(PY) -m training.train_ddpm --unet-num-class-embeds 11 --run-dir runs/ddpm-cond --checkpoint checkpoints/ddpm-cond.safetensors --max-steps 24000 --epochs 40 --time-budget-min 100 --lr-min-ratio 0.2 $(ARGS)
 
-report-ddpm-cond: setup ## guidance sweep of ddpm-cond (agreement with the digit, FID per scale) -> reports/ddpm-cond/
-	$(PY) -m training.report_cond $(ARGS)
+report-ddpm-cond: setup ## guidance sweep of ddpm-cond (agreement with the digit, FID per scale) -> reports/ddpm-cond/ [ARGS=--from-json: re-render only]
+	$(PY) -m training.experiments.report_cond $(ARGS)
 
 controlled-failures: setup ## re-run the controlled GAN failures (+ all mitigations; ~65 min on 1 CPU thread) -> reports/gan/controlled_failures.{json,md} [ARGS="--runs d-overfit,d-overfit+all"]
-	$(PY) -m training.controlled_failures $(ARGS)
+	$(PY) -m training.experiments.controlled_failures $(ARGS)
 
-report-ddpm: setup ## DDPM quality table + figures (samplers x steps, denoise at sigma 0.3/0.5/0.7) into reports/ddpm/
-	$(PY) -m training.report_ddpm
+report-ddpm: setup ## DDPM quality table + figures (samplers x steps, denoise at sigma 0.3/0.5/0.7) into reports/ddpm/ [ARGS=--from-json]
+	$(PY) -m training.experiments.report_ddpm $(ARGS)
 
-quality-goals: setup ## the 60k quality goals in one run (floor, GAN FID, DDPM samplers, denoise; ~15-40 min) -> reports/quality/ [ARGS=--ddpm PATH | --reuse]
-	$(PY) -m training.quality_goals $(ARGS)
+quality-goals: setup ## the 60k quality goals in one run (floor, GAN FID, DDPM samplers, denoise; ~15-40 min) -> reports/quality/ [ARGS=--ddpm PATH | --reuse | --from-json]
+	$(PY) -m training.experiments.quality_goals $(ARGS)
 
 train-classifier: setup ## train the evaluation classifier (weights committed in checkpoints/)
 	$(PY) -m training.classifier
@@ -80,8 +82,8 @@ train-classifier: setup ## train the evaluation classifier (weights committed in
 evaluate: setup ## metrics for one model: make evaluate MODEL=dcgan-baseline|dcgan-modified|mlp|real-test|path.safetensors
 	$(PY) -m training.evaluate --model $(MODEL)
 
-report: setup ## GAN comparison report (markdown + PNGs) into reports/gan/
-	$(PY) -m training.report
+report: setup ## GAN comparison report (markdown + PNGs) into reports/gan/ [ARGS=--from-json]
+	$(PY) -m training.experiments.report $(ARGS)
 
 deploy-check: setup ## lint the Dockerfile, validate + cross-check the k8s manifests (offline)
 	$(PY) -m pytest -q tests/deploy

@@ -24,8 +24,8 @@ Class-conditional DDPM (`--model ddpm-cond`, i.e. checkpoints/ddpm-cond.safetens
 has num_class_embeds > 0): item i of `--num-samples` (default 1,000) asks for digit i % 10, so the requests are
 balanced over the 10 digits, and is sampled with classifier-free guidance `--guidance` w, eps = eps_null +
 w * (eps_label - eps_null) (w = 1: plain conditional, w = 0: unconditional; default: the checkpoint config's
-`conditional.guidance`, else mnistgen.limits.DEFAULT_GUIDANCE = 3.0) by `--sampler` / `--steps` (default: the served
-dpm-solver++, 20 steps). Item i is seeded with seed + i as for the unconditional DDPM. Besides the generation metrics
+`conditional.guidance`, else the catalog entry's guidance) by `--sampler` / `--steps` (default: the catalog entry's,
+as served). Item i is seeded with seed + i as for the unconditional DDPM. Besides the generation metrics
 above (fid against the same 10k test split as every other model):
 - `digit_agreement`: fraction of samples whose classifier argmax equals the requested digit.
 - `agreement_per_digit`: that fraction per requested digit 0..9 (10 floats; None for a digit nobody asked for).
@@ -57,21 +57,24 @@ from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.files import repo_path
 from .classifier import FeatureExtractor, load_classifier, predict
 from .data import DataConfig, load_mnist
-from mnistgen.limits import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, MAX_GUIDANCE, SAMPLERS
-from mnistgen.registry import DDPM_CHECKPOINT, DDPM_COND_CHECKPOINT, GAN_MODELS, load_generator, latent_tensor
+from mnistgen import catalog
+from mnistgen.catalog import MAX_GUIDANCE, MAX_STEPS, SAMPLERS
+from mnistgen.registry import load_generator, latent_tensor
 
 NUM_CLASSES = 10
 FID_RESAMPLES = 100  # bootstrap resamples behind fid_sd
 COVERAGE_MIN_FRACTION = 0.02  # a class "is covered" when it holds at least 2% of the samples
 PAIRWISE_SUBSAMPLE = 1000  # images used for the mean pairwise distance
-SPECIAL_MODELS = ("real-test", "real-train", "noise", "ddpm", "ddpm-cond")  # besides GAN_MODELS and checkpoint paths
-DDPM_MODELS = {"ddpm": DDPM_CHECKPOINT, "ddpm-cond": DDPM_COND_CHECKPOINT}  # name -> file under checkpoints/
+# the catalog's diffusion generators by name -> their entry (checkpoint under checkpoints/)
+DDPM_MODELS = {name: m for name, m in catalog.GENERATORS.items() if m.kind != catalog.GAN}
+SPECIAL_MODELS = ("real-test", "real-train", "noise", *DDPM_MODELS)  # besides catalog.GANS and checkpoint paths
+COND = next(m for m in DDPM_MODELS.values() if m.conditional)  # the served class-conditional DDPM
 TASKS = ("generate", "denoise")
 GENERATION_KEYS = ("fid", "fid_sd", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
 DENOISE_KEYS = ("class_preservation", "psnr", "ssim")
 CONDITIONAL_KEYS = ("digit_agreement", "agreement_per_digit", "fid_per_digit", "requested_digits")
 UNCONDITIONAL_SAMPLING = ("ddpm", 100)  # --sampler / --steps defaults of an unconditional DDPM
-CONDITIONAL_SAMPLING = (DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS)  # ... of a conditional one: the served default
+CONDITIONAL_SAMPLING = (COND.sampler, COND.steps)  # ... of a conditional one: the served default
 CONDITIONAL_NUM_SAMPLES = 1000  # --num-samples default of a conditional DDPM (generate)
 
 
@@ -343,13 +346,13 @@ class EvalConfig:
 
 def _model_kind(model: str) -> str:
     """'gan', 'ddpm' or the special name itself."""
-    if model in GAN_MODELS:
+    if model in catalog.GANS:
         return "gan"
     if model in SPECIAL_MODELS:
         return "ddpm" if model in DDPM_MODELS else model
     path = Path(model)
     if path.suffix != ".safetensors" and not path.exists():
-        raise ValueError(f"unknown model {model!r}: expected one of {sorted(GAN_MODELS) + list(SPECIAL_MODELS)} "
+        raise ValueError(f"unknown model {model!r}: expected one of {sorted(catalog.GANS) + list(SPECIAL_MODELS)} "
                          "or a .safetensors checkpoint path")
     kind = read_config(path).get("kind")
     if kind not in ("gan", "ddpm"):
@@ -359,13 +362,13 @@ def _model_kind(model: str) -> str:
 
 def _ddpm_path(model: str) -> Path:
     """The checkpoint file of a DDPM model name ("ddpm", "ddpm-cond") or path."""
-    return CHECKPOINT_DIR / DDPM_MODELS[model] if model in DDPM_MODELS else Path(model)
+    return CHECKPOINT_DIR / DDPM_MODELS[model].checkpoint if model in DDPM_MODELS else Path(model)
 
 
 def _ddpm_config(model: str) -> dict:
     """The checkpoint config of a DDPM model (reads the header only)."""
     path = _ddpm_path(model)
-    if model == "ddpm-cond" and not path.exists():
+    if model in DDPM_MODELS and DDPM_MODELS[model].conditional and not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} (train it with `python -m training.train_ddpm "
                                 f"--unet-num-class-embeds 11 --checkpoint {path}`)")
     return read_config(path)
@@ -536,7 +539,7 @@ def validate(cfg: EvalConfig) -> None:
         raise ValueError(f"--sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
     config = _ddpm_config(cfg.model) if _model_kind(cfg.model) == "ddpm" else {}  # also rejects unknown models
     conditional = _is_conditional(config)
-    if cfg.model == "ddpm-cond" and not conditional:
+    if cfg.model in DDPM_MODELS and DDPM_MODELS[cfg.model].conditional and not conditional:
         raise ValueError(f"{_ddpm_path(cfg.model)} is not class-conditional (unet.num_class_embeds = 0)")
     if cfg.guidance is not None and not conditional:
         raise ValueError(f"--guidance applies only to a class-conditional DDPM ('ddpm-cond' or a ddpm checkpoint with "
@@ -546,7 +549,7 @@ def validate(cfg: EvalConfig) -> None:
     sampler, steps = CONDITIONAL_SAMPLING if conditional else UNCONDITIONAL_SAMPLING
     cfg.sampler, cfg.steps = cfg.sampler or sampler, cfg.steps or steps
     if conditional and cfg.task == "generate" and cfg.guidance is None:
-        cfg.guidance = float((config.get("conditional") or {}).get("guidance", DEFAULT_GUIDANCE))
+        cfg.guidance = float((config.get("conditional") or {}).get("guidance", COND.guidance))
     if cfg.num_samples == 0:  # defaults: 10,000 generated (1,000 by a conditional DDPM, at most the whole split for
         # real-*), 1,000 denoised
         cfg.num_samples = 10_000 if cfg.task == "generate" else 1_000
@@ -558,8 +561,8 @@ def validate(cfg: EvalConfig) -> None:
         raise ValueError(f"--num-samples must be >= 2 (0 = default), got {cfg.num_samples}")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if not 1 <= cfg.steps <= 1000:
-        raise ValueError(f"--steps must be in [1, 1000], got {cfg.steps}")
+    if not 1 <= cfg.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {cfg.steps}")
     if not 0 <= cfg.sigma <= 10:
         raise ValueError(f"--sigma must be in [0, 10], got {cfg.sigma}")
     if cfg.guidance is not None and not (math.isfinite(cfg.guidance) and 0 <= cfg.guidance <= MAX_GUIDANCE):
@@ -609,7 +612,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
                        "1,000 denoised",
         "guidance": f"class-conditional DDPM only: classifier-free guidance w in [0, {MAX_GUIDANCE:g}] "
                     "(eps = eps_null + w * (eps_label - eps_null)); default: the checkpoint's conditional.guidance, "
-                    f"else {DEFAULT_GUIDANCE:g}",
+                    f"else {COND.guidance:g}",
     })
     return dataclass_from_args(EvalConfig, p.parse_args(argv))
 

@@ -199,8 +199,9 @@ class DDPMTrainer:
             w.writerows(self.history)
         from .plots import plot_losses
 
-        plot_losses([h["epoch"] for h in self.history], {"train MSE (eps)": [h["loss"] for h in self.history]},
-                    self.run_dir / "loss.png", title="DDPM training loss", xlabel="epoch", smooth=5)
+        plot_losses({"DDPM training loss": ([h["epoch"] for h in self.history],
+                                            {"train MSE (eps)": [h["loss"] for h in self.history]})},
+                    self.run_dir / "loss.png", xlabel="epoch", smooth=5)
 
     def _sample_grid(self) -> None:
         from .plots import save_grid

@@ -316,8 +316,9 @@ class GANTrainer:
 
     def _write_outputs(self, summary: dict) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_losses(self.history["iter"], {"G": self.history["loss_g"], "D": self.history["loss_d"]},
-                    self.run_dir / "loss_curve.png", title=f"{self.cfg.name}: losses")
+        plot_losses({f"{self.cfg.name}: losses": (self.history["iter"], {"G": self.history["loss_g"],
+                                                                          "D": self.history["loss_d"]})},
+                    self.run_dir / "loss_curve.png")
         stride = max(1, len(self.history["iter"]) // 2000)
         config = {
             "kind": "gan", "name": self.cfg.name, "arch": self.cfg.arch.to_dict(),

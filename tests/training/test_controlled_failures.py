@@ -7,9 +7,18 @@ import pytest
 import torch
 from torch import nn
 
-from training import controlled_failures as cf
-from training.controlled_failures import (RUNS, ControlledConfig, discriminator_gap, markdown, parse_runs, run,
-                                          verdict)
+from training.experiments import controlled_failures as cf
+from training.experiments import sweep
+from training.experiments.controlled_failures import Config as ControlledConfig
+from training.experiments.controlled_failures import RUNS, discriminator_gap, markdown, parse_runs, verdict
+
+
+def run(cfg):
+    return sweep.run(cf, cfg)
+
+
+def main(argv):
+    return sweep.main(cf, argv)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,7 +54,7 @@ def test_tiny_runs_write_one_entry_each(measured):
         assert r["losses"]["min_loss_d"] <= r["losses"]["final_loss_d"]
         assert 0 <= r["metrics"]["coverage"] <= 10 and r["metrics"]["fid"] > 0
         assert r["train_wall_s"] > 0 and r["measured_at"] and r["machine"]["torch_threads"] == 1
-        assert r["command"].startswith("python -m training.controlled_failures --runs " + name)
+        assert r["command"].startswith("python -m training.experiments.controlled_failures --runs " + name)
         assert r["run_dir"].endswith(name) and (tmp / "runs" / name / "generator.safetensors").exists()
         assert r["verdict"]["thresholds"] == cf.thresholds()
     gap = first["runs"]["d-overfit"]["d_gap"]
@@ -93,7 +102,7 @@ def test_from_json_rerenders_edited_numbers(measured, tmp_path):
 
 
 def test_from_json_without_json_is_an_error(tmp_path, capsys):
-    assert cf.main(["--from-json", "--out-dir", str(tmp_path)]) == 2
+    assert main(["--from-json", "--out-dir", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -107,7 +116,7 @@ def test_empty_json_renders_a_placeholder():
 def test_unknown_run_is_refused_with_the_allowed_list(tmp_path, capsys):
     with pytest.raises(ValueError, match="allowed runs are vanishing-gradient, vanishing-gradient\\+all"):
         parse_runs("mode-collapse,baseline")
-    assert cf.main(["--runs", "mode-colapse", "--out-dir", str(tmp_path)]) == 2
+    assert main(["--runs", "mode-colapse", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "'mode-colapse'" in err and all(n in err for n in RUNS)
     assert not (tmp_path / "controlled_failures.json").exists()

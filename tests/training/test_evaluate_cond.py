@@ -6,10 +6,22 @@ import math
 import pytest
 import torch
 
-from mnistgen.limits import DEFAULT_GUIDANCE
+from mnistgen import catalog
 from mnistgen.checkpoint import load_checkpoint, read_config, save_checkpoint
 from training.evaluate import CONDITIONAL_KEYS, GENERATION_KEYS, EvalConfig, evaluate, main as evaluate_main
-from training.report_cond import CondReportConfig, main as report_main, recommend, run_sweep
+from training.experiments import report_cond, sweep
+from training.experiments.report_cond import Config as CondReportConfig, recommend
+
+COND = next(m for m in catalog.GENERATORS.values() if m.conditional)
+DEFAULT_GUIDANCE = COND.guidance
+
+
+def run_sweep(cfg):
+    return sweep.run(report_cond, cfg)
+
+
+def report_main(argv):
+    return sweep.main(report_cond, argv)
 
 N = 20  # 2 samples per digit: the least the per-digit FID takes
 STEPS = 2  # UNet evaluations per sample: plumbing, not quality
@@ -57,7 +69,7 @@ def test_conditional_keys_shapes_and_ranges(cond_result):
     for key in (*GENERATION_KEYS, *CONDITIONAL_KEYS, "guidance", "num_samples", "ms_per_sample"):
         assert key in out, key
     assert out["sampler"] == "dpm-solver++" and out["steps"] == STEPS  # the served sampler by default
-    assert out["guidance"] == DEFAULT_GUIDANCE  # the checkpoint names none: mnistgen.limits
+    assert out["guidance"] == DEFAULT_GUIDANCE  # the checkpoint names none: the catalog entry's
     assert out["num_samples"] == N and out["requested_digits"] == [N // 10] * 10  # item i asks for i % 10
     assert 0.0 <= out["digit_agreement"] <= 1.0
     assert len(out["agreement_per_digit"]) == 10 and all(0.0 <= a <= 1.0 for a in out["agreement_per_digit"])
@@ -181,4 +193,4 @@ def test_served_default_guidance_is_the_recommended_one():
 
     sweep = REPO_ROOT / "reports" / "ddpm-cond" / "guidance_sweep.json"  # committed, from the real checkpoint
     assert json.loads(sweep.read_text())["recommended_guidance"] == DEFAULT_GUIDANCE, (
-        "mnistgen.limits.DEFAULT_GUIDANCE must be the guidance sweep's recommended_guidance")
+        "the catalog's ddpm-cond guidance must be the guidance sweep's recommended_guidance")

@@ -1,9 +1,15 @@
-"""training.quality_goals: the goals judged from rows (pure), goals.md rendered from goals.json alone."""
+"""training.experiments.quality_goals: the goals judged from rows (pure), goals.md rendered from goals.json alone."""
 import json
 
 import pytest
 
-from training import quality_goals as qg
+from mnistgen import catalog
+from training.experiments import quality_goals as qg
+from training.experiments import sweep
+
+
+def main(argv):
+    return sweep.main(qg, argv)
 
 
 def rows(gan_fid=6.0, served_fid=2.0, dpm=33.0, sde=31.0, ref=30.0, pres=0.99, psnr=27.0):
@@ -58,38 +64,39 @@ def test_the_served_bf16_generator_must_not_cost_fid_beyond_the_noise():
 
 
 def test_plan_scores_the_served_bf16_generator_where_it_is_exported(tmp_path):
-    assert "gan-bf16" not in qg.plan(qg.GoalsConfig(model_repository=str(tmp_path)))
+    assert "gan-bf16" not in qg.plan(qg.Config(model_repository=str(tmp_path)))
     (tmp_path / "dcgan_generator" / "1").mkdir(parents=True)
     (tmp_path / "dcgan_generator" / "1" / "model_bf16.pt").write_bytes(b"x")
-    row = qg.plan(qg.GoalsConfig(model_repository=str(tmp_path)))["gan-bf16"]
+    row = qg.plan(qg.Config(model_repository=str(tmp_path)))["gan-bf16"]
     assert row.model == "dcgan-baseline" and row.torchscript == str(tmp_path / "dcgan_generator/1/model_bf16.pt")
-    assert "gan-bf16" not in qg.plan(qg.GoalsConfig(gan="mlp-x.safetensors", model_repository=str(tmp_path)))
+    assert "gan-bf16" not in qg.plan(qg.Config(gan="mlp-x.safetensors", model_repository=str(tmp_path)))
 
 
 def test_markdown_rendered_from_the_json(tmp_path):
     r = rows()
     data = {"config": {"threads": 2}, "rows": r, "goals": qg.judge(r), "wall_s": 600.0}
-    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
-    assert qg.main(["--from-json", "--out-dir", str(tmp_path)]) == 0
-    md = (tmp_path / qg.MD_NAME).read_text()
+    (tmp_path / qg.JSON).write_text(json.dumps(data))
+    assert main(["--from-json", "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / qg.MD).read_text()
     assert "floor = real test images vs the training split: **0.800**" in md
     assert "| dcgan-baseline FID <= 9x floor | 7.5 | <= 9 | yes | FID 6.00 vs floor 0.800 |" in md
     assert "| gan | dcgan-baseline | 1000 | - | 6 | - | 7.5 | 10 |" in md and "6000 iters, 10 min" in md
     assert "| ddpm dpm-solver++ 20 FID / DDPM-100 FID | 1.1 | <= 1.1 | yes | 33.00 vs 30.00 |" in md
     r["ddpm-100"]["fid_sd"], r["ddpm-dpm-solver++-20"]["fid_sd"] = 0.91, 1.2  # rows measured with the spread
     data = {"config": {"threads": 2}, "rows": r, "goals": qg.judge(r), "wall_s": 600.0}
-    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
-    assert qg.main(["--from-json", "--out-dir", str(tmp_path)]) == 0
-    md = (tmp_path / qg.MD_NAME).read_text()
+    (tmp_path / qg.JSON).write_text(json.dumps(data))
+    assert main(["--from-json", "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / qg.MD).read_text()
     assert "| 33.00 ± 1.20 vs 30.00 ± 0.91 |" in md and "| ddpm-100 | ddpm | 1000 | ddpm 100 | 30 | 0.91 | 37.5 |" in md
     assert "coverage 3/10" in md and "collapsed" in md
 
 
 def test_plan_shares_seeds_and_uses_the_served_default():
-    plan = qg.plan(qg.GoalsConfig(ddpm="x.safetensors", num_samples=100, sampler_samples=10))
-    assert plan["ddpm-served"].sampler == qg.DEFAULT_GENERATE_SAMPLER and plan["ddpm-served"].num_samples == 100
-    assert (plan["denoise-served"].sampler, plan["denoise-served"].steps) == (qg.DEFAULT_SAMPLER,
-                                                                              qg.DEFAULT_SAMPLER_STEPS)
+    plan = qg.plan(qg.Config(ddpm="x.safetensors", num_samples=100, sampler_samples=10))
+    assert (plan["ddpm-served"].sampler, plan["ddpm-served"].steps) == (qg.DDPM.sampler, qg.DDPM.steps)
+    assert plan["ddpm-served"].num_samples == 100 and qg.DDPM.kind == catalog.DDPM
+    assert (plan["denoise-served"].sampler, plan["denoise-served"].steps) == (catalog.DENOISER.sampler,
+                                                                              catalog.DENOISER.steps)
     assert {plan[k].seed for k in plan} == {0}
     assert [plan[f"ddpm-{s}-20"].sampler for s in qg.FAST_SAMPLERS] == list(qg.FAST_SAMPLERS)
     assert plan["denoise"].task == "denoise" and plan["denoise"].sigma == 0.3 and plan["denoise"].num_samples == 10
@@ -106,32 +113,32 @@ def test_reuse_measures_only_the_rows_whose_settings_or_checkpoints_changed(tmp_
 
     monkeypatch.setattr(qg, "evaluate", fake_evaluate)
     cfg = ["--out-dir", str(tmp_path), "--num-samples", "10", "--sampler-samples", "10"]
-    assert qg.main(cfg + ["--reuse"]) == 0  # nothing to take over yet: every row runs
-    everything = len(qg.plan(qg.GoalsConfig()))
+    assert main(cfg + ["--reuse"]) == 0  # nothing to take over yet: every row runs
+    everything = len(qg.plan(qg.Config()))
     assert len(measured) == everything
-    first = json.loads((tmp_path / qg.JSON_NAME).read_text())["rows"]
+    first = json.loads((tmp_path / qg.JSON).read_text())["rows"]
     assert first["gan"]["key"]["sha256"] == first["gan"]["sha256"] and first["floor"]["key"]["sha256"] is None
     assert len(first["gan"]["key"]["classifier_sha256"]) == 64 and "threads" not in first["gan"]["key"]
 
     measured.clear()
-    assert qg.main(cfg + ["--reuse", "--threads", "1"]) == 0  # threads are not part of the key
+    assert main(cfg + ["--reuse", "--threads", "1"]) == 0  # threads are not part of the key
     assert measured == []
-    again = json.loads((tmp_path / qg.JSON_NAME).read_text())["rows"]
+    again = json.loads((tmp_path / qg.JSON).read_text())["rows"]
     assert all(r["reused"] for r in again.values()) and again["gan"]["fid"] == first["gan"]["fid"]
-    md = (tmp_path / qg.MD_NAME).read_text()
+    md = (tmp_path / qg.MD).read_text()
     assert f"{everything} row(s) marked * taken over" in md and "| gan * | dcgan-baseline |" in md
 
-    data = json.loads((tmp_path / qg.JSON_NAME).read_text())
+    data = json.loads((tmp_path / qg.JSON).read_text())
     data["rows"]["gan"]["key"]["sha256"] = "0" * 64  # as if dcgan-baseline had been retrained since
-    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
-    assert qg.main(cfg + ["--reuse", "--sampler-samples", "20"]) == 0  # and the sampler rows asked for more samples
+    (tmp_path / qg.JSON).write_text(json.dumps(data))
+    assert main(cfg + ["--reuse", "--sampler-samples", "20"]) == 0  # and the sampler rows asked for more samples
     assert sorted(e.model for e in measured if e.num_samples == 10) == ["dcgan-baseline"]
     assert {e.num_samples for e in measured} == {10, 20} and len(measured) == 1 + 5
-    rows_now = json.loads((tmp_path / qg.JSON_NAME).read_text())["rows"]
+    rows_now = json.loads((tmp_path / qg.JSON).read_text())["rows"]
     assert "reused" not in rows_now["gan"] and rows_now["floor"]["reused"]
 
     measured.clear()
-    assert qg.main(cfg) == 0  # without --reuse everything is measured again
+    assert main(cfg) == 0  # without --reuse everything is measured again
     assert len(measured) == everything
 
 
@@ -151,7 +158,7 @@ def test_missed_goals_say_by_how_much_and_the_next_lever(tmp_path):
         {"iterations": 200, "train_min": 10.0, "fid": 35.0}]}))
     r = rows(gan_fid=24.0, psnr=26.0)
     data = {"config": {"threads": 2, "fid_history": str(history)}, "rows": r, "goals": qg.judge(r), "wall_s": 60.0}
-    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
+    (tmp_path / qg.JSON).write_text(json.dumps(data))
     md = qg.render(tmp_path).read_text()
     section = md.split("## Missed goals: by how much, and the next lever")[1].split("## Rows")[0]
     assert "- **dcgan-baseline FID <= 9x floor**: 30 vs <= 9: 3.33x the target (it must fall 70 %)." in section
@@ -169,5 +176,5 @@ def test_missed_goals_say_by_how_much_and_the_next_lever(tmp_path):
     assert "That is within the noise of the draw (2 sd: 5.66): more of the same training now buys little. " \
            "Next: capacity" in section
     data["rows"] = r = rows()
-    (tmp_path / qg.JSON_NAME).write_text(json.dumps(data))
+    (tmp_path / qg.JSON).write_text(json.dumps(data))
     assert "Every goal is met." in qg.render(tmp_path).read_text()

@@ -1,13 +1,13 @@
 """The GAN report renders from checkpoints alone, says which models are missing, and writes its PNGs."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from mnistgen.checkpoint import save_checkpoint
 from mnistgen.models import GANArch, build_generator
-from training.report import ReportConfig, image_grid, write_report
+from training.experiments import report, sweep
+from training.experiments.report import Config, collapse_verdict
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +26,10 @@ def standin_dir(tmp_path_factory):
     return d
 
 
-def test_grid_shape():
-    g = image_grid(torch.zeros(64, 1, 28, 28), nrow=8, pad=2, scale=1)
-    assert g.shape == (8 * 30 + 2, 8 * 30 + 2) and g.dtype == np.uint8
-
-
 def test_report_from_standins(standin_dir, tmp_path):
     out = tmp_path / "report"
-    path = write_report(ReportConfig(checkpoint_dir=str(standin_dir), num_samples=200, latency_repeats=2,
-                                     out_dir=str(out)))
-    text = path.read_text()
+    sweep.run(report, Config(checkpoint_dir=str(standin_dir), num_samples=200, latency_repeats=2, out_dir=str(out)))
+    text = (out / "report.md").read_text()
     assert "**mlp: not in this report**" in text
     for row in ("Latent Dimension", "Final Gen Loss", "Time/Epoch (sec)", "Inference Time (ms/sample)",
                 "FID (classifier features)", "FID spread", "Class coverage", "Real data (floor)"):
@@ -52,14 +46,14 @@ def test_report_from_standins(standin_dir, tmp_path):
     assert 0 < m["fid_sd"] < m["fid"]
 
 
-def test_unknown_model_is_rejected(tmp_path):
+def test_unknown_model_is_rejected(tmp_path, capsys):
     with pytest.raises(ValueError, match="--models entries must be among"):
-        write_report(ReportConfig(models="vae", out_dir=str(tmp_path)))
+        Config(models="vae", out_dir=str(tmp_path))
+    assert sweep.main(report, ["--models", "vae", "--out-dir", str(tmp_path)]) == 2
+    assert "--models entries must be among" in capsys.readouterr().err
 
 
 def test_collapse_verdict_reads_the_figures():
-    from training.report import collapse_verdict
-
     floor = {"pairwise_distance": 0.36}
     healthy = {"metrics": {"coverage": 10, "pairwise_distance": 0.35, "kl_uniform": 0.01}, "summary": {"final_loss_d": 0.7}}
     collapsed = {"metrics": {"coverage": 1, "pairwise_distance": 0.05, "kl_uniform": 2.2}, "summary": {"final_loss_d": 0.0001}}

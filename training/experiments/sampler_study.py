@@ -12,25 +12,24 @@ timestep grid (mnistgen.diffusion.inference_timesteps), only the scheduler chang
   `algorithm_type="sde-dpmsolver++"`).
 
 Writes reports/ddpm/sampler_study.json (one row per cell: FID, coverage, KL, ms/sample) and sampler_study.md from it.
-    python -m training.sampler_study [--num-samples 500] [--from-json]
+    python -m training.experiments.sampler_study [--num-samples 500] [--from-json]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from tqdm import tqdm
 
-from mnistgen.checkpoint import REPO_ROOT
-from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.diffusion import as_eps_fn, inference_timesteps, load_unet, sample_loop
-from mnistgen.files import sha256
+from mnistgen.files import repo_path
+from ..evaluate import generation_metrics
+from . import sweep
 
+JSON, MD = "sampler_study.json", "sampler_study.md"
+INDENT = 2
 # (label, scheduler kind, options, steps)
 CELLS = [
     ("ddpm", "ddpm", {"clip_sample": True}, 20), ("ddpm", "ddpm", {"clip_sample": True}, 100),
@@ -46,7 +45,7 @@ CELLS = [
 
 
 @dataclass
-class StudyConfig:
+class Config:
     checkpoint: str = "checkpoints/ddpm.safetensors"
     num_samples: int = 500  # per cell; FID on few samples is biased upwards, rows compare with each other
     seed: int = 0
@@ -79,62 +78,45 @@ def run_cell(eps_fn, kind: str, opts: dict, steps: int, sched_cfg: dict, n: int,
         return sample_loop(eps_fn, x_t, sched, ts, gens).clamp(-1, 1)
 
 
-def markdown(result: dict) -> str:
+def cell(eps_fn, label: str, kind: str, opts: dict, steps: int, sched_cfg: dict, cfg: Config) -> dict:
+    t = time.perf_counter()
+    x = run_cell(eps_fn, kind, opts, steps, sched_cfg, cfg.num_samples, cfg.seed)
+    ms = (time.perf_counter() - t) * 1e3 / cfg.num_samples
+    m = generation_metrics(x)
+    return {"label": label, "scheduler": kind, "options": opts, "steps": steps, "ms_per_sample": ms,
+            **{k: m[k] for k in ("fid", "coverage", "kl_uniform", "confidence")}}
+
+
+def measure(cfg: Config) -> dict:
+    torch.set_num_threads(cfg.threads)
+    info = sweep.checkpoint_info(repo_path(cfg.checkpoint))
+    unet, config = load_unet(repo_path(cfg.checkpoint))
+    eps_fn, t0 = as_eps_fn(unet), time.perf_counter()
+    rows = sweep.cells([(f"{c[0]} {c[3]}", lambda c=c: cell(eps_fn, *c, config["scheduler"], cfg)) for c in CELLS],
+                       desc="sampler cells")
+    return {"checkpoint": {"path": cfg.checkpoint, "sha256": info["sha256"], "summary": info["summary"]},
+            "num_samples": cfg.num_samples, "seed": cfg.seed, "threads": cfg.threads,
+            "machine": sweep.machine(cfg.threads).split(",")[0], "wall_s": time.perf_counter() - t0,
+            "rows": list(rows.values()), "config": asdict(cfg)}
+
+
+def markdown(result: dict, cfg: Config | None = None) -> str:
     c = result["checkpoint"]
     lines = ["# Sampler study: clipping and stochasticity", "",
              f"Checkpoint `{c['path']}` (sha256 {c['sha256'][:12]}), {result['num_samples']} samples per cell, same "
              f"seeds and timestep grid in every cell; FID in the classifier's feature space vs the 10k test split "
-             f"(biased upwards at this n: compare rows). Measured by `python -m training.sampler_study` in "
-             f"{result['wall_s'] / 60:.1f} min on {result['machine']} ({result['threads']} torch thread(s), shared CPU).",
-             "", "| sampler | options | steps | FID | coverage | KL | ms/sample |", "|---|---|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
-        lines.append(f"| {r['label']} | {opts} | {r['steps']} | {r['fid']:.2f} | {r['coverage']} | "
-                     f"{r['kl_uniform']:.3f} | {r['ms_per_sample']:.1f} |")
+             f"(biased upwards at this n: compare rows). Measured by `python -m training.experiments.sampler_study` "
+             f"in {result['wall_s'] / 60:.1f} min on {result['machine']} ({result['threads']} torch thread(s), "
+             "shared CPU).", ""]
+    lines += sweep.table("sampler | options | steps | FID | coverage | KL | ms/sample", "---|---|---:|---:|---:|---:|---:",
+                         [[r["label"], ", ".join(f"{k}={v}" for k, v in r["options"].items()), r["steps"],
+                           f"{r['fid']:.2f}", r["coverage"], f"{r['kl_uniform']:.3f}", f"{r['ms_per_sample']:.1f}"]
+                          for r in result["rows"]])
     lines += ["", "Reading: compare `ddim clip` with `ddim no-clip` at the same steps (the clipping suspect), and the "
               "deterministic rows (ddim eta=0, dpm-solver++) with the stochastic ones at 20 steps (ddpm, ddim eta=1, "
               "sde-dpm-solver++) (the ODE-vs-SDE suspect).", ""]
     return "\n".join(lines)
 
 
-def run(cfg: StudyConfig) -> dict:
-    from .evaluate import generation_metrics
-
-    out = REPO_ROOT / cfg.out_dir
-    if cfg.from_json:
-        result = json.loads((out / "sampler_study.json").read_text())
-        (out / "sampler_study.md").write_text(markdown(result))
-        return result
-    torch.set_num_threads(cfg.threads)
-    path = REPO_ROOT / cfg.checkpoint
-    unet, config = load_unet(path)
-    sched_cfg = config["scheduler"]
-    eps_fn = as_eps_fn(unet)
-    t0, rows = time.perf_counter(), []
-    for label, kind, opts, steps in tqdm(CELLS, desc="sampler cells"):
-        t = time.perf_counter()
-        x = run_cell(eps_fn, kind, opts, steps, sched_cfg, cfg.num_samples, cfg.seed)
-        ms = (time.perf_counter() - t) * 1e3 / cfg.num_samples
-        m = generation_metrics(x)
-        rows.append({"label": label, "scheduler": kind, "options": opts, "steps": steps, "ms_per_sample": ms,
-                     **{k: m[k] for k in ("fid", "coverage", "kl_uniform", "confidence")}})
-        tqdm.write(f"{label:18} {steps:4d} steps: FID {m['fid']:.2f}, coverage {m['coverage']}, {ms:.1f} ms/sample")
-    result = {"checkpoint": {"path": cfg.checkpoint, "sha256": sha256(path), "summary": config.get("summary", {})},
-              "num_samples": cfg.num_samples, "seed": cfg.seed, "threads": cfg.threads,
-              "machine": f"{platform.machine()} CPU", "wall_s": time.perf_counter() - t0, "rows": rows,
-              "config": asdict(cfg)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sampler_study.json").write_text(json.dumps(result, indent=2))
-    (out / "sampler_study.md").write_text(markdown(result))
-    print(f"wrote {out / 'sampler_study.json'} and {out / 'sampler_study.md'}")
-    return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(p, StudyConfig)
-    run(dataclass_from_args(StudyConfig, p.parse_args(argv)))
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(sweep.main(sys.modules[__name__]))

@@ -1,44 +1,16 @@
 """Controlled GAN failures, measured: train each broken configuration for an iteration budget, evaluate it, judge it.
 
-Each run is one of training/train_gan.py's controlled-failure CONFIGS, alone or with all five mitigations of
-`apply_mitigations` (run name `<config>+all`: label smoothing 0.9, non-saturating G loss, 2 D steps per G step,
-instance noise 0.1 annealed linearly to 0 over the budget, D dropout 0.4):
+    python -m training.experiments.controlled_failures [--runs d-overfit,mode-collapse+all] [--max-iters 1250]
 
-- vanishing-gradient: D lr x10 (2e-3) and the saturating G loss log(1 - D(G(z))).
-- mode-collapse: G lr x10 (2e-3).
-- d-overfit: D (and G) train on the first 1,000 training images only.
-
-A run trains with `GANTrainer` for `--max-iters` iterations (one G update each; d_steps D updates) into
-runs/controlled/<name> (never checkpoints/), then scores the saved generator with training.evaluate's
-`generate_gan` + `generation_metrics` on `--num-samples` samples (FID vs the 10k test split, coverage, KL,
-pairwise distance...). For runs trained on a limited set (d-overfit) it also measures the discriminator's
-train-vs-held-out gap (`discriminator_gap`): mean sigmoid(D(x)) on the images D trained on minus the same on as
-many training-split images it never saw (the next ones in the split). An overfit D scores the held-out reals lower.
-
-Verdicts come from `verdict()`, explicit rules on the measured numbers (thresholds below, also written to the JSON):
-- collapsed: coverage <= COLLAPSE_COVERAGE (3 classes) or pairwise distance < COLLAPSE_PAIRWISE (0.2; real test
-  images score ~0.36, reports/gan/report.md's floor);
-- D saturated: final D loss < D_SATURATED_LOSS (0.01): D separates real from fake almost perfectly, so the
-  saturating G loss gives G (almost) no gradient;
-- D overfits: train-vs-held-out gap >= D_OVERFIT_GAP (0.1 = 10 points of mean D output; with 1,000 images per
-  side the sampling noise of that difference is ~0.01-0.02).
-A failure config is "reproduced" when its own symptom (EXPECTED_SYMPTOM) fires; a `+all` run is "mitigated" when it
-no longer does.
-
-Results accumulate in reports/gan/controlled_failures.json (one entry per run name; re-running a run replaces its
-entry) and reports/gan/controlled_failures.md is rendered from that JSON only (`--from-json` just re-renders).
-
-    python -m training.controlled_failures [--runs vanishing-gradient,mode-collapse+all,...] [--max-iters 1250]
-        [--num-samples 2000] [--data-source full] [--from-json]
-
-Default budget: 1,250 iterations = 2 epochs of the 60k set at batch 96 (125 epochs of d-overfit's 1,000 images).
-Measured on this repo's 2-core CPU, 1 torch thread, shared with two other trainings: ~0.34 s per iteration for a
-plain run (~7 min) and ~0.65 s for a `+all` run (2 D steps: ~14 min), about 10 min per run on average plus ~1 min
-of evaluation: ~65 min for the six runs.
+A run is one of train_gan's failure CONFIGS (vanishing-gradient, mode-collapse, d-overfit), alone or with every
+mitigation of `apply_mitigations` (`<config>+all`). It trains into runs/controlled/<name> (never checkpoints/), its
+generator is scored with training.evaluate, and runs on a limited training set also get the discriminator's
+train-vs-held-out gap. `verdict()` judges the figures by explicit thresholds (below, also in the JSON): a failure is
+"reproduced" when its own symptom (EXPECTED_SYMPTOM) fires, a `+all` run "mitigated" when it no longer does. Each
+run replaces its entry in reports/gan/controlled_failures.json; the .md beside it is rendered from that JSON alone.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -54,12 +26,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
-
 from mnistgen.checkpoint import REPO_ROOT
 from mnistgen.files import repo_path
-from mnistgen.cli import add_dataclass_args, dataclass_from_args
-from .data import SOURCES, DataConfig, load_mnist
+from ..data import SOURCES, DataConfig, load_mnist
+from . import sweep
 
 BASE_CONFIGS = ("vanishing-gradient", "mode-collapse", "d-overfit")  # train_gan CONFIGS names
 ALL_SUFFIX = "+all"  # <config>+all = the config with every mitigation of train_gan.MITIGATIONS
@@ -73,12 +43,13 @@ D_OVERFIT_GAP = 0.1  # mean D(train reals) - mean D(held-out reals) at or above 
 EXPECTED_SYMPTOM = {"vanishing-gradient": "d_saturated", "mode-collapse": "collapsed", "d-overfit": "d_overfits"}
 SYMPTOM_LABEL = {"collapsed": "collapsed", "d_saturated": "D saturated", "d_overfits": "D overfits"}
 
-JSON_NAME, MD_NAME = "controlled_failures.json", "controlled_failures.md"
-MODULE = "python -m training.controlled_failures"
+JSON, MD = "controlled_failures.json", "controlled_failures.md"
+MODULE = "python -m training.experiments.controlled_failures"
+INDENT = 2
 
 
 @dataclass
-class ControlledConfig:
+class Config:
     runs: str = ",".join(RUNS)  # comma list of RUNS
     max_iters: int = 1250  # iterations per run (2 epochs of the 60k set at batch 96; ~10 min a run here on average)
     num_samples: int = 2000  # generated samples per evaluation (FID at 2k is biased upwards: compare within the table)
@@ -112,9 +83,9 @@ def split_run(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def train_config(name: str, cfg: ControlledConfig):
+def train_config(name: str, cfg: Config):
     """The train_gan TrainConfig of run `name` under cfg's budget, data and run directory."""
-    from .train_gan import CONFIGS, MITIGATIONS, apply_mitigations
+    from ..train_gan import CONFIGS, MITIGATIONS, apply_mitigations
 
     base, mitigated = split_run(name)
     tc = apply_mitigations(CONFIGS[base], list(MITIGATIONS) if mitigated else [])
@@ -128,7 +99,7 @@ def train_config(name: str, cfg: ControlledConfig):
 
 def describe(name: str) -> str:
     """What run `name` changes against train_gan's baseline config (from CONFIGS themselves)."""
-    from .train_gan import CONFIGS, MITIGATIONS, apply_mitigations
+    from ..train_gan import CONFIGS, MITIGATIONS, apply_mitigations
 
     base, mitigated = split_run(name)
     ref, cfg = CONFIGS["baseline"], CONFIGS[base]
@@ -223,7 +194,7 @@ def thresholds() -> dict:
             "d_saturated_loss_below": D_SATURATED_LOSS, "d_overfit_gap_at_least": D_OVERFIT_GAP}
 
 
-def machine(cfg: ControlledConfig) -> dict:
+def machine(cfg: Config) -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": cfg.threads,
@@ -239,22 +210,22 @@ def _git_commit() -> str | None:
         return None
 
 
-def command_for(name: str, cfg: ControlledConfig) -> str:
+def command_for(name: str, cfg: Config) -> str:
     """The command that reproduces one entry (output locations left at their defaults unless changed)."""
     parts = [MODULE, "--runs", name, "--max-iters", str(cfg.max_iters), "--num-samples", str(cfg.num_samples),
              "--data-source", cfg.data_source, "--seed", str(cfg.seed), "--threads", str(cfg.threads),
              "--device", cfg.device]
-    defaults = ControlledConfig()
+    defaults = Config()
     for field, opt in (("data_dir", "--data-dir"), ("runs_dir", "--runs-dir"), ("out_dir", "--out-dir")):
         if getattr(cfg, field) != getattr(defaults, field):
             parts += [opt, str(getattr(cfg, field))]
     return " ".join(parts)
 
 
-def run_one(name: str, cfg: ControlledConfig) -> dict:
+def run_one(name: str, cfg: Config) -> dict:
     """Train run `name`, evaluate its generator, measure the D gap where it applies; return its JSON entry."""
-    from .evaluate import generate_gan, generation_metrics
-    from .train_gan import GANTrainer
+    from ..evaluate import generate_gan, generation_metrics
+    from ..train_gan import GANTrainer
 
     t_start = time.perf_counter()
     mach = machine(cfg)
@@ -316,33 +287,19 @@ def _rel(p: Path) -> str:
 
 
 def empty_result() -> dict:
-    return {"about": f"Controlled GAN failures, written by `{MODULE}`; {MD_NAME} is rendered from this file only.",
+    return {"about": f"Controlled GAN failures, written by `{MODULE}`; {MD} is rendered from this file only.",
             "thresholds": thresholds(), "runs": {}}
 
 
-def load_result(path: Path) -> dict:
-    if not path.exists():
-        return empty_result()
-    data = json.loads(path.read_text())
-    if not isinstance(data.get("runs"), dict):
-        raise ValueError(f"{path} has no 'runs' object: not a {JSON_NAME} written by {MODULE}")
-    return data
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # never a half-written report
-
-
-def save_result(result: dict, out_dir: Path) -> dict:
-    """Write the JSON (runs in RUNS order) and the markdown rendered from it; return what was written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ordered = {n: result["runs"][n] for n in sorted(result["runs"], key=lambda n: (RUNS + (n,)).index(n))}
-    result = {**result, "thresholds": thresholds(), "runs": ordered}
-    _write(out_dir / JSON_NAME, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    _write(out_dir / MD_NAME, markdown(result))
-    return result
+def merged(path: Path, runs: dict) -> dict:
+    """The JSON at `path` (re-read: entries another process wrote meanwhile stay) with `runs` replacing theirs,
+    in RUNS order."""
+    result = sweep.load(path, empty_result())
+    if not isinstance(result.get("runs"), dict):
+        raise ValueError(f"{path} has no 'runs' object: not a {JSON} written by {MODULE}")
+    result["runs"].update(runs)
+    order = sorted(result["runs"], key=lambda n: (RUNS + (n,)).index(n))
+    return {**result, "thresholds": thresholds(), "runs": {n: result["runs"][n] for n in order}}
 
 
 def _g(v: float | None, spec: str) -> str:
@@ -357,127 +314,56 @@ def _unproven(name: str, runs: dict) -> str:
     return ""
 
 
-def markdown(result: dict) -> str:
-    """controlled_failures.md from the JSON's dict alone."""
+def markdown(result: dict, cfg: Config | None = None) -> str:
+    """controlled_failures.md from the JSON's dict alone (prose: pages/controlled_failures.md)."""
     runs = result["runs"]
-    t = result.get("thresholds", thresholds())
-    lines = ["# Controlled GAN failures", "",
-             f"Generated by `{MODULE}` from `{JSON_NAME}` (next to this file): every number below is read from that "
-             f"JSON; `{MODULE} --from-json` re-renders this page. Each run trains one controlled-failure "
-             "configuration of `training/train_gan.py` for an iteration budget, then scores the saved generator "
-             "with `training/evaluate.py` (`generate_gan` + `generation_metrics`).", ""]
-    if not runs:
-        lines += [f"No run measured yet. Run `{MODULE}` (all six runs, ~65 min on this 2-core CPU) or "
-                  f"`{MODULE} --runs <name>` for one."]
-    else:
-        lines += ["| run | config (vs baseline) | iterations | train wall (min) | final D loss | final G loss | "
-                  "coverage | FID (n) | pairwise distance | D train-vs-held-out gap | verdict |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for name, r in runs.items():
-            m, loss, gap = r["metrics"], r["losses"], r.get("d_gap")
-            lines.append(
-                f"| {name} | {r['description']} | {r['iterations']:,} | {r['train_wall_s'] / 60:.1f} | "
-                f"{loss['final_loss_d']:.3g} | {loss['final_loss_g']:.3g} | {m['coverage']} | "
-                f"{m['fid']:.1f} ({m['num_samples']:,}) | {m['pairwise_distance']:.3f} | "
-                f"{_g(gap and gap['gap'], '+.3f')} | {r['verdict']['text']}{_unproven(name, runs)} |")
-    lines += [
-        "",
-        "How to read it:",
-        "",
-        "- `+ all mitigations` = every mitigation of `train_gan.apply_mitigations`: one-sided label smoothing 0.9, "
-        "non-saturating G loss, 2 D steps per G step, instance noise 0.1 (annealed linearly to 0 over the budget), "
-        "D dropout 0.4. An iteration is one G update (and `d_steps` D updates).",
-        "- FID (classifier features, vs the 10k test split) is computed on the n samples in brackets. At n = 2,000 it "
-        "is biased upwards against the 10,000-sample figures of report.md: compare rows of this table only.",
-        "- Pairwise distance: mean RMS per-pixel difference between two samples (real test images: ~0.36, "
-        "report.md's floor); coverage: classes holding >= 2% of the classifier's labels.",
-        "- D train-vs-held-out gap (measured for runs on a limited training set only; — elsewhere): mean "
-        "sigmoid(D(x)) over the images D trained on minus the same over as many training-split images it never saw "
-        "(the next ones in the split), D scored as on reals during training (BatchNorm batch statistics, dropout off). "
-        "An overfit D scores held-out reals much lower.",
-        f"- Verdict rules (`training/controlled_failures.py: verdict`): collapsed = coverage <= "
-        f"{t['collapse_coverage_at_most']} or pairwise distance < {t['collapse_pairwise_below']}; D saturated = "
-        f"final D loss < {t['d_saturated_loss_below']}; D overfits = gap >= {t['d_overfit_gap_at_least']}. A failure "
-        "config is *reproduced* when its own symptom fires (vanishing-gradient: D saturated, mode-collapse: "
-        "collapsed, d-overfit: D overfits); a `+all` run is *mitigated* when that symptom no longer fires.",
-        "- Losses are the last logged iteration's (noisy: one batch); min losses are in the JSON.",
-        "",
-    ]
-    if runs:
-        lines += ["Provenance (per run, from the JSON):", ""]
-        for name, r in runs.items():
-            mach = r["machine"]
-            lines.append(
-                f"- {name}: measured {r['measured_at']} on {mach['processor']} ({mach['cpu_count']} cores, "
-                f"{mach['torch_threads']} torch thread(s), {mach['device']}, torch {mach['torch']}), data "
-                f"`{r['data_source']}`" + (f" (first {r['data_limit']:,} images)" if r.get("data_limit") else "")
-                + f", {r['iterations']:,} of max {r['max_iters']:,} iterations, total wall "
-                f"{r['total_wall_s'] / 60:.1f} min; `{r['command']}`")
-        lines.append("")
-    return "\n".join(lines)
+    table = sweep.table(
+        "run | config (vs baseline) | iterations | train wall (min) | final D loss | final G loss | coverage | "
+        "FID (n) | pairwise distance | D train-vs-held-out gap | verdict", "---|---|---:|---:|---:|---:|---:|---:|---:|---:|---",
+        [[name, r["description"], f"{r['iterations']:,}", f"{r['train_wall_s'] / 60:.1f}",
+          f"{r['losses']['final_loss_d']:.3g}", f"{r['losses']['final_loss_g']:.3g}", r["metrics"]["coverage"],
+          f"{r['metrics']['fid']:.1f} ({r['metrics']['num_samples']:,})", f"{r['metrics']['pairwise_distance']:.3f}",
+          _g(r.get("d_gap") and r["d_gap"]["gap"], "+.3f"), r["verdict"]["text"] + _unproven(name, runs)]
+         for name, r in runs.items()])
+    provenance = [
+        f"- {name}: measured {r['measured_at']} on {m['processor']} ({m['cpu_count']} cores, {m['torch_threads']} "
+        f"torch thread(s), {m['device']}, torch {m['torch']}), data `{r['data_source']}`"
+        + (f" (first {r['data_limit']:,} images)" if r.get("data_limit") else "")
+        + f", {r['iterations']:,} of max {r['max_iters']:,} iterations, total wall {r['total_wall_s'] / 60:.1f} min; "
+        f"`{r['command']}`" for name, r in runs.items() for m in [r["machine"]]]
+    return sweep.page(
+        "controlled_failures", module=MODULE, json=JSON, t=result.get("thresholds", thresholds()),
+        table="\n".join(table) if runs else f"No run measured yet. Run `{MODULE}` (all six runs) or "
+                                            f"`{MODULE} --runs <name>` for one.",
+        provenance="\nProvenance (per run, from the JSON):\n\n" + "\n".join(provenance) + "\n" if runs else "")
 
 
 # ---------------------------------------------------------------- driver and CLI
 
-def validate(cfg: ControlledConfig) -> list[str]:
+def validate(cfg: Config) -> list[str]:
     """The run names to measure; a ValueError naming the option for anything out of range."""
     names = parse_runs(cfg.runs)
-    if cfg.max_iters < 1:
-        raise ValueError(f"--max-iters must be >= 1, got {cfg.max_iters}")
-    if cfg.num_samples < 2:
-        raise ValueError(f"--num-samples must be >= 2, got {cfg.num_samples}")
-    if cfg.data_source not in SOURCES:
-        raise ValueError(f"--data-source must be one of {SOURCES}, got {cfg.data_source!r}")
-    if cfg.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
-    if cfg.device not in DEVICES:
-        raise ValueError(f"--device must be one of {DEVICES}, got {cfg.device!r}")
+    for bad, what, got in ((cfg.max_iters < 1, "--max-iters must be >= 1", cfg.max_iters),
+                           (cfg.num_samples < 2, "--num-samples must be >= 2", cfg.num_samples),
+                           (cfg.data_source not in SOURCES, f"--data-source must be one of {SOURCES}", cfg.data_source),
+                           (cfg.threads < 1, "--threads must be >= 1", cfg.threads),
+                           (cfg.device not in DEVICES, f"--device must be one of {DEVICES}", cfg.device)):
+        if bad:
+            raise ValueError(f"{what}, got {got!r}")
+    for name in names:  # refuse a bad --runs-dir before the first (long) run starts
+        train_config(name, cfg)
     return names
 
 
-def run(cfg: ControlledConfig) -> dict:
-    """Measure the configured runs (or only re-render with from_json); return the whole JSON dict."""
-    out = repo_path(cfg.out_dir)
-    if cfg.from_json:
-        path = out / JSON_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run `{MODULE}` first")
-        result = load_result(path)
-        _write(out / MD_NAME, markdown(result))
-        return result
+def measure(cfg: Config) -> dict:
+    """Measure the configured runs into the JSON (saved after every run: a stopped series keeps what it measured)."""
     names = validate(cfg)
-    for name in names:  # refuse a bad --runs-dir before the first (long) run starts
-        train_config(name, cfg)
     torch.set_num_threads(cfg.threads)
-    result = load_result(out / JSON_NAME)
-    for name in tqdm(names, desc="controlled failures", unit="run"):
-        entry = run_one(name, cfg)
-        result = load_result(out / JSON_NAME)  # re-read: keep entries another process wrote meanwhile
-        result["runs"][name] = entry
-        result = save_result(result, out)  # after every run: a stopped series keeps what it measured
-        m = entry["metrics"]
-        tqdm.write(f"[{name}] {entry['iterations']} iterations, {entry['train_wall_s'] / 60:.1f} min: coverage "
-                   f"{m['coverage']}, FID {m['fid']:.1f}, pairwise {m['pairwise_distance']:.3f} -> "
-                   f"{entry['verdict']['text']}")
-    print(f"wrote {out / JSON_NAME} and {out / MD_NAME}")
-    return result
-
-
-def parse_args(argv: list[str] | None = None) -> ControlledConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(p, ControlledConfig, help={"runs": f"comma list of: {', '.join(RUNS)}"})
-    return dataclass_from_args(ControlledConfig, p.parse_args(argv))
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    path = repo_path(cfg.out_dir) / JSON
+    runs = sweep.cells([(n, lambda n=n: run_one(n, cfg)) for n in names], desc="controlled failures",
+                       after=lambda rows: sweep.save(path, merged(path, rows), INDENT))
+    return merged(path, runs)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sweep.main(sys.modules[__name__]))

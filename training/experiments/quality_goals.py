@@ -1,55 +1,31 @@
 """The quality goals of the 60k retraining (issue 13), measured in one command: every row a `training.evaluate` run.
 
-    python -m training.quality_goals                      # ~15 min on 2 CPU threads -> reports/quality/
-    python -m training.quality_goals --ddpm /tmp/new.safetensors --out-dir /tmp/q   # judge a candidate checkpoint
-    python -m training.quality_goals --from-json          # only re-render goals.md from goals.json
-    python -m training.quality_goals --reuse              # re-measure only the rows whose checkpoint changed
+    python -m training.experiments.quality_goals [--ddpm CANDIDATE.safetensors --out-dir /tmp/q] [--reuse | --from-json]
 
-Rows (FID in the evaluation classifier's feature space against the 10k test split; the floor is real test images
-judged against the training split, `--model real-test`):
-
-- floor: real test images, --num-samples (10,000)
-- dcgan-baseline (10,000): FID <= 9x the floor, coverage 10/10, KL to uniform <= 0.05
-- dcgan-modified (10,000): the mode-collapse verdict in numbers (coverage, KL, pairwise distance vs the real test
-  images' own), no goal
-- ddpm with the served default sampler of Generate (mnistgen.limits.DEFAULT_GENERATE_SAMPLER, 20 steps, 10,000):
-  FID <= 3x the floor
-- ddpm, --sampler-samples (1,000) each, same seeds: DDPM-100 (the reference), dpm-solver++ 20 (FID within 10 % of
-  DDPM-100: the issue's command), the best <= 20-step sampler (dpm-solver++ or sde-dpm-solver++ at 20) within 10 %
-- ddpm denoise at sigma 0.3 (1,000 test images): class preservation >= 0.98 and PSNR >= 26.5 dB, with evaluate's
-  default sampler (DDPM-100: the issue's command) and with Denoise's served default (mnistgen.limits.DEFAULT_SAMPLER)
-- the GAN as served in bf16 (model_repository/<model>/1/model_bf16.pt, what Triton runs from the engines.json
-  threshold on where the CPU has native bf16), same latents (10,000): FID no worse than the fp32 checkpoint's by more
-  than twice the spread of the difference (the bf16 engine must not cost quality). Only where the file exists.
-
-Each row records its model's checkpoint sha256 and training summary; goals.md is rendered from goals.json alone.
-FIDs carry `fid_sd`, their spread over bootstrap resamples of the samples (training.evaluate): two FIDs of the same
-sample count that differ by less than about twice that are within the noise of the draw.
-
-With --reuse, a row of the goals.json already in --out-dir is kept, not re-measured, when its `key` (the evaluation's
-settings less threads, the model checkpoint's sha256 and the evaluation classifier's sha256) equals the new one:
-after retraining one model, only its rows run. goals.md marks the rows taken over.
+The rows (plan) and the goals judged from them (judge): the floor (real test images against the training split),
+the GAN's FID / coverage / KL, the mode-collapse case in numbers, the DDPM's served sampler against the floor and
+the <= 20-step samplers against DDPM-100 on shared seeds, denoising at sigma 0.3, and the GAN as served in bf16
+against its fp32 checkpoint (where that export exists). Each row records its checkpoint's sha256 and training
+summary; goals.md is rendered from goals.json alone, a missed goal with its shortfall and next lever. With --reuse a
+row whose `key` (settings less threads, checkpoint and classifier sha256) is unchanged is taken over unmeasured.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mnistgen import catalog
 from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
-from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code
 from mnistgen.files import repo_path, sha256
-from mnistgen.limits import DEFAULT_GENERATE_SAMPLER, DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS
-from mnistgen.registry import CLASSIFIER_CHECKPOINT, GAN_MODELS, resolve
+from mnistgen.registry import CLASSIFIER_CHECKPOINT, resolve
+from ..evaluate import DDPM_MODELS, SPECIAL_MODELS, EvalConfig, evaluate
+from . import fid_history, sweep
 
-from . import fid_history
-from .evaluate import DDPM_MODELS, SPECIAL_MODELS, EvalConfig, evaluate
-
-JSON_NAME, MD_NAME = "goals.json", "goals.md"
+DDPM = next(m for m in DDPM_MODELS.values() if not m.conditional)  # the unconditional DDPM's Generate entry
+JSON, MD = "goals.json", "goals.md"
 FID_HISTORY = "reports/gan/fid_history.json"  # training.fid_history's points: the GAN lever quotes the last stretch
 FLOOR_X_GAN, FLOOR_X_DDPM = 9.0, 3.0  # FID goals as multiples of the floor
 MAX_KL, FEW_STEP_TOLERANCE = 0.05, 0.10
@@ -60,10 +36,10 @@ KEEP = ("fid", "fid_sd", "coverage", "kl_uniform", "pairwise_distance", "confide
 
 
 @dataclass
-class GoalsConfig:
-    gan: str = "dcgan-baseline"  # the GAN the FID goal judges (a name or a .safetensors path)
-    modified: str = "dcgan-modified"  # the mode-collapse case
-    ddpm: str = "ddpm"  # the unconditional DDPM ("ddpm" = checkpoints/ddpm.safetensors, or a path)
+class Config:
+    gan: str = catalog.DEFAULT_MODEL  # the GAN the FID goal judges (a name or a .safetensors path)
+    modified: str = list(catalog.GANS)[1]  # the mode-collapse case (the catalog's second GAN)
+    ddpm: str = DDPM.name  # the unconditional DDPM (a catalog name or a .safetensors path)
     num_samples: int = 10000  # floor, GANs, the served-default DDPM row
     sampler_samples: int = 1000  # each row of the sampler comparison, and the denoise row
     threads: int = 2  # torch CPU threads
@@ -71,7 +47,7 @@ class GoalsConfig:
     out_dir: str = "reports/quality"
     from_json: bool = False  # only re-render goals.md from goals.json
     reuse: bool = False  # keep the rows of the existing goals.json whose key (settings, checkpoints) is unchanged
-    fid_history: str = FID_HISTORY  # the GAN's FID over training (training.fid_history), quoted for its lever
+    fid_history: str = FID_HISTORY  # the GAN's FID over training (fid_history), quoted for its lever
     model_repository: str = "model_repository"  # where the served bf16 generator (gan-bf16 row) is looked for
 
 
@@ -79,7 +55,7 @@ def checkpoint_info(model: str) -> dict:
     """path, sha256 and training summary of a model name or checkpoint path (empty for the real-data rows)."""
     if model in SPECIAL_MODELS and model not in DDPM_MODELS:  # real data, noise: no checkpoint
         return {}
-    path = resolve(model, {**GAN_MODELS, **DDPM_MODELS})
+    path = resolve(model, {**catalog.GANS, **DDPM_MODELS})
     config = read_config(path)
     return {"checkpoint": str(path), "sha256": sha256(path), "summary": config.get("summary", {}),
             "data_source": config.get("train", {}).get("data_source")}
@@ -96,7 +72,7 @@ def row_key(ecfg: EvalConfig, info: dict, classifier_sha256: str) -> dict:
 def previous_rows(out_dir: Path) -> dict:
     """Rows of the goals.json in out_dir (none when it is missing or unreadable)."""
     try:
-        return json.loads((out_dir / JSON_NAME).read_text())["rows"]
+        return json.loads((out_dir / JSON).read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -201,31 +177,20 @@ def lever(g: dict, rows: dict, history: list[dict]) -> str:
     return "No lever recorded for this goal."
 
 
-def missed_lines(goals: list[dict], rows: dict, history: list[dict]) -> list[str]:
-    missed = [g for g in goals if not g["met"]]
-    if not missed:
-        return ["", "Every goal is met."]
-    lines = ["", "## Missed goals: by how much, and the next lever", ""]
-    for g in missed:
-        lines.append(f"- **{g['goal']}**: {shortfall(g)}. {lever(g, rows, history)}")
-    return lines
-
-
-def plan(cfg: GoalsConfig) -> dict[str, EvalConfig]:
+def plan(cfg: Config) -> dict[str, EvalConfig]:
     """Row name -> its evaluation (seeds shared, so sampler rows differ by the sampler alone)."""
     n, m, common = cfg.num_samples, cfg.sampler_samples, {"seed": cfg.seed, "threads": cfg.threads}
     rows = {
         "floor": EvalConfig(model="real-test", num_samples=n, **common),
         "gan": EvalConfig(model=cfg.gan, num_samples=n, **common),
         "modified": EvalConfig(model=cfg.modified, num_samples=n, **common),
-        "ddpm-served": EvalConfig(model=cfg.ddpm, num_samples=n, sampler=DEFAULT_GENERATE_SAMPLER,
-                                  steps=DEFAULT_SAMPLER_STEPS, **common),
+        "ddpm-served": EvalConfig(model=cfg.ddpm, num_samples=n, sampler=DDPM.sampler, steps=DDPM.steps, **common),
         "ddpm-100": EvalConfig(model=cfg.ddpm, num_samples=m, sampler="ddpm", steps=100, **common),
         **{f"ddpm-{s}-20": EvalConfig(model=cfg.ddpm, num_samples=m, sampler=s, steps=20, **common)
            for s in FAST_SAMPLERS},
         "denoise": EvalConfig(model=cfg.ddpm, task="denoise", sigma=DENOISE_SIGMA, num_samples=m, **common),
         "denoise-served": EvalConfig(model=cfg.ddpm, task="denoise", sigma=DENOISE_SIGMA, num_samples=m,
-                                     sampler=DEFAULT_SAMPLER, steps=DEFAULT_SAMPLER_STEPS, **common),
+                                     sampler=catalog.DENOISER.sampler, steps=catalog.DENOISER.steps, **common),
     }
     bf16 = served_bf16(cfg)
     if bf16 is not None:
@@ -233,49 +198,42 @@ def plan(cfg: GoalsConfig) -> dict[str, EvalConfig]:
     return rows
 
 
-def served_bf16(cfg: GoalsConfig) -> str | None:
+def served_bf16(cfg: Config) -> str | None:
     """The exported bf16 TorchScript of cfg.gan in the model repository (relative to the repository root when it
     lies under it), None when cfg.gan is not a served generator or the file is missing."""
     from mnistgen.engine import BF16_FILE
-    from training.export import GENERATORS
 
-    triton = {name: t for t, name in GENERATORS.items()}.get(cfg.gan)
-    path = repo_path(cfg.model_repository) / str(triton) / "1" / BF16_FILE
-    if triton is None or not path.is_file():
+    model = catalog.GANS.get(cfg.gan)
+    path = repo_path(cfg.model_repository) / (model.triton if model else "") / "1" / BF16_FILE
+    if model is None or not path.is_file():
         return None
     root = repo_path(".")
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def run(cfg: GoalsConfig) -> dict:
-    rows, t_start, out_dir = {}, time.perf_counter(), repo_path(cfg.out_dir)
-    before = previous_rows(out_dir) if cfg.reuse else {}
+def command(ecfg: EvalConfig) -> str:
+    return (f"python -m training.evaluate --model {ecfg.model} --task {ecfg.task} --num-samples {ecfg.num_samples}"
+            + (f" --sampler {ecfg.sampler} --steps {ecfg.steps}" if ecfg.sampler else "")
+            + (f" --sigma {ecfg.sigma}" if ecfg.task == "denoise" else "")
+            + (f" --torchscript {ecfg.torchscript}" if ecfg.torchscript else ""))
+
+
+def measure(cfg: Config) -> dict:
+    """Every planned row (taken over from the previous goals.json with --reuse when its key is unchanged)."""
     classifier_sha256 = sha256(CHECKPOINT_DIR / CLASSIFIER_CHECKPOINT)
-    for name, ecfg in plan(cfg).items():
-        info = checkpoint_info(ecfg.model)
-        key = row_key(ecfg, info, classifier_sha256)
-        command = (f"python -m training.evaluate --model {ecfg.model} --task {ecfg.task} --num-samples "
-                   f"{ecfg.num_samples}" + (f" --sampler {ecfg.sampler} --steps {ecfg.steps}" if ecfg.sampler else "")
-                   + (f" --sigma {ecfg.sigma}" if ecfg.task == "denoise" else "")
-                   + (f" --torchscript {ecfg.torchscript}" if ecfg.torchscript else ""))
-        old = before.get(name)
-        if old is not None and old.get("key") == key:
-            rows[name] = {**old, "reused": True}
-            print(f"[{name}] reused from {out_dir / JSON_NAME} (same settings and checkpoints): {command}", flush=True)
-            continue
-        print(f"[{name}] {command}", flush=True)
-        t0 = time.perf_counter()
+    planned = {name: (ecfg, checkpoint_info(ecfg.model)) for name, ecfg in plan(cfg).items()}
+
+    def row(ecfg: EvalConfig, info: dict) -> dict:
+        print(command(ecfg), flush=True)
         result = evaluate(ecfg)
-        rows[name] = {"model": ecfg.model, "task": ecfg.task, **{k: result[k] for k in KEEP if k in result},
-                      "wall_s": round(time.perf_counter() - t0, 1), **info, "key": key}
-        print(f"  {json.dumps({k: rows[name][k] for k in KEEP if k in rows[name]})}", flush=True)
-    out = {"about": __doc__.split("\n\n")[0], "config": asdict(cfg), "rows": rows, "goals": judge(rows),
-           "machine": {"platform": platform.platform(), "python": platform.python_version()},
-           "wall_s": round(time.perf_counter() - t_start, 1)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / JSON_NAME).write_text(json.dumps(out, indent=1) + "\n")
-    render(out_dir)
-    return out
+        return {"model": ecfg.model, "task": ecfg.task, **{k: result[k] for k in KEEP if k in result}, **info}
+
+    rows = sweep.cells([(name, lambda e=e, i=i: row(e, i)) for name, (e, i) in planned.items()],
+                       done=previous_rows(repo_path(cfg.out_dir)) if cfg.reuse else None, desc="quality goals",
+                       key=lambda name: row_key(planned[name][0], planned[name][1], classifier_sha256))
+    return {"about": __doc__.split("\n\n")[0], "config": asdict(cfg), "rows": rows, "goals": judge(rows),
+            "machine": {"platform": platform.platform(), "python": platform.python_version()},
+            "wall_s": round(sum(r["wall_s"] for r in rows.values() if not r.get("reused")), 1)}
 
 
 def _fmt(v) -> str:
@@ -285,70 +243,55 @@ def _fmt(v) -> str:
 
 
 def render(out_dir: Path) -> Path:
-    """goals.md from goals.json alone."""
-    data = json.loads((out_dir / JSON_NAME).read_text())
-    rows, floor = data["rows"], data["rows"]["floor"]
-    reused = [name for name, r in rows.items() if r.get("reused")]
-    lines = ["# Quality goals (issue 13), measured", "",
-             f"Generated by `python -m training.quality_goals` from {JSON_NAME} ({data['wall_s'] / 60:.0f} min, "
-             f"{data['config']['threads']} torch thread(s)"
-             + (f"; {len(reused)} row(s) marked * taken over unchanged from the previous run, same settings and "
-                "checkpoints" if reused else "") + "). FID in the evaluation classifier's feature space against the "
-             f"10k test split; floor = real test images vs the training split: **{floor['fid']:.3f}**.", "",
-             "## Goals", "", "| goal | measured | target | met | detail |", "|---|---:|---:|---|---|"]
+    """goals.md in out_dir from the goals.json there alone."""
+    path = out_dir / MD
+    path.write_text(markdown(sweep.load(out_dir / JSON), Config(out_dir=str(out_dir))))
+    return path
+
+
+def markdown(data: dict, cfg: Config | None = None) -> str:
+    """goals.md from goals.json alone (and the GAN's FID history its lever quotes)."""
+    from .controlled_failures import COLLAPSE_COVERAGE, COLLAPSE_PAIRWISE
+
+    rows, floor, mod = data["rows"], data["rows"]["floor"], data["rows"]["modified"]
     goals = judge(rows)  # (a pure function of the rows: goals.json files from before goal ids render the same)
-    for g in goals:
-        lines.append(f"| {g['goal']} | {_fmt(g['measured'])} | {g['comparison']} {g['target']:g} | "
-                     f"{'yes' if g['met'] else '**no**'} | {g['detail']} |")
     history = fid_history.load_points(repo_path(data["config"].get("fid_history", FID_HISTORY)))
-    lines += missed_lines(goals, rows, history)
-    lines += ["", "## Rows", "",
-              "| row | model | samples | sampler | FID | FID sd | x floor | coverage | KL | pairwise | class pres. | "
-              "PSNR | ms/sample | training |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    missed = [f"- **{g['goal']}**: {shortfall(g)}. {lever(g, rows, history)}" for g in goals if not g["met"]]
+    reused = sum(bool(r.get("reused")) for r in rows.values())
+    cells = []
     for name, r in rows.items():
         s = r.get("summary") or {}
         trained = ", ".join(x for x in (
             f"{s['iterations']} iters" if "iterations" in s else f"{s['steps']} steps" if "steps" in s else "",
             f"{s['train_time_s'] / 60:.0f} min" if "train_time_s" in s else "",
             f"data {r['data_source']}" if r.get("data_source") else "") if x)
-        fid = r.get("fid")
-        lines.append(
-            f"| {name}{' *' if r.get('reused') else ''} | {r['model']} | {r.get('num_samples', '-')} | "
-            f"{(str(r.get('sampler')) + ' ' + str(r.get('steps'))) if r.get('sampler') else '-'} | {_fmt(fid)} | "
-            f"{_fmt(r.get('fid_sd'))} | "
-            f"{_fmt(fid / floor['fid']) if fid is not None else '-'} | {_fmt(r.get('coverage'))} | "
-            f"{_fmt(r.get('kl_uniform'))} | {_fmt(r.get('pairwise_distance'))} | {_fmt(r.get('class_preservation'))} | "
-            f"{_fmt(r.get('psnr'))} | {_fmt(r.get('ms_per_sample'))} | {trained or '-'} |")
-    mod = rows["modified"]
-    lines += ["", f"Mode collapse (`{mod['model']}`): coverage {mod['coverage']}/10, KL {mod['kl_uniform']:.4f}, pairwise "
-              f"distance {mod['pairwise_distance']:.3f} vs {floor['pairwise_distance']:.3f} for real test images "
-              f"({100 * mod['pairwise_distance'] / floor['pairwise_distance']:.0f} %): "
-              + ("collapsed" if mod["coverage"] <= 3 or mod["pairwise_distance"] < 0.2 else "no collapse")
-              + " (training.controlled_failures' rule: coverage <= 3 or pairwise < 0.2).", ""]
-    path = out_dir / MD_NAME
-    path.write_text("\n".join(lines))
-    return path
-
-
-def parse_args(argv: list[str] | None = None) -> GoalsConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(p, GoalsConfig)
-    return dataclass_from_args(GoalsConfig, p.parse_args(argv))
-
-
-def run_and_print(cfg: GoalsConfig) -> None:
-    out = run(cfg)
-    for g in out["goals"]:
-        print(f"{'MET   ' if g['met'] else 'MISSED'} {g['goal']}: {g['measured']:.4g} (goal {g['comparison']} "
-              f"{g['target']:g}) {g['detail']}")
-    print(f"wrote {repo_path(cfg.out_dir) / JSON_NAME} and {MD_NAME}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    return exit_code((lambda: print(f"wrote {render(repo_path(cfg.out_dir))}")) if cfg.from_json
-                     else lambda: run_and_print(cfg))
+        cells.append([name + " *" * bool(r.get("reused")), r["model"], r.get("num_samples", "-"),
+                      f"{r['sampler']} {r.get('steps')}" if r.get("sampler") else "-", _fmt(r.get("fid")),
+                      _fmt(r.get("fid_sd")), _fmt(r["fid"] / floor["fid"]) if r.get("fid") is not None else "-",
+                      *(_fmt(r.get(k)) for k in ("coverage", "kl_uniform", "pairwise_distance", "class_preservation",
+                                                 "psnr", "ms_per_sample")), trained or "-"])
+    lines = ["# Quality goals (issue 13), measured", "",
+             f"Generated by `python -m training.experiments.quality_goals` from {JSON} ({data['wall_s'] / 60:.0f} min, "
+             f"{data['config']['threads']} torch thread(s)" + (f"; {reused} row(s) marked * taken over unchanged from "
+                                                               "the previous run, same settings and checkpoints"
+                                                               if reused else "")
+             + "). FID in the evaluation classifier's feature space against the 10k test split; floor = real test "
+             f"images vs the training split: **{floor['fid']:.3f}**.", "", "## Goals", ""]
+    lines += sweep.table("goal | measured | target | met | detail", "---|---:|---:|---|---",
+                         [[g["goal"], _fmt(g["measured"]), f"{g['comparison']} {g['target']:g}",
+                           "yes" if g["met"] else "**no**", g["detail"]] for g in goals])
+    lines += ["", "## Missed goals: by how much, and the next lever", "", *missed] if missed else ["", "Every goal is met."]
+    lines += ["", "## Rows", ""] + sweep.table(
+        "row | model | samples | sampler | FID | FID sd | x floor | coverage | KL | pairwise | class pres. | PSNR | "
+        "ms/sample | training", "---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---", cells)
+    collapsed = mod["coverage"] <= COLLAPSE_COVERAGE or mod["pairwise_distance"] < COLLAPSE_PAIRWISE
+    lines += ["", f"Mode collapse (`{mod['model']}`): coverage {mod['coverage']}/10, KL {mod['kl_uniform']:.4f}, "
+              f"pairwise distance {mod['pairwise_distance']:.3f} vs {floor['pairwise_distance']:.3f} for real test "
+              f"images ({100 * mod['pairwise_distance'] / floor['pairwise_distance']:.0f} %): "
+              f"{'collapsed' if collapsed else 'no collapse'} (controlled_failures' rule: coverage <= "
+              f"{COLLAPSE_COVERAGE} or pairwise < {COLLAPSE_PAIRWISE}).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sweep.main(sys.modules[__name__]))

@@ -1,0 +1,58 @@
+"""Every committed report page a script writes is the render of its committed JSON, byte for byte (no measuring)."""
+import importlib
+import json
+
+import pytest
+
+from mnistgen.files import REPO_ROOT
+from training.experiments import sweep
+
+STUDIES = ("report", "report_ddpm", "report_cond", "quality_goals", "sampler_study", "fid_history",
+           "controlled_failures")
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_the_committed_page_is_the_render_of_its_committed_json(name):
+    mod = importlib.import_module(f"training.experiments.{name}")
+    cfg = mod.Config(from_json=True)
+    json_path, md_path = sweep.paths(mod, cfg)
+    assert json_path.is_relative_to(REPO_ROOT / "reports") and md_path.is_file(), (json_path, md_path)
+    assert mod.markdown(sweep.load(json_path), cfg) == md_path.read_text(), (
+        f"{md_path.relative_to(REPO_ROOT)} differs from a render of {json_path.name}: run "
+        f"`python -m training.experiments.{name} --from-json` (edit the renderer, never the page)")
+
+
+def test_the_bench_page_is_the_render_of_its_committed_json():
+    from loadtest.bench import markdown
+
+    reports = REPO_ROOT / "reports" / "bench"
+    assert markdown(json.loads((reports / "results.json").read_text())) == (reports / "results.md").read_text()
+
+
+def test_every_committed_page_is_covered():
+    pages = {sweep.paths(importlib.import_module(f"training.experiments.{n}"),
+                         importlib.import_module(f"training.experiments.{n}").Config(from_json=True))[1]
+             for n in STUDIES} | {REPO_ROOT / "reports" / "bench" / "results.md"}
+    assert set((REPO_ROOT / "reports").glob("*/*.md")) == pages
+
+
+def test_cells_take_over_rows_whose_key_is_unchanged_and_save_after_each():
+    saved, calls = [], []
+
+    def cell(name):
+        calls.append(name)
+        return {"fid": len(calls)}
+
+    done = {"a": {"fid": 9, "key": "ka"}, "b": {"fid": 8, "key": "old"}}
+    rows = sweep.cells([(n, lambda n=n: cell(n)) for n in "abc"], done=done, key=lambda n: f"k{n}",
+                       after=lambda rows: saved.append(list(rows)))
+    assert calls == ["b", "c"] and rows["a"] == {"fid": 9, "key": "ka", "reused": True}
+    assert rows["b"]["key"] == "kb" and rows["b"]["fid"] == 1 and rows["b"]["wall_s"] >= 0
+    assert saved == [["a", "b"], ["a", "b", "c"]]
+
+
+def test_a_missing_json_is_a_clear_error(tmp_path, capsys):
+    from training.experiments import sampler_study
+
+    assert sweep.main(sampler_study, ["--from-json", "--out-dir", str(tmp_path)]) == 2
+    assert "sampler_study.json not found" in capsys.readouterr().err

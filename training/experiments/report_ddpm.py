@@ -1,0 +1,184 @@
+"""DDPM quality report: generation (FID, coverage, KL, ms/sample) per sampler and step count, denoising at several sigmas.
+
+    python -m training.experiments.report_ddpm [--samplers ddpm,ddim --steps 10,20] [--from-json]
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mnistgen.catalog import MAX_STEPS, SAMPLERS
+from mnistgen.checkpoint import REPO_ROOT
+from mnistgen.diffusion import denoise, generate, load_unet, make_scheduler, sigma_to_timestep
+from mnistgen.files import repo_path
+from ..data import DataConfig, load_mnist, to_uint8
+from ..evaluate import denoise_metrics, generation_metrics
+from ..plots import plt, save_grid
+from . import sweep
+from .sweep import fmt
+
+JSON, MD = "results.json", "report.md"
+GEN_KEYS = ("fid", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
+DEN_KEYS = ("class_preservation", "psnr", "ssim")
+
+
+def _list(text: str, kind=str) -> list:
+    return [kind(s.strip()) for s in text.split(",") if s.strip()]
+
+
+@dataclass
+class Config:
+    checkpoint: str = "checkpoints/ddpm.safetensors"  # the EMA UNet to judge
+    out_dir: str = "reports/ddpm"  # report.md, results.json, PNGs
+    samplers: str = ",".join(SAMPLERS)  # comma list, each one of SAMPLERS
+    steps: str = "10,20,50,100"  # generation: UNet evaluations per sample (comma list)
+    n_generate: int = 300  # samples per (sampler, steps) cell; FID on few samples is biased upwards
+    sigmas: str = "0.3,0.5,0.7"  # denoise noise levels (y = x0 + sigma * n)
+    denoise_steps: str = "10"  # denoise: UNet evaluations per image, capped at t* + 1 (comma list)
+    n_denoise: int = 500  # seeded subset of the 10k test split
+    seed: int = 0
+    batch_size: int = 256
+    threads: int = 1  # torch CPU threads (the CPU is shared: ms/sample is indicative, not a benchmark)
+    from_json: bool = False  # only re-render report.md and quality_vs_steps.png from results.json
+
+    def __post_init__(self):
+        bad = [s for s in _list(self.samplers) if s not in SAMPLERS]
+        if bad:
+            raise ValueError(f"samplers: each must be one of {SAMPLERS}, got {bad}")
+        for name in ("steps", "denoise_steps"):
+            if any(not 1 <= v <= MAX_STEPS for v in _list(getattr(self, name), int)):
+                raise ValueError(f"{name}: each must be an integer in [1, {MAX_STEPS}], got {getattr(self, name)}")
+        if any(not 0 < s <= 10 for s in _list(self.sigmas, float)):
+            raise ValueError(f"sigmas: each must be in (0, 10], got {self.sigmas}")
+        if self.n_generate < 2 or not 1 <= self.n_denoise <= 10000:
+            raise ValueError("n_generate must be >= 2 and n_denoise in [1, 10000]")
+
+
+def _timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+def generation_cell(unet, sched: dict, cfg: Config, sampler: str, steps: int, out: Path) -> dict:
+    imgs, dt = _timed(generate, unet, cfg.n_generate, sampler, steps, cfg.seed, cfg.batch_size,
+                      scheduler_config=sched)  # (N, 1, 28, 28)
+    m = generation_metrics(imgs, seed=cfg.seed)
+    save_grid(imgs[:64], out / "samples" / f"{sampler}_{steps:03d}.png")
+    return {"sampler": sampler, "steps": steps, "n": cfg.n_generate, "ms_per_sample": 1000 * dt / cfg.n_generate,
+            **{k: m[k] for k in GEN_KEYS}, "class_histogram": m["class_histogram"]}
+
+
+def denoise_cell(unet, sched: dict, cfg: Config, clean, labels, sigma: float, sampler: str, steps: int,
+                 examples: dict) -> dict:
+    t_star = sigma_to_timestep(sigma, make_scheduler("ddpm", sched).alphas_cumprod)
+    noisy, den, dt = [], [], 0.0
+    for i in range(0, cfg.n_denoise, cfg.batch_size):
+        (nz, d), t = _timed(denoise, unet, clean[i:i + cfg.batch_size], sigma, sampler, steps, cfg.seed + i,
+                            scheduler_config=sched)
+        noisy, den, dt = noisy + [nz], den + [d], dt + t
+    noisy, den = torch.cat(noisy), torch.cat(den)  # (N, 1, 28, 28)
+    examples[(sigma, sampler, steps)], examples[(sigma, "noisy")] = den[:8], noisy[:8]
+    examples[(sigma, "noisy", "row")] = denoise_metrics(noisy.clamp(-1, 1), clean, labels)  # the input itself
+    m = denoise_metrics(den, clean, labels)
+    return {"sigma": sigma, "t_star": t_star, "sampler": sampler, "steps": min(steps, t_star + 1),
+            "n": cfg.n_denoise, "ms_per_sample": 1000 * dt / cfg.n_denoise, **{k: m[k] for k in DEN_KEYS}}
+
+
+def measure(cfg: Config) -> dict:
+    samplers, sigmas, dsteps = _list(cfg.samplers), _list(cfg.sigmas, float), _list(cfg.denoise_steps, int)
+    torch.set_num_threads(cfg.threads)
+    out = repo_path(cfg.out_dir)
+    unet, ckpt = load_unet(repo_path(cfg.checkpoint))
+    sched, t0 = ckpt["scheduler"], time.perf_counter()
+    gen = sweep.cells([(f"{s}-{n}", lambda s=s, n=n: generation_cell(unet, sched, cfg, s, n, out))
+                       for s in samplers for n in _list(cfg.steps, int)], desc="generation")
+    x, y = load_mnist("test", DataConfig())
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_denoise]
+    clean, labels, examples, den = x[idx], y[idx], {"clean": x[idx][:8]}, []
+    for sigma in sigmas:
+        rows = sweep.cells([(f"{sigma}-{s}-{n}", lambda s=s, n=n: denoise_cell(
+            unet, sched, cfg, clean, labels, sigma, s, n, examples)) for s in samplers for n in dsteps],
+            desc=f"denoise sigma {sigma}")
+        m = examples[(sigma, "noisy", "row")]
+        den += [*rows.values(), {"sigma": sigma, "t_star": rows[next(iter(rows))]["t_star"],
+                                 "sampler": "(noisy input)", "steps": 0, "n": cfg.n_denoise, "ms_per_sample": 0.0,
+                                 **{k: m[k] for k in DEN_KEYS}}]
+    elapsed = time.perf_counter() - t0
+    denoise_figure(examples, sigmas, "ddpm" if "ddpm" in samplers else samplers[0], max(dsteps),
+                   out / "denoise.png")
+    loss_png = REPO_ROOT / ckpt.get("train", {}).get("run_dir", "runs/ddpm") / "loss.png"
+    if loss_png.exists():
+        (out / "loss.png").write_bytes(loss_png.read_bytes())
+    return {"config": dataclasses.asdict(cfg), "checkpoint_summary": ckpt.get("summary"),
+            "checkpoint_unet": ckpt.get("unet"), "machine": platform.machine(),
+            "generation": list(gen.values()), "denoise": den, "elapsed_s": round(elapsed, 1)}
+
+
+def denoise_figure(examples: dict, sigmas, sampler: str, steps: int, path: Path) -> None:
+    """Research-style figure: clean row, then noisy / denoised rows for each sigma (8 test images)."""
+    rows = [("clean", examples["clean"])]
+    for sigma in sigmas:
+        rows += [(f"noisy σ={sigma}", examples[(sigma, "noisy")]),
+                 (f"denoised σ={sigma}", examples[(sigma, sampler, steps)])]
+    fig, axes = plt.subplots(len(rows), 8, figsize=(8 * 0.9, len(rows) * 0.95), dpi=120)
+    for r, (label, imgs) in enumerate(rows):
+        for c, img in enumerate(to_uint8(imgs)):  # (28, 28) each
+            axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=255)
+            axes[r, c].set(xticks=[], yticks=[])
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"DDPM denoising ({sampler}, {steps} steps max over [0, t*])", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def figures(data: dict, cfg: Config) -> None:
+    """quality_vs_steps.png: FID and ms/sample against steps, per sampler."""
+    rows = data["generation"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    for i, sampler in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
+        rs = [r for r in rows if r["sampler"] == sampler]
+        for ax, key in zip(axes, ("fid", "ms_per_sample")):
+            ax.plot([r["steps"] for r in rs], [r[key] for r in rs], "o-", color=f"C{i}", label=sampler)
+    for ax, yl in zip(axes, ("FID (classifier features, lower is better)", "CPU ms / sample")):
+        ax.set_xscale("log")
+        ax.set_xlabel("UNet evaluations (steps)")
+        ax.set_ylabel(yl, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"DDPM quality vs steps (n={rows[0]['n']} samples per point)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(repo_path(data["config"]["out_dir"]) / "quality_vs_steps.png")
+    plt.close(fig)
+
+
+def markdown(d: dict, cfg: Config | None = None) -> str:
+    """report.md from results.json alone (prose: pages/report_ddpm.md)."""
+    s = d.get("checkpoint_summary") or {}
+    generation = sweep.table(
+        "sampler | steps | n | FID | coverage | KL(p‖uniform) | confidence | variance | pairwise dist | ms/sample",
+        "---|---:|---:|---:|---:|---:|---:|---:|---:|---:",
+        [[r["sampler"], r["steps"], r["n"], fmt(r["fid"], 2), r["coverage"], fmt(r["kl_uniform"]),
+          fmt(r["confidence"]), fmt(r["variance"], 4), fmt(r["pairwise_distance"]), fmt(r["ms_per_sample"], 1)]
+         for r in d["generation"]])
+    denoise = sweep.table(
+        "sigma | t* | sampler | steps | n | class preservation | PSNR (dB) | SSIM | ms/sample",
+        "---:|---:|---|---:|---:|---:|---:|---:|---:",
+        [[r["sigma"], r["t_star"], r["sampler"], r["steps"], r["n"], fmt(r["class_preservation"]),
+          fmt(r["psnr"], 2), fmt(r["ssim"]), fmt(r["ms_per_sample"], 1)] for r in d["denoise"]])
+    return sweep.page("report_ddpm", d=d, c=d["config"], s=s, u=d.get("checkpoint_unet") or {},
+                      params=s.get("params", "?"), train_min=fmt((s.get("train_time_s") or 0) / 60, 1),
+                      final_loss=fmt(s.get("final_loss"), 4), minutes=d["elapsed_s"] / 60,
+                      generation="\n".join(generation), denoise="\n".join(denoise))
+
+
+if __name__ == "__main__":
+    sys.exit(sweep.main(sys.modules[__name__]))
