@@ -122,7 +122,7 @@ monitor: setup prometheus-install ## Prometheus on :9090 scraping `make run`'s g
 soak: setup ## ~10 min at 70% of measured capacity, Generate + Denoise mixed: errors, per-minute p99, gateway/Triton RSS -> out/soak/ (not in make test) [DURATION=600]
 	$(PY) -m loadtest.soak $(if $(DURATION),--duration $(DURATION))
 
-reliability: setup ## only the fault / overload / bad-input / drain tests (they are part of make test too)
+reliability: setup ## only the fault / overload / bad-input / drain tests (part of make test too); they write out/reliability/*.json (`python -m loadtest.reliability_report collect` keeps them)
 	$(PY) -m pytest -q tests/reliability
 
 reliability-report: ## render docs/reliability.md from the committed reports/reliability/*.json (to refresh those: python -m loadtest.reliability_report -h)

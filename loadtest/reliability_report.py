@@ -2,38 +2,26 @@
 
     python -m loadtest.reliability_report                 # render docs/reliability.md (make reliability-report)
     python -m loadtest.reliability_report --check         # exit 1 when docs/reliability.md differs from a render
-    python -m loadtest.reliability_report collect-tests   # run tests/reliability, keep its figures + the run's context
-    python -m loadtest.reliability_report collect-soak    # copy out/soak/soak.json + soak.png (after `make soak`)
+    python -m loadtest.reliability_report collect         # after `make reliability`: copy out/reliability/*.json
+    python -m loadtest.reliability_report collect-soak    # after `make soak`: copy out/soak/soak.json + soak.png
 
-The template is loadtest/reliability.md.in: Markdown with `{source.key.key}` fields (str.format syntax, format spec
-after a colon: `{soak.capacity_rps:.1f}`, literal braces doubled). `source` is a JSON file of reports/reliability/
-(`soak` = soak.json, `overload` = overload.json, ...), the keys walk into it (list items by index); `derived.*` are
-values computed here from those files (sums, ranges, tables), never typed in. A field the JSON lacks stops the render
-with the file and the key path (ReportError), so a renamed figure cannot silently vanish from the page.
+The template, loadtest/reliability.md.in, is str.format Markdown whose fields walk into those files:
+`{soak.capacity_rps:.1f}` is soak.json's capacity_rps (list items by index); `derived.*` are values computed here
+from the files (sums, ranges, tables), never typed in. A field a file lacks stops the render naming the file and the
+key (ReportError), so a renamed figure cannot silently vanish from the page.
 
-Inputs (all committed; refresh them with the collect commands, then render and commit the lot):
-- tests_run.json: context of the tests/reliability run the figures come from (written by collect-tests: machine,
-  1-minute load average over the run, wall time, pytest's outcome per test file from its JUnit XML);
-- bad_input.json, triton_faults.json, overload.json, deadlines.json, graceful_stop.json, graceful_stop_bound.json:
-  what the tests measured in that run (the `[name] {json}` lines they print with -s, which are also the content of
-  out/reliability/<name>.json; read from the run's own output, since a concurrent run may rewrite out/reliability/);
-- soak.json, soak.png: `make soak`'s summary and plot (loadtest/soak.py).
+Inputs: what tests/reliability wrote into out/reliability/ (tests/reliability/reliability_support.py: each test's
+figures, and tests_run.json: the session's command, machine, load average, wall time and pytest's outcome per
+file), and soak.json + soak.png from `make soak` (loadtest/soak.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
-import platform
-import re
 import shutil
 import string
-import subprocess
 import sys
-import threading
-import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +54,7 @@ def load_sources(reports_dir: Path = REPORTS_DIR) -> dict[str, dict]:
 def collect_hint(name: str) -> str:
     if name == "soak":
         return "run `make soak`, then `python -m loadtest.reliability_report collect-soak`"
-    return "run `python -m loadtest.reliability_report collect-tests`"
+    return "run `make reliability`, then `python -m loadtest.reliability_report collect`"
 
 
 def rel(path: Path) -> str:
@@ -150,7 +138,7 @@ def derive(s: dict, reports_dir: Path) -> dict:
         f"`{name}` " + ", ".join(f"{v} {k}" for k, v in f["outcome"].items() if v) + f" ({f['time_s']:.0f} s)"
         for name, f in files.items())
     d["tests_wall_min"] = get("tests_run", "wall_s") / 60
-    stale = get("tests_run", "not_written")
+    stale = [name for name in TEST_FIGURES if name not in get("tests_run", "written")]
     d["stale_note"] = ("" if not stale else
                        f" The tests did not write {', '.join(f'`{n}.json`' for n in stale)} in that run: those "
                        f"figures are from an earlier one.")
@@ -208,89 +196,18 @@ def soak_table(wins: list[dict], window_s: float) -> str:
 
 
 # ---- collecting the inputs ------------------------------------------------------------------------------------
-class LoadSampler(threading.Thread):
-    """The machine's 1-minute load average every `interval` seconds."""
-
-    def __init__(self, interval: float = 1.0):
-        super().__init__(daemon=True)
-        self.interval, self.values, self.stop_event = interval, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            self.values.append(os.getloadavg()[0])
-            self.stop_event.wait(self.interval)
-
-    def stop(self) -> dict:
-        self.stop_event.set()
-        self.join(5)
-        v = self.values or [os.getloadavg()[0]]
-        return {"min": round(min(v), 2), "mean": round(sum(v) / len(v), 2), "max": round(max(v), 2)}
-
-
-def junit_outcomes(path: Path) -> dict[str, dict]:
-    """pytest's JUnit XML -> {test file: {"outcome": {passed, failed, error, skipped}, "time_s"}}."""
-    files: dict[str, dict] = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        name = case.get("file") or (case.get("classname", "").rsplit(".", 1)[-1] + ".py")
-        name = Path(name).name
-        f = files.setdefault(name, {"outcome": {"passed": 0, "failed": 0, "error": 0, "skipped": 0}, "time_s": 0.0})
-        kinds = {c.tag for c in case}
-        outcome = ("failed" if "failure" in kinds else "error" if "error" in kinds
-                   else "skipped" if "skipped" in kinds else "passed")
-        f["outcome"][outcome] += 1
-        f["time_s"] = round(f["time_s"] + float(case.get("time", 0)), 1)
-    return dict(sorted(files.items()))
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "gpu_devices": len(list(Path("/dev").glob("nvidia[0-9]*")))}
-
-
-FIGURE_LINE = re.compile(r"^\[(\w+)\] (\{.*\})\s*$")  # what reliability_support.write_figures prints under -s
-
-
-def collect_tests(reports_dir: Path, pytest_args: list[str]) -> int:
-    """Run tests/reliability (pytest -s), then write the figures this run printed and tests_run.json.
-
-    The figures are taken from the run's own output (write_figures prints each file's content as
-    `[name] {json}`), not from out/reliability/: another run on the same checkout may rewrite those files
-    while this one runs."""
-    import tempfile
-
+def collect(reports_dir: Path, out_dir: Path) -> int:
+    """Copy tests_run.json and the figure files that run wrote from out_dir (out/reliability) into reports_dir."""
+    run = json.loads((out_dir / "tests_run.json").read_text()) if (out_dir / "tests_run.json").is_file() else None
+    if run is None:
+        raise ReportError(f"{rel(out_dir / 'tests_run.json')} is missing: run `make reliability` first")
     reports_dir.mkdir(parents=True, exist_ok=True)
-    figures: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        junit = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability", "-s",
-               f"--junitxml={junit}", *pytest_args]
-        print("running:", " ".join(cmd), flush=True)
-        started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
-        sampler = LoadSampler()
-        sampler.start()
-        with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              bufsize=1) as proc:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                m = FIGURE_LINE.match(line)
-                if m and m.group(1) in TEST_FIGURES:
-                    figures[m.group(1)] = json.loads(m.group(2))
-        rc = proc.returncode
-        load = sampler.stop()
-        wall = time.monotonic() - t0
-        files = junit_outcomes(junit) if junit.is_file() else {}
-    stale = [name for name in TEST_FIGURES if name not in figures]
-    for name, data in figures.items():  # the format of write_figures' files
-        (reports_dir / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    for name in stale:
-        print(f"warning: the run printed no [{name}] figures: {rel(reports_dir / f'{name}.json')} keeps "
-              f"{'an earlier run' if (reports_dir / f'{name}.json').is_file() else 'nothing'}", file=sys.stderr)
-    run = {"command": " ".join(["pytest", *cmd[3:]]).replace(f"--junitxml={junit}", "--junitxml=..."),
-           "started_utc": started, "wall_s": round(wall, 1), "exit_code": rc, "machine": machine(),
-           "load_avg_1m": load, "files": files, "copied": sorted(figures), "not_written": stale}
-    (reports_dir / "tests_run.json").write_text(json.dumps(run, indent=2) + "\n")
-    print(f"pytest exit {rc}; wrote {sorted(figures)} and tests_run.json into {rel(reports_dir)}", flush=True)
-    return rc
+    for name in ["tests_run", *(n for n in TEST_FIGURES if n in run["written"])]:
+        shutil.copyfile(out_dir / f"{name}.json", reports_dir / f"{name}.json")
+    for name in (n for n in TEST_FIGURES if n not in run["written"]):
+        print(f"warning: that run wrote no {name}.json: {rel(reports_dir)} keeps an earlier one", file=sys.stderr)
+    print(f"copied tests_run.json and {run['written']} into {rel(reports_dir)} (pytest exit {run['exit_code']})")
+    return 0
 
 
 def collect_soak(reports_dir: Path, soak_dir: Path) -> int:
@@ -315,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     for q in (p, r):
         q.add_argument("--out", type=Path, default=DOC, help="the page to write (default: docs/reliability.md)")
         q.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs from a render")
-    t = sub.add_parser("collect-tests", help="run tests/reliability and write the figures it printed into --reports-dir")
-    t.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
+    t = sub.add_parser("collect", help="copy what the last tests/reliability run wrote into --reports-dir")
+    t.add_argument("--out-dir", type=Path, default=REPO_ROOT / "out" / "reliability")
     k = sub.add_parser("collect-soak", help="copy `make soak`'s soak.json + soak.png into --reports-dir")
     k.add_argument("--soak-dir", type=Path, default=REPO_ROOT / "out" / "soak")
     a = p.parse_args(argv)
     try:
-        if a.command == "collect-tests":
-            return collect_tests(a.reports_dir, a.pytest_args)
+        if a.command == "collect":
+            return collect(a.reports_dir, a.out_dir)
         if a.command == "collect-soak":
             return collect_soak(a.reports_dir, a.soak_dir)
         text = render(a.reports_dir)

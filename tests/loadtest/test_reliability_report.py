@@ -111,3 +111,21 @@ def test_lookup_walks_dicts_and_lists():
     assert rr.lookup(data, "x y", "f.json") == 1
     with pytest.raises(rr.ReportError, match=r"f\.json: no key 'a\.b\.7'"):
         rr.lookup(data, "a.b.7", "f.json")
+
+
+def test_collect_copies_what_the_last_run_wrote(reports, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    run = json.loads((reports / "tests_run.json").read_text())
+    run["written"] = ["overload"]  # this run wrote only the overload figures
+    (out / "tests_run.json").write_text(json.dumps(run))
+    (out / "overload.json").write_text(json.dumps({**json.loads((reports / "overload.json").read_text()),
+                                                   "rejection_p99_ms_all": 4321.5}))
+    (out / "deadlines.json").write_text("{}")  # left over from an earlier run: not copied
+    assert rr.main(["--reports-dir", str(reports), "collect", "--out-dir", str(out)]) == 0
+    assert "that run wrote no bad_input.json" in capsys.readouterr().err
+    assert json.loads((reports / "deadlines.json").read_text()) != {}
+    text = rr.render(reports)
+    assert "measured 4321.5 ms" in text and "figures are from an earlier one" in text
+    assert rr.main(["--reports-dir", str(reports), "collect", "--out-dir", str(tmp_path / "none")]) == 2
+    assert "run `make reliability` first" in capsys.readouterr().err

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from reliability_support import reliability_run  # noqa: F401  (session, autouse: out/reliability/tests_run.json)
+
 
 @pytest.fixture
 def restore_triton(triton):

@@ -1,15 +1,19 @@
-"""Helpers of the reliability tests: the serving tests' gateway handling reused, Triton SIGKILL, RSS, figures."""
+"""Helpers of the reliability tests: the serving tests' gateway handling reused, Triton SIGKILL, RSS, and the figures
+each test measured with the session's run record (out/reliability/*.json, the input of docs/reliability.md)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import platform
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from loadtest.soak import rss_mib
 
@@ -119,10 +123,66 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, float), q)) if len(values) else float("nan")
 
 
+WRITTEN: list[str] = []  # the figure files this session wrote (tests_run.json's "written")
+
+
 def write_figures(name: str, figures: dict) -> Path:
-    """out/reliability/<name>.json: what a test measured (read by docs/reliability.md's author, not by tests)."""
+    """out/reliability/<name>.json: what a test measured, the input of docs/reliability.md
+    (`python -m loadtest.reliability_report collect` copies this session's files into reports/reliability/)."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / f"{name}.json"
     path.write_text(json.dumps(figures, indent=2, sort_keys=True, default=float) + "\n")
-    print(f"\n[{name}] " + json.dumps(figures, sort_keys=True, default=float))
+    WRITTEN.append(name)
     return path
+
+
+class RunRecorder:
+    """A pytest plugin for one session: pytest's outcome and time per tests/reliability file, the machine's 1-minute
+    load average every second, and the wall time from the first reliability test to the last."""
+
+    def __init__(self):
+        self.files: dict[str, dict] = {}
+        self.loads, self.stop = [], threading.Event()
+        self.started, self.t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.monotonic()
+        self.t_last = self.t0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self.stop.is_set():
+            self.loads.append(os.getloadavg()[0])
+            self.stop.wait(1.0)
+
+    def pytest_runtest_logreport(self, report) -> None:
+        path = Path(report.nodeid.split("::")[0])
+        if path.parent.name != "reliability":
+            return
+        f = self.files.setdefault(path.name, {"outcome": dict.fromkeys(("passed", "failed", "error", "skipped"), 0),
+                                              "time_s": 0.0})
+        f["time_s"] = round(f["time_s"] + report.duration, 1)
+        self.t_last = time.monotonic()
+        if report.when == "call" or report.failed or report.skipped:
+            kind = ("skipped" if report.skipped else "passed" if report.passed
+                    else "failed" if report.when == "call" else "error")
+            f["outcome"][kind] += 1
+
+    def write(self, config, failed: int) -> Path:
+        self.stop.set()
+        v = self.loads or [os.getloadavg()[0]]
+        run = {"command": " ".join(["pytest", *config.invocation_params.args]), "started_utc": self.started,
+               "wall_s": round(self.t_last - self.t0, 1), "exit_code": 1 if failed else 0,
+               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "python": platform.python_version(),
+                           "gpu_devices": len(list(Path("/dev").glob("nvidia[0-9]*")))},
+               "load_avg_1m": {"min": round(min(v), 2), "mean": round(sum(v) / len(v), 2), "max": round(max(v), 2)},
+               "files": dict(sorted(self.files.items())), "written": sorted(set(WRITTEN))}
+        return write_figures("tests_run", run)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reliability_run(request):
+    """Record this session's run (RunRecorder) into out/reliability/tests_run.json when it ends."""
+    recorder = RunRecorder()
+    request.config.pluginmanager.register(recorder, "reliability-run-recorder")
+    yield recorder
+    request.config.pluginmanager.unregister(recorder)
+    recorder.write(request.config, request.session.testsfailed)
