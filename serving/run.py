@@ -275,7 +275,7 @@ class Stack:
 
 
 def banner(stack: Stack) -> str:
-    c, gw, t = stack.c, stack.gateway, stack.triton
+    gw, t = stack.gateway, stack.triton
     return "\n".join([
         "", "mnistgen-serve is up (Ctrl-C stops both servers)",
         f"  gateway gRPC     {gw.grpc_target}   (mnistgen.v1.GenerationService, health, reflection)",

@@ -11,10 +11,8 @@ configuration errors (each a process that must exit with a clear message).
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,15 +30,9 @@ from serving.gateway.auth import TOKEN_FILE_CHECK_S, UNAUTHENTICATED_MESSAGE, Co
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
 from serving.generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 from serving.process import NotReady, wait_until
+from serving.run import start_gateway
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# The serving tests' gateway helpers (start_gateway, wait_ready, Gateway), loaded once under the name
-# test_serve_extra.py and tests/reliability use, so everyone shares one copy.
-_spec = importlib.util.spec_from_file_location("mnistgen_serving_conftest", REPO_ROOT / "tests" / "serving" / "conftest.py")
-sc = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = sc
-    _spec.loader.exec_module(sc)
 
 FILE_TOKENS = ("old-token-1", "new-token-2")  # a rotation in progress: both valid
 ENV_TOKEN = "env.token_3~+/="
@@ -94,11 +86,11 @@ def secure_gateway(triton, pki, tmp_path_factory):
     d = tmp_path_factory.mktemp("secure-gateway")
     token_file = d / "tokens"
     token_file.write_text(TOKEN_FILE_TEXT)
-    gw = sc.start_gateway(triton.grpc_url, d / "gateway.log", "--api-token-file", str(token_file),
-                          "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
-                          env={"MNISTGEN_API_TOKENS": ENV_TOKEN}, ca=pki.ca)
+    gw = start_gateway(triton.grpc_url, d / "gateway.log", "--api-token-file", str(token_file),
+                       "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
+                       env={"MNISTGEN_API_TOKENS": ENV_TOKEN}, ca=pki.ca)
     try:
-        sc.wait_ready(gw)  # /readyz over https, no token
+        gw.wait_ready(60)  # /readyz over https, no token
         yield gw
     finally:
         code = gw.stop()
@@ -353,7 +345,7 @@ def test_unusable_tls_or_tokens_stop_the_gateway(triton, pki, tmp_path):
     }
     for name, (args, env, message) in cases.items():
         with pytest.raises(RuntimeError, match="exited with code 1") as e:
-            sc.start_gateway(triton.grpc_url, tmp_path / f"{name}.log", *args, env=env)
+            start_gateway(triton.grpc_url, tmp_path / f"{name}.log", *args, env=env)
         assert message in str(e.value), (name, str(e.value)[-1500:])
         assert "Traceback" not in str(e.value), name
         assert "has space" not in str(e.value)  # tokens are never echoed

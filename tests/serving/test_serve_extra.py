@@ -9,7 +9,6 @@ this is the proof that it installs and serves. About 30 s here (venv + pip from 
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
+from serving.run import LISTENING, GatewayProcess, GatewayProcessConfig
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +31,6 @@ SOURCES = ("pyproject.toml", "README.md", "mnistgen", "serving", "training", "lo
 PIP_TIMEOUT_S = 600
 # Heavy distributions a gateway install must not bring (the reason the serve extra exists).
 NOT_INSTALLED = ("torch", "torchvision", "diffusers", "onnxruntime", "locust", "matplotlib", "nvidia-pytriton")
-
-# The serving tests' gateway handling (Gateway, LISTENING, wait_ready), loaded once under the name
-# tests/reliability/reliability_support.py uses, so both share one copy.
-_spec = importlib.util.spec_from_file_location("mnistgen_serving_conftest", REPO_ROOT / "tests" / "serving" / "conftest.py")
-serving_conftest = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = serving_conftest  # (its @dataclass looks itself up there)
-    _spec.loader.exec_module(serving_conftest)
-
 
 def clean_env() -> dict[str, str]:
     """This environment without anything that would put the repository's sources on sys.path."""
@@ -107,11 +98,13 @@ def start_installed_gateway(python: Path, cwd: Path, triton_url: str, log_path: 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=clean_env())
-    deadline = time.monotonic() + serving_conftest.GATEWAY_STARTUP_TIMEOUT_S
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        m = serving_conftest.LISTENING.search(log_path.read_text(errors="replace"))
-        if m:
-            return serving_conftest.Gateway(proc, int(m.group(1)), int(m.group(2)), log_path)
+        m = LISTENING.search(log_path.read_text(errors="replace"))
+        if m:  # serving.run's handle on a process it did not start itself
+            gw = GatewayProcess(GatewayProcessConfig(triton_url, grpc_port=int(m.group(1)), http_port=int(m.group(2))))
+            gw.proc, gw.log_path = proc, log_path
+            return gw
         time.sleep(0.1)
     if proc.poll() is None:
         proc.kill()
@@ -124,7 +117,7 @@ def test_serve_only_gateway_generates(serve_venv, triton, tmp_path):
     python, outside = serve_venv
     gw = start_installed_gateway(python, outside, triton.grpc_url, tmp_path / "gateway.log")
     try:
-        serving_conftest.wait_ready(gw)
+        gw.wait_ready(60)
         g = gw.stub.Generate(pb.GenerateRequest(model="dcgan-baseline", num_samples=2, seed=1), timeout=60)
         assert g.images.count == 2 and list(g.images.shape) == [2, 1, 28, 28]
         a = np.frombuffer(g.images.raw, "<f4").reshape(2, 1, 28, 28)
