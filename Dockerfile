@@ -57,8 +57,9 @@ COPY pyproject.toml ./
 RUN pip install --no-cache-dir "./[serve]" \
     && pip uninstall --yes mnistgen-serve && rm -rf build mnistgen_serve.egg-info
 # mnistgen/latent.py is numpy-only and the one source of seeded latents, mnistgen/catalog.py (standard library only) the
-# model table and request limits the Triton models share; nothing else from mnistgen/ is needed (its __init__ imports nothing).
-COPY mnistgen/__init__.py mnistgen/catalog.py mnistgen/latent.py mnistgen/schedule.py mnistgen/
+# model table and request limits the Triton models share, mnistgen/cli.py the gateway's settings parser; nothing
+# else from mnistgen/ is needed (its __init__ imports nothing).
+COPY mnistgen/__init__.py mnistgen/catalog.py mnistgen/cli.py mnistgen/latent.py mnistgen/schedule.py mnistgen/
 COPY serving/ serving/
 ENV MNISTGEN_TRITON_URL=triton:8001
 USER 10001:10001
