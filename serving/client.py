@@ -248,14 +248,13 @@ def _cmd_denoise(c: GatewayClient, a) -> str:
 
 
 def _cmd_models(c: GatewayClient, a) -> str:
-    rows = [f"{'name':16} {'triton model':16} {'kind':5} {'ready':6} {'version':8} {'latent':7} max_n"]
+    rows = [f"{'name':16} {'triton model':18} {'kind':9} {'ready':6} {'version':8} {'latent':7} max_n"]
     for m in c.list_models().models:
-        rows.append(f"{m.name:16} {m.triton_model:16} {m.kind:5} {str(m.ready):6} {m.version or '-':8} "
+        rows.append(f"{m.name:16} {m.triton_model:18} {m.kind:9} {str(m.ready):6} {m.version or '-':8} "
                     f"{m.latent_dim or '-':<7} {m.max_num_samples}"
                     + (f"  samplers {list(m.samplers)} (default {m.default_sampler}), denoise {m.supports_denoise}"
-                       if m.kind == "ddpm" else "")
-                    + (f", digit 0-9 (guidance {m.default_guidance:g})" if m.accepts_digit else "")
-                    + (f"\n{'':16} engines: {m.engines}" if m.engines else ""))
+                       if m.samplers else "")
+                    + (f", digit 0-9 (guidance {m.default_guidance:g})" if m.accepts_digit else ""))
     return "\n".join(rows)
 
 

@@ -12,8 +12,8 @@ import traceback
 import grpc
 import numpy as np
 
-from mnistgen.latent import sample_latent
 from mnistgen import catalog
+from mnistgen.latent import sample_latent
 
 from .. import images as imgs
 from ..generated.mnistgen.v1 import generation_pb2 as pb
@@ -125,7 +125,7 @@ def set_timing(msg: pb.Timing, start: float, triton_s: float, n: int) -> pb.Timi
 
 def model_label(name: str) -> str:
     """Metrics label for a requested model: only known names (unbounded user input never becomes a label)."""
-    name = name or "dcgan-baseline"
+    name = name or catalog.DEFAULT_MODEL
     return name if name in catalog.GENERATORS else "unknown"
 
 
