@@ -164,7 +164,7 @@ class GatewayClient:
     def generate(self, model: str = "", num_samples: int = 1, seed: int | None = None, steps: int = 0,
                  sampler: str = "", format: int = pb.RAW_FLOAT32, digit: int | None = None,
                  guidance: float | None = None) -> pb.GenerateResponse:
-        """digit (0..9) and guidance: class-conditional models (ddpm-cond) only; None = absent."""
+        """digit (0..9) and guidance: class-conditional models only; None = absent."""
         req = pb.GenerateRequest(model=model, num_samples=num_samples, steps=steps, sampler=sampler, format=format)
         if seed is not None:
             req.seed = seed
@@ -254,7 +254,7 @@ def _cmd_models(c: GatewayClient, a) -> str:
                     f"{m.latent_dim or '-':<7} {m.max_num_samples}"
                     + (f"  samplers {list(m.samplers)} (default {m.default_sampler}), denoise {m.supports_denoise}"
                        if m.samplers else "")
-                    + (f", digit 0-9 (guidance {m.default_guidance:g})" if m.accepts_digit else ""))
+                    + (f", digit 0-{catalog.DIGITS - 1} (guidance {m.default_guidance:g})" if m.accepts_digit else ""))
     return "\n".join(rows)
 
 
