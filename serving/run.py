@@ -67,7 +67,6 @@ class GatewayProcess(ManagedProcess):
     grpc_target = property(lambda self: f"{self.host}:{self.config.grpc_port}")
     http_target = property(lambda self: f"{self.host}:{self.config.http_port}")
     http_url = property(lambda self: f"{self.scheme}://{self.http_target}")
-    metrics_url = property(lambda self: f"{self.http_url}/metrics")
 
     def describe(self) -> str:
         return f"gateway (grpc {self.config.grpc_port}, http {self.config.http_port})"
@@ -77,11 +76,15 @@ class GatewayProcess(ManagedProcess):
         cmd = [sys.executable, "-m", "serving.gateway", "--host", c.host, "--grpc-port", str(c.grpc_port),
                "--http-port", str(c.http_port), "--triton-url", c.triton_url, *c.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1") | (c.env or {})
+        seen = c.log_file.stat().st_size if c.log_file and c.log_file.exists() else 0  # (the log is appended to)
         self._spawn(cmd, c.log_file, cwd=REPO_ROOT, env=env, start_new_session=True)  # Ctrl-C reaches it via us
         if not (c.grpc_port and c.http_port):
+            def listening() -> re.Match | None:
+                return LISTENING.search(self.log_path.read_bytes()[seen:].decode(errors="replace"))
+
             try:
-                m = wait_until(lambda: LISTENING.search(self.log_path.read_text(errors="replace")), c.startup_timeout_s,
-                               f"gateway {cmd}", proc=self.proc, log=self.log_path, interval_s=0.1)
+                m = wait_until(listening, c.startup_timeout_s, f"gateway {cmd}", proc=self.proc, log=self.log_path,
+                               interval_s=0.1)
             except (RuntimeError, TimeoutError):
                 self.stop()
                 raise

@@ -69,3 +69,20 @@ def test_sigterm_drains_in_flight_requests(make_gateway, triton):
         assert r.status == 200, r.body
     assert gw.proc.wait(30) == 0, gw.log_tail()
     assert "draining" in gw.log_path.read_text()
+
+
+def test_launcher_reads_its_own_ports_from_a_reused_log(tmp_path):
+    """A log file is appended to: a second gateway started on it must not pick up the first one's 'listening' line.
+    (No Triton needed: the gateway listens, and /healthz answers, before Triton is reachable.)"""
+    from serving.run import start_gateway
+
+    log = tmp_path / "gateway.log"
+    first = start_gateway("127.0.0.1:9", log)
+    first.stop(10)
+    second = start_gateway("127.0.0.1:9", log)
+    try:
+        assert log.read_text().count("gateway listening") == 2
+        assert second.http("GET", "/healthz", timeout=5).status == 200
+        assert second.http("GET", "/readyz", timeout=5).status == 503  # Triton unreachable: not ready
+    finally:
+        assert second.stop(10) == 0
