@@ -13,8 +13,6 @@ help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(STAMP) ## create .venv and install the project with its pinned dependencies
-	@# config.pbtxt's measured `engines` block stays out of git (mnistgen/engines_param.py, .gitattributes)
-	@git rev-parse --git-dir >/dev/null 2>&1 && git config filter.engines-param.clean 'python3 mnistgen/engines_param.py' && git config filter.engines-param.smudge cat || true
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
@@ -40,8 +38,8 @@ export: setup ## export checkpoints to ONNX/TorchScript for Triton (skips fresh 
 triton: export ## Triton alone in the foreground: HTTP :8000, gRPC :8001, metrics :8002
 	$(PY) -m serving.triton_server
 
-bench-triton: export ## per-sample latency: eager PyTorch vs ONNX Runtime vs Triton gRPC -> bench/triton.json
-	$(PY) -m loadtest.bench_triton
+bench-triton: setup ## per-sample latency: eager PyTorch vs ONNX Runtime vs Triton gRPC (make bench's in-process and Triton rows) -> bench/triton/
+	$(PY) -m loadtest.bench --paths pytorch-eager pytorch-eager-bf16 onnxruntime triton-grpc --concurrency 0 --out-dir bench/triton
 
 prometheus-install: ## install Debian's prometheus + promtool where missing (make monitor, make test)
 	@command -v prometheus >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
