@@ -54,10 +54,8 @@ class Goal:
     unit: str  # "x" (ratio) or "ms"
 
     @property
-    def met(self) -> bool:
-        if not np.isfinite(self.measured):
-            return False
-        return self.measured <= self.target if self.comparison == "<=" else self.measured >= self.target
+    def met(self) -> bool:  # (a NaN, not measured, meets nothing)
+        return bool(self.measured <= self.target if self.comparison == "<=" else self.measured >= self.target)
 
 
 @dataclass
@@ -119,21 +117,11 @@ class GatewayBenchConfig:
         if any(b < 1 for b in self.generator_batches + self.denoise_batches + self.cond_batches):
             raise ValueError("batch sizes must be >= 1")
 
-    @property
-    def served_paths(self) -> list[str]:
-        """The requested paths that need Triton (and the gateway): none, and neither is started."""
-        return [p for p in self.paths if p in SERVED]
-
-    @property
-    def ort_paths(self) -> list[str]:
-        """The requested in-process ONNX Runtime paths."""
-        return [p for p in self.paths if p.startswith("onnxruntime")]
-
-    @property
-    def reads_onnx(self) -> bool:
-        """Whether a requested path runs the exported models (in-process ONNX Runtime, or served): then they are
-        exported first, and --device cuda needs onnxruntime-gpu."""
-        return bool(self.ort_paths or self.served_paths)
+    # the requested paths that need Triton and the gateway (none: neither is started), the in-process ONNX Runtime
+    # ones, and whether any runs the exported models (then they are exported first; --device cuda needs onnxruntime-gpu)
+    served_paths = property(lambda self: [p for p in self.paths if p in SERVED])
+    ort_paths = property(lambda self: [p for p in self.paths if p.startswith("onnxruntime")])
+    reads_onnx = property(lambda self: bool(self.ort_paths or self.served_paths))
 
 
 # ---- workloads beyond bench_triton's ------------------------------------------------------------------------
@@ -609,11 +597,7 @@ def run(cfg: GatewayBenchConfig) -> dict:
         print(f"starting Triton ({', '.join(models)}, {cfg.model_repository.name}) and the gateway ...", flush=True)
     else:
         print(f"paths {list(cfg.paths)}: in-process only, no Triton or gateway started", flush=True)
-    rows: list[dict] = []
-    overhead: dict | None = None
-    concurrency: dict = {}
-    locust: dict | None = None
-    skipped: dict[str, str] = {}
+    rows, overhead, concurrency, locust, skipped = [], None, {}, None, {}  # results.json's sections
     try:
         if stack is not None:
             try:

@@ -172,9 +172,7 @@ class GatewayClient:
             req.digit = digit
         if guidance is not None:
             req.guidance = guidance
-        if self._stub is not None:
-            return self._grpc("Generate", req)
-        return self._http("POST", "/v1/generate", req, pb.GenerateResponse)
+        return self._call("Generate", "/v1/generate", req, pb.GenerateResponse)
 
     def denoise(self, images: np.ndarray | list[bytes], sigma: float, steps: int = 0, sampler: str = "",
                 seed: int | None = None, format: int = pb.RAW_FLOAT32) -> pb.DenoiseResponse:
@@ -186,14 +184,15 @@ class GatewayClient:
             req.png_images.extend(images)
         if seed is not None:
             req.seed = seed
-        if self._stub is not None:
-            return self._grpc("Denoise", req)
-        return self._http("POST", "/v1/denoise", req, pb.DenoiseResponse)
+        return self._call("Denoise", "/v1/denoise", req, pb.DenoiseResponse)
 
     def list_models(self) -> pb.ListModelsResponse:
+        return self._call("ListModels", "/v1/models", pb.ListModelsRequest(), pb.ListModelsResponse, "GET")
+
+    def _call(self, rpc: str, path: str, request, response_type, method: str = "POST"):
         if self._stub is not None:
-            return self._grpc("ListModels", pb.ListModelsRequest())
-        return self._http("GET", "/v1/models", None, pb.ListModelsResponse)
+            return self._grpc(rpc, request)
+        return self._http(method, path, request if method == "POST" else None, response_type)
 
 
 def readable(sock) -> bool:
