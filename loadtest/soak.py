@@ -107,7 +107,7 @@ class Mix:
     def next(self, transport: str | None = None) -> Job:
         self.acc += self.cfg.denoise_share
         kind = "denoise" if self.acc >= 1.0 else "generate"
-        self.acc -= kind == "denoise"
+        self.acc -= 1.0 if kind == "denoise" else 0.0
         n = self.rng.choice(self.cfg.denoise_images if kind == "denoise" else self.cfg.num_samples)
         return Job(kind, transport or self.rng.choice(self.cfg.transports), n, self.rng.randrange(2**31))
 
