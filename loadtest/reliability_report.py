@@ -142,7 +142,8 @@ def derive(s: dict, reports_dir: Path) -> dict:
     d["stale_note"] = ("" if not stale else
                        f" The tests did not write {', '.join(f'`{n}.json`' for n in stale)} in that run: those "
                        f"figures are from an earlier one.")
-    d["gpu"] = "no GPU" if not get("tests_run", "machine.gpu_devices") else "a GPU present (unused: Triton runs KIND_CPU)"
+    d["gpu"] = ("a GPU present (unused: Triton runs KIND_CPU)" if get("tests_run", "machine.gpu_devices")
+                else "no GPU")
     # bad input
     d["bad_input_campaigns"] = counts(get("bad_input", "per_campaign"))
     d["bad_input_answers"] = counts(get("bad_input", "structure_answers"))
@@ -174,7 +175,8 @@ def derive(s: dict, reports_dir: Path) -> dict:
     p99s = [w["p99_ms"] for w in wins]
     d["soak_window_p99_min"], d["soak_window_p99_max"] = (min(p99s), max(p99s)) if p99s else (None, None)
     d["soak_codes"] = counts(get("soak", "codes"))
-    d["soak_errors_verdict"] = "**0 errors**" if soak["errors"] == 0 else f"**{soak['errors']} errors** (promise broken)"
+    d["soak_errors_verdict"] = (f"**{soak['errors']} errors** (promise broken)" if soak["errors"]
+                                else "**0 errors**")
     verdicts = []
     for name in ("gateway", "triton"):
         g = get("soak", f"rss.{name}.growth_pct")
@@ -186,8 +188,8 @@ def derive(s: dict, reports_dir: Path) -> dict:
 
 
 def soak_table(wins: list[dict], window_s: float) -> str:
-    head = (f"| window ({window_s:.0f} s) | requests | errors | p50 ms | p99 ms | p99 Generate ms | p99 Denoise ms | gateway RSS MiB "
-            "| Triton RSS MiB | load avg |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = (f"| window ({window_s:.0f} s) | requests | errors | p50 ms | p99 ms | p99 Generate ms | p99 Denoise ms | "
+            "gateway RSS MiB | Triton RSS MiB | load avg |\n" + "|---" * 10 + "|")
     rows = [f"| {w['window'] + 1} | {w['requests']} | {w['errors']} | {fmt(w['p50_ms'])} | {fmt(w['p99_ms'])} | "
             f"{fmt(w['p99_ms_by_kind']['generate'])} | {fmt(w['p99_ms_by_kind']['denoise'])} | "
             f"{fmt(w['gateway_rss_mib'])} | {fmt(w['triton_rss_mib'])} | {fmt(w['load_avg_1m'], '.2f')} |"
@@ -196,31 +198,22 @@ def soak_table(wins: list[dict], window_s: float) -> str:
 
 
 # ---- collecting the inputs ------------------------------------------------------------------------------------
-def collect(reports_dir: Path, out_dir: Path) -> int:
-    """Copy tests_run.json and the figure files that run wrote from out_dir (out/reliability) into reports_dir."""
-    run = json.loads((out_dir / "tests_run.json").read_text()) if (out_dir / "tests_run.json").is_file() else None
-    if run is None:
-        raise ReportError(f"{rel(out_dir / 'tests_run.json')} is missing: run `make reliability` first")
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    for name in ["tests_run", *(n for n in TEST_FIGURES if n in run["written"])]:
-        shutil.copyfile(out_dir / f"{name}.json", reports_dir / f"{name}.json")
-    for name in (n for n in TEST_FIGURES if n not in run["written"]):
+def collect(reports_dir: Path, src: Path, soak: bool = False) -> int:
+    """Copy what the last run wrote into reports_dir: tests_run.json and the figure files it lists as written (from
+    out/reliability), or `make soak`'s soak.json and soak.png (from out/soak)."""
+    first = src / ("soak.json" if soak else "tests_run.json")
+    if not first.is_file():
+        raise ReportError(f"{rel(first)} is missing: run `make {'soak' if soak else 'reliability'}` first")
+    run = json.loads(first.read_text())
+    names = ["soak.png"] if soak else [f"{n}.json" for n in TEST_FIGURES if n in run["written"]]
+    for name in [] if soak else (n for n in TEST_FIGURES if n not in run["written"]):
         print(f"warning: that run wrote no {name}.json: {rel(reports_dir)} keeps an earlier one", file=sys.stderr)
-    print(f"copied tests_run.json and {run['written']} into {rel(reports_dir)} (pytest exit {run['exit_code']})")
-    return 0
-
-
-def collect_soak(reports_dir: Path, soak_dir: Path) -> int:
+    if soak and run["config"]["duration_s"] < 600:
+        print(f"note: this soak ran {run['config']['duration_s']:.0f} s, not the full 10 minutes", file=sys.stderr)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("soak.json", "soak.png"):
-        if not (soak_dir / name).is_file():
-            raise ReportError(f"{rel(soak_dir / name)} is missing: run `make soak` first")
-    res = json.loads((soak_dir / "soak.json").read_text())
-    if res.get("config", {}).get("duration_s", 0) < 600:
-        print(f"note: this soak ran {res['config']['duration_s']:.0f} s, not the full 10 minutes", file=sys.stderr)
-    for name in ("soak.json", "soak.png"):
-        shutil.copyfile(soak_dir / name, reports_dir / name)
-    print(f"copied soak.json, soak.png into {rel(reports_dir)}")
+    for name in [first.name, *names]:
+        shutil.copyfile(src / name, reports_dir / name)
+    print(f"copied {[first.name, *names]} into {rel(reports_dir)}")
     return 0
 
 
@@ -232,16 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     for q in (p, r):
         q.add_argument("--out", type=Path, default=DOC, help="the page to write (default: docs/reliability.md)")
         q.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs from a render")
-    t = sub.add_parser("collect", help="copy what the last tests/reliability run wrote into --reports-dir")
-    t.add_argument("--out-dir", type=Path, default=REPO_ROOT / "out" / "reliability")
-    k = sub.add_parser("collect-soak", help="copy `make soak`'s soak.json + soak.png into --reports-dir")
-    k.add_argument("--soak-dir", type=Path, default=REPO_ROOT / "out" / "soak")
+    for command, src, what in (("collect", "reliability", "what the last tests/reliability run wrote"),
+                               ("collect-soak", "soak", "`make soak`'s soak.json + soak.png")):
+        c = sub.add_parser(command, help=f"copy {what} into --reports-dir")
+        c.add_argument("--src", type=Path, default=REPO_ROOT / "out" / src, help="where that run wrote")
     a = p.parse_args(argv)
     try:
-        if a.command == "collect":
-            return collect(a.reports_dir, a.out_dir)
-        if a.command == "collect-soak":
-            return collect_soak(a.reports_dir, a.soak_dir)
+        if a.command in ("collect", "collect-soak"):
+            return collect(a.reports_dir, a.src, soak=a.command == "collect-soak")
         text = render(a.reports_dir)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,16 +1,10 @@
 """Training across processes: torchrun's environment -> a process group, DDP wrapping, sharded sampling, rank-0 I/O.
 
-The trainers call `setup()` once. Started as a plain `python -m training.train_gan`, it returns a single-process
-context (rank 0 of 1) and nothing changes. Started under `torchrun --nproc-per-node N -m training.train_gan`
-(torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), it joins the process group
-(gloo on CPU, nccl on CUDA), and the trainers then:
-- wrap their models in DistributedDataParallel (gradients all-reduced and averaged every step),
-- split each global batch of `batch_size` into `batch_size / world_size` per process (same optimisation as one
-  process with the whole batch; DistributedSampler shards the shuffled data, seeded with the run's seed),
-- seed model init identically on every rank (DDP also broadcasts rank 0's weights) and everything random after
-  init with seed + rank, so the ranks draw different noise,
-- write checkpoints, logs, grids and state.pt from rank 0 only,
-- check at the end that all replicas hold identical weights (`assert_replicas_identical`).
+`setup()` returns a single-process context (rank 0 of 1) under plain `python -m training.train_gan`; under `torchrun
+--nproc-per-node N` it joins the process group (gloo on CPU, nccl on CUDA) and the trainers wrap their models in
+DistributedDataParallel, split each global batch over the ranks (DistributedSampler, seeded with the run's seed: the
+same optimisation as one process), init identically and draw noise with seed + rank, write from rank 0 only, and
+check at the end that all replicas hold identical weights (`assert_replicas_identical`).
 """
 from __future__ import annotations
 

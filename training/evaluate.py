@@ -2,39 +2,22 @@
 
 Every metric judges images through the committed digit classifier (`training.classifier`):
 
-- `fid`: Fréchet distance between the classifier's 128-d penultimate activations of the samples and of a
-  reference set (default: the 10k test split), computed by torchmetrics' `FrechetInceptionDistance` with the
-  classifier as its custom feature module. It is NOT comparable to Inception-FID figures from papers.
-- `fid_sd`: the standard deviation of that FID over 100 bootstrap resamples of the samples (the reference fixed):
-  how far the FID moves with the draw of the samples; compare two FIDs of the same sample count against it.
-- `coverage`: how many of the 10 digit classes receive at least 2% of the predicted labels (0..10).
-- `kl_uniform`: KL(p || uniform) of the predicted-class histogram p, natural log (0 = perfectly balanced,
-  ln 10 = 2.303 = a single class).
-- `confidence`: mean max-softmax of the classifier (low = digits the classifier cannot read).
-- `variance`: inter-sample variance: per-pixel variance across samples (population, ddof=0) of images scaled
-  to [0, 1], averaged over the 784 pixels. A collapsed generator scores ~0.
-- `pairwise_distance`: mean L2 distance between two different samples' flattened [0, 1] images, divided by
-  sqrt(784) (so it is the root-mean-square per-pixel difference, in [0, 1]); computed on a seeded subsample of
-  at most 1,000 images (all ordered pairs i != j).
-
-Denoising: `class_preservation` (classifier(denoised) == true label), `psnr` (dB, mean of per-image PSNR) and
-`ssim` (mean), both from torchmetrics.functional on [0, 1] images with data_range=1.
-
-Class-conditional DDPM (`--model ddpm-cond`, i.e. checkpoints/ddpm-cond.safetensors, or any DDPM checkpoint whose UNet
-has num_class_embeds > 0): item i of `--num-samples` (default 1,000) asks for digit i % 10, so the requests are
-balanced over the 10 digits, and is sampled with classifier-free guidance `--guidance` w, eps = eps_null +
-w * (eps_label - eps_null) (w = 1: plain conditional, w = 0: unconditional; default: the checkpoint config's
-`conditional.guidance`, else the catalog entry's guidance) by `--sampler` / `--steps` (default: the catalog entry's,
-as served). Item i is seeded with seed + i as for the unconditional DDPM. Besides the generation metrics
-above (fid against the same 10k test split as every other model):
-- `digit_agreement`: fraction of samples whose classifier argmax equals the requested digit.
-- `agreement_per_digit`: that fraction per requested digit 0..9 (10 floats; None for a digit nobody asked for).
-- `fid_per_digit`: per requested digit, the FID of that digit's samples against the test-split images of that class
-  (10 floats; None below 2 samples). Each is computed on few samples (num_samples / 10: 100 at the default), so it is
-  biased upwards and noisy: compare it between runs with the same num_samples only, not with `fid`.
-- `requested_digits`: how many samples asked for each digit 0..9 (10 ints); `guidance`: the w used.
-Denoising with a conditional model runs its null-class ("any digit") pass; --guidance applies to generation only and
-is an error for an unconditional model.
+- `fid`: Fréchet distance between the classifier's 128-d penultimate activations of the samples and of a reference
+  set (default: the 10k test split), by torchmetrics' `FrechetInceptionDistance` with the classifier as its feature
+  module: NOT comparable to Inception-FID figures. `fid_sd`: its standard deviation over 100 bootstrap resamples of
+  the samples, the yardstick for comparing two FIDs of the same sample count.
+- `coverage`: digit classes holding at least 2% of the predicted labels; `kl_uniform`: KL(p || uniform) of the
+  predicted-class histogram in nats (0 = balanced, ln 10 = one class); `confidence`: mean max-softmax.
+- `variance`: per-pixel variance across samples (ddof=0) of [0, 1] images, averaged over pixels;
+  `pairwise_distance`: mean L2 distance / sqrt(784) (RMS per-pixel difference) over all pairs of a seeded subsample
+  of at most 1,000 images. Both are ~0 for a collapsed generator.
+- Denoising: `class_preservation` (classifier(denoised) == true label), `psnr` (dB, per-image mean) and `ssim`, on
+  [0, 1] images with data_range=1.
+- A class-conditional DDPM (its UNet has num_class_embeds > 0) draws item i as digit i % 10 (seed + i) with
+  classifier-free guidance `--guidance` w (eps_null + w (eps_label - eps_null); default: the checkpoint's, else the
+  catalog entry's): `digit_agreement` (argmax == requested digit), `agreement_per_digit`, `fid_per_digit` (each
+  digit's samples against the test split's images of that class: few samples, so biased upwards and noisy) and
+  `requested_digits`. It denoises with its null-class ("any digit") pass.
 """
 from __future__ import annotations
 
@@ -53,7 +36,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from tqdm import tqdm
 
 from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
-from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from mnistgen.cli import add_dataclass_args, dataclass_from_args, exit_code
 from mnistgen.files import repo_path
 from .classifier import FeatureExtractor, load_classifier, predict
 from .data import DataConfig, load_mnist
@@ -162,7 +145,7 @@ def _reference_metric(reference: torch.Tensor | None, batch_size: int = 1000,
     if reference is None:
         real = reference_images("test")
         if digit is not None:
-            real = real[reference_labels("test") == digit]  # (~1000, 1, 28, 28)
+            real = real[real_split("test")[1] == digit]  # (~1000, 1, 28, 28)
     else:
         real = reference
     for i in range(0, real.shape[0], batch_size):
@@ -173,12 +156,14 @@ def _reference_metric(reference: torch.Tensor | None, batch_size: int = 1000,
 
 
 @torch.no_grad()
-def frechet_distance(samples: torch.Tensor, reference: torch.Tensor | None = None, batch_size: int = 1000) -> float:
+def frechet_distance(samples: torch.Tensor, reference: torch.Tensor | None = None, batch_size: int = 1000,
+                     digit: int | None = None) -> float:
     """torchmetrics FrechetInceptionDistance in the classifier's 128-d feature space; images in [-1, 1].
 
-    With reference=None the 10k test split is used and its feature statistics are computed once per process.
+    With reference=None the 10k test split (with `digit`: its images of that class) is used, and its feature
+    statistics are computed once per process.
     """
-    fid = _reference_metric(reference, batch_size)
+    fid = _reference_metric(reference, batch_size, digit)
     for i in range(0, samples.shape[0], batch_size):
         fid.update(to_unit(samples[i:i + batch_size]), real=False)  # (B, 1, 28, 28) in [0, 1]
     return float(fid.compute())
@@ -212,34 +197,18 @@ def fid_with_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, re
     return distance(feats), float(np.std(values, ddof=1))
 
 
-@torch.no_grad()
-def digit_frechet_distance(samples: torch.Tensor, digit: int, batch_size: int = 1000) -> float:
-    """frechet_distance of samples (N >= 2, 1, 28, 28) in [-1, 1] against the test-split images of class `digit`.
-
-    The class's feature statistics are computed once per process (like the default reference's).
-    """
-    fid = _reference_metric(None, batch_size, digit)
-    for i in range(0, samples.shape[0], batch_size):
-        fid.update(to_unit(samples[i:i + batch_size]), real=False)
-    return float(fid.compute())
+_REFERENCE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-_REFERENCE: dict[str, torch.Tensor] = {}
-_REFERENCE_LABELS: dict[str, torch.Tensor] = {}
-
-
-def reference_images(split: str = "test") -> torch.Tensor:
-    """The real split (cached), (N, 1, 28, 28) in [-1, 1]."""
+def real_split(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The real split (cached): images (N, 1, 28, 28) in [-1, 1] and their (N,) int64 labels."""
     if split not in _REFERENCE:
-        _REFERENCE[split], _REFERENCE_LABELS[split] = load_mnist(split, DataConfig())
+        _REFERENCE[split] = load_mnist(split, DataConfig())
     return _REFERENCE[split]
 
 
-def reference_labels(split: str = "test") -> torch.Tensor:
-    """The real split's labels (cached), (N,) int64 digits, aligned with reference_images(split)."""
-    if split not in _REFERENCE_LABELS:
-        _REFERENCE[split], _REFERENCE_LABELS[split] = load_mnist(split, DataConfig())
-    return _REFERENCE_LABELS[split]
+def reference_images(split: str = "test") -> torch.Tensor:
+    return real_split(split)[0]
 
 
 def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = None, seed: int = 0) -> dict:
@@ -291,7 +260,7 @@ def conditional_metrics(samples: torch.Tensor, requested: torch.Tensor) -> dict:
         mask = requested == d  # (N,)
         k = int(mask.sum())
         agreement.append(int(hit[mask].sum()) / k if k else None)
-        fids.append(digit_frechet_distance(samples[mask], d) if k >= 2 else None)
+        fids.append(frechet_distance(samples[mask], digit=d) if k >= 2 else None)
     return {
         "digit_agreement": int(hit.sum()) / hit.shape[0],
         "agreement_per_digit": agreement,
@@ -328,14 +297,14 @@ def denoise_metrics(denoised: torch.Tensor, clean: torch.Tensor, labels: torch.T
 
 @dataclass
 class EvalConfig:
-    model: str = "dcgan-baseline"  # a GAN name, one of SPECIAL_MODELS, or a .safetensors checkpoint path
+    model: str = catalog.DEFAULT_MODEL  # a GAN name, one of SPECIAL_MODELS, or a .safetensors checkpoint path
     task: str = "generate"  # one of TASKS (denoise needs a DDPM model)
     num_samples: int = 0  # images to generate / denoise; 0 = 10,000 for generate, 1,000 for denoise
     seed: int = 0  # latent / noise / subset seed
     batch_size: int = 500  # generation batch size
     sampler: str = ""  # DDPM sampler, one of SAMPLERS; "" = ddpm (unconditional DDPM), dpm-solver++ (conditional)
     steps: int = 0  # DDPM UNet evaluations per sample; 0 = 100 (unconditional DDPM), 20 (conditional)
-    guidance: float | None = None  # conditional DDPM: classifier-free guidance w; None = checkpoint's, else 3.0
+    guidance: float | None = None  # conditional DDPM: classifier-free guidance w; None = checkpoint's, else catalog's
     sigma: float = 0.5  # denoise: std of the Gaussian noise added to [-1, 1] images
     threads: int = 1  # torch CPU threads
     json: bool = False  # print one JSON object instead of a table
@@ -374,25 +343,6 @@ def _ddpm_config(model: str) -> dict:
     return read_config(path)
 
 
-def _is_conditional(config: dict) -> bool:
-    """A DDPM checkpoint config whose UNet is class-conditional (num_class_embeds > 0)."""
-    return bool((config.get("unet") or {}).get("num_class_embeds"))
-
-
-def _load_ddpm(model: str) -> tuple[torch.nn.Module, dict]:
-    """(UNet, extra kwargs for generate/denoise): the checkpoint's own noise schedule when the API takes one."""
-    import inspect
-
-    from mnistgen import diffusion
-
-    unet, config = diffusion.load_unet(_ddpm_path(model))
-    extra = {}
-    if config.get("scheduler") and all("scheduler_config" in inspect.signature(f).parameters
-                                       for f in (diffusion.generate, diffusion.denoise)):
-        extra["scheduler_config"] = config["scheduler"]
-    return unet, extra
-
-
 def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if n > x.shape[0]:
         raise ValueError(f"--num-samples must be in [2, {x.shape[0]}] for {what}, got {n}")
@@ -405,7 +355,18 @@ def torchscript_file(path: str) -> Path:
     return Path(path) if Path(path).exists() else repo_path(path)
 
 
-@torch.no_grad()
+def _timed_batches(n: int, batch_size: int, step, desc: str) -> tuple[list, float]:
+    """[step(start, size) per batch] and the ms per item they took; item i is seeded seed + i wherever a seed
+    matters, so the chunking does not change the result."""
+    out, elapsed = [], 0.0
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out.append(step(start, min(batch_size, n - start)))
+        elapsed += time.perf_counter() - t0
+    return out, 1000 * elapsed / n
+
+
 def generate_gan(model: str, n: int, seed: int = 0, batch_size: int = 500,
                  torchscript: str = "") -> tuple[torch.Tensor, float]:
     """(samples (n, 1, 28, 28) in [-1, 1], ms per sample) from a GAN generator, z from mnistgen.latent; with
@@ -416,64 +377,39 @@ def generate_gan(model: str, n: int, seed: int = 0, batch_size: int = 500,
 
         gen = load_torchscript(torchscript_file(torchscript))
     z = latent_tensor(n, int(config["arch"]["latent_dim"]), seed)  # (n, latent_dim)
-    out, elapsed = [], 0.0
-    for i in tqdm(range(0, n, batch_size), desc=f"generate {model}", unit="batch", leave=False):
-        t0 = time.perf_counter()
-        out.append(gen(z[i:i + batch_size]))  # (B, 1, 28, 28)
-        elapsed += time.perf_counter() - t0
-    return torch.cat(out), 1000 * elapsed / n
+    out, ms = _timed_batches(n, batch_size, lambda i, b: gen(z[i:i + b]), f"generate {model}")
+    return torch.cat(out), ms
 
 
 def produce_samples(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
-    """(samples, reference or None for the default test split, ms per sample or None) for cfg.model."""
-    n = cfg.num_samples
-    kind = _model_kind(cfg.model)
+    """(samples, reference or None for the default test split, ms per sample or None) for a GAN or real data."""
+    n, kind = cfg.num_samples, _model_kind(cfg.model)
     if kind == "gan":
         samples, ms = generate_gan(cfg.model, n, cfg.seed, cfg.batch_size, cfg.torchscript)
         return samples, None, ms
-    if kind == "real-test":  # the floor: real test images judged against the training split
-        x, y = load_mnist("test", DataConfig())
-        return _subset(x, y, n, cfg.seed, "real-test")[0], reference_images("train"), None
-    if kind == "real-train":  # real training images judged against the test split
-        x, y = load_mnist("train", DataConfig())
-        return _subset(x, y, n, cfg.seed, "real-train")[0], None, None
     if kind == "noise":  # sanity: uniform noise in [-1, 1]
         return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1, None, None
+    # real-test: the floor, real test images judged against the training split; real-train against the test split
+    split = kind.removeprefix("real-")
+    x = _subset(*load_mnist(split, DataConfig()), n, cfg.seed, kind)[0]
+    return x, reference_images("train") if split == "test" else None, None
+
+
+def produce_ddpm(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(samples (n, 1, 28, 28) in [-1, 1], requested digits (n,) or None, ms per sample) of a DDPM; a conditional
+    one (cfg.guidance set) draws item i as digit i % 10 with guidance cfg.guidance."""
     from mnistgen import diffusion  # lazy: the DDPM module is optional for GAN-only use
 
-    unet, extra = _load_ddpm(cfg.model)
-    out, elapsed = [], 0.0
-    for start in tqdm(range(0, n, cfg.batch_size), desc=f"ddpm {cfg.sampler}-{cfg.steps}", unit="batch"):
-        t0 = time.perf_counter()
-        with torch.no_grad():  # item i is seeded with seed + i, so chunking does not change the samples
-            out.append(diffusion.generate(unet, min(cfg.batch_size, n - start), sampler=cfg.sampler, steps=cfg.steps,
-                                          seed=cfg.seed + start, batch_size=cfg.batch_size, **extra))
-        elapsed += time.perf_counter() - t0
-    return torch.cat(out), None, 1000 * elapsed / n  # (n, 1, 28, 28)
+    unet, config = diffusion.load_unet(_ddpm_path(cfg.model))
+    labels = None if cfg.guidance is None else requested_digits(cfg.num_samples)  # (n,)
 
+    def step(i: int, b: int) -> torch.Tensor:
+        cond = {} if labels is None else {"labels": labels[i:i + b].tolist(), "guidance": cfg.guidance}
+        return diffusion.generate(unet, b, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed + i,
+                                  batch_size=cfg.batch_size, scheduler_config=config.get("scheduler"), **cond)
 
-def produce_conditional(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(samples (n, 1, 28, 28) in [-1, 1], requested digits (n,), ms per sample) of a class-conditional DDPM.
-
-    Item i asks for digit i % 10 with guidance cfg.guidance and is seeded with cfg.seed + i, so chunking does not
-    change the samples.
-    """
-    from mnistgen import diffusion
-
-    n = cfg.num_samples
-    unet, extra = _load_ddpm(cfg.model)
-    labels = requested_digits(n)  # (n,)
-    out, elapsed = [], 0.0
-    for start in tqdm(range(0, n, cfg.batch_size), desc=f"ddpm-cond {cfg.sampler}-{cfg.steps} w={cfg.guidance:g}",
-                      unit="batch", leave=False):
-        t0 = time.perf_counter()
-        part = labels[start:start + cfg.batch_size]  # (B,)
-        with torch.no_grad():
-            out.append(diffusion.generate(unet, part.shape[0], sampler=cfg.sampler, steps=cfg.steps,
-                                          seed=cfg.seed + start, batch_size=cfg.batch_size, labels=part.tolist(),
-                                          guidance=cfg.guidance, **extra))
-        elapsed += time.perf_counter() - t0
-    return torch.cat(out), labels, 1000 * elapsed / n
+    out, ms = _timed_batches(cfg.num_samples, cfg.batch_size, step, f"{cfg.model} {cfg.sampler}-{cfg.steps}")
+    return torch.cat(out), labels, ms
 
 
 def run_denoise(cfg: EvalConfig) -> dict:
@@ -482,9 +418,8 @@ def run_denoise(cfg: EvalConfig) -> dict:
         raise ValueError(f"--task denoise needs a DDPM model ('ddpm' or a ddpm checkpoint), got {cfg.model!r}")
     from mnistgen import diffusion
 
-    x, y = load_mnist("test", DataConfig())
-    clean, labels = _subset(x, y, cfg.num_samples, cfg.seed, "denoise (test split)")
-    unet, extra = _load_ddpm(cfg.model)
+    clean, labels = _subset(*load_mnist("test", DataConfig()), cfg.num_samples, cfg.seed, "denoise (test split)")
+    unet, config = diffusion.load_unet(_ddpm_path(cfg.model))
     null = diffusion.null_class(unet)
     if null is not None:  # a conditional UNet denoises with its null-class ("any digit") pass
 
@@ -493,22 +428,13 @@ def run_denoise(cfg: EvalConfig) -> dict:
             return unet(x, t, class_labels=torch.full((x.shape[0],), null, dtype=torch.int64)).sample
     else:
         model = unet
-    noisy_parts, denoised_parts, elapsed = [], [], 0.0
-    for start in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc=f"denoise sigma={cfg.sigma}", unit="batch"):
-        t0 = time.perf_counter()
-        with torch.no_grad():  # item i is seeded with seed + i, so chunking does not change the result
-            noisy, denoised = diffusion.denoise(model, clean[start:start + cfg.batch_size], cfg.sigma,
-                                                sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed + start, **extra)
-        elapsed += time.perf_counter() - t0
-        noisy_parts.append(noisy)  # (B, 1, 28, 28)
-        denoised_parts.append(denoised)  # (B, 1, 28, 28)
-    noisy, denoised = torch.cat(noisy_parts), torch.cat(denoised_parts)
-    ms = 1000 * elapsed / cfg.num_samples
-    out = denoise_metrics(denoised, clean, labels)
+    out, ms = _timed_batches(cfg.num_samples, cfg.batch_size, lambda i, b: diffusion.denoise(
+        model, clean[i:i + b], cfg.sigma, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed + i,
+        scheduler_config=config.get("scheduler")), f"denoise sigma={cfg.sigma}")
+    noisy, denoised = (torch.cat(parts) for parts in zip(*out))  # (N, 1, 28, 28) each
     noisy_m = denoise_metrics(noisy.clamp(-1, 1), clean, labels)
-    out.update({f"noisy_{k}": noisy_m[k] for k in DENOISE_KEYS})
-    out.update({"ms_per_sample": ms, "sigma": cfg.sigma, "sampler": cfg.sampler, "steps": cfg.steps})
-    return out
+    return {**denoise_metrics(denoised, clean, labels), **{f"noisy_{k}": noisy_m[k] for k in DENOISE_KEYS},
+            "ms_per_sample": ms, "sigma": cfg.sigma, "sampler": cfg.sampler, "steps": cfg.steps}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -521,14 +447,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         head.update({"sampler": cfg.sampler, "steps": cfg.steps})
     if cfg.task == "denoise":
         return {**head, **run_denoise(cfg)}
-    if cfg.guidance is not None:  # validate() sets it for (and only for) a conditional DDPM
-        samples, requested, ms = produce_conditional(cfg)
-        metrics = generation_metrics(samples, seed=cfg.seed)
-        return {**head, "guidance": cfg.guidance, **metrics, **conditional_metrics(samples, requested),
-                "ms_per_sample": ms}
-    samples, reference, ms = produce_samples(cfg)
-    metrics = generation_metrics(samples, reference, seed=cfg.seed)
-    return {**head, **metrics, "ms_per_sample": ms}
+    if _model_kind(cfg.model) == "ddpm":
+        samples, requested, ms = produce_ddpm(cfg)  # requested: a conditional DDPM (validate() set cfg.guidance)
+        cond = requested is not None
+        return {**head, **({"guidance": cfg.guidance} if cond else {}), **generation_metrics(samples, seed=cfg.seed),
+                **(conditional_metrics(samples, requested) if cond else {}), "ms_per_sample": ms}
+    samples, ref, ms = produce_samples(cfg)
+    return {**head, **generation_metrics(samples, ref, seed=cfg.seed), "ms_per_sample": ms}
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -538,7 +463,7 @@ def validate(cfg: EvalConfig) -> None:
     if cfg.sampler and cfg.sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
     config = _ddpm_config(cfg.model) if _model_kind(cfg.model) == "ddpm" else {}  # also rejects unknown models
-    conditional = _is_conditional(config)
+    conditional = bool((config.get("unet") or {}).get("num_class_embeds"))  # a class-conditional UNet
     if cfg.model in DDPM_MODELS and DDPM_MODELS[cfg.model].conditional and not conditional:
         raise ValueError(f"{_ddpm_path(cfg.model)} is not class-conditional (unet.num_class_embeds = 0)")
     if cfg.guidance is not None and not conditional:
@@ -619,16 +544,12 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
+
+    def run() -> None:
         result = evaluate(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.json:
-        print(json.dumps({k: _json_safe(v) for k, v in result.items()}, allow_nan=False))
-    else:
-        print(format_table(result))
-    return 0
+        print(json.dumps({k: _json_safe(v) for k, v in result.items()}, allow_nan=False) if cfg.json
+              else format_table(result))
+    return exit_code(run)
 
 
 if __name__ == "__main__":

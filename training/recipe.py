@@ -1,20 +1,12 @@
 """Run a committed training recipe: the stages of resumed runs that produced a checkpoint, as one resumable command.
 
-A committed model is rarely one training command: dcgan-baseline is 6,000 iterations of plain DCGAN, then an
-average of the generator's weights, learning-rate decays and a second cycle with label smoothing, each a resume of
-the last. `training/recipes/<name>.json` writes those stages down as data:
-
-    {"description": "...", "trainer": "gan" | "ddpm", "args": [...arguments of every stage...],
-     "stages": [{"until": 6000, "args": [...this stage's own arguments...], "why": "..."}, ...]}
-
-`python -m training.recipe NAME` runs each stage as `python -m training.train_<trainer> ARGS STAGE_ARGS --resume
---run-dir RUN_DIR --stop-at UNTIL --checkpoint OUT` (under `torchrun` with `--nproc-per-node N`), one after the
-other in one run directory. A stage is done when the run's state.pt has reached its `until` (iterations for the
-GAN, optimiser steps for the DDPM), so an interrupted recipe continues where it stopped when the same command runs
-again, and a finished one does nothing. `until` ends a stage; the stage's own `--max-iters` / `--max-steps` is its
-learning-rate plan, which may run further (a stage that was stopped early, as the committed runs were). At the end
-the checkpoint's config gets a `recipe` entry: the recipe's name, its stages and the iterations reached.
-`--plan` prints the stages and which are done without running anything.
+`training/recipes/<name>.json` writes a committed model's stages down as data ({"description", "trainer": "gan" |
+"ddpm", "args": [every stage's], "stages": [{"until", "args", "why"}, ...]}). `python -m training.recipe NAME` runs
+each as `python -m training.train_<trainer> ARGS STAGE_ARGS --resume --run-dir RUN_DIR --stop-at UNTIL --checkpoint
+OUT` (under `torchrun` with `--nproc-per-node N`) in one run directory. A stage is done when the run's state.pt has
+reached its `until` (GAN iterations, DDPM optimiser steps), so an interrupted recipe continues where it stopped and a
+finished one does nothing; the stage's own `--max-iters` / `--max-steps` is its learning-rate plan, which may run
+further. The checkpoint's config gets a `recipe` entry at the end. `--plan` prints the stages and which are done.
 """
 from __future__ import annotations
 

@@ -122,10 +122,10 @@ def test_collect_copies_what_the_last_run_wrote(reports, tmp_path, capsys):
     (out / "overload.json").write_text(json.dumps({**json.loads((reports / "overload.json").read_text()),
                                                    "rejection_p99_ms_all": 4321.5}))
     (out / "deadlines.json").write_text("{}")  # left over from an earlier run: not copied
-    assert rr.main(["--reports-dir", str(reports), "collect", "--out-dir", str(out)]) == 0
+    assert rr.main(["--reports-dir", str(reports), "collect", "--src", str(out)]) == 0
     assert "that run wrote no bad_input.json" in capsys.readouterr().err
     assert json.loads((reports / "deadlines.json").read_text()) != {}
     text = rr.render(reports)
     assert "measured 4321.5 ms" in text and "figures are from an earlier one" in text
-    assert rr.main(["--reports-dir", str(reports), "collect", "--out-dir", str(tmp_path / "none")]) == 2
+    assert rr.main(["--reports-dir", str(reports), "collect", "--src", str(tmp_path / "none")]) == 2
     assert "run `make reliability` first" in capsys.readouterr().err

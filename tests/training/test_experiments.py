@@ -56,3 +56,31 @@ def test_a_missing_json_is_a_clear_error(tmp_path, capsys):
 
     assert sweep.main(sampler_study, ["--from-json", "--out-dir", str(tmp_path)]) == 2
     assert "sampler_study.json not found" in capsys.readouterr().err
+
+
+def test_the_ddpm_report_measures_its_grid_through_evaluate(tmp_path, one_torch_thread):
+    """A tiny untrained UNet through the whole DDPM report: every cell a training.evaluate run, figures drawn."""
+    import torch
+
+    from mnistgen import diffusion
+    from mnistgen.checkpoint import save_checkpoint
+    from training.experiments import report_ddpm
+
+    torch.manual_seed(0)
+    unet_cfg = diffusion.UNetConfig(block_out_channels=(8, 16), attention=(False, False), attention_head_dim=8)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(ckpt, {"ema": diffusion.build_unet(unet_cfg).state_dict()},
+                    {"kind": "ddpm", "unet": unet_cfg.to_dict(), "scheduler": dict(diffusion.DEFAULT_SCHEDULER),
+                     "summary": {"params": 1, "epochs": 1, "steps": 1, "train_time_s": 1.0, "final_loss": 0.5}})
+    out = tmp_path / "out"
+    data = sweep.run(report_ddpm, report_ddpm.Config(
+        checkpoint=str(ckpt), out_dir=str(out), samplers="ddim,dpm-solver++", steps="2", n_generate=20,
+        sigmas="0.5", denoise_steps="2", n_denoise=10, batch_size=10))
+    assert [(r["sampler"], r["steps"], r["n"]) for r in data["generation"]] == [("ddim", 2, 20), ("dpm-solver++", 2, 20)]
+    assert [r["sampler"] for r in data["denoise"]] == ["ddim", "dpm-solver++", "(noisy input)"]
+    assert data["denoise"][-1]["psnr"] < data["denoise"][0]["psnr"] + 100 and data["denoise"][0]["t_star"] > 0
+    md = (out / "report.md").read_text()
+    assert md == report_ddpm.markdown(json.loads((out / "results.json").read_text()))
+    assert "| ddim | 2 | 20 |" in md and "| 0.5 |" in md
+    for png in ("denoise.png", "quality_vs_steps.png", "samples/ddim_002.png"):
+        assert (out / png).stat().st_size > 0, png

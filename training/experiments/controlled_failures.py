@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -124,13 +123,9 @@ def describe(name: str) -> str:
 
 @torch.no_grad()
 def discriminator_gap(D: nn.Module, seen: torch.Tensor, unseen: torch.Tensor, batch_size: int = 96) -> dict:
-    """How much better D scores the real images it trained on than real images it never saw.
-
-    `seen`, `unseen`: (N, 1, 28, 28) real images in [-1, 1]. Returns seen_mean / unseen_mean (mean sigmoid(D(x))),
-    gap = seen_mean - unseen_mean, n_seen, n_unseen. D is scored as it scored reals while training: BatchNorm on
-    batch statistics of all-real batches of `batch_size`, dropout off, no instance noise; on a CPU copy, so the
-    caller's D (its running statistics included) is left untouched.
-    """
+    """How much better D scores the real images it trained on than ones it never saw: seen_mean - unseen_mean of
+    sigmoid(D(x)) over (N, 1, 28, 28) images in [-1, 1]. D is scored on a CPU copy as it scored reals in training
+    (BatchNorm on all-real batches of `batch_size`, dropout off), so the caller's D is left untouched."""
     if seen.shape[0] < 1 or unseen.shape[0] < 1:
         raise ValueError("discriminator_gap needs at least one seen and one unseen image")
     d = copy.deepcopy(D).cpu().train()
@@ -149,11 +144,8 @@ def discriminator_gap(D: nn.Module, seen: torch.Tensor, unseen: torch.Tensor, ba
 
 def verdict(name: str, coverage: int, pairwise_distance: float, final_loss_d: float,
             d_gap: float | None = None) -> dict:
-    """The explicit rules of the module docstring applied to measured numbers (pure: no I/O).
-
-    Returns the symptom flags (d_overfits is None when the gap was not measured), the symptom the run's config is
-    meant to produce, whether it `failure_present`, and a one-line `text` quoting the numbers and thresholds.
-    """
+    """The thresholds applied to measured numbers (pure): the symptom flags (d_overfits None when the gap was not
+    measured), the run's expected symptom, whether it is `failure_present`, and a `text` quoting the figures."""
     base, mitigated = split_run(name)
     if base not in EXPECTED_SYMPTOM:
         raise ValueError(f"unknown run {name!r}: allowed runs are {', '.join(RUNS)}")
@@ -194,18 +186,10 @@ def thresholds() -> dict:
             "d_saturated_loss_below": D_SATURATED_LOSS, "d_overfit_gap_at_least": D_OVERFIT_GAP}
 
 
-def machine(cfg: Config) -> dict:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": cfg.threads,
-            "device": cfg.device, "load_avg_1min_at_start": load}
-
-
 def _git_commit() -> str | None:
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO_ROOT, capture_output=True, text=True,
-                           timeout=10)
-        return r.stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -228,7 +212,7 @@ def run_one(name: str, cfg: Config) -> dict:
     from ..train_gan import GANTrainer
 
     t_start = time.perf_counter()
-    mach = machine(cfg)
+    mach = sweep.machine(cfg.threads, device=cfg.device, load_avg_1min_at_start=os.getloadavg()[0])
     tc = train_config(name, cfg)
     run_dir = Path(tc.run_dir)
     for stale in (run_dir / "samples").glob("epoch_*.png"):  # grids of an earlier run of the same name
@@ -271,20 +255,13 @@ def run_one(name: str, cfg: Config) -> dict:
         "metrics": metrics, "d_gap": gap,
         "verdict": {**verdict(name, metrics["coverage"], metrics["pairwise_distance"], losses["final_loss_d"],
                               None if gap is None else gap["gap"]), "thresholds": thresholds()},
-        "run_dir": _rel(run_dir), "train_config": json.loads(json.dumps(dataclasses.asdict(tc), default=str)),
+        "run_dir": sweep.rel(run_dir), "train_config": json.loads(json.dumps(dataclasses.asdict(tc), default=str)),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": mach,
         "git_commit": _git_commit(), "command": command_for(name, cfg),
     }
 
 
 # ---------------------------------------------------------------- JSON and markdown
-
-def _rel(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(REPO_ROOT.resolve()))
-    except ValueError:
-        return str(p)
-
 
 def empty_result() -> dict:
     return {"about": f"Controlled GAN failures, written by `{MODULE}`; {MD} is rendered from this file only.",
@@ -302,10 +279,6 @@ def merged(path: Path, runs: dict) -> dict:
     return {**result, "thresholds": thresholds(), "runs": {n: result["runs"][n] for n in order}}
 
 
-def _g(v: float | None, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def _unproven(name: str, runs: dict) -> str:
     """A note for a `+all` run whose base run (in the same JSON) did not show its failure: nothing to mitigate."""
     base, mitigated = split_run(name)
@@ -319,11 +292,11 @@ def markdown(result: dict, cfg: Config | None = None) -> str:
     runs = result["runs"]
     table = sweep.table(
         "run | config (vs baseline) | iterations | train wall (min) | final D loss | final G loss | coverage | "
-        "FID (n) | pairwise distance | D train-vs-held-out gap | verdict", "---|---|---:|---:|---:|---:|---:|---:|---:|---:|---",
+        "FID (n) | pairwise distance | D train-vs-held-out gap | verdict", "---|---|" + "---:|" * 8 + "---",
         [[name, r["description"], f"{r['iterations']:,}", f"{r['train_wall_s'] / 60:.1f}",
           f"{r['losses']['final_loss_d']:.3g}", f"{r['losses']['final_loss_g']:.3g}", r["metrics"]["coverage"],
           f"{r['metrics']['fid']:.1f} ({r['metrics']['num_samples']:,})", f"{r['metrics']['pairwise_distance']:.3f}",
-          _g(r.get("d_gap") and r["d_gap"]["gap"], "+.3f"), r["verdict"]["text"] + _unproven(name, runs)]
+          f"{r['d_gap']['gap']:+.3f}" if r.get("d_gap") else "—", r["verdict"]["text"] + _unproven(name, runs)]
          for name, r in runs.items()])
     provenance = [
         f"- {name}: measured {r['measured_at']} on {m['processor']} ({m['cpu_count']} cores, {m['torch_threads']} "
@@ -333,7 +306,7 @@ def markdown(result: dict, cfg: Config | None = None) -> str:
         f"`{r['command']}`" for name, r in runs.items() for m in [r["machine"]]]
     return sweep.page(
         "controlled_failures", module=MODULE, json=JSON, t=result.get("thresholds", thresholds()),
-        table="\n".join(table) if runs else f"No run measured yet. Run `{MODULE}` (all six runs) or "
+        table=table if runs else f"No run measured yet. Run `{MODULE}` (all six runs) or "
                                             f"`{MODULE} --runs <name>` for one.",
         provenance="\nProvenance (per run, from the JSON):\n\n" + "\n".join(provenance) + "\n" if runs else "")
 

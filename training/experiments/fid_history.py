@@ -1,14 +1,10 @@
-"""FID over training: score a model's checkpoints along its training run, and plot the curve.
+"""FID over training: score a GAN's checkpoints along its run and plot the curve.
 
     python -m training.experiments.fid_history CHECKPOINT... [--out reports/gan/fid_history.json] [--from-json]
 
-Each checkpoint (a GAN generator written during or at the end of a run; its config says how many iterations it had
-trained) is scored like `python -m training.evaluate --model CHECKPOINT` (--num-samples 10,000, FID against the test
-split with its bootstrap spread, coverage, KL to uniform). The points merge into the JSON (a checkpoint already
-there, same sha256 and settings, is not scored again), and the JSON renders a table (.md) and a plot (.png): FID
-with its spread against iterations, and the goal line (`--goal-x` times the floor of reports/quality/goals.json)
-when that file is there (--goals). training.experiments.quality_goals reads the last two points to say how fast FID
-is still falling.
+Each checkpoint is scored like `python -m training.evaluate --model CHECKPOINT` and merged into the JSON by
+iterations (one already there, same sha256 and settings, is not scored again); the table (.md) and the plot (.png,
+with the goal line from the floor of --goals) are rendered from the JSON. quality_goals quotes the last stretch.
 """
 from __future__ import annotations
 
@@ -22,7 +18,7 @@ from mnistgen.checkpoint import CHECKPOINT_DIR, read_config
 from mnistgen.files import repo_path, sha256
 from mnistgen.registry import CLASSIFIER_CHECKPOINT, resolve
 from ..evaluate import EvalConfig, evaluate
-from ..plots import plt
+from ..plots import figure
 from . import sweep
 
 KEEP = ("fid", "fid_sd", "coverage", "kl_uniform", "num_samples")
@@ -51,10 +47,7 @@ def paths(cfg: Config) -> tuple[Path, Path]:
 
 
 def load_points(path: Path) -> list[dict]:
-    try:
-        return list(json.loads(path.read_text())["points"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    return sweep.load(path, {"points": []})["points"]
 
 
 def describe_training(config: dict) -> dict:
@@ -71,6 +64,10 @@ def measure(cfg: Config) -> dict:
     """Merge the scores of cfg.checkpoints into the JSON's points (sorted by iterations)."""
     classifier_sha = sha256(CHECKPOINT_DIR / CLASSIFIER_CHECKPOINT)
     points = {json.dumps(p["key"], sort_keys=True): p for p in load_points(repo_path(cfg.out))}
+    def point(path: Path, config: dict, key: dict) -> dict:
+        m = evaluate(EvalConfig(model=str(path), num_samples=cfg.num_samples, seed=cfg.seed, threads=cfg.threads))
+        return {**describe_training(config), **{k: m[k] for k in KEEP}, "key": key}
+
     todo = []
     for name in cfg.checkpoints:
         path = resolve(name)
@@ -82,20 +79,14 @@ def measure(cfg: Config) -> dict:
         if json.dumps(key, sort_keys=True) in points:
             print(f"[{path.name}] already scored", flush=True)
             continue
-        todo.append((json.dumps(key, sort_keys=True), lambda path=path, config=config, key=key: {
-            **describe_training(config), **{k: v for k, v in evaluate(EvalConfig(
-                model=str(path), num_samples=cfg.num_samples, seed=cfg.seed, threads=cfg.threads)).items()
-                if k in KEEP}, "key": key}))
+        todo.append((json.dumps(key, sort_keys=True), lambda p=path, c=config, k=key: point(p, c, k)))
     points.update(sweep.cells(todo, desc="fid history"))
     return {"about": __doc__.split("\n\n")[0],
             "points": sorted(points.values(), key=lambda p: (p["iterations"], p["key"]["sha256"]))}
 
 
 def floor_fid(goals_json: Path) -> float | None:
-    try:
-        return float(json.loads(goals_json.read_text())["rows"]["floor"]["fid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return sweep.load(goals_json, {}).get("rows", {}).get("floor", {}).get("fid")
 
 
 def last_stretch(points: list[dict]) -> dict | None:
@@ -115,14 +106,15 @@ def within_noise(stretch: dict) -> bool:
     return stretch.get("noise") is not None and abs(stretch["from_fid"] - stretch["to_fid"]) < stretch["noise"]
 
 
-def _goal(cfg: Config) -> float | None:
+def _goal(cfg: Config) -> tuple[float | None, float | None]:
+    """(the floor FID of --goals, the goal line: goal_x times it), None where --goals has no floor."""
     floor = floor_fid(repo_path(cfg.goals))
-    return None if floor is None else cfg.goal_x * floor
+    return floor, None if floor is None else cfg.goal_x * floor
 
 
 def markdown(data: dict, cfg: Config) -> str:
     """The table from the JSON alone (and the floor of --goals)."""
-    points, floor, goal = data["points"], floor_fid(repo_path(cfg.goals)), _goal(cfg)
+    points, (floor, goal) = data["points"], _goal(cfg)
     if not points:
         raise ValueError(f"{cfg.out} holds no points: score some checkpoints first")
     lines = ["# FID over training", "",
@@ -130,13 +122,13 @@ def markdown(data: dict, cfg: Config) -> str:
              f"checkpoint of the run, scored on {points[-1]['num_samples']} samples (FID against the test split in "
              "the evaluation classifier's feature space, ± its bootstrap spread)"
              + (f"; goal {cfg.goal_x:g}x the floor {floor:.3f} = **{goal:.2f}**" if goal is not None else "") + ".", ""]
-    lines += sweep.table("iterations | training min | FID | ± sd | x goal | coverage | KL | stage",
+    lines += [sweep.table("iterations | training min | FID | ± sd | x goal | coverage | KL | stage",
                          "---:|---:|---:|---:|---:|---:|---:|---",
                          [[p["iterations"], f"{p['train_min']:g}", f"{p['fid']:.2f}", f"{p['fid_sd']:.2f}",
                            f"{p['fid'] / goal:.2f}" if goal else "-", p["coverage"], f"{p['kl_uniform']:.4f}",
                            f"{p['name']}, lr {p['lr_g']:g}" + (f", decay from {p['lr_decay_from']}"
                                                                if p.get("lr_decay_from") is not None else "")
-                           + (f", to {p['max_iters']}" if p.get("max_iters") else "")] for p in points])
+                           + (f", to {p['max_iters']}" if p.get("max_iters") else "")] for p in points])]
     stretch = last_stretch(points)
     if stretch:
         lines += ["", f"Last stretch: {stretch['from_iterations']} -> {stretch['to_iterations']} iterations "
@@ -149,21 +141,18 @@ def markdown(data: dict, cfg: Config) -> str:
 
 def figures(data: dict, cfg: Config) -> None:
     """The .png beside the JSON: FID (± sd, log scale) against iterations, and the goal line."""
-    points, goal = data["points"], _goal(cfg)
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
-    ax.errorbar([p["iterations"] for p in points], [p["fid"] for p in points], yerr=[p["fid_sd"] for p in points],
-                marker="o", capsize=3, label="FID (± bootstrap sd)")
-    for p in points:
-        ax.annotate(f"{p['fid']:.1f}", (p["iterations"], p["fid"]), textcoords="offset points", xytext=(4, 6),
-                    fontsize=7)
-    if goal is not None:
-        ax.axhline(goal, color="C2", linestyle="--", label=f"goal: {cfg.goal_x:g}x floor = {goal:.2f}")
-    ax.set(yscale="log", xlabel="training iterations", ylabel="FID (log scale)", title="FID over training")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(repo_path(cfg.out).with_suffix(".png"))
-    plt.close(fig)
+    points, (_, goal) = data["points"], _goal(cfg)
+    with figure(repo_path(cfg.out).with_suffix(".png"), figsize=(7, 3.8)) as (fig, ax):
+        ax.errorbar([p["iterations"] for p in points], [p["fid"] for p in points], yerr=[p["fid_sd"] for p in points],
+                    marker="o", capsize=3, label="FID (± bootstrap sd)")
+        for p in points:
+            ax.annotate(f"{p['fid']:.1f}", (p["iterations"], p["fid"]), textcoords="offset points", xytext=(4, 6),
+                        fontsize=7)
+        if goal is not None:
+            ax.axhline(goal, color="C2", linestyle="--", label=f"goal: {cfg.goal_x:g}x floor = {goal:.2f}")
+        ax.set(yscale="log", xlabel="training iterations", ylabel="FID (log scale)", title="FID over training")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="upper right", fontsize=8)
 
 
 if __name__ == "__main__":

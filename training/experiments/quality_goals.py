@@ -11,7 +11,6 @@ row whose `key` (settings less threads, checkpoint and classifier sha256) is unc
 """
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from dataclasses import asdict, dataclass
@@ -69,14 +68,6 @@ def row_key(ecfg: EvalConfig, info: dict, classifier_sha256: str) -> dict:
     return {**settings, "sha256": info.get("sha256"), "classifier_sha256": classifier_sha256}
 
 
-def previous_rows(out_dir: Path) -> dict:
-    """Rows of the goals.json in out_dir (none when it is missing or unreadable)."""
-    try:
-        return json.loads((out_dir / JSON).read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
 def goal(gid: str, name: str, measured: float, comparison: str, target: float, detail: str = "") -> dict:
     met = measured <= target if comparison == "<=" else measured >= target
     return {"id": gid, "goal": name, "measured": measured, "comparison": comparison, "target": target,
@@ -111,7 +102,8 @@ def judge(rows: dict) -> list[dict]:
              f"ddpm served default ({served['sampler']} {served['steps']}) FID <= {FLOOR_X_DDPM:g}x floor",
              served["fid"] / floor, "<=", FLOOR_X_DDPM, f"FID {_fid(served)} on {served['num_samples']} samples"),
         goal("dpm-solver++-20-vs-100", "ddpm dpm-solver++ 20 FID / DDPM-100 FID",
-             rows["ddpm-dpm-solver++-20"]["fid"] / ref["fid"], "<=", 1 + FEW_STEP_TOLERANCE, f"{_fid(rows['ddpm-dpm-solver++-20'])} vs {_fid(ref)}"),
+             rows["ddpm-dpm-solver++-20"]["fid"] / ref["fid"], "<=", 1 + FEW_STEP_TOLERANCE,
+             f"{_fid(rows['ddpm-dpm-solver++-20'])} vs {_fid(ref)}"),
         goal("best-20-vs-100", f"best <= 20-step sampler ({best_fast} 20) FID / DDPM-100 FID",
              rows[f"ddpm-{best_fast}-20"]["fid"] / ref["fid"], "<=", 1 + FEW_STEP_TOLERANCE,
              f"{_fid(rows[f'ddpm-{best_fast}-20'])} vs {_fid(ref)}"),
@@ -139,42 +131,26 @@ def shortfall(g: dict) -> str:
 
 
 def lever(g: dict, rows: dict, history: list[dict]) -> str:
-    """What would move a missed goal next, with the measured evidence at hand (rows; the GAN's FID history)."""
-    gid, floor = g.get("id", ""), rows["floor"]["fid"]
-    if gid == "gan-fid":
-        text = (f"FID {rows['gan']['fid']:.2f} must reach {g['target'] * floor:.2f}. ")
-        stretch = fid_history.last_stretch(history)
-        if stretch:
-            text += (f"Its last stretch, {stretch['from_iterations']} -> {stretch['to_iterations']} iterations "
-                     f"({stretch['minutes']:g} min on CPU), moved FID {stretch['from_fid']:.2f} -> "
-                     f"{stretch['to_fid']:.2f} ({100 * stretch['change']:+.0f} %; the whole curve: "
-                     "reports/gan/fid_history.md). ")
-        capacity = "capacity (base channels 64 -> 128: ~4x the compute per iteration, a GPU run)"
-        if stretch and fid_history.within_noise(stretch):
-            return text + (f"That is within the noise of the draw (2 sd: {stretch['noise']:.2f}): more of the same "
-                           f"training now buys little. Next: {capacity}.")
-        return text + f"Next: more learning-rate cycles (restart, anneal to 0) while each still pays, then {capacity}."
-    if gid == "ddpm-served-fid":
-        ref, fast = rows["ddpm-100"], rows.get("ddpm-sde-dpm-solver++-20", {})
-        return ("The sampler is not what holds it back: on the same 1,000 seeds DDPM-100 scores "
-                f"{_fid(ref)} and sde-dpm-solver++ 20 {_fid(fast) if fast else '-'}. The UNet is: next, width "
-                "(channels 16/32/64 -> 32/64/128) and more steps, which need a GPU to train in reasonable time.")
-    if gid == "dpm-solver++-20-vs-100":
-        return ("The ODE sampler integrates the UNet's score errors where the ancestral and stochastic samplers "
-                "correct them with fresh noise; the stochastic sde-dpm-solver++ at the same 20 steps is the "
-                "served default for Generate (its row and the best-sampler goal). A better UNet narrows both.")
-    if gid.endswith("-psnr") or gid.endswith("-class"):
-        served = rows.get("denoise-served")
-        return ("DDPM-100's ancestral steps add fresh noise to the end: its output is a sample of the posterior, not "
-                "its mean, and an exact posterior sample has twice the mean's squared error (-3 dB)."
-                + (f" The deterministic {served['sampler']} {served['steps']} (Denoise's served default) scores "
-                   f"PSNR {served['psnr']:.2f} dB, class preservation {served['class_preservation']:.3f} on the same "
-                   "images." if served else "") + " Next: a better UNet (width, steps).")
-    if gid == "gan-bf16-fid":
-        return ("Serve the generator in fp32: config.pbtxt parameter `precision` \"fp32\" (TorchScript fp32 from its own "
-                "measured threshold, engines.json threshold_fp32); bf16 keeps 8 bits of mantissa, and a generator "
-                "that needs more is sensitive to its activations' scale (batch norm folded into the convolutions).")
-    return "No lever recorded for this goal."
+    """What would move a missed goal next, with the measured evidence at hand (prose: pages/quality_goals_levers.md)."""
+    gid, capacity = g.get("id", ""), "capacity (base channels 64 -> 128: ~4x the compute per iteration, a GPU run)"
+    gid = "denoise" if gid.endswith(("-psnr", "-class")) else gid
+    stretch, served, fast = fid_history.last_stretch(history), rows.get("denoise-served"), rows.get(
+        "ddpm-sde-dpm-solver++-20")
+    noisy = stretch is not None and fid_history.within_noise(stretch)
+    text = (sweep.PAGES / "quality_goals_levers.md").read_text().split(f"\n## {gid}\n")[1:2] or [
+        "No lever recorded for this goal."]
+    return text[0].split("\n## ")[0].strip().format(
+        gan=rows["gan"], goal=g["target"] * rows["floor"]["fid"], ref=_fid(rows["ddpm-100"]),
+        fast=_fid(fast) if fast else "-",
+        stretch=(f"Its last stretch, {stretch['from_iterations']} -> {stretch['to_iterations']} iterations "
+                 f"({stretch['minutes']:g} min on CPU), moved FID {stretch['from_fid']:.2f} -> {stretch['to_fid']:.2f} "
+                 f"({100 * stretch['change']:+.0f} %; the whole curve: reports/gan/fid_history.md). " if stretch else ""),
+        next=(f"That is within the noise of the draw (2 sd: {stretch['noise']:.2f}): more of the same training now "
+              f"buys little. Next: {capacity}" if noisy else
+              f"Next: more learning-rate cycles (restart, anneal to 0) while each still pays, then {capacity}"),
+        served=(f" The deterministic {served['sampler']} {served['steps']} (Denoise's served default) scores PSNR "
+                f"{served['psnr']:.2f} dB, class preservation {served['class_preservation']:.3f} on the same images."
+                if served else ""))
 
 
 def plan(cfg: Config) -> dict[str, EvalConfig]:
@@ -199,16 +175,13 @@ def plan(cfg: Config) -> dict[str, EvalConfig]:
 
 
 def served_bf16(cfg: Config) -> str | None:
-    """The exported bf16 TorchScript of cfg.gan in the model repository (relative to the repository root when it
-    lies under it), None when cfg.gan is not a served generator or the file is missing."""
+    """The exported bf16 TorchScript of cfg.gan in the model repository, None when cfg.gan is not a served generator
+    or the file is missing."""
     from mnistgen.engine import BF16_FILE
 
     model = catalog.GANS.get(cfg.gan)
     path = repo_path(cfg.model_repository) / (model.triton if model else "") / "1" / BF16_FILE
-    if model is None or not path.is_file():
-        return None
-    root = repo_path(".")
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    return sweep.rel(path) if model is not None and path.is_file() else None
 
 
 def command(ecfg: EvalConfig) -> str:
@@ -229,7 +202,8 @@ def measure(cfg: Config) -> dict:
         return {"model": ecfg.model, "task": ecfg.task, **{k: result[k] for k in KEEP if k in result}, **info}
 
     rows = sweep.cells([(name, lambda e=e, i=i: row(e, i)) for name, (e, i) in planned.items()],
-                       done=previous_rows(repo_path(cfg.out_dir)) if cfg.reuse else None, desc="quality goals",
+                       done=sweep.load(repo_path(cfg.out_dir) / JSON, {"rows": {}})["rows"] if cfg.reuse else None,
+                       desc="quality goals",
                        key=lambda name: row_key(planned[name][0], planned[name][1], classifier_sha256))
     return {"about": __doc__.split("\n\n")[0], "config": asdict(cfg), "rows": rows, "goals": judge(rows),
             "machine": {"platform": platform.platform(), "python": platform.python_version()},
@@ -277,13 +251,14 @@ def markdown(data: dict, cfg: Config | None = None) -> str:
                                                                if reused else "")
              + "). FID in the evaluation classifier's feature space against the 10k test split; floor = real test "
              f"images vs the training split: **{floor['fid']:.3f}**.", "", "## Goals", ""]
-    lines += sweep.table("goal | measured | target | met | detail", "---|---:|---:|---|---",
-                         [[g["goal"], _fmt(g["measured"]), f"{g['comparison']} {g['target']:g}",
-                           "yes" if g["met"] else "**no**", g["detail"]] for g in goals])
-    lines += ["", "## Missed goals: by how much, and the next lever", "", *missed] if missed else ["", "Every goal is met."]
-    lines += ["", "## Rows", ""] + sweep.table(
+    lines.append(sweep.table("goal | measured | target | met | detail", "---|---:|---:|---|---",
+                             [[g["goal"], _fmt(g["measured"]), f"{g['comparison']} {g['target']:g}",
+                               "yes" if g["met"] else "**no**", g["detail"]] for g in goals]))
+    lines += (["", "## Missed goals: by how much, and the next lever", "", *missed] if missed
+              else ["", "Every goal is met."])
+    lines += ["", "## Rows", "", sweep.table(
         "row | model | samples | sampler | FID | FID sd | x floor | coverage | KL | pairwise | class pres. | PSNR | "
-        "ms/sample | training", "---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---", cells)
+        "ms/sample | training", "---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---", cells)]
     collapsed = mod["coverage"] <= COLLAPSE_COVERAGE or mod["pairwise_distance"] < COLLAPSE_PAIRWISE
     lines += ["", f"Mode collapse (`{mod['model']}`): coverage {mod['coverage']}/10, KL {mod['kl_uniform']:.4f}, "
               f"pairwise distance {mod['pairwise_distance']:.3f} vs {floor['pairwise_distance']:.3f} for real test "

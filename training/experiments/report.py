@@ -7,8 +7,6 @@ Training losses and times come from each checkpoint's stored `summary` / `loss_h
 """
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import time
@@ -22,7 +20,7 @@ from mnistgen import catalog
 from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT, read_config
 from mnistgen.registry import CLASSIFIER_CHECKPOINT, latent_tensor, load_generator
 from ..evaluate import EvalConfig, evaluate, reference_images
-from ..plots import plot_losses, plt, save_grid
+from ..plots import figure, plot_losses, save_grid
 from . import sweep
 from .sweep import fmt as _fmt
 
@@ -66,9 +64,12 @@ def inference_ms(gen: torch.nn.Module, latent_dim: int, batch: int, repeats: int
     return 1000 * statistics.median(times) / batch
 
 
+def _loss_panel(h: dict) -> tuple[list, dict]:
+    return h["iter"], {"generator": h["loss_g"], "discriminator": h["loss_d"]}
+
+
 def measure_model(name: str, path: Path, cfg: Config, out: Path) -> dict:
-    config = read_config(path)
-    gen, _ = load_generator(path)
+    gen, config = load_generator(path)
     latent_dim = int(config["arch"]["latent_dim"])
     row = {"checkpoint": path.name, "arch": config["arch"], "summary": config.get("summary", {}),
            # checkpoints from before the `full` source record no data_source: they trained on the 5k subset
@@ -80,8 +81,7 @@ def measure_model(name: str, path: Path, cfg: Config, out: Path) -> dict:
         save_grid(gen(latent_tensor(64, latent_dim, cfg.seed)), out / f"samples_{name}.png")
     h = config.get("loss_history")
     if h and h.get("iter"):
-        plot_losses({name: (h["iter"], {"generator": h["loss_g"], "discriminator": h["loss_d"]})},
-                    out / f"loss_{name}.png")
+        plot_losses({name: _loss_panel(h)}, out / f"loss_{name}.png")
         row["has_loss_curve"] = True
     return row
 
@@ -105,32 +105,27 @@ def measure(cfg: Config) -> dict:
     n_floor = min(cfg.num_samples, reference_images("test").shape[0])
     result["floor"] = evaluate(EvalConfig(model=REAL_FLOOR, num_samples=n_floor, seed=cfg.seed, threads=cfg.threads))
     save_grid(reference_images("test")[:64], out / "samples_real.png")
-    curves = {n: read_config(Path(cfg.checkpoint_dir) / catalog.GANS[n].checkpoint)["loss_history"]
+    curves = {n: _loss_panel(read_config(Path(cfg.checkpoint_dir) / catalog.GANS[n].checkpoint)["loss_history"])
               for n, r in result["models"].items() if r.get("has_loss_curve")}
     if len(curves) > 1:
-        plot_losses({n: (h["iter"], {"generator": h["loss_g"], "discriminator": h["loss_d"]})
-                     for n, h in curves.items()}, out / "loss_curves.png")
+        plot_losses(curves, out / "loss_curves.png")
     clf_cfg = read_config(CHECKPOINT_DIR / CLASSIFIER_CHECKPOINT)
     result["classifier"] = {k: clf_cfg.get(k) for k in ("test_accuracy", "feature_dim", "parameters")}
-    result["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                         "cpu_count": os.cpu_count(), "torch_threads": cfg.threads, "torch": torch.__version__}
-    return result
+    return result | {"machine": sweep.machine(cfg.threads)}
 
 
 def figures(data: dict, cfg: Config) -> None:
     """Predicted-class histograms side by side (fraction of samples per digit), from the JSON."""
     hists = {n: r["metrics"]["class_histogram"] for n, r in data["models"].items()}
     hists["real test"] = data["floor"]["class_histogram"]
-    fig, ax = plt.subplots(figsize=(8, 3.4))
-    width = 0.8 / len(hists)
-    for k, (name, h) in enumerate(hists.items()):
-        ax.bar(np.arange(10) + (k - (len(hists) - 1) / 2) * width, np.asarray(h) / max(1, sum(h)), width, label=name)
-    ax.axhline(0.1, color="k", lw=0.6, ls="--")
-    ax.set(xticks=range(10), xlabel="predicted digit", ylabel="fraction of samples")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(Path(cfg.out_dir) / "class_histograms.png", dpi=110)
-    plt.close(fig)
+    with figure(Path(cfg.out_dir) / "class_histograms.png", figsize=(8, 3.4)) as (fig, ax):
+        width = 0.8 / len(hists)
+        for k, (name, h) in enumerate(hists.items()):
+            x = np.arange(10) + (k - (len(hists) - 1) / 2) * width
+            ax.bar(x, np.asarray(h) / max(1, sum(h)), width, label=name)
+        ax.axhline(0.1, color="k", lw=0.6, ls="--")
+        ax.set(xticks=range(10), xlabel="predicted digit", ylabel="fraction of samples")
+        ax.legend(fontsize=8)
 
 
 def fmt(v, nd: int = 2) -> str:  # every cell of this report: tiny values in e-notation
@@ -194,7 +189,8 @@ def collapse_verdict(name: str, model: dict, floor: dict) -> str:
     if reasons:
         return f"**{name}: collapsed** ({', '.join(reasons)}); {figures}."
     if m["coverage"] < 10:
-        return f"**{name}: partial collapse** ({m['coverage']}/10 classes covered, KL {m['kl_uniform']:.3f}); {figures}."
+        return (f"**{name}: partial collapse** ({m['coverage']}/10 classes covered, KL {m['kl_uniform']:.3f}); "
+                f"{figures}.")
     return f"**{name}: no collapse on this data**; {figures}."
 
 
@@ -208,19 +204,19 @@ def markdown(d: dict, cfg: Config | None = None) -> str:
         coverage=COLLAPSE_COVERAGE, pairwise=COLLAPSE_PAIRWISE, d_loss=COLLAPSE_D_LOSS,
         missing="".join(f"> **{n}: not in this report** — {why}. Train it, then rerun "
                         "`python -m training.experiments.report`.\n\n" for n, why in d["missing"].items()),
-        table="\n".join(sweep.table(
+        table=sweep.table(
             " | ".join(["Metric", *names, "Real data (floor)"]), "|".join(["---"] * (len(names) + 2)),
             [[label, *(fmt(get(models[n]), nd) for n in names), "—"] for label, get, nd in TABLE_ROWS]
             + [[label, *(fmt(models[n]["metrics"][k], nd) for n in names), fmt(floor[k], nd)]
-               for label, k, nd in METRIC_ROWS])),
+               for label, k, nd in METRIC_ROWS]),
         observations="\n".join([
             f"- **{n}**: FID {fmt(m['fid'])} (floor {fmt(floor['fid'])}), {m['coverage']}/10 classes covered, KL "
             f"{fmt(m['kl_uniform'], 3)}, variance {fmt(m['variance'], 4)} ({_pct(m['variance'], floor['variance'])} "
             f"of the real data's), {fmt(models[n]['inference_ms'], 3)} ms/sample."
             for n, m in ((n, models[n]["metrics"]) for n in names)] + lowest),
         verdicts="\n".join(f"- {collapse_verdict(n, models[n], floor)}" for n in names),
-        samples="\n".join(sweep.table(" | ".join(names + ["real test images"]), "|".join(["---"] * (len(names) + 1)),
-                                      [[f"![{n}](samples_{n}.png)" for n in names] + ["![real](samples_real.png)"]])),
+        samples=sweep.table(" | ".join(names + ["real test images"]), "|".join(["---"] * (len(names) + 1)),
+                            [[f"![{n}](samples_{n}.png)" for n in names] + ["![real](samples_real.png)"]]),
         curves="".join(["![loss curves](loss_curves.png)\n\nOne file per model:\n\n" if len(curves) > 1 else
                         f"![{curves[0]} losses](loss_{curves[0]}.png)\n\n" if curves else ""]
                        + [f"- {n}: [loss_{n}.png](loss_{n}.png)\n" for n in curves]

@@ -17,6 +17,7 @@ lowest-FID one of them; when none reaches it, the highest-agreement scale (ties:
 from __future__ import annotations
 
 import math
+import platform
 import sys
 import tempfile
 import time
@@ -27,8 +28,8 @@ import torch
 
 from mnistgen.catalog import MAX_GUIDANCE, SAMPLERS
 from mnistgen.files import repo_path
-from ..evaluate import COND, NUM_CLASSES, EvalConfig
-from ..plots import plt, save_grid
+from ..evaluate import COND, NUM_CLASSES, EvalConfig, evaluate
+from ..plots import figure, save_grid
 from . import sweep
 from .sweep import fmt
 
@@ -111,11 +112,16 @@ def measure(cfg: Config) -> dict:
         if not (info["config"].get("unet") or {}).get("num_class_embeds"):
             raise ValueError(f"{cfg.checkpoint} is not a class-conditional DDPM (unet.num_class_embeds = 0)")
         summary = info["summary"]
-        row_ckpt = {"sha256": info["sha256"], "steps": summary.get("steps"), "train_time_s": summary.get("train_time_s")}
-        rows = sweep.cells([(f"w={w:g}", lambda w=w: {"guidance": w, **sweep.evaluated(EvalConfig(
-            model=str(ckpt), num_samples=cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size,
-            sampler=cfg.sampler, steps=cfg.steps, guidance=w, threads=cfg.threads), ROW_KEYS)})
-            for w in sorted({float(w) for w in cfg.guidance})], desc="guidance sweep")
+        row_ckpt = {"sha256": info["sha256"], **{k: summary.get(k) for k in ("steps", "train_time_s")}}
+
+        def row(w: float) -> dict:
+            m = evaluate(EvalConfig(model=str(ckpt), num_samples=cfg.num_samples, seed=cfg.seed, guidance=w,
+                                    batch_size=cfg.batch_size, sampler=cfg.sampler, steps=cfg.steps,
+                                    threads=cfg.threads))
+            return {"guidance": w, **{k: m[k] for k in ROW_KEYS}}
+
+        rows = sweep.cells([(f"w={w:g}", lambda w=w: row(w)) for w in sorted({float(w) for w in cfg.guidance})],
+                           desc="guidance sweep")
         rows = [{**r, "checkpoint": row_ckpt} for r in rows.values()]
         best, reason = recommend(rows, cfg.agreement_target, cfg.fid_tolerance)
         sample_grid(ckpt, best, cfg, repo_path(cfg.out_dir) / GRID_NAME)
@@ -125,30 +131,28 @@ def measure(cfg: Config) -> dict:
                            "conditional": info["config"].get("conditional"), "unet": info["config"].get("unet")},
             "rows": rows, "recommended_guidance": best, "recommendation_reason": reason,
             "grid": {"file": GRID_NAME, "guidance": best, "rows": "digit 0..9", "per_digit": GRID_PER_DIGIT},
-            "elapsed_s": round(time.perf_counter() - t_start, 1), "machine": sweep.machine(cfg.threads)}
+            "elapsed_s": round(time.perf_counter() - t_start, 1),
+            "machine": f"{platform.machine()} CPU, torch threads={cfg.threads}"}
 
 
 def figures(data: dict, cfg: Config) -> None:
     """guidance_sweep.png: digit agreement (left axis) and FID (right) against the scale; the recommendation dashed."""
     rows, c, best = data["rows"], data["config"], data["recommended_guidance"]
     ws = [r["guidance"] for r in rows]
-    fig, a1 = plt.subplots(figsize=(7, 3.6), dpi=110)
-    a1.plot(ws, [r["digit_agreement"] for r in rows], "o-", color="C0", label="digit agreement")
-    a1.axhline(c["agreement_target"], color="C0", linestyle=":", linewidth=0.8)
-    a1.set(xlabel="guidance scale w (eps_null + w (eps_label - eps_null))", ylim=(0, 1.02))
-    a1.set_ylabel("digit agreement", color="C0")
-    a2 = a1.twinx()
-    a2.plot(ws, [r["fid"] for r in rows], "s-", color="C1", label="FID (classifier features)")
-    a2.set_ylabel("FID vs test split (lower is better)", color="C1")
-    a1.axvline(best, color="gray", linestyle="--", linewidth=0.9, label=f"recommended w = {best:g}")
-    (h1, l1), (h2, l2) = a1.get_legend_handles_labels(), a2.get_legend_handles_labels()
-    a1.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
-    a1.grid(alpha=0.3)
-    fig.suptitle(f"ddpm-cond guidance sweep ({c['num_samples']} samples per scale, {c['sampler']} {c['steps']} steps)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(repo_path(cfg.out_dir) / PLOT_NAME)
-    plt.close(fig)
+    with figure(repo_path(cfg.out_dir) / PLOT_NAME, figsize=(7, 3.6)) as (fig, a1):
+        a1.plot(ws, [r["digit_agreement"] for r in rows], "o-", color="C0", label="digit agreement")
+        a1.axhline(c["agreement_target"], color="C0", linestyle=":", linewidth=0.8)
+        a1.set(xlabel="guidance scale w (eps_null + w (eps_label - eps_null))", ylim=(0, 1.02))
+        a1.set_ylabel("digit agreement", color="C0")
+        a2 = a1.twinx()
+        a2.plot(ws, [r["fid"] for r in rows], "s-", color="C1", label="FID (classifier features)")
+        a2.set_ylabel("FID vs test split (lower is better)", color="C1")
+        a1.axvline(best, color="gray", linestyle="--", linewidth=0.9, label=f"recommended w = {best:g}")
+        (h1, l1), (h2, l2) = a1.get_legend_handles_labels(), a2.get_legend_handles_labels()
+        a1.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
+        a1.grid(alpha=0.3)
+        fig.suptitle(f"ddpm-cond guidance sweep ({c['num_samples']} samples per scale, {c['sampler']} "
+                     f"{c['steps']} steps)", fontsize=9)
 
 
 def markdown(d: dict, cfg: Config | None = None) -> str:
@@ -163,8 +167,8 @@ def markdown(d: dict, cfg: Config | None = None) -> str:
                       fmt(r["fid"], 2), r["coverage"], fmt(r["kl_uniform"]), fmt(r["confidence"]),
                       f"{worst[1]} ({fmt(worst[0])})", fmt(sum(fids) / len(fids) if fids else None, 2),
                       fmt(r["ms_per_sample"], 1), fmt(r["wall_s"], 1)])
-    per_digit = {key: "\n".join(sweep.table("w | " + " | ".join(map(str, range(NUM_CLASSES))), "|".join(["---:"] * 11),
-                                            [[f"{r['guidance']:g}", *(fmt(v, nd) for v in r[key])] for r in rows]))
+    per_digit = {key: sweep.table("w | " + " | ".join(map(str, range(NUM_CLASSES))), "|".join(["---:"] * 11),
+                                  [[f"{r['guidance']:g}", *(fmt(v, nd) for v in r[key])] for r in rows])
                  for key, nd in (("agreement_per_digit", 3), ("fid_per_digit", 1))}
     return sweep.page(
         "report_cond", d=d, c=c, ck=ck, s=s, cond=ck.get("conditional") or {}, sha=ck["sha256"][:16],
@@ -173,9 +177,8 @@ def markdown(d: dict, cfg: Config | None = None) -> str:
         machine=d.get("machine", "?"), per_digit=c["num_samples"] // NUM_CLASSES, plot=PLOT_NAME,
         grid_file=grid.get("file", GRID_NAME), grid_per_digit=grid.get("per_digit", GRID_PER_DIGIT),
         grid_w=grid.get("guidance", best), agreement=per_digit["agreement_per_digit"], fids=per_digit["fid_per_digit"],
-        table="\n".join(sweep.table("guidance w | digit agreement | FID | coverage | KL(p‖uniform) | confidence | "
-                                    "worst digit (agreement) | mean per-digit FID | ms/sample | wall s",
-                                    "|".join(["---:"] * 10), cells)))
+        table=sweep.table("guidance w | digit agreement | FID | coverage | KL(p‖uniform) | confidence | worst digit "
+                          "(agreement) | mean per-digit FID | ms/sample | wall s", "|".join(["---:"] * 10), cells))
 
 
 if __name__ == "__main__":

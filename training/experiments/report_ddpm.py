@@ -1,4 +1,4 @@
-"""DDPM quality report: generation (FID, coverage, KL, ms/sample) per sampler and step count, denoising at several sigmas.
+"""DDPM quality report: generation (FID, coverage, KL, ms/sample) per sampler and steps, denoising at several sigmas.
 
     python -m training.experiments.report_ddpm [--samplers ddpm,ddim --steps 10,20] [--from-json]
 """
@@ -18,8 +18,8 @@ from mnistgen.checkpoint import REPO_ROOT
 from mnistgen.diffusion import denoise, generate, load_unet, make_scheduler, sigma_to_timestep
 from mnistgen.files import repo_path
 from ..data import DataConfig, load_mnist, to_uint8
-from ..evaluate import denoise_metrics, generation_metrics
-from ..plots import plt, save_grid
+from ..evaluate import EvalConfig, evaluate
+from ..plots import figure, save_grid
 from . import sweep
 from .sweep import fmt
 
@@ -60,59 +60,44 @@ class Config:
             raise ValueError("n_generate must be >= 2 and n_denoise in [1, 10000]")
 
 
-def _timed(fn, *args, **kw):
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
-
-
-def generation_cell(unet, sched: dict, cfg: Config, sampler: str, steps: int, out: Path) -> dict:
-    imgs, dt = _timed(generate, unet, cfg.n_generate, sampler, steps, cfg.seed, cfg.batch_size,
-                      scheduler_config=sched)  # (N, 1, 28, 28)
-    m = generation_metrics(imgs, seed=cfg.seed)
-    save_grid(imgs[:64], out / "samples" / f"{sampler}_{steps:03d}.png")
-    return {"sampler": sampler, "steps": steps, "n": cfg.n_generate, "ms_per_sample": 1000 * dt / cfg.n_generate,
-            **{k: m[k] for k in GEN_KEYS}, "class_histogram": m["class_histogram"]}
-
-
-def denoise_cell(unet, sched: dict, cfg: Config, clean, labels, sigma: float, sampler: str, steps: int,
-                 examples: dict) -> dict:
-    t_star = sigma_to_timestep(sigma, make_scheduler("ddpm", sched).alphas_cumprod)
-    noisy, den, dt = [], [], 0.0
-    for i in range(0, cfg.n_denoise, cfg.batch_size):
-        (nz, d), t = _timed(denoise, unet, clean[i:i + cfg.batch_size], sigma, sampler, steps, cfg.seed + i,
-                            scheduler_config=sched)
-        noisy, den, dt = noisy + [nz], den + [d], dt + t
-    noisy, den = torch.cat(noisy), torch.cat(den)  # (N, 1, 28, 28)
-    examples[(sigma, sampler, steps)], examples[(sigma, "noisy")] = den[:8], noisy[:8]
-    examples[(sigma, "noisy", "row")] = denoise_metrics(noisy.clamp(-1, 1), clean, labels)  # the input itself
-    m = denoise_metrics(den, clean, labels)
-    return {"sigma": sigma, "t_star": t_star, "sampler": sampler, "steps": min(steps, t_star + 1),
-            "n": cfg.n_denoise, "ms_per_sample": 1000 * dt / cfg.n_denoise, **{k: m[k] for k in DEN_KEYS}}
-
-
 def measure(cfg: Config) -> dict:
+    """Every cell a training.evaluate run (generation: sampler x steps; denoising: sigma x sampler x steps), plus
+    each generation cell's first 64 samples and the denoise figure (the same seeds, so the same images)."""
     samplers, sigmas, dsteps = _list(cfg.samplers), _list(cfg.sigmas, float), _list(cfg.denoise_steps, int)
     torch.set_num_threads(cfg.threads)
-    out = repo_path(cfg.out_dir)
-    unet, ckpt = load_unet(repo_path(cfg.checkpoint))
+    out, path = repo_path(cfg.out_dir), repo_path(cfg.checkpoint)
+    unet, ckpt = load_unet(path)
     sched, t0 = ckpt["scheduler"], time.perf_counter()
-    gen = sweep.cells([(f"{s}-{n}", lambda s=s, n=n: generation_cell(unet, sched, cfg, s, n, out))
-                       for s in samplers for n in _list(cfg.steps, int)], desc="generation")
-    x, y = load_mnist("test", DataConfig())
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:cfg.n_denoise]
-    clean, labels, examples, den = x[idx], y[idx], {"clean": x[idx][:8]}, []
+
+    def generation(sampler: str, steps: int) -> dict:
+        m = evaluate(EvalConfig(model=str(path), num_samples=cfg.n_generate, sampler=sampler, steps=steps,
+                                seed=cfg.seed, batch_size=cfg.batch_size, threads=cfg.threads))
+        with torch.inference_mode():
+            save_grid(generate(unet, 64, sampler, steps, cfg.seed, cfg.batch_size, scheduler_config=sched),
+                      out / "samples" / f"{sampler}_{steps:03d}.png")
+        return {"sampler": sampler, "steps": steps, "n": cfg.n_generate, "ms_per_sample": m["ms_per_sample"],
+                **{k: m[k] for k in GEN_KEYS}, "class_histogram": m["class_histogram"]}
+
+    def denoising(sigma: float, sampler: str, steps: int) -> dict:
+        m = evaluate(EvalConfig(model=str(path), task="denoise", sigma=sigma, num_samples=cfg.n_denoise,
+                                sampler=sampler, steps=steps, seed=cfg.seed, batch_size=cfg.batch_size,
+                                threads=cfg.threads))
+        t_star = sigma_to_timestep(sigma, make_scheduler("ddpm", sched).alphas_cumprod)
+        return {"sigma": sigma, "t_star": t_star, "sampler": sampler, "steps": min(steps, t_star + 1),
+                "n": cfg.n_denoise, "ms_per_sample": m["ms_per_sample"], **{k: m[k] for k in DEN_KEYS},
+                "noisy": {k: m[f"noisy_{k}"] for k in DEN_KEYS}}
+
+    gen = sweep.cells([(f"{s}-{n}", lambda s=s, n=n: generation(s, n)) for s in samplers
+                       for n in _list(cfg.steps, int)], desc="generation")
+    den = []
     for sigma in sigmas:
-        rows = sweep.cells([(f"{sigma}-{s}-{n}", lambda s=s, n=n: denoise_cell(
-            unet, sched, cfg, clean, labels, sigma, s, n, examples)) for s in samplers for n in dsteps],
-            desc=f"denoise sigma {sigma}")
-        m = examples[(sigma, "noisy", "row")]
-        den += [*rows.values(), {"sigma": sigma, "t_star": rows[next(iter(rows))]["t_star"],
-                                 "sampler": "(noisy input)", "steps": 0, "n": cfg.n_denoise, "ms_per_sample": 0.0,
-                                 **{k: m[k] for k in DEN_KEYS}}]
+        rows = list(sweep.cells([(f"{sigma}-{s}-{n}", lambda s=s, n=n: denoising(sigma, s, n)) for s in samplers
+                                 for n in dsteps], desc=f"denoise sigma {sigma}").values())
+        den += [{k: v for k, v in r.items() if k != "noisy"} for r in rows] + [{  # the noisy input itself
+            **{k: rows[-1][k] for k in ("sigma", "t_star", "n")}, "sampler": "(noisy input)", "steps": 0,
+            "ms_per_sample": 0.0, **rows[-1]["noisy"]}]
     elapsed = time.perf_counter() - t0
-    denoise_figure(examples, sigmas, "ddpm" if "ddpm" in samplers else samplers[0], max(dsteps),
+    denoise_figure(unet, sched, cfg, sigmas, "ddpm" if "ddpm" in samplers else samplers[0], max(dsteps),
                    out / "denoise.png")
     loss_png = REPO_ROOT / ckpt.get("train", {}).get("run_dir", "runs/ddpm") / "loss.png"
     if loss_png.exists():
@@ -122,42 +107,40 @@ def measure(cfg: Config) -> dict:
             "generation": list(gen.values()), "denoise": den, "elapsed_s": round(elapsed, 1)}
 
 
-def denoise_figure(examples: dict, sigmas, sampler: str, steps: int, path: Path) -> None:
-    """Research-style figure: clean row, then noisy / denoised rows for each sigma (8 test images)."""
-    rows = [("clean", examples["clean"])]
+@torch.inference_mode()
+def denoise_figure(unet, sched: dict, cfg: Config, sigmas, sampler: str, steps: int, path: Path) -> None:
+    """Research-style figure: clean row, then noisy / denoised rows for each sigma (the first 8 test images of the
+    denoise cells, with their seeds)."""
+    x, _ = load_mnist("test", DataConfig())
+    clean = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:8]]  # (8, 1, 28, 28)
+    rows = [("clean", clean)]
     for sigma in sigmas:
-        rows += [(f"noisy σ={sigma}", examples[(sigma, "noisy")]),
-                 (f"denoised σ={sigma}", examples[(sigma, sampler, steps)])]
-    fig, axes = plt.subplots(len(rows), 8, figsize=(8 * 0.9, len(rows) * 0.95), dpi=120)
-    for r, (label, imgs) in enumerate(rows):
-        for c, img in enumerate(to_uint8(imgs)):  # (28, 28) each
-            axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=255)
-            axes[r, c].set(xticks=[], yticks=[])
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"DDPM denoising ({sampler}, {steps} steps max over [0, t*])", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        noisy, den = denoise(unet, clean, sigma, sampler, steps, cfg.seed, scheduler_config=sched)
+        rows += [(f"noisy σ={sigma}", noisy), (f"denoised σ={sigma}", den)]
+    with figure(path, len(rows), 8, figsize=(8 * 0.9, len(rows) * 0.95), dpi=120) as (fig, axes):
+        for r, (label, imgs) in enumerate(rows):
+            for c, img in enumerate(to_uint8(imgs)):  # (28, 28) each
+                axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=255)
+                axes[r, c].set(xticks=[], yticks=[])
+            axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+        fig.suptitle(f"DDPM denoising ({sampler}, {steps} steps max over [0, t*])", fontsize=9)
 
 
 def figures(data: dict, cfg: Config) -> None:
     """quality_vs_steps.png: FID and ms/sample against steps, per sampler."""
     rows = data["generation"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
-    for i, sampler in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
-        rs = [r for r in rows if r["sampler"] == sampler]
-        for ax, key in zip(axes, ("fid", "ms_per_sample")):
-            ax.plot([r["steps"] for r in rs], [r[key] for r in rs], "o-", color=f"C{i}", label=sampler)
-    for ax, yl in zip(axes, ("FID (classifier features, lower is better)", "CPU ms / sample")):
-        ax.set_xscale("log")
-        ax.set_xlabel("UNet evaluations (steps)")
-        ax.set_ylabel(yl, fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"DDPM quality vs steps (n={rows[0]['n']} samples per point)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(repo_path(data["config"]["out_dir"]) / "quality_vs_steps.png")
-    plt.close(fig)
+    with figure(repo_path(cfg.out_dir) / "quality_vs_steps.png", 1, 2, figsize=(9, 3.4)) as (fig, axes):
+        for i, sampler in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
+            rs = [r for r in rows if r["sampler"] == sampler]
+            for ax, key in zip(axes, ("fid", "ms_per_sample")):
+                ax.plot([r["steps"] for r in rs], [r[key] for r in rs], "o-", color=f"C{i}", label=sampler)
+        for ax, yl in zip(axes, ("FID (classifier features, lower is better)", "CPU ms / sample")):
+            ax.set_xscale("log")
+            ax.set_xlabel("UNet evaluations (steps)")
+            ax.set_ylabel(yl, fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"DDPM quality vs steps (n={rows[0]['n']} samples per point)", fontsize=9)
 
 
 def markdown(d: dict, cfg: Config | None = None) -> str:
@@ -177,7 +160,7 @@ def markdown(d: dict, cfg: Config | None = None) -> str:
     return sweep.page("report_ddpm", d=d, c=d["config"], s=s, u=d.get("checkpoint_unet") or {},
                       params=s.get("params", "?"), train_min=fmt((s.get("train_time_s") or 0) / 60, 1),
                       final_loss=fmt(s.get("final_loss"), 4), minutes=d["elapsed_s"] / 60,
-                      generation="\n".join(generation), denoise="\n".join(denoise))
+                      generation=generation, denoise=denoise)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,24 @@
 """Why do the deterministic samplers lose to DDPM, and why does DDIM get worse with more steps? A controlled study.
 
-reports/ddpm/report.md measured (300 samples) DDPM-50/100 at FID ~31-33 while DDIM went 71 -> 87 from 20 to 100 steps
-and DPM-Solver++ sat at ~62-65 whatever the steps. Two suspects, each isolated here on the same checkpoint, seeds and
-timestep grid (mnistgen.diffusion.inference_timesteps), only the scheduler changing:
-
-- clip_sample: DDIM (and DDPM) clip the predicted x0 to [-1, 1] at every step, DPM-Solver++ does not. If clipping
-  biases DDIM more the more steps it takes, `ddim clip=False` converges to where DPM-Solver++ converges.
-- stochasticity: DDIM (eta = 0) and DPM-Solver++ integrate the probability-flow ODE, which carries the network's
-  errors along; DDPM injects fresh noise each step, which corrects them (Karras et al. 2022, sec. 4). If that is the
-  gap, stochastic variants close it at few steps: DDIM with eta = 1 and SDE-DPM-Solver++ (diffusers'
-  `algorithm_type="sde-dpmsolver++"`).
-
-Writes reports/ddpm/sampler_study.json (one row per cell: FID, coverage, KL, ms/sample) and sampler_study.md from it.
     python -m training.experiments.sampler_study [--num-samples 500] [--from-json]
+
+Two suspects, each isolated on the same checkpoint, seeds and timestep grid (mnistgen.diffusion.inference_timesteps),
+only the scheduler changing: clip_sample (DDIM and DDPM clip the predicted x0 to [-1, 1] every step, DPM-Solver++
+does not: `ddim clip=False` should converge where DPM-Solver++ does if that is it), and stochasticity (DDIM eta=0 and
+DPM-Solver++ integrate the probability-flow ODE, which carries the network's errors along; DDPM's fresh noise
+corrects them, Karras et al. 2022 sec. 4: then DDIM eta=1 and SDE-DPM-Solver++ close the gap at few steps).
+Writes reports/ddpm/sampler_study.json (one row per cell) and sampler_study.md from it.
 """
 from __future__ import annotations
 
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from mnistgen.diffusion import as_eps_fn, inference_timesteps, load_unet, sample_loop
+from mnistgen.diffusion import as_eps_fn, inference_timesteps, load_unet, make_scheduler, sample_loop
 from mnistgen.files import repo_path
 from ..evaluate import generation_metrics
 from . import sweep
@@ -55,14 +50,9 @@ class Config:
 
 
 def make(kind: str, opts: dict, sched_cfg: dict):
-    common = {k: sched_cfg[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                                        "prediction_type")}
-    if kind == "ddpm":
-        return DDPMScheduler(**common, clip_sample=opts["clip_sample"])
-    if kind == "ddim":
-        return DDIMScheduler(**common, clip_sample=opts["clip_sample"], set_alpha_to_one=True)
-    return DPMSolverMultistepScheduler(**common, algorithm_type=opts["algorithm_type"], solver_order=2,
-                                       final_sigmas_type="zero")
+    """The served sampler's scheduler (mnistgen.diffusion.make_scheduler) with this cell's clip_sample."""
+    name = {"dpmsolver++": "dpm-solver++", "sde-dpmsolver++": "sde-dpm-solver++"}.get(opts.get("algorithm_type"), kind)
+    return make_scheduler(name, {**sched_cfg, "clip_sample": opts.get("clip_sample", True)})
 
 
 def run_cell(eps_fn, kind: str, opts: dict, steps: int, sched_cfg: dict, n: int, seed: int) -> torch.Tensor:
@@ -96,7 +86,7 @@ def measure(cfg: Config) -> dict:
                        desc="sampler cells")
     return {"checkpoint": {"path": cfg.checkpoint, "sha256": info["sha256"], "summary": info["summary"]},
             "num_samples": cfg.num_samples, "seed": cfg.seed, "threads": cfg.threads,
-            "machine": sweep.machine(cfg.threads).split(",")[0], "wall_s": time.perf_counter() - t0,
+            "machine": f"{platform.machine()} CPU", "wall_s": time.perf_counter() - t0,
             "rows": list(rows.values()), "config": asdict(cfg)}
 
 
@@ -108,10 +98,10 @@ def markdown(result: dict, cfg: Config | None = None) -> str:
              f"(biased upwards at this n: compare rows). Measured by `python -m training.experiments.sampler_study` "
              f"in {result['wall_s'] / 60:.1f} min on {result['machine']} ({result['threads']} torch thread(s), "
              "shared CPU).", ""]
-    lines += sweep.table("sampler | options | steps | FID | coverage | KL | ms/sample", "---|---|---:|---:|---:|---:|---:",
+    lines += [sweep.table("sampler | options | steps | FID | coverage | KL | ms/sample", "---|---|---:|---:|---:|---:|---:",
                          [[r["label"], ", ".join(f"{k}={v}" for k, v in r["options"].items()), r["steps"],
                            f"{r['fid']:.2f}", r["coverage"], f"{r['kl_uniform']:.3f}", f"{r['ms_per_sample']:.1f}"]
-                          for r in result["rows"]])
+                          for r in result["rows"]])]
     lines += ["", "Reading: compare `ddim clip` with `ddim no-clip` at the same steps (the clipping suspect), and the "
               "deterministic rows (ddim eta=0, dpm-solver++) with the stochastic ones at 20 steps (ddpm, ddim eta=1, "
               "sde-dpm-solver++) (the ODE-vs-SDE suspect).", ""]
