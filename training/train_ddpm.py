@@ -143,7 +143,7 @@ class DDPMTrainer:
             idx = torch.randperm(len(self.data), generator=self.shuffle)
         return [idx[i * self.local_batch:(i + 1) * self.local_batch] for i in range(self.steps_per_epoch)]
 
-    def staterepo_path(self) -> Path:
+    def state_path(self) -> Path:
         return self.run_dir / "state.pt"
 
     def reached_stop(self) -> bool:
@@ -159,12 +159,12 @@ class DDPMTrainer:
             "opt": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
             "history": self.history, "rng": torch.get_rng_state(), "shuffle": self.shuffle.get_state(),
             "config": self.cfg.to_dict(),
-        }, self.staterepo_path())
+        }, self.state_path())
 
     def load_state(self) -> bool:
-        if not self.staterepo_path().exists():
+        if not self.state_path().exists():
             return False
-        s = torch.load(self.staterepo_path(), weights_only=False, map_location=self.device)
+        s = torch.load(self.state_path(), weights_only=False, map_location=self.device)
         self.unet.load_state_dict(s["unet"])
         self.ema.model.load_state_dict(s["ema"])
         self.ema.updates = s["ema_updates"]
