@@ -84,3 +84,12 @@ def test_the_ddpm_report_measures_its_grid_through_evaluate(tmp_path, one_torch_
     assert "| ddim | 2 | 20 |" in md and "| 0.5 |" in md
     for png in ("denoise.png", "quality_vs_steps.png", "samples/ddim_002.png"):
         assert (out / png).stat().st_size > 0, png
+
+
+def test_a_bad_cell_setting_stops_the_ddpm_report_before_any_cell_runs(tmp_path, capsys):
+    from training.experiments import report_ddpm
+
+    assert sweep.main(report_ddpm, ["--samplers", "ddim,euler", "--out-dir", str(tmp_path)]) == 2
+    assert "--sampler must be one of" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert sweep.main(report_ddpm, ["--steps", "0,5000", "--out-dir", str(tmp_path)]) == 2
+    assert "--steps must be in [1, 1000]" in capsys.readouterr().err

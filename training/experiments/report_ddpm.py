@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from mnistgen.catalog import MAX_STEPS, SAMPLERS
+from mnistgen.catalog import SAMPLERS
 from mnistgen.checkpoint import REPO_ROOT
 from mnistgen.diffusion import denoise, generate, load_unet, make_scheduler, sigma_to_timestep
 from mnistgen.files import repo_path
 from ..data import DataConfig, load_mnist, to_uint8
-from ..evaluate import EvalConfig, evaluate
+from ..evaluate import EvalConfig, evaluate, validate
 from ..plots import figure, save_grid
 from . import sweep
 from .sweep import fmt
@@ -47,18 +47,6 @@ class Config:
     threads: int = 1  # torch CPU threads (the CPU is shared: ms/sample is indicative, not a benchmark)
     from_json: bool = False  # only re-render report.md and quality_vs_steps.png from results.json
 
-    def __post_init__(self):
-        bad = [s for s in _list(self.samplers) if s not in SAMPLERS]
-        if bad:
-            raise ValueError(f"samplers: each must be one of {SAMPLERS}, got {bad}")
-        for name in ("steps", "denoise_steps"):
-            if any(not 1 <= v <= MAX_STEPS for v in _list(getattr(self, name), int)):
-                raise ValueError(f"{name}: each must be an integer in [1, {MAX_STEPS}], got {getattr(self, name)}")
-        if any(not 0 < s <= 10 for s in _list(self.sigmas, float)):
-            raise ValueError(f"sigmas: each must be in (0, 10], got {self.sigmas}")
-        if self.n_generate < 2 or not 1 <= self.n_denoise <= 10000:
-            raise ValueError("n_generate must be >= 2 and n_denoise in [1, 10000]")
-
 
 def measure(cfg: Config) -> dict:
     """Every cell a training.evaluate run (generation: sampler x steps; denoising: sigma x sampler x steps), plus
@@ -66,12 +54,18 @@ def measure(cfg: Config) -> dict:
     samplers, sigmas, dsteps = _list(cfg.samplers), _list(cfg.sigmas, float), _list(cfg.denoise_steps, int)
     torch.set_num_threads(cfg.threads)
     out, path = repo_path(cfg.out_dir), repo_path(cfg.checkpoint)
+    common = {"model": str(path), "seed": cfg.seed, "batch_size": cfg.batch_size, "threads": cfg.threads}
+    gen_plan = {(s, n): EvalConfig(num_samples=cfg.n_generate, sampler=s, steps=n, **common)
+                for s in samplers for n in _list(cfg.steps, int)}
+    den_plan = {(sigma, s, n): EvalConfig(task="denoise", sigma=sigma, num_samples=cfg.n_denoise, sampler=s, steps=n,
+                                          **common) for sigma in sigmas for s in samplers for n in dsteps}
+    for ecfg in [*gen_plan.values(), *den_plan.values()]:
+        validate(ecfg)  # every cell's settings, checked before the first (long) one runs
     unet, ckpt = load_unet(path)
     sched, t0 = ckpt["scheduler"], time.perf_counter()
 
     def generation(sampler: str, steps: int) -> dict:
-        m = evaluate(EvalConfig(model=str(path), num_samples=cfg.n_generate, sampler=sampler, steps=steps,
-                                seed=cfg.seed, batch_size=cfg.batch_size, threads=cfg.threads))
+        m = evaluate(gen_plan[sampler, steps])
         with torch.inference_mode():
             save_grid(generate(unet, 64, sampler, steps, cfg.seed, cfg.batch_size, scheduler_config=sched),
                       out / "samples" / f"{sampler}_{steps:03d}.png")
@@ -79,16 +73,13 @@ def measure(cfg: Config) -> dict:
                 **{k: m[k] for k in GEN_KEYS}, "class_histogram": m["class_histogram"]}
 
     def denoising(sigma: float, sampler: str, steps: int) -> dict:
-        m = evaluate(EvalConfig(model=str(path), task="denoise", sigma=sigma, num_samples=cfg.n_denoise,
-                                sampler=sampler, steps=steps, seed=cfg.seed, batch_size=cfg.batch_size,
-                                threads=cfg.threads))
+        m = evaluate(den_plan[sigma, sampler, steps])
         t_star = sigma_to_timestep(sigma, make_scheduler("ddpm", sched).alphas_cumprod)
         return {"sigma": sigma, "t_star": t_star, "sampler": sampler, "steps": min(steps, t_star + 1),
                 "n": cfg.n_denoise, "ms_per_sample": m["ms_per_sample"], **{k: m[k] for k in DEN_KEYS},
                 "noisy": {k: m[f"noisy_{k}"] for k in DEN_KEYS}}
 
-    gen = sweep.cells([(f"{s}-{n}", lambda s=s, n=n: generation(s, n)) for s in samplers
-                       for n in _list(cfg.steps, int)], desc="generation")
+    gen = sweep.cells([(f"{s}-{n}", lambda s=s, n=n: generation(s, n)) for s, n in gen_plan], desc="generation")
     den = []
     for sigma in sigmas:
         rows = list(sweep.cells([(f"{sigma}-{s}-{n}", lambda s=s, n=n: denoising(sigma, s, n)) for s in samplers
