@@ -308,7 +308,7 @@ class EvalConfig:
     sigma: float = 0.5  # denoise: std of the Gaussian noise added to [-1, 1] images
     threads: int = 1  # torch CPU threads
     json: bool = False  # print one JSON object instead of a table
-    # a GAN only: score this TorchScript generator file (e.g. the served model_repository/dcgan_generator/1/
+    # a GAN only: score this TorchScript generator file (e.g. the served model_repository/<triton model>/1/
     # model_bf16.pt, as Triton runs it: frozen, optimised) on the same latents instead of the checkpoint's PyTorch
     torchscript: str = ""
 

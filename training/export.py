@@ -1,7 +1,7 @@
 """Export the catalog's checkpoints to ONNX + TorchScript in the Triton model repository, checking parity with PyTorch.
 
     python -m training.export                 # every catalog model whose checkpoint exists; skips fresh exports
-    python -m training.export --only dcgan_generator --force
+    python -m training.export --only <triton model> --force   (a catalog entry's `triton`)
     python -m training.export --gpu-variant   # also write model_repository_gpu/ (native onnxruntime + TensorRT)
 
 Fresh (skipped): the outputs exist and the ONNX file records the sha256 of its checkpoint and EXPORT_FORMAT (stricter

@@ -37,7 +37,7 @@ KEEP = ("fid", "fid_sd", "coverage", "kl_uniform", "pairwise_distance", "confide
 @dataclass
 class Config:
     gan: str = catalog.DEFAULT_MODEL  # the GAN the FID goal judges (a name or a .safetensors path)
-    modified: str = list(catalog.GANS)[1]  # the mode-collapse case (the catalog's second GAN)
+    modified: str = "dcgan-modified"  # the research's mode-collapse case: the study names it (a catalog GAN)
     ddpm: str = DDPM.name  # the unconditional DDPM (a catalog name or a .safetensors path)
     num_samples: int = 10000  # floor, GANs, the served-default DDPM row
     sampler_samples: int = 1000  # each row of the sampler comparison, and the denoise row
