@@ -97,23 +97,14 @@ def fill_images(msg: pb.Images, x: np.ndarray, fmt: str) -> pb.Images:
     return msg
 
 
-def images_message(x: np.ndarray, fmt: str) -> pb.Images:
-    """(N, 1, 28, 28) float32 in [-1, 1] -> pb.Images in the requested format."""
-    return fill_images(pb.Images(), x, fmt)
-
-
 def images_array(msg: pb.Images) -> np.ndarray:
-    """pb.Images (any format but PNG_GRID) -> (N, 1, 28, 28) float32; the inverse of images_message."""
+    """pb.Images (any format but PNG_GRID) -> (N, 1, 28, 28) float32; the inverse of fill_images."""
     if msg.format == pb.PNG:
         u8 = np.stack([np.asarray(imgs.decode_png(b).convert("L")) for b in msg.png])  # (N, 28, 28)
         return imgs.from_uint8(u8)
     if msg.format == pb.PNG_GRID:
         raise ValueError("a PNG_GRID response holds one tiled image, not separable samples")
     return np.frombuffer(msg.raw, dtype="<f4").reshape(-1, 1, imgs.SIDE, imgs.SIDE).copy()
-
-
-def timing_message(start: float, triton_s: float, n: int) -> pb.Timing:
-    return set_timing(pb.Timing(), start, triton_s, n)
 
 
 def set_timing(msg: pb.Timing, start: float, triton_s: float, n: int) -> pb.Timing:
@@ -335,11 +326,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def ListModels(self, request, context):
         return await self._grpc("ListModels", "", self.list_models, request, context)
-
-
-async def encode(x: np.ndarray, fmt: str) -> pb.Images:
-    """images_message, off the event loop when there are many PNGs to compress."""
-    return await encode_into(pb.Images(), x, fmt)
 
 
 async def encode_into(msg: pb.Images, x: np.ndarray, fmt: str) -> pb.Images:
