@@ -25,7 +25,7 @@ from . import fid_history, sweep
 
 DDPM = next(m for m in DDPM_MODELS.values() if not m.conditional)  # the unconditional DDPM's Generate entry
 JSON, MD = "goals.json", "goals.md"
-FID_HISTORY = "reports/gan/fid_history.json"  # training.fid_history's points: the GAN lever quotes the last stretch
+FID_HISTORY = "reports/gan/fid_history.json"  # training.experiments.fid_history's points: the GAN lever quotes the last stretch
 FLOOR_X_GAN, FLOOR_X_DDPM = 9.0, 3.0  # FID goals as multiples of the floor
 MAX_KL, FEW_STEP_TOLERANCE = 0.05, 0.10
 MIN_CLASS_PRESERVATION, MIN_PSNR, DENOISE_SIGMA = 0.98, 26.5, 0.3
