@@ -28,15 +28,15 @@ import numpy as np
 
 from mnistgen import catalog
 from mnistgen import engine as eng
+from mnistgen.files import CHECKPOINT_DIR, REPO_ROOT
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from . import bench_triton as bt
 from .load import closed_loop, relative_paths
 
 COND = catalog.by_kind(catalog.DDPM_COND)[0]  # the class-conditional Generate workload's model
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# table column order; onnxruntime-trt (TensorRT EP) only runs with --device cuda
+# table column order; onnxruntime-trt (TensorRT EP) runs with --device cuda only, pytorch-eager-bf16 (torch.autocast)
+# on CPUs with native bf16 only (context for the served bf16 TorchScript: the goals compare with fp32 eager)
 PATHS = ("pytorch-eager", "pytorch-eager-bf16", "onnxruntime", "onnxruntime-trt", "triton-grpc", "gateway-grpc", "gateway-http")
 SERVED = ("triton-grpc", "gateway-grpc", "gateway-http")
 DENOISE_TIMEOUT_S = 3600.0  # one DDPM-100 request at a large batch is minutes on a small CPU
@@ -61,7 +61,7 @@ class Goal:
 @dataclass
 class GatewayBenchConfig:
     model_repository: Path = REPO_ROOT / "model_repository"  # exported first when a checkpoint is newer
-    checkpoint_dir: Path = bt.CHECKPOINT_DIR
+    checkpoint_dir: Path = CHECKPOINT_DIR
     generator: str = catalog.DEFAULT_MODEL  # one of catalog.GANS
     generator_batches: tuple[int, ...] = (1, 64, 256)
     generator_repeats: int = 20  # timed runs per cell (median and p99 over these)

@@ -14,12 +14,8 @@ import torch
 
 from mnistgen import catalog
 from mnistgen import engine as eng
-from mnistgen.checkpoint import CHECKPOINT_DIR, REPO_ROOT  # noqa: F401  (bench's defaults)
 from mnistgen.latent import sample_latent
 
-# pytorch-eager-bf16: the generator in-process under torch.autocast(bfloat16), CPUs with native bf16 only: what a user
-# who turns bf16 on in-process gets (context for the served bf16 TorchScript; the goals compare with fp32 eager)
-BACKENDS = ("pytorch-eager", "pytorch-eager-bf16", "onnxruntime", "onnxruntime-trt", "triton-grpc")  # -trt: cuda only
 DEVICES = ("cpu", "cuda")
 GPU_INSTALL_HINT = ("pip install -e '.[gpu]' (onnxruntime-gpu, the CUDA build of ONNX Runtime; remove the CPU wheel "
                     "first: pip uninstall -y onnxruntime) and a CUDA build of torch")
@@ -101,8 +97,6 @@ def check_device(device: str, onnxruntime: bool = True) -> None:
     (`onnxruntime` False: only torch runs there, so onnxruntime-gpu is not needed)."""
     if device == "cpu":
         return
-    if device not in DEVICES:
-        raise SystemExit(f"--device must be one of {DEVICES}, got {device!r}")
     if not torch.cuda.is_available():
         build = f"torch {torch.__version__}" + (f" built for CUDA {torch.version.cuda}" if torch.version.cuda
                                                 else " built without CUDA")
@@ -122,34 +116,30 @@ def ort_providers(device: str, engine: str = "onnxruntime", trt_cache_dir: Path 
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if engine == "onnxruntime-trt":
-        cache = Path(trt_cache_dir or REPO_ROOT / "out" / "bench" / "trt_cache")
-        cache.mkdir(parents=True, exist_ok=True)
+        trt_cache_dir.mkdir(parents=True, exist_ok=True)
         return [("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                                               "trt_engine_cache_path": str(cache)}),
+                                               "trt_engine_cache_path": str(trt_cache_dir)}),
                 "CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def ort_sessions(model_dir: Path, cfg) -> dict:
-    """{path: session}: onnxruntime (CPU, or the CUDA EP), plus onnxruntime-trt on cuda when the TensorRT EP loads
-    (a machine without TensorRT libraries skips that column, saying why); {} without in-process ORT paths."""
+    """{path: session} over <model_dir>/1/model.onnx with a served instance's threads: onnxruntime (CPU, or the CUDA
+    EP), plus onnxruntime-trt on cuda when the TensorRT EP loads (else that column is skipped, saying why)."""
     if not cfg.ort_paths:
         return {}
-    out = {"onnxruntime": ort_session(model_dir, ort_providers(cfg.device))}
+    session = lambda providers: eng.ort_session(model_dir / "1" / "model.onnx", eng.available_cores(),  # noqa: E731
+                                                providers)
+    out = {"onnxruntime": session(ort_providers(cfg.device))}
     if cfg.device == "cuda":
         try:
-            sess = ort_session(model_dir, ort_providers(cfg.device, "onnxruntime-trt", cfg.trt_cache_dir))
+            sess = session(ort_providers(cfg.device, "onnxruntime-trt", cfg.trt_cache_dir))
             if sess.get_providers()[0] != "TensorrtExecutionProvider":
                 raise RuntimeError(f"TensorRT EP not active (session providers {sess.get_providers()})")
             out["onnxruntime-trt"] = sess
         except Exception as e:  # noqa: BLE001  (missing libnvinfer, unsupported op...): skip the column, say why
             print(f"  onnxruntime-trt skipped for {model_dir.name}: {type(e).__name__}: {e}", flush=True)
     return out
-
-
-def ort_session(model_dir: Path, providers: list | None = None):
-    """mnistgen.engine's session over <model_dir>/1/model.onnx with the threads a served instance uses."""
-    return eng.ort_session(model_dir / "1" / "model.onnx", eng.available_cores(), providers)
 
 
 class OrtEps:

@@ -12,8 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from mnistgen.files import REPO_ROOT
 
 
 def repo_relative(path: Path) -> str:

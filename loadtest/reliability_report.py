@@ -17,14 +17,17 @@ file), and soak.json + soak.png from `make soak` (loadtest/soak.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
-import string
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from mnistgen.files import REPO_ROOT
+
+from .load import repo_relative
+
 REPORTS_DIR = REPO_ROOT / "reports" / "reliability"
 TEMPLATE = Path(__file__).resolve().parent / "reliability.md.in"
 DOC = REPO_ROOT / "docs" / "reliability.md"
@@ -43,11 +46,11 @@ def load_sources(reports_dir: Path = REPORTS_DIR) -> dict[str, dict]:
     for name in SOURCES:
         path = reports_dir / f"{name}.json"
         if not path.is_file():
-            raise ReportError(f"{rel(path)} is missing: {collect_hint(name)}")
+            raise ReportError(f"{repo_relative(path)} is missing: {collect_hint(name)}")
         try:
             out[name] = json.loads(path.read_text())
         except ValueError as e:
-            raise ReportError(f"{rel(path)} is not valid JSON: {e}") from None
+            raise ReportError(f"{repo_relative(path)} is not valid JSON: {e}") from None
     return out
 
 
@@ -57,64 +60,44 @@ def collect_hint(name: str) -> str:
     return "run `make reliability`, then `python -m loadtest.reliability_report collect`"
 
 
-def rel(path: Path) -> str:
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+class Node:
+    """A JSON value as str.format walks it: `{soak.rss.gateway.growth_pct}`, list items by index (`{x.ramp.0}`);
+    None formats as n/a. A missing key raises ReportError naming the file, the key and the field that wanted it."""
+
+    def __init__(self, value, origin: Path, source: str, path: str = ""):
+        self._value, self._origin, self._source, self._path = value, origin, source, path
+
+    def __getattr__(self, key: str) -> Node:
+        v, path = self._value, f"{self._path}.{key}".lstrip(".")
+        if isinstance(v, dict) and key in v:
+            return Node(v[key], self._origin, self._source, path)
+        if isinstance(v, list) and key.lstrip("-").isdigit() and -len(v) <= int(key) < len(v):
+            return Node(v[int(key)], self._origin, self._source, path)
+        have = f"keys {list(v)[:12]}" if isinstance(v, dict) else f"a {type(v).__name__}"
+        raise ReportError(f"{repo_relative(self._origin)}: no key {path!r} (found {have} there); the template or a "
+                          f"derived figure needs {self._source}.{path}")
+
+    def __format__(self, spec: str) -> str:
+        return "n/a" if self._value is None else format(self._value, spec)
 
 
-def lookup(data: dict, path: str, origin: str):
-    """data["a"]["b"][0] for "a.b.0"; ReportError naming `origin` (the file) and the path when a key is missing."""
-    node, walked = data, []
-    for key in path.split("."):
-        walked.append(key)
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and key.lstrip("-").isdigit() and -len(node) <= int(key) < len(node):
-            node = node[int(key)]
-        else:
-            have = f"keys {list(node)[:12]}" if isinstance(node, dict) else f"a {type(node).__name__}"
-            raise ReportError(f"{origin}: no key {'.'.join(walked)!r} (found {have} there)")
-    return node
-
-
-class _Formatter(string.Formatter):
-    """str.format with `source.key.key` field names resolved by lookup(); `!` conversions as usual."""
-
-    def __init__(self, sources: dict[str, dict], reports_dir: Path):
-        self.sources, self.reports_dir = sources, reports_dir
-
-    def get_field(self, field_name, args, kwargs):
-        source, _, path = field_name.partition(".")
-        if source == "derived":
-            return lookup(self.sources["derived"], path, "derived figures (loadtest/reliability_report.py)"), field_name
-        if source not in self.sources:
-            raise ReportError(f"template field {{{field_name}}}: unknown source {source!r}, expected one of "
-                              f"{sorted(self.sources)}")
-        if not path:
-            raise ReportError(f"template field {{{field_name}}}: give a key inside {source}.json")
-        try:
-            return lookup(self.sources[source], path, rel(self.reports_dir / f"{source}.json")), field_name
-        except ReportError as e:
-            raise ReportError(f"{e}; the template quotes {{{field_name}}}") from None
-
-    def format_field(self, value, format_spec):
-        if value is None:
-            return "n/a"
-        return super().format_field(value, format_spec)
+def lookup(data, path: str, origin: Path, source: str = ""):
+    """data["a"]["b"][0] for "a.b.0" (ReportError naming `origin` and the path when a key is missing)."""
+    return functools.reduce(getattr, path.split("."), Node(data, origin, source))._value
 
 
 def render(reports_dir: Path = REPORTS_DIR, template: Path = TEMPLATE) -> str:
     """The Markdown page from the JSON files in reports_dir."""
     sources = load_sources(reports_dir)
-    sources["derived"] = derive(sources, reports_dir)
-    return _Formatter(sources, reports_dir).format(Path(template).read_text())
+    nodes = {k: Node(v, reports_dir / f"{k}.json", k) for k, v in sources.items()}
+    derived = derive(lambda source, path: lookup(sources[source], path, reports_dir / f"{source}.json", source))
+    try:
+        return Path(template).read_text().format(**nodes, derived=Node(derived, Path(__file__), "derived"))
+    except KeyError as e:
+        raise ReportError(f"the template quotes an unknown source {e}, expected one of {sorted(nodes)}") from None
 
 
 # ---- derived figures: computed from the JSON files, never typed in -------------------------------------------
-def need(sources: dict, source: str, path: str, reports_dir: Path):
-    return lookup(sources[source], path, rel(reports_dir / f"{source}.json"))
-
-
 def counts(d: dict) -> str:
     """{"a": 3, "b": 1} -> "a 3, b 1" (in the file's order)."""
     return ", ".join(f"{k} {v}" for k, v in d.items())
@@ -124,13 +107,8 @@ def fmt(x, spec: str = ".1f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def derive(s: dict, reports_dir: Path) -> dict:
-    def get(source: str, path: str):
-        try:
-            return need(s, source, path, reports_dir)
-        except ReportError as e:
-            raise ReportError(f"{e}; a derived figure needs {source}.{path}") from None
-
+def derive(get) -> dict:
+    """The figures the template quotes as `derived.*`; get(source, path) reads one from a JSON file."""
     d: dict = {}
     # the test run
     files = get("tests_run", "files")
@@ -163,7 +141,6 @@ def derive(s: dict, reports_dir: Path) -> dict:
     d["stop_refused_codes"] = ", ".join(f"{v} `{k}`" for k, v in refused.items())
     d["stop_clients"] = sum(get("graceful_stop", "clients").values())
     # the soak
-    soak = s["soak"]
     d["soak_generate_pct"] = 100 * (1 - get("soak", "config.denoise_share"))
     d["soak_denoise_pct"] = 100 * get("soak", "config.denoise_share")
     d["soak_load_pct"] = 100 * get("soak", "config.load_fraction")
@@ -175,7 +152,7 @@ def derive(s: dict, reports_dir: Path) -> dict:
     p99s = [w["p99_ms"] for w in wins]
     d["soak_window_p99_min"], d["soak_window_p99_max"] = (min(p99s), max(p99s)) if p99s else (None, None)
     d["soak_codes"] = counts(get("soak", "codes"))
-    d["soak_errors_verdict"] = (f"**{soak['errors']} errors** (promise broken)" if soak["errors"]
+    d["soak_errors_verdict"] = (f"**{get('soak', 'errors')} errors** (promise broken)" if get("soak", "errors")
                                 else "**0 errors**")
     verdicts = []
     for name in ("gateway", "triton"):
@@ -203,17 +180,17 @@ def collect(reports_dir: Path, src: Path, soak: bool = False) -> int:
     out/reliability), or `make soak`'s soak.json and soak.png (from out/soak)."""
     first = src / ("soak.json" if soak else "tests_run.json")
     if not first.is_file():
-        raise ReportError(f"{rel(first)} is missing: run `make {'soak' if soak else 'reliability'}` first")
+        raise ReportError(f"{repo_relative(first)} is missing: run `make {'soak' if soak else 'reliability'}` first")
     run = json.loads(first.read_text())
     names = ["soak.png"] if soak else [f"{n}.json" for n in TEST_FIGURES if n in run["written"]]
     for name in [] if soak else (n for n in TEST_FIGURES if n not in run["written"]):
-        print(f"warning: that run wrote no {name}.json: {rel(reports_dir)} keeps an earlier one", file=sys.stderr)
+        print(f"warning: that run wrote no {name}.json: {repo_relative(reports_dir)} keeps an earlier one", file=sys.stderr)
     if soak and run["config"]["duration_s"] < 600:
         print(f"note: this soak ran {run['config']['duration_s']:.0f} s, not the full 10 minutes", file=sys.stderr)
     reports_dir.mkdir(parents=True, exist_ok=True)
     for name in [first.name, *names]:
         shutil.copyfile(src / name, reports_dir / name)
-    print(f"copied {[first.name, *names]} into {rel(reports_dir)}")
+    print(f"copied {[first.name, *names]} into {repo_relative(reports_dir)}")
     return 0
 
 
@@ -239,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.check:
         same = a.out.is_file() and a.out.read_text() == text
-        print(f"{rel(a.out)} {'is up to date' if same else 'differs from a render: make reliability-report'}")
+        print(f"{repo_relative(a.out)} {'is up to date' if same else 'differs from a render: make reliability-report'}")
         return 0 if same else 1
     a.out.write_text(text)
-    print(f"wrote {rel(a.out)} from {rel(a.reports_dir)}/*.json")
+    print(f"wrote {repo_relative(a.out)} from {repo_relative(a.reports_dir)}/*.json")
     return 0
 
 

@@ -3,13 +3,12 @@
     python -m loadtest.soak                          # 10 minutes (starts its own Triton + gateway on free ports)
     python -m loadtest.soak --duration 60 --window-s 10   # a short proof run
 
-The mix: `--denoise-share` of the requests (default 0.2, spread evenly) are Denoise of `--denoise-images` test-split
-images at `--sigma` with the gateway's default sampler (answers checked: shape, values, sampler and steps echoed),
-the rest Generate of the GAN `--model`. Steps: start Triton and the gateway (serving.run's Stack); measure capacity
-with a closed-loop ramp (loadtest.load; capacity = the best throughput); send requests open-loop at
-`--load-fraction` x capacity for `--duration` s (latency counts from the scheduled time, so a stalled server cannot
-hide behind a slowed-down client); sample the RSS of the gateway and of Triton (+ its stub processes) and the load
-average every second. Writes out/soak/soak.json, soak.md and soak.png. A command, not a test.
+The mix: `--denoise-share` of the requests are Denoise of `--denoise-images` test-split images at `--sigma` (answers
+checked: shape, values, sampler and steps echoed), the rest Generate of the GAN `--model`. The capacity is the best
+throughput of a closed-loop ramp (loadtest.load); then requests go open-loop at `--load-fraction` x capacity for
+`--duration` s, latency counted from the scheduled time (a stalled server cannot hide behind a slowed-down client),
+while the RSS of the gateway and of Triton (+ its stubs) and the load average are sampled every second. Writes
+out/soak/soak.json and soak.png; loadtest/reliability_report.py renders them into docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -31,10 +30,10 @@ import numpy as np
 
 from mnistgen import catalog
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from mnistgen.files import CHECKPOINT_DIR, REPO_ROOT
 
 from .load import closed_loop, pct_ms, relative_paths
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("grpc", "http")
 KINDS = ("generate", "denoise")
 PIXELS = 28 * 28
@@ -61,7 +60,7 @@ class SoakConfig:
     workers: int = 32  # sender threads of the open-loop phase (enough to never be the bottleneck)
     seed: int = 0  # request mix (batch sizes, transports, request seeds)
     model_repository: Path = REPO_ROOT / "model_repository"
-    checkpoint_dir: Path = REPO_ROOT / "checkpoints"
+    checkpoint_dir: Path = CHECKPOINT_DIR
     out_dir: Path = REPO_ROOT / "out" / "soak"
 
     def __post_init__(self) -> None:
@@ -337,45 +336,6 @@ def summarize(cfg: SoakConfig, capacity: float, ramp: list[dict], rate: float, r
     }
 
 
-def markdown(res: dict) -> str:
-    c = res["config"]
-    lines = [
-        "# Soak run", "",
-        f"{res['machine']['cpus']} CPUs ({res['machine']['platform']}), 1-minute load average during the soak "
-        f"{(res['machine']['load_avg_1m'] or {}).get('min')}-{(res['machine']['load_avg_1m'] or {}).get('max')} "
-        f"(at the end {res['machine']['load_avg_1m_end']}). Mix: {1 - c['denoise_share']:.0%} Generate "
-        f"`{c['model']}` (batch sizes {c['num_samples']}), {c['denoise_share']:.0%} Denoise (images "
-        f"{c['denoise_images']}, sigma {c['sigma']}, sampler {c['denoise_sampler'] or 'default'}, steps "
-        f"{c['denoise_steps'] or 'default'}); transports {c['transports']}, request deadline {c['timeout_s']} s.",
-        "",
-        f"- capacity (closed-loop ramp {c['ramp_clients']}, {c['ramp_step_s']} s each): "
-        f"**{res['capacity_rps']} req/s**",
-        f"- offered: {c['load_fraction']:.0%} of it = {res['offered_rps']} req/s for {c['duration_s']:.0f} s "
-        f"(achieved {res['achieved_rps']} req/s, {res['requests']} requests)",
-        f"- errors: **{res['errors']}** ({res['error_rate']:.4%}); codes {res['codes']}",
-        *(f"- {k}: {v['requests']} requests ({v['images']} images), {v['errors']} errors, p50 {v['p50_ms']} ms, "
-          f"p99 {v['p99_ms']} ms, max {v['max_ms']} ms" for k, v in res["by_kind"].items()),
-        f"- latency from scheduled time: p50 {res['latency_ms']['p50']} ms, p99 {res['latency_ms']['p99']} ms, "
-        f"max {res['latency_ms']['max']} ms",
-        f"- p99 drift: first window {res['p99_drift']['first_window_ms']} ms, last "
-        f"{res['p99_drift']['last_window_ms']} ms (x{res['p99_drift']['last_over_first']}), worst window "
-        f"{res['p99_drift']['max_window_ms']} ms",
-    ]
-    for name in ("gateway", "triton"):
-        r = res["rss"][name]
-        lines.append(f"- {name} RSS: {r['start_mib']} -> {r['end_mib']} MiB (growth {r['growth_mib']} MiB = "
-                     f"{r['growth_pct']}%, peak {r['peak_mib']} MiB, trend {r['slope_mib_per_min']} MiB/min)")
-    lines += ["", f"| window ({c['window_s']:.0f} s) | requests | errors | p50 ms | p99 ms | p99 Generate ms "
-                  "| p99 Denoise ms | gateway RSS MiB | Triton RSS MiB | load avg |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for w in res["windows"]:
-        lines.append(f"| {w['window']} | {w['requests']} | {w['errors']} | {w['p50_ms']} | {w['p99_ms']} | "
-                     f"{w['p99_ms_by_kind']['generate']} | {w['p99_ms_by_kind']['denoise']} | "
-                     f"{w['gateway_rss_mib']} | {w['triton_rss_mib']} | {w['load_avg_1m']} |")
-    lines += ["", "![p99 and RSS over time](soak.png)", ""]
-    return "\n".join(lines)
-
-
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -436,10 +396,14 @@ def run(cfg: SoakConfig) -> dict:
     if cfg.denoise_share > 0:  # what every OK Denoise answer echoed (else it counted as WRONG_ANSWER)
         res["denoise_checked"] = {"sampler": sender.expect_sampler, "steps": sender.expect_steps, "sigma": cfg.sigma}
     (cfg.out_dir / "soak.json").write_text(json.dumps(res, indent=2) + "\n")
-    (cfg.out_dir / "soak.md").write_text(markdown(res))
     plot(res, cfg.out_dir / "soak.png")
-    print("\n" + markdown(res))
-    print(f"written {cfg.out_dir / 'soak.json'}, soak.md, soak.png")
+    rss = ", ".join(f"{k} RSS {v['start_mib']} -> {v['end_mib']} MiB" for k, v in res["rss"].items())
+    drift = res["p99_drift"]
+    print(f"\n{res['requests']} requests at {res['offered_rps']} req/s: {res['errors']} errors {res['codes']}, p99 "
+          f"{res['latency_ms']['p99']} ms (first window {drift['first_window_ms']}, last {drift['last_window_ms']}), "
+          f"{rss}")
+    print(f"written {cfg.out_dir / 'soak.json'} and soak.png (docs/reliability.md renders them: "
+          "python -m loadtest.reliability_report collect-soak)")
     return res
 
 
