@@ -1,11 +1,10 @@
-"""`make bench`: one run, side by side, per-sample latency of every serving path on this machine.
+"""`make bench`: the per-sample latency of every serving path on this machine, side by side.
 
-Paths: eager PyTorch in-process (the research code's way), ONNX Runtime in-process, Triton direct (tritonclient
-gRPC), and through the gateway over gRPC and HTTP/JSON (loadtest/bench_triton.py times them alike). Workloads: a GAN
-generator at batch 1/64/256, DDPM denoising with DDPM-100 and a fast sampler at small batches, class-conditional
-Generate. Then a concurrency sweep: 1, 4, 16 closed-loop clients (loadtest.load) sending batch-1 requests through
-the gateway, against eager PyTorch serving the same stream in-process one at a time. Starts its own Triton +
-gateway (serving.run's Stack) and writes bench/results.json and results.md (headline: served / eager ratios).
+Paths: eager PyTorch, ONNX Runtime in-process, Triton direct (gRPC), the gateway over gRPC and HTTP/JSON, timed alike
+by loadtest/bench_triton.py on a GAN generator, DDPM-100 and a fast sampler denoising, class-conditional Generate;
+then batch-1 requests from 1, 4, 16 closed-loop clients (loadtest.load) through the gateway against eager PyTorch
+serving the same stream one at a time. Starts its own Triton + gateway (serving.run's Stack); writes
+bench/results.json and results.md (headline: served / eager ratios).
 
     python -m loadtest.bench                                   # a few minutes on 2 CPU cores
     python -m loadtest.bench --quick                           # fewer repeats, for a smoke run
@@ -92,30 +91,26 @@ class GatewayBenchConfig:
     locust_time_s: float | None = None  # Locust against the bench's gateway for this long; None: 30 on cuda, 0 on cpu
 
     def __post_init__(self) -> None:
-        bad = [p for p in self.paths if p not in PATHS]
-        if bad:
+        if bad := [p for p in self.paths if p not in PATHS]:
             raise ValueError(f"paths: unknown {bad}: expected a subset of {PATHS}")
-        if self.device not in bt.DEVICES:
-            raise ValueError(f"device must be one of {bt.DEVICES}, got {self.device!r}")
-        if any(c < 0 for c in self.concurrency):
-            raise ValueError(f"concurrency levels must be >= 1 (0 = no sweep), got {self.concurrency}")
+        sampler, _, steps = self.fast_sampler.partition(":")
+        steps_ok = steps.isdigit() and 1 <= int(steps) <= catalog.MAX_STEPS
+        batches = self.generator_batches + self.denoise_batches + self.cond_batches
+        for name, ok, want in (
+                ("device", self.device in bt.DEVICES, f"one of {bt.DEVICES}"),
+                ("generator", self.generator in catalog.GANS, f"one of {list(catalog.GANS)}"),
+                ("concurrency", all(c >= 0 for c in self.concurrency), "levels >= 1 (0 = no sweep)"),
+                ("sigma", 0 < self.sigma <= 1, "in (0, 1]"),
+                ("fast_sampler", sampler in catalog.SAMPLERS and steps_ok,
+                 f"SAMPLER:STEPS with SAMPLER in {catalog.SAMPLERS} and STEPS in [1, {catalog.MAX_STEPS}]"),
+                ("generator, denoise and cond batches", all(b >= 1 for b in batches), ">= 1"),
+                *((n, getattr(self, n) >= 1, ">= 1") for n in ("generator_repeats", "ddpm_repeats", "fast_repeats",
+                  "overhead_repeats", "concurrency_requests", "concurrency_denoise_requests"))):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name, batches)!r}")
         self.concurrency = tuple(c for c in self.concurrency if c > 0)
         if self.locust_time_s is None:
             self.locust_time_s = LOCUST_TIME_S_CUDA if self.device == "cuda" else 0.0
-        for name in ("generator_repeats", "ddpm_repeats", "fast_repeats", "overhead_repeats",
-                     "concurrency_requests", "concurrency_denoise_requests"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.sigma <= 1:
-            raise ValueError(f"sigma must be in (0, 1], got {self.sigma}")
-        if self.generator not in catalog.GANS:
-            raise ValueError(f"generator must be one of {list(catalog.GANS)}, got {self.generator!r}")
-        name, _, steps = self.fast_sampler.partition(":")
-        if name not in catalog.SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= catalog.MAX_STEPS:
-            raise ValueError(f"fast_sampler {self.fast_sampler!r}: expected SAMPLER:STEPS with SAMPLER in "
-                             f"{catalog.SAMPLERS} and STEPS in [1, {catalog.MAX_STEPS}]")
-        if any(b < 1 for b in self.generator_batches + self.denoise_batches + self.cond_batches):
-            raise ValueError("batch sizes must be >= 1")
 
     # the requested paths that need Triton and the gateway (none: neither is started), the in-process ONNX Runtime
     # ones, and whether any runs the exported models (then they are exported first; --device cuda needs onnxruntime-gpu)
@@ -140,13 +135,9 @@ def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[di
                                     labels=[cfg.cond_digit] * b, guidance=guidance)
 
         def triton(n_steps):
-            ins = bt._grpc_inputs({
-                "num_samples": (np.full((1, 1), b, np.int32), "INT32"), "steps": (np.full((1, 1), n_steps, np.int32),
-                                                                                  "INT32"),
-                "sampler": (np.array([[sampler.encode()]], dtype=object), "BYTES"),
-                "seed": (np.full((1, 1), cfg.seed, np.int64), "INT64"),
-                "digit": (np.full((1, 1), cfg.cond_digit, np.int32), "INT32"),
-                "guidance": (np.full((1, 1), guidance, np.float32), "FP32")})
+            ins = bt._grpc_inputs({k: np.full((1, 1), v, dtype) for k, v, dtype in (
+                ("num_samples", b, np.int32), ("steps", n_steps, np.int32), ("sampler", sampler.encode(), object),
+                ("seed", cfg.seed, np.int64), ("digit", cfg.cond_digit, np.int32), ("guidance", guidance, np.float32))})
             return lambda: direct.infer(COND.triton, ins, client_timeout=DENOISE_TIMEOUT_S)
 
         def gateway(c, n_steps):
@@ -165,20 +156,18 @@ def bench_conditional(cfg: GatewayBenchConfig, clients: dict, direct) -> list[di
 def bench_overhead(cfg: GatewayBenchConfig, tclient, gateway_client) -> dict:
     """Batch-1 Generate, Triton direct and gateway gRPC alternating request by request, so that the load of a
     shared machine drifts over both alike; the overhead is the median of the paired differences."""
-    import statistics
-
     from mnistgen.latent import sample_latent
 
     model = catalog.GANS[cfg.generator].triton
     dim = int(tclient.get_model_config(model, as_json=True)["config"]["input"][0]["dims"][-1])
-    ins = bt._grpc_inputs({"latent": (sample_latent(1, dim, cfg.seed), "FP32")})
+    ins = bt._grpc_inputs({"latent": sample_latent(1, dim, cfg.seed)})
     direct = lambda: tclient.infer(model, ins).as_numpy("image")  # noqa: E731
     gateway = lambda: gateway_client.generate(model=cfg.generator, num_samples=1, seed=cfg.seed)  # noqa: E731
     pairs = [(bt.timed(direct, 1, 0)[0], bt.timed(gateway, 1, 0)[0])
              for _ in range(cfg.overhead_repeats + 10)][10:]  # the first 10 pairs warm up
     d, g = (np.array(x) * 1e3 for x in zip(*pairs))
     out = {"repeats": len(pairs), "triton_p50_ms": float(np.median(d)), "gateway_p50_ms": float(np.median(g)),
-           "overhead_p50_ms": float(statistics.median(g - d)), "triton_p99_ms": float(np.percentile(d, 99)),
+           "overhead_p50_ms": float(np.median(g - d)), "triton_p99_ms": float(np.percentile(d, 99)),
            "gateway_p99_ms": float(np.percentile(g, 99))}
     print(f"  batch-1 overhead, {len(pairs)} interleaved pairs: Triton {out['triton_p50_ms']:.2f} ms, gateway "
           f"{out['gateway_p50_ms']:.2f} ms, overhead p50 {out['overhead_p50_ms']:.2f} ms", flush=True)
@@ -477,18 +466,17 @@ def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
     out = {}
     for m in models:
         record = eng.read_record(repo / m / "1" / eng.ENGINES_FILE)
-        if record is not None:
-            out[m] = {k: record.get(k) for k in ("threshold", "batches", "ms_per_sample", "measured_by", "measured_at",
-                                                 "bf16")}
-            out[m]["torchscript_precision"] = record.get("torchscript_precision", eng.FP32)
-            out[m]["ort_multithread_from"] = record.get("ort_multithread_from", 1)  # absent: measured before the column
-            out[m]["threads"] = record.get("machine", {}).get("threads")
-            out[m]["ort_split_from"] = eng.effective_split_from(record, out[m]["threads"] or 1)
-            out[m]["choice"] = eng.describe(record.get("threshold"), source=eng.ENGINES_FILE,
-                                            threads=out[m]["threads"],
-                                            multithread_from=out[m]["ort_multithread_from"],
-                                            split_from=out[m]["ort_split_from"],
-                                            precision=out[m]["torchscript_precision"])
+        if record is None:
+            continue
+        threads = record.get("machine", {}).get("threads")
+        r = out[m] = {k: record.get(k) for k in ("threshold", "batches", "ms_per_sample", "measured_by", "measured_at",
+                                                 "bf16")} | {"threads": threads}
+        r["torchscript_precision"] = record.get("torchscript_precision", eng.FP32)
+        r["ort_multithread_from"] = record.get("ort_multithread_from", 1)  # absent: measured before the column
+        r["ort_split_from"] = eng.effective_split_from(record, threads or 1)
+        r["choice"] = eng.describe(r["threshold"], source=eng.ENGINES_FILE, threads=threads,
+                                   multithread_from=r["ort_multithread_from"], split_from=r["ort_split_from"],
+                                   precision=r["torchscript_precision"])
     return out
 
 
@@ -642,11 +630,11 @@ def run(cfg: GatewayBenchConfig) -> dict:
         "config": relative_paths(asdict(cfg)),
         "machine": machine, "load_avg_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t_start,
         "results": res, "overhead_batch1": overhead, "concurrency": concurrency, "locust": locust,
-        "skipped": skipped, "goals": [], "rows": rows,
+        "skipped": skipped, "rows": rows,
+        "goals": [{**asdict(g), "met": g.met} for g in goals(res, cfg, overhead, concurrency)],
         "engines": (engine_records(cfg.model_repository, (gen_model, bt.UNET, COND.triton))
                     if cfg.reads_onnx else {}),  # (what the ONNX / served paths ran with)
     }
-    result["goals"] = [{**asdict(g), "met": g.met} for g in goals(res, cfg, overhead, concurrency)]
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "results.json").write_text(json.dumps(result, indent=2))
     (cfg.out_dir / "results.md").write_text(markdown(result))
@@ -680,8 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"written {out / 'results.md'} from {src}")
         return 0
     quick = dict(generator_repeats=5, denoise_batches=(1,), ddpm_repeats=1, fast_repeats=1, overhead_repeats=50,
-                 cond_batches=(1,),
-                 concurrency=(1, 4), concurrency_requests=40, concurrency_denoise_requests=4)
+                 cond_batches=(1,), concurrency=(1, 4), concurrency_requests=40, concurrency_denoise_requests=4)
     quick = {k: v for k, v in quick.items() if getattr(a, k, None) is None}  # options given win over --quick
     cfg = dataclass_from_args(GatewayBenchConfig, a, parser=p, **(quick if a.quick else {}))
     # SIGTERM unwinds like Ctrl-C, so the Triton and gateway this run started are stopped too

@@ -93,15 +93,14 @@ def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: 
 
 
 def check_device(device: str, onnxruntime: bool = True) -> None:
-    """Raise SystemExit at once, saying what to install, when `device` cannot be benchmarked on this machine
+    """SystemExit at once, saying what to install, where `device` cannot be benchmarked on this machine
     (`onnxruntime` False: only torch runs there, so onnxruntime-gpu is not needed)."""
     if device == "cpu":
         return
     if not torch.cuda.is_available():
-        build = f"torch {torch.__version__}" + (f" built for CUDA {torch.version.cuda}" if torch.version.cuda
-                                                else " built without CUDA")
-        raise SystemExit(f"--device cuda: no CUDA device is usable here (torch.cuda.is_available() is False; "
-                         f"{build}). Run on a machine with an NVIDIA GPU and driver; needs {GPU_INSTALL_HINT}.")
+        raise SystemExit(f"--device cuda: no CUDA device is usable here (torch.cuda.is_available() is False; torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}). Run on a machine with an NVIDIA "
+                         f"GPU and driver; needs {GPU_INSTALL_HINT}.")
     if not onnxruntime:
         return
     import onnxruntime as ort
@@ -178,11 +177,14 @@ def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
     return run
 
 
-def _grpc_inputs(arrays: dict[str, tuple[np.ndarray, str]]):
+def _grpc_inputs(arrays: dict):
+    """tritonclient InferInputs from {name: array or (array, Triton dtype)} (by default the array's dtype)."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
 
     ins = []
-    for name, (arr, dtype) in arrays.items():
+    for name, v in arrays.items():
+        arr, dtype = v if isinstance(v, tuple) else (v, np_to_triton_dtype(v.dtype))
         i = grpcclient.InferInput(name, list(arr.shape), dtype)
         i.set_data_from_numpy(arr)
         ins.append(i)
@@ -216,7 +218,7 @@ def bench_generator(cfg, client, gateways: dict) -> list[dict]:
             runs["pytorch-eager-bf16"] = lambda: eager_call(True)
         runs.update({path: (lambda s=s: s.run(["image"], {"latent": z})) for path, s in sessions.items()})
         if client is not None:
-            ins = _grpc_inputs({"latent": (z, "FP32")})
+            ins = _grpc_inputs({"latent": z})
             runs["triton-grpc"] = lambda: client.infer(model, ins).as_numpy("image")
         runs.update({p: (lambda c=c: c.generate(model=cfg.generator, num_samples=b, seed=cfg.seed))
                      for p, c in gateways.items()})
@@ -245,17 +247,16 @@ def bench_denoise(cfg, client, gateways: dict, spec: str, repeats: int) -> list[
             return lambda: denoise(eps_fn, x0t, cfg.sigma, sampler, n_steps, cfg.seed, scheduler_config=sched_cfg)
 
         def triton(n_steps):
-            ins = _grpc_inputs({
-                "image": (x0, "FP32"), "sigma": (np.full((b, 1), cfg.sigma, np.float32), "FP32"),
-                "steps": (np.full((b, 1), n_steps, np.int32), "INT32"),
-                "sampler": (np.array([[sampler.encode()]] * b, dtype=object), "BYTES"),
-                "seed": (np.arange(cfg.seed, cfg.seed + b, dtype=np.int64).reshape(b, 1), "INT64")})
+            ins = _grpc_inputs({"image": x0, "sigma": np.full((b, 1), cfg.sigma, np.float32),
+                                "steps": np.full((b, 1), n_steps, np.int32),
+                                "sampler": np.full((b, 1), sampler.encode(), dtype=object),
+                                "seed": np.arange(cfg.seed, cfg.seed + b, dtype=np.int64).reshape(b, 1)})
             return lambda: client.infer(DENOISER, ins, client_timeout=3600).as_numpy("denoised")
 
         def gateway(c, n_steps):
             return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
 
-        runs = {path: (run_with(e, steps), run_with(e, 2)) for path, e in {"pytorch-eager": eager_eps, **ort_eps}.items()}
+        runs = {p: (run_with(e, steps), run_with(e, 2)) for p, e in {"pytorch-eager": eager_eps, **ort_eps}.items()}
         if client is not None:
             runs["triton-grpc"] = (triton(steps), triton(2))
         runs.update({p: (gateway(c, steps), gateway(c, 2)) for p, c in gateways.items()})
@@ -266,8 +267,8 @@ def bench_denoise(cfg, client, gateways: dict, spec: str, repeats: int) -> list[
                 return eager_eps(x0t, t_probe)
 
         threads = best_threads(one_eval, (1, cfg.threads))  # one UNet evaluation decides
-        rows += time_paths({k: v for k, v in runs.items() if k in cfg.paths}, client, DENOISER, repeats, cfg.warmup, f"denoise {sampler}-{steps}", b, threads,
-                           unet_evals=len(inference_timesteps(t_star, steps)))
+        rows += time_paths({k: v for k, v in runs.items() if k in cfg.paths}, client, DENOISER, repeats, cfg.warmup,
+                           f"denoise {sampler}-{steps}", b, threads, unet_evals=len(inference_timesteps(t_star, steps)))
     return rows
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mnistgen.files import REPO_ROOT
 
-from .load import repo_relative
+from .load import repo_relative as rel
 
 REPORTS_DIR = REPO_ROOT / "reports" / "reliability"
 TEMPLATE = Path(__file__).resolve().parent / "reliability.md.in"
@@ -46,18 +46,14 @@ def load_sources(reports_dir: Path = REPORTS_DIR) -> dict[str, dict]:
     for name in SOURCES:
         path = reports_dir / f"{name}.json"
         if not path.is_file():
-            raise ReportError(f"{repo_relative(path)} is missing: {collect_hint(name)}")
+            make, command = ("soak", "collect-soak") if name == "soak" else ("reliability", "collect")
+            raise ReportError(f"{rel(path)} is missing: run `make {make}`, then "
+                              f"`python -m loadtest.reliability_report {command}`")
         try:
             out[name] = json.loads(path.read_text())
         except ValueError as e:
-            raise ReportError(f"{repo_relative(path)} is not valid JSON: {e}") from None
+            raise ReportError(f"{rel(path)} is not valid JSON: {e}") from None
     return out
-
-
-def collect_hint(name: str) -> str:
-    if name == "soak":
-        return "run `make soak`, then `python -m loadtest.reliability_report collect-soak`"
-    return "run `make reliability`, then `python -m loadtest.reliability_report collect`"
 
 
 class Node:
@@ -74,7 +70,7 @@ class Node:
         if isinstance(v, list) and key.lstrip("-").isdigit() and -len(v) <= int(key) < len(v):
             return Node(v[int(key)], self._origin, self._source, path)
         have = f"keys {list(v)[:12]}" if isinstance(v, dict) else f"a {type(v).__name__}"
-        raise ReportError(f"{repo_relative(self._origin)}: no key {path!r} (found {have} there); the template or a "
+        raise ReportError(f"{rel(self._origin)}: no key {path!r} (found {have} there); the template or a "
                           f"derived figure needs {self._source}.{path}")
 
     def __format__(self, spec: str) -> str:
@@ -154,12 +150,10 @@ def derive(get) -> dict:
     d["soak_codes"] = counts(get("soak", "codes"))
     d["soak_errors_verdict"] = (f"**{get('soak', 'errors')} errors** (promise broken)" if get("soak", "errors")
                                 else "**0 errors**")
-    verdicts = []
-    for name in ("gateway", "triton"):
-        g = get("soak", f"rss.{name}.growth_pct")
-        verdicts.append(g is not None and g <= RSS_GROWTH_BOUND_PCT)
+    growth = [get("soak", f"rss.{name}.growth_pct") for name in ("gateway", "triton")]
     d["soak_rss_bound_pct"] = RSS_GROWTH_BOUND_PCT
-    d["soak_rss_verdict"] = ("both within" if all(verdicts) else "**not** both within")
+    d["soak_rss_verdict"] = ("both within" if all(g is not None and g <= RSS_GROWTH_BOUND_PCT for g in growth)
+                             else "**not** both within")
     d["soak_windows_table"] = soak_table(wins, get("soak", "config.window_s"))
     return d
 
@@ -180,17 +174,17 @@ def collect(reports_dir: Path, src: Path, soak: bool = False) -> int:
     out/reliability), or `make soak`'s soak.json and soak.png (from out/soak)."""
     first = src / ("soak.json" if soak else "tests_run.json")
     if not first.is_file():
-        raise ReportError(f"{repo_relative(first)} is missing: run `make {'soak' if soak else 'reliability'}` first")
+        raise ReportError(f"{rel(first)} is missing: run `make {'soak' if soak else 'reliability'}` first")
     run = json.loads(first.read_text())
     names = ["soak.png"] if soak else [f"{n}.json" for n in TEST_FIGURES if n in run["written"]]
     for name in [] if soak else (n for n in TEST_FIGURES if n not in run["written"]):
-        print(f"warning: that run wrote no {name}.json: {repo_relative(reports_dir)} keeps an earlier one", file=sys.stderr)
+        print(f"warning: that run wrote no {name}.json: {rel(reports_dir)} keeps an earlier one", file=sys.stderr)
     if soak and run["config"]["duration_s"] < 600:
         print(f"note: this soak ran {run['config']['duration_s']:.0f} s, not the full 10 minutes", file=sys.stderr)
     reports_dir.mkdir(parents=True, exist_ok=True)
     for name in [first.name, *names]:
         shutil.copyfile(src / name, reports_dir / name)
-    print(f"copied {[first.name, *names]} into {repo_relative(reports_dir)}")
+    print(f"copied {[first.name, *names]} into {rel(reports_dir)}")
     return 0
 
 
@@ -216,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.check:
         same = a.out.is_file() and a.out.read_text() == text
-        print(f"{repo_relative(a.out)} {'is up to date' if same else 'differs from a render: make reliability-report'}")
+        print(f"{rel(a.out)} {'is up to date' if same else 'differs from a render: make reliability-report'}")
         return 0 if same else 1
     a.out.write_text(text)
-    print(f"wrote {repo_relative(a.out)} from {repo_relative(a.reports_dir)}/*.json")
+    print(f"wrote {rel(a.out)} from {rel(a.reports_dir)}/*.json")
     return 0
 
 

@@ -56,7 +56,7 @@ def read_requests(path: str | Path) -> Requests:
     """Load the CSV written by loadtest/locustfile.py (columns: locustfile.CSV_COLUMNS)."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    needed = {"start_s", "transport", "rpc", "name", "latency_ms", "samples", "ok"}
+    needed = set(CSV_COLUMNS) - {"error"}
     if rows and not needed <= set(rows[0]):
         raise ValueError(f"{path}: missing columns {sorted(needed - set(rows[0]))}; expected {sorted(needed)}")
     col = lambda k, t: np.array([t(r[k]) for r in rows], dtype=t if t is not str else object)  # noqa: E731
@@ -77,10 +77,7 @@ def percentiles(values: np.ndarray) -> dict[str, float]:
 
 def summarize(r: Requests, group: str = "all") -> Summary:
     ok = r.ok
-    if len(r):
-        duration = float(np.max(r.start_s + r.latency_ms / 1e3) - np.min(r.start_s))
-    else:
-        duration = 0.0
+    duration = float(np.max(r.start_s + r.latency_ms / 1e3) - np.min(r.start_s)) if len(r) else 0.0
     samples = int(r.samples[ok].sum())
     per_sample = r.latency_ms[ok] / np.maximum(r.samples[ok], 1)  # (R_ok,)
     rate = (lambda n: n / duration) if duration > 0 else (lambda n: float("nan"))

@@ -95,9 +95,8 @@ class Job:
 
 
 class Mix:
-    """A stream of requests of the mix (each ramp client and the soak own one): exactly cfg.denoise_share of them
-    are Denoise, spread evenly (an accumulator from a random phase, not a coin per request), so a short ramp step
-    measures the same mix as the soak; batch sizes, seeds (and transports, unless given) are drawn from rng."""
+    """A stream of Jobs (one per ramp client, one for the soak): exactly cfg.denoise_share of them Denoise, spread
+    evenly (an accumulator, not a coin per request), so a short ramp step measures the same mix as the soak."""
 
     def __init__(self, cfg: SoakConfig, rng: random.Random):
         self.cfg, self.rng = cfg, rng
@@ -112,10 +111,9 @@ class Mix:
 
 
 class Sender:
-    """Sends jobs through serving.client (one GatewayClient per transport, shared by the threads) and checks the
-    answers: call(job) is "OK" or the error's code (the gateway's, UNAVAILABLE when none answered), WRONG_SHAPE /
-    WRONG_ANSWER when a success does not hold the images asked for (a Denoise: finite, in [-1, 1], the sampler and
-    steps echoed)."""
+    """Sends jobs through serving.client (a GatewayClient per transport, shared by the threads): call(job) is "OK",
+    the error's code, or WRONG_SHAPE / WRONG_ANSWER when a success lacks the images asked for (a Denoise's: finite,
+    in [-1, 1], the sampler and steps echoed)."""
 
     def __init__(self, grpc_target: str, http_target: str, cfg: SoakConfig):
         from mnistgen.files import official_test_split
@@ -191,17 +189,11 @@ class RssSampler(threading.Thread):
 
 
 # ---- capacity ramp and the soak -------------------------------------------------------------------------
-class Failed(Exception):
-    """A soak request that did not answer OK: `code` names why (closed_loop counts errors by it)."""
-
-    def __init__(self, code: str):
-        super().__init__(code)
-        self.code = code
-
-
 def ramp_step(sender: Sender, cfg: SoakConfig, clients: int, seconds: float, rng_seed: int) -> dict:
     """loadtest.load.closed_loop with the soak's mix for `seconds`: throughput (OK requests/s), latency
     percentiles, errors by code, requests per kind."""
+    from serving.client import ClientError
+
     kinds = dict.fromkeys(KINDS, 0)
     streams = itertools.count()
 
@@ -212,7 +204,7 @@ def ramp_step(sender: Sender, cfg: SoakConfig, clients: int, seconds: float, rng
             job = mix.next()
             kinds[job.kind] += 1
             if (code := sender.call(job)) != "OK":
-                raise Failed(code)
+                raise ClientError(code, "the soak's answer check")  # closed_loop counts errors by code
         return call
 
     r = closed_loop(make_call, clients, seconds=seconds)
