@@ -367,35 +367,28 @@ def markdown(result: dict) -> str:
         f"Medians of {cfg['generator_repeats']} runs (generator), {cfg['ddpm_repeats']} (DDPM-100) and "
         f"{cfg['fast_repeats']} ({cfg['fast_sampler']}) after {cfg['warmup']} warm-up; denoise sigma {cfg['sigma']} "
         f"at small batches {list(cfg['denoise_batches'])} (CPU time). Run took {result['wall_s']:.0f} s.", "",
-        "## Headline: per-sample time of each path / eager PyTorch (below 1 = faster than eager)", "",
-        "| workload | batch | " + " | ".join(served) + " |", "|---|---:|" + "---:|" * len(served),
-    ]
-    for w, by_path in res.items():
-        for b in sorted({int(b) for p in by_path.values() for b in p}):
-            eager = _get(res, w, "pytorch-eager", b)
-            lines.append(f"| {w} | {b} | " + " | ".join(_ratio(_get(res, w, p, b), eager) for p in served) + " |")
-    o = result.get("overhead_batch1")
-    if o:
-        lines += ["", f"Batch-1 Generate, {o['repeats']} requests alternating between Triton direct and the gateway "
-                      f"(gRPC): p50 {o['triton_p50_ms']:.2f} ms vs {o['gateway_p50_ms']:.2f} ms (p99 "
-                      f"{o['triton_p99_ms']:.2f} vs {o['gateway_p99_ms']:.2f} ms); median paired overhead "
-                      f"{o['overhead_p50_ms']:.2f} ms."]
-    lines += ["", "## Goals", ""]
+        *_section("Headline: per-sample time of each path / eager PyTorch (below 1 = faster than eager)", "",
+                  "| workload | batch | " + " | ".join(served) + " |",
+                  [f"| {w} | {b} | " + " | ".join(_ratio(_get(res, w, p, b), _get(res, w, "pytorch-eager", b))
+                                                  for p in served) + " |"
+                   for w, by_path in res.items() for b in sorted({int(b) for p in by_path.values() for b in p})])]
+    if o := result.get("overhead_batch1"):
+        lines += [f"Batch-1 Generate, {o['repeats']} requests alternating between Triton direct and the gateway "
+                  f"(gRPC): p50 {o['triton_p50_ms']:.2f} ms vs {o['gateway_p50_ms']:.2f} ms (p99 "
+                  f"{o['triton_p99_ms']:.2f} vs {o['gateway_p99_ms']:.2f} ms); median paired overhead "
+                  f"{o['overhead_p50_ms']:.2f} ms.", ""]
+    lines += ["## Goals", ""]
     for g in result["goals"]:
         val = (f"{g['measured']:.2f}{'x' if g['unit'] == 'x' else ' ms'}" if np.isfinite(g["measured"])
                else "not measured")
         lines.append(f"- {'MET' if g['met'] else 'MISSED'}: {g['name']}: {val} (goal {g['comparison']} "
                      f"{g['target']:g}{g['unit'] if g['unit'] == 'x' else ' ms'})")
-    lines += ["", "## All figures", "",
-              "| workload | batch | path | ms/sample | samples/s | request p50 ms | request p99 ms | runs |",
-              "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for w, by_path in res.items():
-        for p in paths:
-            for b, c in sorted(by_path.get(p, {}).items(), key=lambda kv: int(kv[0])):
-                label = f"{p} ({c['torch_threads']} thr)" if "torch_threads" in c else p
-                lines.append(f"| {w} | {b} | {label} | {_f(c['ms_per_sample'])} | {_f(c['samples_per_s'])} | "
-                             f"{_f(c['p50_ms'])} | {_f(c['p99_ms'])} | {c['runs']} |")
-    lines += ["", "p99 over this few runs is close to the slowest run.", ""]
+    rows = [f"| {w} | {b} | {_label(p, c)} | {_f(c['ms_per_sample'])} | {_f(c['samples_per_s'])} | "
+            f"{_f(c['p50_ms'])} | {_f(c['p99_ms'])} | {c['runs']} |"
+            for w, by_path in res.items() for p in paths for b, c in _cells(by_path, p)]
+    lines += ["", *_section("All figures", "", "| workload | batch | path | ms/sample | samples/s | request p50 ms | "
+                            "request p99 ms | runs |", rows, "|---|---:|---|---:|---:|---:|---:|---:|"),
+              "p99 over this few runs is close to the slowest run.", ""]
     lines += bounds_markdown(result)
     lines += triton_phases_markdown(res)
     lines += engines_markdown(result.get("engines") or {})
@@ -447,7 +440,7 @@ def triton_phases_markdown(res: dict) -> list[str]:
     left of the client's mean outside the server (gRPC transfer, (de)serialisation): means over the same runs."""
     out = []
     for w, by_path in res.items():
-        for b, c in sorted(by_path.get("triton-grpc", {}).items(), key=lambda kv: int(kv[0])):
+        for b, c in _cells(by_path, "triton-grpc"):
             t = c.get("triton_ms") or {}
             if t:
                 client = float(np.mean(c["runs_ms"]))
@@ -516,11 +509,9 @@ def concurrency_markdown(conc: dict) -> list[str]:
                 c = by_path.get(path, {}).get(str(level))
                 if c is None:
                     continue
-                label = f"{path} ({c['torch_threads']} thr)" if "torch_threads" in c else path
-                ratio = c["samples_per_s"] / eager if path != "pytorch-eager" and np.isfinite(eager) and eager else None
-                lines.append(f"| {w} | {level} | {label} | {_f(c['samples_per_s'])} | {_f(c['p50_ms'])} | "
-                             f"{_f(c['p99_ms'])} | {c['ok']} | {c['errors']} | "
-                             f"{f'{ratio:.2f}x' if ratio is not None else '-'} | {c['load_avg_1m']:.1f} |")
+                ratio = _ratio(c["samples_per_s"], eager) if path != "pytorch-eager" else "-"
+                lines.append(f"| {w} | {level} | {_label(path, c)} | {_f(c['samples_per_s'])} | {_f(c['p50_ms'])} | "
+                             f"{_f(c['p99_ms'])} | {c['ok']} | {c['errors']} | {ratio} | {c['load_avg_1m']:.1f} |")
     return _section("Concurrency: batch-1 requests from N closed-loop clients",
                     "Through the gateway over gRPC (one channel per client), against eager PyTorch serving the same "
                     "stream in-process one request at a time (its latency includes the wait for its turn). samples/s "
@@ -538,6 +529,15 @@ def locust_markdown(loc: dict | None) -> list[str]:
     return _section(f"Locust: {loc['users']} users for {loc['time_s']:g} s (gRPC + HTTP, closed loop)", "",
                     "| group | requests | errors | samples/s | request p50 ms | request p99 ms | per-sample p50 ms | "
                     "per-sample p99 ms |", rows) + [f"Raw per-request CSV: {loc['csv']}", ""]
+
+
+def _cells(by_path: dict, path: str) -> list[tuple[str, dict]]:
+    """(batch or clients, cell) of one path, in increasing order."""
+    return sorted(by_path.get(path, {}).items(), key=lambda kv: int(kv[0]))
+
+
+def _label(path: str, c: dict) -> str:
+    return f"{path} ({c['torch_threads']} thr)" if "torch_threads" in c else path
 
 
 def _section(title: str, intro: str, head: str, rows: list[str], align: str = "") -> list[str]:

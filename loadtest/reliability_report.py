@@ -138,8 +138,6 @@ def derive(get) -> dict:
     d["stop_clients"] = sum(get("graceful_stop", "clients").values())
     # the soak
     d["soak_generate_pct"] = 100 * (1 - get("soak", "config.denoise_share"))
-    d["soak_denoise_pct"] = 100 * get("soak", "config.denoise_share")
-    d["soak_load_pct"] = 100 * get("soak", "config.load_fraction")
     d["soak_ramp"] = ", ".join(f"{fmt(r['throughput_rps'])}" for r in get("soak", "ramp"))
     d["soak_ramp_clients"] = ", ".join(str(r["clients"]) for r in get("soak", "ramp"))
     d["soak_batch_sizes"] = "/".join(map(str, get("soak", "config.num_samples")))
@@ -191,11 +189,9 @@ def collect(reports_dir: Path, src: Path, soak: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reports-dir", type=Path, default=REPORTS_DIR, help="the committed JSON inputs")
+    p.add_argument("--out", type=Path, default=DOC, help="the page to write (default: docs/reliability.md)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs from a render")
     sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("render", help="write docs/reliability.md from the JSON files (the default)")
-    for q in (p, r):
-        q.add_argument("--out", type=Path, default=DOC, help="the page to write (default: docs/reliability.md)")
-        q.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs from a render")
     for command, src, what in (("collect", "reliability", "what the last tests/reliability run wrote"),
                                ("collect-soak", "soak", "`make soak`'s soak.json + soak.png")):
         c = sub.add_parser(command, help=f"copy {what} into --reports-dir")
