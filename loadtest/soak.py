@@ -30,13 +30,13 @@ import numpy as np
 
 from mnistgen import catalog
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
-from mnistgen.files import CHECKPOINT_DIR, REPO_ROOT
+from mnistgen.files import CHECKPOINT_DIR, REPO_ROOT, official_test_split
+from serving.client import TRANSPORTS, ClientError, GatewayClient
+from serving.images import PIXELS, from_uint8
 
 from .load import closed_loop, pct_ms, relative_paths
 
-TRANSPORTS = ("grpc", "http")
 KINDS = ("generate", "denoise")
-PIXELS = 28 * 28
 RAW_SLACK = 1e-3  # denoised raw pixels must lie in [-1, 1] up to float rounding
 
 
@@ -116,10 +116,6 @@ class Sender:
     in [-1, 1], the sampler and steps echoed)."""
 
     def __init__(self, grpc_target: str, http_target: str, cfg: SoakConfig):
-        from mnistgen.files import official_test_split
-        from serving.client import GatewayClient
-        from serving.images import from_uint8
-
         self.cfg = cfg
         self.expect_sampler = cfg.denoise_sampler or catalog.DENOISER.sampler
         self.expect_steps = cfg.denoise_steps or catalog.DENOISER.default_steps(self.expect_sampler)
@@ -128,8 +124,6 @@ class Sender:
                                          timeout_s=cfg.timeout_s) for t in TRANSPORTS}
 
     def call(self, job: Job) -> str:
-        from serving.client import ClientError
-
         c, n = self.clients[job.transport], job.n
         try:
             if job.kind == "generate":
@@ -192,8 +186,6 @@ class RssSampler(threading.Thread):
 def ramp_step(sender: Sender, cfg: SoakConfig, clients: int, seconds: float, rng_seed: int) -> dict:
     """loadtest.load.closed_loop with the soak's mix for `seconds`: throughput (OK requests/s), latency
     percentiles, errors by code, requests per kind."""
-    from serving.client import ClientError
-
     kinds = dict.fromkeys(KINDS, 0)
     streams = itertools.count()
 
@@ -308,7 +300,7 @@ def summarize(cfg: SoakConfig, capacity: float, ramp: list[dict], rate: float, r
     wall = max((r[1] for r in records), default=t0) - t0
     lat_ok = [r[1] - r[0] for r in records if r[4] == "OK"]
     return {
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in relative_paths(asdict(cfg)).items()},
+        "config": relative_paths(asdict(cfg)),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "gpu_devices": len(list(Path("/dev").glob("nvidia[0-9]*"))), "started_utc": started_utc,
                     "load_avg_1m": {"min": round(min(loads), 2), "mean": round(float(np.mean(loads)), 2),
