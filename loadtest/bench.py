@@ -317,12 +317,11 @@ def goals(res: dict, cfg: GatewayBenchConfig, overhead: dict | None = None,
         out.append(Goal("gateway-grpc p50 overhead over Triton direct at generator batch 1",
                         _get(res, gen, "gateway-grpc", 1, "p50_ms") - _get(res, gen, "triton-grpc", 1, "p50_ms"),
                         OVERHEAD_GOAL_MS, "<=", "ms"))
-    if CONCURRENCY_GOAL_CLIENTS in cfg.concurrency:
-        level = (concurrency or {}).get(f"generate {cfg.generator} batch 1", {})
-        served = level.get("gateway-grpc", {}).get(str(CONCURRENCY_GOAL_CLIENTS), {}).get("samples_per_s", 0.0)
-        eager = level.get("pytorch-eager", {}).get("1", {}).get("samples_per_s", float("nan"))
-        out.append(Goal(f"batch-1 Generate samples/s through gateway-grpc at {CONCURRENCY_GOAL_CLIENTS} clients / "
-                        "eager's sequential rate", served / eager, 1.0, ">=", "x"))
+    if (n := CONCURRENCY_GOAL_CLIENTS) in cfg.concurrency:
+        conc, w = concurrency or {}, f"generate {cfg.generator} batch 1"
+        ratio = _get(conc, w, "gateway-grpc", n, "samples_per_s") / _get(conc, w, "pytorch-eager", 1, "samples_per_s")
+        out.append(Goal(f"batch-1 Generate samples/s through gateway-grpc at {n} clients / eager's sequential rate",
+                        ratio, 1.0, ">=", "x"))
     return out
 
 
@@ -398,8 +397,7 @@ def markdown(result: dict) -> str:
 
 
 def bounds_markdown(result: dict) -> list[str]:
-    """What bounds the two goals that sit on structure rather than on an engine: batch-1 Generate (the served path's
-    cost outside the engine vs eager's whole call) and the fast sampler's speed-up (UNet evaluations x cost of one)."""
+    """What bounds the two goals that sit on structure rather than on an engine: batch-1 Generate and the speed-up."""
     res, cfg, o = result["results"], result["config"], result.get("overhead_batch1") or {}
     gen = f"generator {cfg['generator']}"
     out = []
@@ -435,9 +433,7 @@ def bounds_markdown(result: dict) -> list[str]:
 
 
 def triton_phases_markdown(res: dict) -> list[str]:
-    """Where a Triton-direct request's time goes, from Triton's own statistics (cells' `triton_ms`): queue, input
-    copy, the model's execute (for the python backend: the stub round trip + the engine), output copy, and what is
-    left of the client's mean outside the server (gRPC transfer, (de)serialisation): means over the same runs."""
+    """Where a Triton-direct request's time goes, from the cells' `triton_ms` (Triton's own statistics)."""
     out = []
     for w, by_path in res.items():
         for b, c in _cells(by_path, "triton-grpc"):
@@ -454,8 +450,7 @@ def triton_phases_markdown(res: dict) -> list[str]:
 
 
 def engine_records(repo: Path, models: tuple[str, ...]) -> dict:
-    """{model: its 1/engines.json (the per-batch ONNX Runtime vs TorchScript measurement and the chosen threshold)}
-    for the exported models being benchmarked; models without a record are left out."""
+    """{model: its 1/engines.json's figures and choice} for the benchmarked models that have one."""
     out = {}
     for m in models:
         record = eng.read_record(repo / m / "1" / eng.ENGINES_FILE)

@@ -74,7 +74,9 @@ def time_paths(runs: dict[str, tuple[Callable[[], object], Callable[[], object] 
             times, more = timed(fn, repeats, warmup, warm), {}
         if backend.startswith("pytorch-eager") and eager_threads is not None:
             more["torch_threads"] = eager_threads
-        rows.append(_row(workload, batch, backend, times, **extra, **more))
+        med = statistics.median(times)
+        rows.append({"workload": workload, "batch": batch, "backend": backend, "median_ms": med * 1e3,
+                     "per_sample_ms": med * 1e3 / batch, "runs_ms": [t * 1e3 for t in times], **extra, **more})
         print(f"  {label or workload:<28} batch {batch:>4} {backend:<14} {rows[-1]['per_sample_ms']:.{digits}f} "
               "ms/sample", flush=True)
     return rows
@@ -82,12 +84,11 @@ def time_paths(runs: dict[str, tuple[Callable[[], object], Callable[[], object] 
 
 def best_threads(fn: Callable[[], object], candidates: tuple[int, ...], probes: int = 3) -> int:
     """The torch intra-op thread count (among candidates) with the fastest median of a few calls; leaves it set."""
-    best, best_t = candidates[0], float("inf")
-    for n in dict.fromkeys(candidates):
+    def median_with(n: int) -> float:
         torch.set_num_threads(n)
-        t = statistics.median(timed(fn, probes, 1))
-        if t < best_t:
-            best, best_t = n, t
+        return statistics.median(timed(fn, probes, 1))
+
+    best = min(dict.fromkeys(candidates), key=median_with)
     torch.set_num_threads(best)
     return best
 
@@ -206,11 +207,8 @@ def bench_generator(cfg, client, gateways: dict) -> list[dict]:
         zt = torch.from_numpy(z).to(cfg.device)
 
         def eager_call(bf16: bool = False):
-            with torch.inference_mode():
-                if not bf16:
-                    return gen(zt)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return gen(zt).float()
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return gen(zt).float()  # (B, 1, 28, 28); a no-op in fp32
 
         eager = synced(eager_call, cfg.device)
         runs = {"pytorch-eager": eager}
@@ -279,8 +277,3 @@ def clean_digits(n: int) -> np.ndarray:
     x, _ = load_mnist("test", DataConfig())
     return np.ascontiguousarray(np.asarray(x[:n]), dtype=np.float32)
 
-
-def _row(workload: str, batch: int, backend: str, times: list[float], **extra) -> dict:
-    med = statistics.median(times)
-    return {"workload": workload, "batch": batch, "backend": backend, "median_ms": med * 1e3,
-            "per_sample_ms": med * 1e3 / batch, "runs_ms": [t * 1e3 for t in times], **extra}
