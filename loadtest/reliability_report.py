@@ -5,14 +5,10 @@
     python -m loadtest.reliability_report collect         # after `make reliability`: copy out/reliability/*.json
     python -m loadtest.reliability_report collect-soak    # after `make soak`: copy out/soak/soak.json + soak.png
 
-The template, loadtest/reliability.md.in, is str.format Markdown whose fields walk into those files:
-`{soak.capacity_rps:.1f}` is soak.json's capacity_rps (list items by index); `derived.*` are values computed here
-from the files (sums, ranges, tables), never typed in. A field a file lacks stops the render naming the file and the
-key (ReportError), so a renamed figure cannot silently vanish from the page.
-
-Inputs: what tests/reliability wrote into out/reliability/ (tests/reliability/reliability_support.py: each test's
-figures, and tests_run.json: the session's command, machine, load average, wall time and pytest's outcome per
-file), and soak.json + soak.png from `make soak` (loadtest/soak.py).
+The template, loadtest/reliability.md.in, is str.format Markdown: `{soak.capacity_rps:.1f}` is soak.json's
+capacity_rps, `derived.*` are figures computed here from the files (sums, ranges, tables), never typed in; a field a
+file lacks stops the render naming the file and the key, so a renamed figure cannot silently vanish from the page.
+The files: what tests/reliability wrote (tests/reliability/reliability_support.py) and `make soak`'s soak.json.
 """
 from __future__ import annotations
 
