@@ -142,16 +142,13 @@ def ort_sessions(model_dir: Path, cfg) -> dict:
     return out
 
 
-class OrtEps:
-    """eps_fn over the exported UNet, as the served Denoise model builds it."""
-
-    def __init__(self, session):
-        self.session = session
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def ort_eps(session) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """eps_fn over the exported UNet's session, as the served Denoise model feeds it."""
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         feeds = {"sample": np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32),
                  "timestep": t.cpu().numpy().astype(np.int64)}
-        return torch.from_numpy(self.session.run(["noise_pred"], feeds)[0])  # (B, 1, 28, 28)
+        return torch.from_numpy(session.run(["noise_pred"], feeds)[0])  # (B, 1, 28, 28)
+    return eps
 
 
 class CudaEps:
@@ -164,18 +161,6 @@ class CudaEps:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x.to("cuda"), t.to("cuda")).sample.cpu()  # (B, 1, 28, 28); .cpu() synchronizes
-
-
-def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
-    """fn, then wait for the GPU (CUDA kernels run asynchronously: without this a timing measures the launch)."""
-    if device != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
 
 
 def _grpc_inputs(arrays: dict):
@@ -206,14 +191,16 @@ def bench_generator(cfg, client, gateways: dict) -> list[dict]:
         z = sample_latent(b, config["arch"]["latent_dim"], cfg.seed)  # (B, latent_dim)
         zt = torch.from_numpy(z).to(cfg.device)
 
-        def eager_call(bf16: bool = False):
+        def eager(bf16: bool = False):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return gen(zt).float()  # (B, 1, 28, 28); a no-op in fp32
+                out = gen(zt).float()  # (B, 1, 28, 28); .float() is a no-op in fp32
+            if cfg.device == "cuda":  # kernels run asynchronously: without this a timing measures the launch
+                torch.cuda.synchronize()
+            return out
 
-        eager = synced(eager_call, cfg.device)
         runs = {"pytorch-eager": eager}
         if cfg.device == "cpu" and eng.bf16_native():
-            runs["pytorch-eager-bf16"] = lambda: eager_call(True)
+            runs["pytorch-eager-bf16"] = lambda: eager(True)
         runs.update({path: (lambda s=s: s.run(["image"], {"latent": z})) for path, s in sessions.items()})
         if client is not None:
             ins = _grpc_inputs({"latent": z})
@@ -232,7 +219,7 @@ def bench_denoise(cfg, client, gateways: dict, spec: str, repeats: int) -> list[
 
     unet, config = load_unet(cfg.checkpoint_dir / catalog.DENOISER.checkpoint)
     sched_cfg = config.get("scheduler")
-    ort_eps = {path: OrtEps(s) for path, s in ort_sessions(cfg.model_repository / DENOISER, cfg).items()}
+    ort_eps_fns = {path: ort_eps(s) for path, s in ort_sessions(cfg.model_repository / DENOISER, cfg).items()}
     eager_eps = CudaEps(unet) if cfg.device == "cuda" else unet
     t_star = sigma_to_timestep(cfg.sigma, make_scheduler("ddpm", sched_cfg).alphas_cumprod)
     sampler, steps = spec.split(":")[0], int(spec.split(":")[1])
@@ -254,7 +241,7 @@ def bench_denoise(cfg, client, gateways: dict, spec: str, repeats: int) -> list[
         def gateway(c, n_steps):
             return lambda: c.denoise(x0, sigma=cfg.sigma, steps=n_steps, sampler=sampler, seed=cfg.seed)
 
-        runs = {p: (run_with(e, steps), run_with(e, 2)) for p, e in {"pytorch-eager": eager_eps, **ort_eps}.items()}
+        runs = {p: (run_with(e, steps), run_with(e, 2)) for p, e in {"pytorch-eager": eager_eps, **ort_eps_fns}.items()}
         if client is not None:
             runs["triton-grpc"] = (triton(steps), triton(2))
         runs.update({p: (gateway(c, steps), gateway(c, 2)) for p, c in gateways.items()})
