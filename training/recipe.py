@@ -1,13 +1,7 @@
-"""Run a committed training recipe: the stages of resumed runs that produced a checkpoint, as one resumable command.
-
-`training/recipes/<name>.json` writes a committed model's stages down as data ({"description", "trainer": "gan" |
-"ddpm", "args": [every stage's], "stages": [{"until", "args", "why"}, ...]}). `python -m training.recipe NAME` runs
-each as `python -m training.train_<trainer> ARGS STAGE_ARGS --resume --run-dir RUN_DIR --stop-at UNTIL --checkpoint
-OUT` (under `torchrun` with `--nproc-per-node N`) in one run directory. A stage is done when the run's state.pt has
-reached its `until` (GAN iterations, DDPM optimiser steps), so an interrupted recipe continues where it stopped and a
-finished one does nothing; the stage's own `--max-iters` / `--max-steps` is its learning-rate plan, which may run
-further. The checkpoint's config gets a `recipe` entry at the end. `--plan` prints the stages and which are done.
-"""
+"""Run a committed training recipe (training/recipes/<name>.json: the stages of resumed runs that produced a
+checkpoint) as one resumable command: each pending stage runs `python -m training.train_<trainer>` (or torchrun) with
+`--resume --run-dir RUN_DIR --stop-at UNTIL --checkpoint OUT`; a stage is done once the run's state.pt has reached its
+`until`. `--plan` prints the stages and which are done; the checkpoint's config gets a `recipe` entry at the end."""
 from __future__ import annotations
 
 import argparse
@@ -21,8 +15,8 @@ from pathlib import Path
 from mnistgen.checkpoint import REPO_ROOT, load_checkpoint, read_config, save_checkpoint, split_modules
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
-TRAINERS = {"gan": "training.train_gan", "ddpm": "training.train_ddpm"}
-PROGRESS_KEY = {"gan": "iteration", "ddpm": "step"}  # the count in each trainer's state.pt
+# trainer -> (module, the count its state.pt keeps: the trainer class's `counter`)
+TRAINERS = {"gan": ("training.train_gan", "iteration"), "ddpm": ("training.train_ddpm", "step")}
 # set by the runner for every stage; a recipe that sets them itself would fight it
 RUNNER_OPTIONS = ("--resume", "--run-dir", "--stop-at", "--checkpoint")
 
@@ -121,15 +115,11 @@ def progress(recipe: Recipe, run_dir: Path) -> int:
         return 0
     import torch
 
-    return int(torch.load(path, weights_only=False, map_location="cpu")[PROGRESS_KEY[recipe.trainer]])
-
-
-def pending(recipe: Recipe, done: int) -> list[Stage]:
-    return [s for s in recipe.stages if s.until > done]
+    return int(torch.load(path, weights_only=False, map_location="cpu")[TRAINERS[recipe.trainer][1]])
 
 
 def plan_lines(recipe: Recipe, done: int) -> list[str]:
-    unit = "iterations" if recipe.trainer == "gan" else "steps"
+    unit = TRAINERS[recipe.trainer][1] + "s"
     lines = [f"recipe {recipe.name} ({recipe.trainer}): {len(recipe.stages)} stages, {done} of "
              f"{recipe.stages[-1].until} {unit} done"]
     start = 0
@@ -145,16 +135,7 @@ def stage_command(recipe: Recipe, stage: Stage, run_dir: Path, checkpoint: Path,
                   nproc: int) -> list[str]:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return [*launcher, "-m", TRAINERS[recipe.trainer], *recipe.argv(stage, run_dir, checkpoint, extra)]
-
-
-def record_recipe(checkpoint: Path, recipe: Recipe, done: int) -> None:
-    """Add the recipe (name, stages, count reached) to the checkpoint's config; the tensors are kept."""
-    entry = {**recipe.to_dict(), "reached": done}
-    if read_config(checkpoint).get("recipe") == entry:  # (a finished recipe run again: leave the file as it is)
-        return
-    tensors, config = load_checkpoint(checkpoint)
-    save_checkpoint(checkpoint, split_modules(tensors), {**config, "recipe": entry})
+    return [*launcher, "-m", TRAINERS[recipe.trainer][0], *recipe.argv(stage, run_dir, checkpoint, extra)]
 
 
 def run(recipe: Recipe, run_dir: Path, checkpoint: Path, extra: list[str] | None = None, nproc: int = 1,
@@ -162,7 +143,7 @@ def run(recipe: Recipe, run_dir: Path, checkpoint: Path, extra: list[str] | None
     """Run the pending stages in order; returns the count reached. A stage that fails raises RecipeError."""
     extra = list(extra or [])
     done = progress(recipe, run_dir)
-    todo = pending(recipe, done)
+    todo = [s for s in recipe.stages if s.until > done]
     if not todo:
         print(f"recipe {recipe.name}: all {len(recipe.stages)} stages done ({done}); nothing to run", flush=True)
     for stage in todo:
@@ -179,15 +160,17 @@ def run(recipe: Recipe, run_dir: Path, checkpoint: Path, extra: list[str] | None
             raise RecipeError(f"recipe {recipe.name} stage {i} stopped at {reached} of {stage.until}: the "
                               f"trainer's own limit (--epochs, --time-budget-min) ended it first; raise it")
         done = reached
+    entry = {**recipe.to_dict(), "reached": done}  # into the checkpoint's config, the tensors kept
     if checkpoint.exists():
-        record_recipe(checkpoint, recipe, done)
+        if read_config(checkpoint).get("recipe") != entry:  # (a finished recipe run again: the file stays as it is)
+            tensors, config = load_checkpoint(checkpoint)
+            save_checkpoint(checkpoint, split_modules(tensors), {**config, "recipe": entry})
         print(f"recipe {recipe.name}: {done} reached; checkpoint {checkpoint}", flush=True)
     return done
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """(options, extra trainer arguments); the options' nproc_per_node stays a string until checked (a k8s Job
-    passes "$(NPROC_PER_NODE)", expanded by the kubelet)."""
+    """(options, extra trainer arguments); nproc_per_node stays a string until checked (a k8s Job passes it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help=f"a committed recipe ({', '.join(available())}) or a .json path")
     p.add_argument("--run-dir", help="where state.pt, logs and grids go (default runs/recipes/<recipe>)")
@@ -197,13 +180,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--plan", action="store_true", help="print the stages and which are done; run nothing")
     p.add_argument("--list", action="store_true", help="list the committed recipes")
     return p.parse_known_args(argv)
-
-
-def paths(a: argparse.Namespace, recipe: Recipe) -> tuple[Path, Path]:
-    """(run directory, checkpoint) of the options, made absolute from the working directory (the stages run from
-    the repository root)."""
-    run_dir = Path(a.run_dir).resolve() if a.run_dir else REPO_ROOT / "runs" / "recipes" / recipe.name
-    return run_dir, Path(a.checkpoint).resolve() if a.checkpoint else run_dir / f"{recipe.name}.safetensors"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         _strings(extra, "extra trainer arguments")
         if not a.nproc_per_node.isdigit() or int(a.nproc_per_node) < 1:
             raise RecipeError(f"--nproc-per-node must be an integer >= 1, got {a.nproc_per_node!r}")
-        run_dir, checkpoint = paths(a, recipe)
+        # absolute: the stages run from the repository root
+        run_dir = Path(a.run_dir).resolve() if a.run_dir else REPO_ROOT / "runs" / "recipes" / recipe.name
+        checkpoint = Path(a.checkpoint).resolve() if a.checkpoint else run_dir / f"{recipe.name}.safetensors"
         if a.plan:
             print("\n".join(plan_lines(recipe, progress(recipe, run_dir))))
             return 0

@@ -1,20 +1,17 @@
-"""Train the DDPM denoiser (diffusers UNet2DModel, epsilon prediction, EMA) on MNIST; write checkpoints/ddpm.safetensors."""
+"""Train the DDPM denoiser (diffusers UNet2DModel, epsilon prediction, EMA) on MNIST -> checkpoints/ddpm.safetensors."""
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
-from tqdm import tqdm
 
 from mnistgen.checkpoint import save_checkpoint
 from mnistgen.files import repo_path
@@ -22,12 +19,13 @@ from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from . import distributed
 from .data import DataConfig, load_mnist
 from .ema import EMA
+from .plots import plot_losses, save_grid
 from mnistgen.diffusion import DEFAULT_SCHEDULER, SAMPLERS, UNetConfig, build_unet, generate, null_class
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40  # passes over the 5,000-image train split; time_budget_min usually stops it first
+    epochs: int = 40  # passes over the training split; time_budget_min usually stops it first
     batch_size: int = 32  # small batches: more updates per CPU-second on 2 shared cores
     lr: float = 1e-3  # AdamW peak learning rate
     warmup_steps: int = 100  # linear warm-up, then cosine decay to lr_min_ratio * lr at the last planned step
@@ -40,18 +38,16 @@ class TrainConfig:
     limit: int = 0  # >0: train on the first N images only (tests, quick runs)
     data_source: str = "full"  # one of training.data.SOURCES: full = the 60,000 training images
     max_steps: int = 0  # >0: iteration budget, stop after this many optimiser steps (CPU runs)
-    stop_at: int = 0  # >0: stop once this many steps are done, the learning-rate plan still running to max_steps
-    # (a training.recipe stage that ended before its plan did)
-    device: str = "cpu"  # cpu | cuda (torchrun: cuda:<local rank>, nccl; cpu: gloo)
-    run_dir: str = "runs/ddpm"  # loss.csv, loss.png, samples/epoch_XXX.png, state.pt, train.log
+    stop_at: int = 0  # >0: stop here, the lr plan still running to max_steps (a recipe stage cut short)
+    device: str = "cpu"  # one of training.distributed.DEVICES (torchrun: cuda:<local rank>, nccl; cpu: gloo)
+    run_dir: str = "runs/ddpm"  # loss.csv, loss.png, samples/epoch_XXX.png, state.pt
     checkpoint: str = "checkpoints/ddpm.safetensors"  # EMA UNet + config, rewritten after every epoch
     sample_sampler: str = "ddim"  # fast sampler for the per-epoch 8x8 grid, one of SAMPLERS
     sample_steps: int = 20
     sample_every: int = 1  # epochs between sample grids (0: never)
     label_dropout: float = 0.1  # class-conditional UNets (unet.num_class_embeds > 0): P(label -> null class), CFG
     sample_guidance: float = 3.0  # class-conditional UNets: guidance scale of the per-epoch grid (row = digit)
-    time_budget_min: float = 50.0  # >0: stop after the epoch that crosses this many minutes of training (the run's
-    # total: a resumed run counts the minutes it trained before)
+    time_budget_min: float = 50.0  # >0: stop after the epoch that crosses this many minutes (resumes included)
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(block_out_channels=(16, 32, 64)))
 
     def __post_init__(self) -> None:
@@ -64,9 +60,6 @@ class TrainConfig:
         if self.unet.num_class_embeds not in (0, 11):
             raise ValueError(f"unet.num_class_embeds must be 0 (unconditional) or 11 (10 digits + null), "
                              f"got {self.unet.num_class_embeds}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def train_step(unet: nn.Module, x0: torch.Tensor, noise_sched: DDPMScheduler, opt: torch.optim.Optimizer,
@@ -97,20 +90,11 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-class DDPMTrainer:
-    """Holds the model, EMA, optimizer and history; `train()` runs the remaining epochs."""
+class DDPMTrainer(distributed.Trainer):
+    """The UNet, its EMA, the optimizer and one step; writes loss.csv, loss.png, grids and the checkpoint per epoch."""
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        torch.set_num_threads(cfg.threads)
-        # torchrun: a process group, one rank each; a plain run: rank 0 of 1 and nothing changes
-        self.dist = distributed.setup(cfg.device)
-        self.is_main = self.dist.is_main
-        self.device = self.dist.device(cfg.device)
-        torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
-        self.run_dir = repo_path(cfg.run_dir)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(cfg, repo_path(cfg.run_dir))
         x, y = load_mnist("train", DataConfig(source=cfg.data_source, limit=cfg.limit or None))
         self.data = x  # (N, 1, 28, 28) in [-1, 1], on the CPU; batches move to self.device
         self.labels = torch.as_tensor(y, dtype=torch.int64)  # (N,) digits 0-9
@@ -120,13 +104,10 @@ class DDPMTrainer:
         self.ema = EMA(self.unet, cfg.ema_decay)
         self.noise_sched = DDPMScheduler(**DEFAULT_SCHEDULER)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.local_batch = self.dist.local_batch(cfg.batch_size)  # batch_size is global
-        self.sampler = self.dist.sampler(range(len(self.data)), cfg.seed) if self.dist.enabled else None
-        if self.dist.enabled:
-            torch.manual_seed(cfg.seed + self.dist.rank)  # after init: each rank draws its own t and noise
-        self.epoch, self.step, self.elapsed = 0, 0, 0.0
-        self.history: list[dict] = []  # one row per epoch
+        self.sampler = self.dist.sampler(range(len(self.data)), cfg.seed)
+        self.losses: list[float] = []  # this epoch's
+        self.seed_ranks()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -134,78 +115,79 @@ class DDPMTrainer:
             return len(self.sampler) // self.local_batch
         return math.ceil(len(self.data) / self.cfg.batch_size)
 
-    def epoch_batches(self):
+    @property
+    def planned_steps(self) -> int:
+        """Where the learning-rate schedule ends: the epochs' steps, or max_steps when that is fewer."""
+        total = self.cfg.epochs * self.steps_per_epoch
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def batches(self) -> list[torch.Tensor]:
         """This epoch's batches of indices into self.data (this rank's shard under torchrun)."""
         if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch)  # a new shuffle per epoch, the same on every rank
             idx = torch.tensor(list(self.sampler))
         else:
             idx = torch.randperm(len(self.data), generator=self.shuffle)
         return [idx[i * self.local_batch:(i + 1) * self.local_batch] for i in range(self.steps_per_epoch)]
 
-    def state_path(self) -> Path:
-        return self.run_dir / "state.pt"
+    def train_batch(self, idx: torch.Tensor) -> dict[str, float]:
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.planned_steps, self.cfg)
+        batch = self.data[idx].to(self.device)  # (B / world_size, 1, 28, 28)
+        labels = None
+        if self.null is not None:  # classifier-free guidance: some labels become "no digit"
+            labels = self.labels[idx].clone()
+            labels[torch.rand(labels.shape[0]) < self.cfg.label_dropout] = self.null
+            labels = labels.to(self.device)
+        self.losses.append(train_step(self.unet_train, batch, self.noise_sched, self.opt, self.cfg.grad_clip, labels))
+        self.ema.update(self.unet)
+        return {"loss": sum(self.losses[-50:]) / len(self.losses[-50:])}
 
-    def reached_stop(self) -> bool:
-        return any(n and self.step >= n for n in (self.cfg.max_steps, self.cfg.stop_at))
+    def end_epoch(self) -> str:
+        loss = self.dist.all_mean({"loss": sum(self.losses) / len(self.losses)})["loss"]  # over every rank's shard
+        self.losses = []
+        row = self.log(epoch=self.epoch, step=self.step, loss=loss, lr=self.opt.param_groups[0]["lr"],
+                       elapsed_s=round(self.elapsed, 1))
+        if self.is_main:
+            if self.cfg.sample_every and self.epoch % self.cfg.sample_every == 0:
+                self._sample_grid()
+            plot_losses({"DDPM training loss": (self.history["epoch"], {"train MSE (eps)": self.history["loss"]})},
+                        self.run_dir / "loss.png", xlabel="epoch", smooth=5)
+            self.save_checkpoint()
+        return json.dumps(row)
 
     def over_time_budget(self) -> bool:
         """True once the run's training time (resumes included) has passed time_budget_min (0: no budget)."""
         return bool(self.cfg.time_budget_min) and self.elapsed > self.cfg.time_budget_min * 60
 
-    def save_state(self) -> None:
-        torch.save({
-            "unet": self.unet.state_dict(), "ema": self.ema.model.state_dict(), "ema_updates": self.ema.updates,
-            "opt": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
-            "history": self.history, "rng": torch.get_rng_state(), "shuffle": self.shuffle.get_state(),
-            "config": self.cfg.to_dict(),
-        }, self.state_path())
-
-    def load_state(self) -> bool:
-        if not self.state_path().exists():
+    def stop_early(self) -> bool:
+        if not self.over_time_budget() or self.epoch >= self.cfg.epochs:
             return False
-        s = torch.load(self.state_path(), weights_only=False, map_location=self.device)
-        self.unet.load_state_dict(s["unet"])
-        self.ema.model.load_state_dict(s["ema"])
-        self.ema.updates = s["ema_updates"]
-        self.opt.load_state_dict(s["opt"])
-        self.epoch, self.step, self.elapsed, self.history = s["epoch"], s["step"], s["elapsed"], s["history"]
-        torch.set_rng_state(s["rng"].cpu())
-        self.shuffle.set_state(s["shuffle"].cpu())
-        if self.dist.enabled:  # rank 0 saved its own RNG; every rank continues from a seed of its own
-            torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+        if self.is_main:
+            print(f"time budget {self.cfg.time_budget_min} min reached after epoch {self.epoch}; stopping", flush=True)
         return True
 
+    def summary(self) -> dict:
+        return {**super().summary(), "final_loss": self.history["loss"][-1] if self.history else float("nan"),
+                "params": sum(p.numel() for p in self.unet.parameters())}
+
+    def finish(self) -> dict:
+        return {**super().finish(), "checkpoint": str(repo_path(self.cfg.checkpoint))}
+
+    def replicas(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "ema": self.ema.model}
+
+    def state_objects(self) -> dict:
+        return {"unet": self.unet, "ema": self.ema, "opt": self.opt}
+
     def save_checkpoint(self) -> Path:
-        final_loss = self.history[-1]["loss"] if self.history else float("nan")
         config = {
-            "kind": "ddpm",
-            "conditional": (None if self.null is None
-                            else {"null_class": self.null, "label_dropout": self.cfg.label_dropout}),
-            "unet": self.cfg.unet.to_dict(),
-            "scheduler": dict(DEFAULT_SCHEDULER),
-            "train": {k: v for k, v in self.cfg.to_dict().items() if k != "unet"},
-            "summary": {"train_time_s": round(self.elapsed, 1), "epochs": self.epoch, "steps": self.step,
-                        "world_size": self.dist.world_size, "images_seen": self.step * self.cfg.batch_size,
-                        "final_loss": final_loss,
-                        "params": sum(p.numel() for p in self.unet.parameters())},
+            "kind": "ddpm", "unet": self.cfg.unet.to_dict(), "scheduler": dict(DEFAULT_SCHEDULER), "conditional":
+                None if self.null is None else {"null_class": self.null, "label_dropout": self.cfg.label_dropout},
+            "train": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "unet"}, "summary": self.summary(),
         }
         return save_checkpoint(repo_path(self.cfg.checkpoint), {"ema": self.ema.model.state_dict()}, config)
 
-    def _write_logs(self) -> None:
-        with open(self.run_dir / "loss.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(self.history[0]))
-            w.writeheader()
-            w.writerows(self.history)
-        from .plots import plot_losses
-
-        plot_losses({"DDPM training loss": ([h["epoch"] for h in self.history],
-                                            {"train MSE (eps)": [h["loss"] for h in self.history]})},
-                    self.run_dir / "loss.png", xlabel="epoch", smooth=5)
-
     def _sample_grid(self) -> None:
-        from .plots import save_grid
-
         model = self.ema.model if self.device.type == "cpu" else copy.deepcopy(self.ema.model).cpu()
         cond = {} if self.null is None else {"labels": [i // 8 % 10 for i in range(64)],  # row r: digit r
                                               "guidance": self.cfg.sample_guidance}
@@ -214,62 +196,12 @@ class DDPMTrainer:
 
     def train(self) -> dict:
         cfg = self.cfg
-        total = self.cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps)  # the learning-rate schedule plans for the budget
-        n_params = sum(p.numel() for p in self.unet.parameters())
         if self.is_main:
-            print(f"DDPM: {n_params / 1e6:.2f} M params, {len(self.data)} images, {self.steps_per_epoch} steps/epoch"
-                  f" ({self.dist.world_size} process(es), global batch {cfg.batch_size}), epochs "
-                  f"{self.epoch + 1}..{cfg.epochs}" + (f", at most {cfg.max_steps} steps" if cfg.max_steps else ""),
-                  flush=True)
-        budget_hit = self.reached_stop()  # (a resumed run may be done)
-        while self.epoch < cfg.epochs and not budget_hit:
-            t0 = time.time()
-            losses = []
-            bar = tqdm(self.epoch_batches(), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", mininterval=30,
-                       disable=not self.is_main)
-            for idx in bar:
-                for g in self.opt.param_groups:
-                    g["lr"] = lr_at(self.step, total, cfg)
-                batch = self.data[idx].to(self.device)  # (B / world_size, 1, 28, 28)
-                labels = None
-                if self.null is not None:  # classifier-free guidance: some labels become "no digit"
-                    labels = self.labels[idx].clone()
-                    labels[torch.rand(labels.shape[0]) < cfg.label_dropout] = self.null
-                    labels = labels.to(self.device)
-                losses.append(train_step(self.unet_train, batch, self.noise_sched, self.opt, cfg.grad_clip, labels))
-                self.ema.update(self.unet)
-                self.step += 1
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-                if self.reached_stop():
-                    budget_hit = True
-                    break
-            self.epoch += 1
-            self.elapsed += time.time() - t0
-            loss = self.dist.all_mean({"loss": sum(losses) / len(losses)})["loss"]  # over every rank's shard
-            self.history.append({"epoch": self.epoch, "step": self.step, "loss": loss,
-                                 "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(self.elapsed, 1)})
-            if self.is_main:  # rank 0 writes every file
-                if cfg.sample_every and self.epoch % cfg.sample_every == 0:
-                    self._sample_grid()
-                self._write_logs()
-                self.save_checkpoint()
-                self.save_state()
-                print(json.dumps(self.history[-1]), flush=True)
-            if self.over_time_budget() and self.epoch < cfg.epochs:
-                if self.is_main:
-                    print(f"time budget {cfg.time_budget_min} min reached after epoch {self.epoch}; stopping",
-                          flush=True)
-                break
-        # every rank: the replicas must agree (raises otherwise)
-        digests = distributed.assert_replicas_identical(self.dist, unet=self.unet, ema=self.ema.model)
-        self.dist.barrier()
-        self.dist.close()
-        return {"train_time_s": round(self.elapsed, 1), "epochs": self.epoch, "steps": self.step,
-                "world_size": self.dist.world_size, "images_seen": self.step * cfg.batch_size,
-                "final_loss": self.history[-1]["loss"] if self.history else None,
-                "checkpoint": str(repo_path(cfg.checkpoint)), "replica_digests": digests}
+            print(f"DDPM: {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f} M params, {len(self.data)} "
+                  f"images, {self.steps_per_epoch} steps/epoch ({self.dist.world_size} process(es), global batch "
+                  f"{cfg.batch_size}), epochs {self.epoch + 1}..{cfg.epochs}"
+                  + (f", at most {cfg.max_steps} steps" if cfg.max_steps else ""), flush=True)
+        return super().train()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:

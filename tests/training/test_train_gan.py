@@ -86,7 +86,7 @@ def test_generator_ema_is_what_the_checkpoint_holds(tmp_path):
     summary = trainer.train()
     assert summary["g_ema"] == 0.5
     tensors, _ = load_checkpoint(tmp_path / "ema" / "generator.safetensors", "generator")
-    ema, raw = trainer.G_ema.state_dict(), trainer.G.state_dict()
+    ema, raw = trainer.ema.model.state_dict(), trainer.G.state_dict()
     for k in ema:
         torch.testing.assert_close(tensors[k], ema[k], rtol=0, atol=0)
     weights = [k for k in ema if k.endswith("weight") and ema[k].dim() > 1]
@@ -99,7 +99,7 @@ def test_generator_ema_is_what_the_checkpoint_holds(tmp_path):
     resumed = GANTrainer(dataclasses.replace(plain, g_ema=0.9, max_iters=4))
     assert resumed.load_state()
     for k, v in resumed.G.state_dict().items():
-        torch.testing.assert_close(resumed.G_ema.state_dict()[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(resumed.ema.model.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(ValueError, match="g_ema"):
         GANTrainer(_small("baseline", tmp_path / "bad", g_ema=1.0))
 
@@ -121,9 +121,9 @@ def test_lr_decay_sets_both_optimizers_and_resumes_on_the_same_line(tmp_path):
     trainer = GANTrainer(cfg)
     assert trainer.load_state() and trainer.iteration == 2
     lrs = []
-    real = next(iter(trainer.loader))[0]
+    batch = next(iter(trainer.loader))
     for _ in range(4):
-        trainer.step(real)
+        trainer.train_batch(batch)
         lrs.append((trainer.opt_g.param_groups[0]["lr"], trainer.opt_d.param_groups[0]["lr"]))
         trainer.iteration += 1
     assert [g for g, _ in lrs] == pytest.approx([2e-4 * s for s in (1.0, 0.8125, 0.625, 0.4375)])
