@@ -98,10 +98,10 @@ def _shown(value: Any) -> str:
 
 def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, defaults: Any = None,
                        prefix: str = "", exclude: Iterable[str] = (), choices: Mapping[str, Sequence] | None = None,
-                       names: Mapping[str, str | Sequence[str]] | None = None,
+                       names: Mapping[str, str] | None = None,
                        help: Mapping[str, str] | None = None) -> None:  # noqa: A002  (argparse's word)
     """One option per field of `cls` (except `exclude` and nested dataclasses): `--<prefix><field>` ("_" as "-";
-    `names` maps a field to other option strings), dest `<prefix><field>`. `defaults`: an instance whose values the
+    `names` maps a field to another option string), dest `<prefix><field>`. `defaults`: an instance whose values the
     help shows; `choices` per field (per item for tuples); `help` text per field, "(default: X)" added. A field
     without a default is a required option."""
     hints = typing.get_type_hints(cls)
@@ -118,8 +118,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
             default = f.default_factory()
         else:
             default = f.default
-        flags = names.get(f.name, "--" + (prefix + f.name).replace("_", "-"))
-        flags = [flags] if isinstance(flags, str) else list(flags)
+        flag = names.get(f.name, "--" + (prefix + f.name).replace("_", "-"))
         shown = ("required" if default is dataclasses.MISSING else
                  "default: hidden" if not f.repr else f"default: {_shown(default)}")
         text = help[f.name] if f.name in help and default is None else (
@@ -128,8 +127,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         if kw.get("action") is _TupleAction and f.name in choices:
             text += f"; each one of: {', '.join(map(str, choices[f.name]))}"
         if kw.get("action") in (None, _TupleAction):
-            kw.setdefault("metavar", flags[-1].lstrip("-").replace("-", "_").upper())
-        parser.add_argument(*flags, dest=prefix + f.name, default=None, required=default is dataclasses.MISSING,
+            kw.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
+        parser.add_argument(flag, dest=prefix + f.name, default=None, required=default is dataclasses.MISSING,
                             help=text.replace("%", "%%"), **kw)
 
 

@@ -74,13 +74,7 @@ class GatewayClient:
         self._metadata = (("authorization", f"Bearer {c.token}"),) if c.token else None
         self._local = threading.local()  # HTTP: each thread's kept-alive connection
         if c.transport == "grpc":
-            options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-            if c.tls:
-                creds = grpc.ssl_channel_credentials(root_certificates=c.ca.read_bytes() if c.ca else None)
-                self._channel = grpc.secure_channel(c.target, creds, options=options)
-            else:
-                self._channel = grpc.insecure_channel(c.target, options=options)
+            self._channel = grpc_channel(c.target, c.tls, c.ca)
             self._stub = pb_grpc.GenerationServiceStub(self._channel)
         elif c.tls:
             self._ssl = ssl.create_default_context(cafile=str(c.ca) if c.ca else None)
@@ -125,15 +119,13 @@ class GatewayClient:
                 if r.will_close:
                     self._drop_http_connection()
                 break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, TLS failed, no status line
                 self._drop_http_connection()
-                if reused and attempt == 1:
+                closed = isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+                if closed and reused and attempt == 1:
                     continue  # closed without an answer as the call went out: once more on a new connection
-                raise ClientError("UNAVAILABLE", f"{url}: {e!r}") from None
-            except (OSError, http.client.HTTPException) as e:  # refused, timed out, TLS failed, no HTTP status line
-                self._drop_http_connection()
-                raise ClientError("UNAVAILABLE", f"{url}: {e!r}" if isinstance(e, http.client.HTTPException)
-                                  else f"{url}: {e}") from None
+                detail = repr(e) if closed or isinstance(e, http.client.HTTPException) else str(e)
+                raise ClientError("UNAVAILABLE", f"{url}: {detail}") from None
         if status >= 400:
             try:
                 err = json.loads(body)["error"]
@@ -164,26 +156,19 @@ class GatewayClient:
     def generate(self, model: str = "", num_samples: int = 1, seed: int | None = None, steps: int = 0,
                  sampler: str = "", format: int = pb.RAW_FLOAT32, digit: int | None = None,
                  guidance: float | None = None) -> pb.GenerateResponse:
-        """digit (0..9) and guidance: class-conditional models only; None = absent."""
-        req = pb.GenerateRequest(model=model, num_samples=num_samples, steps=steps, sampler=sampler, format=format)
-        if seed is not None:
-            req.seed = seed
-        if digit is not None:
-            req.digit = digit
-        if guidance is not None:
-            req.guidance = guidance
+        """digit (0..9) and guidance: class-conditional models only; None = absent (protobuf leaves it unset)."""
+        req = pb.GenerateRequest(model=model, num_samples=num_samples, seed=seed, steps=steps, sampler=sampler,
+                                 format=format, digit=digit, guidance=guidance)
         return self._call("Generate", "/v1/generate", req, pb.GenerateResponse)
 
     def denoise(self, images: np.ndarray | list[bytes], sigma: float, steps: int = 0, sampler: str = "",
                 seed: int | None = None, format: int = pb.RAW_FLOAT32) -> pb.DenoiseResponse:
         """images: (K, 1, 28, 28) float32 in [-1, 1], or a list of PNG bytes."""
-        req = pb.DenoiseRequest(sigma=sigma, steps=steps, sampler=sampler, format=format)
+        req = pb.DenoiseRequest(sigma=sigma, steps=steps, sampler=sampler, seed=seed, format=format)
         if isinstance(images, np.ndarray):
             req.raw_images = np.ascontiguousarray(images, dtype="<f4").tobytes()
         else:
             req.png_images.extend(images)
-        if seed is not None:
-            req.seed = seed
         return self._call("Denoise", "/v1/denoise", req, pb.DenoiseResponse)
 
     def list_models(self) -> pb.ListModelsResponse:
@@ -195,14 +180,22 @@ class GatewayClient:
         return self._http(method, path, request if method == "POST" else None, response_type)
 
 
+def grpc_channel(target: str, tls: bool = False, ca: Path | None = None) -> grpc.Channel:
+    """A channel to the gateway taking MAX_MESSAGE_BYTES each way; TLS verified by `ca` (None: the system's CAs)."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if not (tls or ca):
+        return grpc.insecure_channel(target, options=options)
+    creds = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes() if ca else None)
+    return grpc.secure_channel(target, creds, options=options)
+
+
 def readable(sock) -> bool:
     """Whether an idle kept-alive socket has something to read (the peer's close, or bytes nobody asked for): then
     it cannot carry the next call. poll(), not select(), which refuses descriptors over 1,023 (a load generator)."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def as_array(msg: pb.Images) -> np.ndarray:
@@ -266,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "safer: a command line is visible to other users)",
                              "ca": "PEM CA certificate that signed the gateway's TLS certificate (implies --tls)",
                              "tls": "connect with TLS; without --ca the system's CAs verify the gateway"})
+    sampling = argparse.ArgumentParser(add_help=False)  # generate's and denoise's
+    sampling.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    sampling.add_argument("--steps", type=int, default=0, help="diffusion models; 0 = the sampler's default")
+    sampling.add_argument("--sampler", default="", help=f"diffusion models: {', '.join(catalog.SAMPLERS)}")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", parents=[common], help="sample a grid of digits")
+    g = sub.add_parser("generate", parents=[common, sampling], help="sample a grid of digits")
     models = "; ".join(f"{m.name} (1..{m.max_samples}): {m.about}" for m in catalog.GENERATORS.values())
     g.add_argument("--model", default=catalog.DEFAULT_MODEL, help=f"one of: {models}")
     g.add_argument("--n", type=int, default=64, help="samples (the model's range above)")
@@ -275,17 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                            f"0..{catalog.DIGITS - 1} (default: any)")
     g.add_argument("--guidance", type=float, default=None, help="class-conditional models only: classifier-free "
                    f"guidance scale 0..{catalog.MAX_GUIDANCE:g} (default: the service's)")
-    g.add_argument("--seed", type=int, default=None, help="default: random (printed)")
-    g.add_argument("--steps", type=int, default=0, help="diffusion models; 0 = the sampler's default")
-    g.add_argument("--sampler", default="", help=f"diffusion models: {', '.join(catalog.SAMPLERS)}")
     g.add_argument("--out", type=Path, default=Path("out/generate.png"))
     g.add_argument("--npy", type=Path, default=None, help="also save the raw (N, 1, 28, 28) float32 samples")
-    d = sub.add_parser("denoise", parents=[common], help="noise 28x28 digits to level sigma and denoise them")
+    d = sub.add_parser("denoise", parents=[common, sampling], help="noise 28x28 digits to level sigma and denoise them")
     d.add_argument("--input", type=Path, nargs="+", required=True, help="28x28 PNG(s)")
     d.add_argument("--sigma", type=float, default=0.5, help="0 < sigma <= 1")
-    d.add_argument("--steps", type=int, default=0, help="0 = default")
-    d.add_argument("--sampler", default="", help=", ".join(catalog.SAMPLERS))
-    d.add_argument("--seed", type=int, default=None)
     d.add_argument("--out", type=Path, default=Path("out/denoise.png"))
     sub.add_parser("models", parents=[common], help="list the served models and their readiness")
     return p

@@ -38,47 +38,45 @@ def run(c: DemoConfig) -> int:
     c.out_dir.mkdir(parents=True, exist_ok=True)
     with GatewayClient(ClientConfig(c.transport, c.target, 300.0)) as client:
         try:
-            g = client.generate(c.model, c.num_samples, c.seed, format=pb.PNG_GRID)
+            generate_and_denoise(client, c)
+            digits_grid(client, c)
         except ClientError as e:
-            print(f"generate failed: {e} (is `make run` up at {client.config.target}?)", file=sys.stderr)
+            print(f"demo failed: {e} (is `make run` up at {client.config.target}?)", file=sys.stderr)
             return 1
-        (c.out_dir / "generate.png").write_bytes(g.images.grid_png)
-        print(f"{c.out_dir / 'generate.png'}: {g.images.count} samples from {g.model} v{g.model_version} "
-              f"(seed {g.seed}), server {g.timing.server_ms:.1f} ms")
-        clean = imgs.from_uint8(official_test_split()[0][:c.num_digits])  # (K, 1, 28, 28) real test digits
-        try:
-            d = client.denoise(clean, c.sigma, c.steps, seed=c.seed)
-        except ClientError as e:
-            print(f"denoise failed: {e}", file=sys.stderr)
-            return 1
-        strip = imgs.strip([clean, as_array(d.noisy), as_array(d.denoised)])
-        (c.out_dir / "denoise.png").write_bytes(imgs.encode_png(strip))
-        print(f"{c.out_dir / 'denoise.png'}: clean | noisy (sigma {d.sigma:g}) | denoised ({d.sampler}, {d.steps} "
-              f"steps) for {len(clean)} test digits, server {d.timing.server_ms:.0f} ms")
-        return digits_grid(client, c)
+    return 0
 
 
-def digits_grid(client: GatewayClient, c: DemoConfig) -> int:
+def generate_and_denoise(client: GatewayClient, c: DemoConfig) -> None:
+    """out/generate.png (a grid from `c.model`) and out/denoise.png (clean | noisy | denoised real test digits)."""
+    g = client.generate(c.model, c.num_samples, c.seed, format=pb.PNG_GRID)
+    (c.out_dir / "generate.png").write_bytes(g.images.grid_png)
+    print(f"{c.out_dir / 'generate.png'}: {g.images.count} samples from {g.model} v{g.model_version} "
+          f"(seed {g.seed}), server {g.timing.server_ms:.1f} ms")
+    clean = imgs.from_uint8(official_test_split()[0][:c.num_digits])  # (K, 1, 28, 28) real test digits
+    d = client.denoise(clean, c.sigma, c.steps, seed=c.seed)
+    strip = imgs.strip([clean, as_array(d.noisy), as_array(d.denoised)])
+    (c.out_dir / "denoise.png").write_bytes(imgs.encode_png(strip))
+    print(f"{c.out_dir / 'denoise.png'}: clean | noisy (sigma {d.sigma:g}) | denoised ({d.sampler}, {d.steps} "
+          f"steps) for {len(clean)} test digits, server {d.timing.server_ms:.0f} ms")
+
+
+def digits_grid(client: GatewayClient, c: DemoConfig) -> None:
     """out/digits.png: row d holds `digits_per_row` class-conditional samples of digit d (one Generate per digit)."""
     rows, ms, model = [], 0.0, catalog.by_kind(catalog.DDPM_COND)[0].name
     for d in range(catalog.DIGITS):
-        try:
-            r = client.generate(model, c.digits_per_row, c.seed, digit=d)
-        except ClientError as e:
-            print(f"generate digit {d} failed: {e}", file=sys.stderr)
-            return 1
+        r = client.generate(model, c.digits_per_row, c.seed, digit=d)
         rows.append(as_array(r.images))  # (digits_per_row, 1, 28, 28)
         ms += r.timing.server_ms
     (c.out_dir / "digits.png").write_bytes(imgs.grid_png(np.concatenate(rows), cols=c.digits_per_row))
     print(f"{c.out_dir / 'digits.png'}: digits 0-{catalog.DIGITS - 1}, {c.digits_per_row} each from {model} "
           f"v{r.model_version} ({r.sampler} {r.steps} steps, guidance {r.guidance:g}), server "
           f"{ms / catalog.DIGITS:.0f} ms per digit")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    add_dataclass_args(p, DemoConfig, exclude=("num_samples", "num_digits", "seed", "digits_per_row"), choices={"transport": TRANSPORTS},
+    add_dataclass_args(p, DemoConfig, exclude=("num_samples", "num_digits", "seed", "digits_per_row"),
+                       choices={"transport": TRANSPORTS},
                        help={"target": "gateway host:port (default: make run's, 127.0.0.1:50051 / :8080)"})
     return run(dataclass_from_args(DemoConfig, p.parse_args(argv)))
 

@@ -27,7 +27,6 @@ PROMETHEUS_DIR = REPO_ROOT / "prometheus"
 CONFIG_FILE = PROMETHEUS_DIR / "prometheus.yml"  # the committed config (make run's default targets)
 RULES_FILE = PROMETHEUS_DIR / "rules.yml"
 INSTALL_HINT = "apt-get update && apt-get install -y prometheus"
-GATEWAY_JOB, TRITON_JOB = "mnistgen-gateway", "triton"  # job names in prometheus.yml
 DURATION = re.compile(r"^\d+(ms|s|m|h)$")  # Prometheus durations accepted here
 
 
@@ -42,8 +41,6 @@ class MonitorConfig:
     evaluation_interval: str = "5s"  # how often recording and alert rules run
     retention: str = "1d"  # TSDB retention
     startup_timeout_s: float = 60.0  # until /-/ready answers 200
-    log_file: Path | None = None  # server log; None = a file beside the rendered config
-    binary: str = "prometheus"  # executable name or path
 
     def __post_init__(self) -> None:
         for name in ("scrape_interval", "evaluation_interval", "retention"):
@@ -57,13 +54,6 @@ class MonitorConfig:
                 raise ValueError(f"{name} must be host:port, got {getattr(self, name)!r}")
 
 
-def find_prometheus(binary: str = "prometheus") -> str:
-    path = shutil.which(binary)
-    if path is None:
-        raise FileNotFoundError(f"{binary!r} not found on PATH: install it with `{INSTALL_HINT}`")
-    return path
-
-
 def render_config(cfg: MonitorConfig, rules_file: Path = RULES_FILE) -> dict:
     """The committed prometheus.yml with this run's targets, intervals and an absolute rules path."""
     doc = yaml.safe_load(CONFIG_FILE.read_text())
@@ -71,7 +61,7 @@ def render_config(cfg: MonitorConfig, rules_file: Path = RULES_FILE) -> dict:
     doc["global"]["evaluation_interval"] = cfg.evaluation_interval
     doc["global"]["scrape_timeout"] = cfg.scrape_interval  # may not exceed the interval
     doc["rule_files"] = [str(Path(rules_file).resolve())]
-    targets = {GATEWAY_JOB: cfg.gateway, TRITON_JOB: cfg.triton}
+    targets = {"mnistgen-gateway": cfg.gateway, "triton": cfg.triton}  # by the job names in prometheus.yml
     for job in doc["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     return doc
@@ -81,11 +71,12 @@ class PrometheusServer(ManagedProcess):
     """One `prometheus` process: start(), wait_ready(), query(), stop(); also a context manager."""
 
     stop_grace_s = 15.0
-    ready_interval_s = 0.2
 
     def __init__(self, config: MonitorConfig | None = None):
         self.config = config or MonitorConfig()
-        self.binary = find_prometheus(self.config.binary)
+        self.binary = shutil.which("prometheus")
+        if self.binary is None:
+            raise FileNotFoundError(f"'prometheus' not found on PATH: install it with `{INSTALL_HINT}`")
         self.config_path: Path | None = None
 
     @property
@@ -105,7 +96,7 @@ class PrometheusServer(ManagedProcess):
         cmd = [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={storage / 'data'}",
                f"--storage.tsdb.retention.time={c.retention}", f"--web.listen-address={c.host}:{c.port}",
                "--log.level=warn"]
-        self._spawn(cmd, Path(c.log_file) if c.log_file else storage / "prometheus.log")
+        self._spawn(cmd, storage / "prometheus.log")  # beside the rendered config
         return self
 
     def describe(self) -> str:
@@ -138,7 +129,7 @@ class PrometheusServer(ManagedProcess):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = MonitorConfig(storage=Path("out/prometheus"))
-    add_dataclass_args(p, MonitorConfig, defaults, exclude=("startup_timeout_s", "log_file", "binary"), help={
+    add_dataclass_args(p, MonitorConfig, defaults, exclude=("startup_timeout_s",), help={
         "gateway": "gateway HTTP host:port", "triton": "Triton metrics host:port", "host": "Prometheus listen address",
         "port": "Prometheus web UI / API port", "storage": "TSDB directory"})
     a = p.parse_args(argv)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import http.client
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -38,12 +41,11 @@ def _describe_log(log: LogSource) -> str:
 
 
 def wait_until(check: Callable[[], T], timeout_s: float, what: str, *, proc: subprocess.Popen | None = None,
-               log: LogSource = None, interval_s: float = 0.25,
-               retry_on: tuple[type[BaseException], ...] = RETRY_ON, abort: Callable[[], bool] | None = None) -> T:
+               log: LogSource = None, interval_s: float = 0.25, abort: Callable[[], bool] | None = None) -> T:
     """Call `check` (at least once) every `interval_s` until it returns something truthy, and return that; raising
-    one of `retry_on` (NotReady("/readyz 503"), a refused connection) means "not yet". RuntimeError when `proc`
-    exits first, TimeoutError after `timeout_s`: both name `what`, the last answer and the log tail (`log`: a path,
-    or a callable returning the tail). Interrupted once `abort()` is true (a signal handler set a flag)."""
+    one of RETRY_ON means "not yet". RuntimeError when `proc` exits first, TimeoutError after `timeout_s`: both name
+    `what`, the last answer and the log tail (`log`: a path, or a callable returning the tail). Interrupted once
+    `abort()` is true (a signal handler set a flag)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while True:
@@ -54,7 +56,7 @@ def wait_until(check: Callable[[], T], timeout_s: float, what: str, *, proc: sub
                                f"(last: {last}){_describe_log(log)}")
         try:
             result = check()
-        except retry_on as e:
+        except RETRY_ON as e:
             last = f"{type(e).__name__}: {e}" if not isinstance(e, NotReady) else str(e)
         else:
             if result:
@@ -66,18 +68,15 @@ def wait_until(check: Callable[[], T], timeout_s: float, what: str, *, proc: sub
         time.sleep(min(interval_s, remaining))
 
 
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+def http_ok(url: str, timeout_s: float = 2.0, context: ssl.SSLContext | None = None) -> bool:
     """GET `url` answers 200; NotReady with the status otherwise (connection errors propagate as OSError)."""
-    import urllib.error
-    import urllib.request
-
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as r:
             if r.status == 200:
                 return True
             raise NotReady(f"GET {url}: {r.status}")
     except urllib.error.HTTPError as e:
-        raise NotReady(f"GET {url}: {e.code} {e.read()[:200]!r}") from None
+        raise NotReady(f"GET {url}: {e.code} {e.read()[:300]!r}") from None
 
 
 def terminate(proc: subprocess.Popen, grace_s: float) -> int | None:
@@ -99,7 +98,6 @@ class ManagedProcess:
 
     proc: subprocess.Popen | None = None
     log_path: Path | None = None  # the child's stdout + stderr (None: inherited from us)
-    ready_interval_s: float = 0.25
     _log_fh = None
     _tmp = None  # tempfile.TemporaryDirectory | None
 
@@ -113,7 +111,7 @@ class ManagedProcess:
     def _check_ready(self) -> bool:
         raise NotImplementedError
 
-    def _spawn(self, cmd: list[str], log_path: Path | None, **popen_kw) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], log_path: Path | None, **popen_kw) -> None:
         """Popen `cmd` with stdout + stderr appended to `log_path` (None: ours) and no stdin."""
         self.log_path = out = None if log_path is None else Path(log_path)
         if self.log_path is not None:
@@ -121,7 +119,6 @@ class ManagedProcess:
             self._log_fh = out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
                                      stdin=subprocess.DEVNULL, **popen_kw)
-        return self.proc
 
     def log_tail(self, n_lines: int = 40) -> str:
         return log_tail(self.log_path, n_lines)
@@ -131,7 +128,7 @@ class ManagedProcess:
         if self.proc is None:
             raise RuntimeError(f"{self.describe()} was not started: call start() first")
         wait_until(self._check_ready, self.startup_timeout_s if timeout is None else timeout, self.describe(),
-                   proc=self.proc, log=self.log_path, interval_s=self.ready_interval_s, abort=abort)
+                   proc=self.proc, log=self.log_path, abort=abort)
         return self
 
     def stop(self) -> int | None:
@@ -140,8 +137,8 @@ class ManagedProcess:
             return None
         terminate(self.proc, self.stop_grace_s)
         if self._log_fh is not None:
-            self._log_fh, fh = None, self._log_fh
-            fh.close()
+            self._log_fh.close()
+            self._log_fh = None
         return self.proc.returncode
 
     def close(self) -> None:
@@ -152,7 +149,11 @@ class ManagedProcess:
             self._tmp = None
 
     def __enter__(self):
-        return self.start().wait_ready()
+        try:
+            return self.start().wait_ready()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -161,48 +162,39 @@ class ManagedProcess:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each one means: stop cleanly
 
 
-def run_in_foreground(server, name: str, ready_message: Callable[[], str],
-                      alive: Callable[[], bool] | None = None, exit_message: Callable[[], str] | None = None,
-                      errors: tuple[type[BaseException], ...] = (RuntimeError, TimeoutError, FileNotFoundError),
-                      poll_s: float = 0.5) -> int:
+def run_in_foreground(server, name: str, ready_message: Callable[[], str], alive: Callable[[], bool] | None = None,
+                      exit_message: Callable[[], str] | None = None, poll_s: float = 0.5) -> int:
     """A launcher's main(): start `server` (start(), wait_ready(abort=), close(), proc), print `ready_message()`, run
     until SIGTERM/SIGINT/SIGHUP or until `alive()` (default: proc running; a supervisor repairs things there) is
-    false; close() it exactly once. The handlers only set a flag that waits read, so nothing is raised between a
-    Popen and its bookkeeping and a second signal cannot cut the cleanup short. Exit status: 0 after a signal; 1
-    when it failed to start or stopped on its own (`exit_message()`, or `<name> exited with code N`); 128 + signal
-    when stopped during startup."""
+    false; close() it exactly once. The handlers only record the signal, which waits read, so nothing is raised
+    between a Popen and its bookkeeping and a second signal cannot cut the cleanup short. Exit status: 0 after a
+    signal; 1 when it failed to start or stopped on its own; 128 + signal when stopped during startup."""
     alive = alive or (lambda: server.proc is not None and server.proc.poll() is None)
-    stop: dict[str, int | None] = {"sig": None}
+    caught: list[int] = []  # the signals received; the first one counts
 
     def on_signal(signum, _frame):
-        if stop["sig"] is None:
-            stop["sig"] = signum
-
-    def stop_requested() -> bool:
-        return stop["sig"] is not None
+        caught.append(signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
-    died = False
     try:
         server.start()
-        server.wait_ready(abort=stop_requested)
+        server.wait_ready(abort=lambda: bool(caught))
         print(ready_message(), flush=True)
-        while not stop_requested() and alive():
+        while not caught and alive():
             time.sleep(poll_s)
-        died = not stop_requested()
-        if died:
+        if not caught:
             print("error: " + (exit_message() if exit_message else f"{name} exited with code {server.proc.returncode}"),
                   file=sys.stderr)
-        else:
-            print(f"{name}: {signal.Signals(stop['sig']).name} received, stopping", flush=True)
+            return 1
+        print(f"{name}: {signal.Signals(caught[0]).name} received, stopping", flush=True)
     except Interrupted:
-        print(f"{name}: {signal.Signals(stop['sig']).name} during startup, stopping", file=sys.stderr)
-        return 128 + int(stop["sig"])
-    except errors as e:
+        print(f"{name}: {signal.Signals(caught[0]).name} during startup, stopping", file=sys.stderr)
+        return 128 + int(caught[0])
+    except (RuntimeError, TimeoutError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        server.close()  # once: the handlers only set the flag, so nothing interrupts this
+        server.close()  # once: the handlers only record the signal, so nothing interrupts this
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 1 if died else 0
+    return 0

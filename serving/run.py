@@ -20,6 +20,8 @@ from pathlib import Path
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
+from .client import grpc_channel
+from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 from .process import ManagedProcess, NotReady, http_ok, run_in_foreground, wait_until
 from .triton_server import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonConfig, TritonServer, free_ports
 
@@ -61,12 +63,11 @@ class GatewayProcess(ManagedProcess):
     def __init__(self, config: GatewayProcessConfig):
         self.config = config
         self.host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
-        self.scheme = "https" if config.ca else "http"
         self._ssl = ssl.create_default_context(cafile=str(config.ca)) if config.ca else None
 
     grpc_target = property(lambda self: f"{self.host}:{self.config.grpc_port}")
     http_target = property(lambda self: f"{self.host}:{self.config.http_port}")
-    http_url = property(lambda self: f"{self.scheme}://{self.http_target}")
+    http_url = property(lambda self: f"{'https' if self.config.ca else 'http'}://{self.http_target}")
 
     def describe(self) -> str:
         return f"gateway (grpc {self.config.grpc_port}, http {self.config.http_port})"
@@ -107,24 +108,14 @@ class GatewayProcess(ManagedProcess):
         return self.http("GET", "/metrics").body.decode()
 
     def _check_ready(self) -> bool:
-        r = self.http("GET", "/readyz", timeout=5)
-        if r.status != 200:
-            raise NotReady(f"/readyz {r.status} {r.body[:300]!r}")
-        return True
+        return http_ok(f"{self.http_url}/readyz", 5, self._ssl)
 
     @functools.cached_property
     def channel(self):
-        import grpc
-
-        opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        ca = self.config.ca
-        return (grpc.secure_channel(self.grpc_target, grpc.ssl_channel_credentials(ca.read_bytes()), options=opts)
-                if ca else grpc.insecure_channel(self.grpc_target, options=opts))
+        return grpc_channel(self.grpc_target, ca=self.config.ca)
 
     @functools.cached_property
     def stub(self):
-        from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
-
         return pb_grpc.GenerationServiceStub(self.channel)
 
     def stop(self, timeout: float | None = None) -> int | None:
@@ -199,14 +190,7 @@ class Stack:
         self.gateway.start().wait_ready(60, abort=abort)
         return self
 
-    def __enter__(self) -> "Stack":
-        try:
-            return self.start().wait_ready()
-        except BaseException:
-            self.close()
-            raise
-
-    __exit__ = ManagedProcess.__exit__
+    __enter__, __exit__ = ManagedProcess.__enter__, ManagedProcess.__exit__
 
     # -- supervision: never blocks for long ----------------------------------------------------------------
     def alive(self) -> bool:
@@ -263,7 +247,8 @@ class Stack:
                 self.gateway.start()
                 self.gateway_due = None
         elif self.gateway.proc is not None and not self.gateway.running:
-            self.gateway_due = now + self._delay("gateway", now, f"gateway exited with code {self.gateway.proc.returncode}")
+            why = f"gateway exited with code {self.gateway.proc.returncode}"
+            self.gateway_due = now + self._delay("gateway", now, why)
 
     def exit_message(self) -> str:
         return f"stack stopped; Triton log {self.triton.log_path}:\n{self.triton.log_tail()}"

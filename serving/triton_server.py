@@ -5,7 +5,9 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,6 @@ class TritonConfig:
     log_verbose: int = 0  # one of LOG_LEVELS
     log_file: Path | None = None  # server stdout+stderr; None = a file in the server's temporary dir
     log_to_stdout: bool = False  # foreground use (make run, containers): leave the log on our stdout
-    extra_args: tuple[str, ...] = ()  # passed through to tritonserver unchanged
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
@@ -75,27 +76,15 @@ def find_tritonserver() -> TritonInstall:
     return install
 
 
-def python_libdir() -> str:
-    """Directory of this interpreter's shared libpython ("" for a statically linked interpreter)."""
-    import sysconfig
-
-    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname and (Path(libdir) / soname).exists():
-        return str(libdir)
-    return ""
-
-
 def available_models(model_repository: Path) -> list[str]:
     """Models that can load: a config.pbtxt and an exported 1/model.onnx (all models here run ONNX)."""
     repo = Path(model_repository)
-    return sorted(d.name for d in repo.iterdir() if (d / "config.pbtxt").is_file() and (d / "1" / "model.onnx").is_file()
-                  ) if repo.is_dir() else []
+    dirs = repo.iterdir() if repo.is_dir() else ()
+    return sorted(d.name for d in dirs if (d / "config.pbtxt").is_file() and (d / "1" / "model.onnx").is_file())
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """n distinct ephemeral ports free right now (all bound at once, read, released)."""
-    import socket
-
     socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
     try:
         for s in socks:
@@ -104,10 +93,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(1, host)[0]
 
 
 class TritonServer(ManagedProcess):
@@ -143,13 +128,14 @@ class TritonServer(ManagedProcess):
                 # rather than a failed start; a model that fails to load still stops the server
                 "--model-control-mode=explicit",
                 "--disable-auto-complete-config",  # configs are complete; skips one extra stub process per model
-                *(f"--load-model={m}" for m in self.models), *c.extra_args]
+                *(f"--load-model={m}" for m in self.models)]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        # the stub links libpython3.X.so.1.0: it must be this interpreter's, or extension modules built
-        # for it (e.g. _ssl, imported by diffusers -> huggingface_hub) fail on missing symbols
-        libdirs = [str(self.install.lib_dir), python_libdir(), env.get("LD_LIBRARY_PATH", "")]
+        # the stub links libpython3.X.so.1.0: it must be this interpreter's (a shared build's LIBDIR), or extension
+        # modules built for it (e.g. _ssl, imported by diffusers -> huggingface_hub) fail on missing symbols
+        libpython = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        libdirs = [str(self.install.lib_dir), libpython, env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libdirs if p)
         # the python backend stub runs model.py in the first `python` on PATH: make it this venv's
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
@@ -191,8 +177,6 @@ class TritonServer(ManagedProcess):
 
     def _check_ready(self) -> bool:
         """GET /v2/health/ready is 200 and gRPC accepts connections; NotReady / OSError say why not."""
-        import socket
-
         http_ok(f"http://{self.http_url}/v2/health/ready")
         with socket.create_connection((self.config.host, self.config.grpc_port), timeout=2):
             return True
@@ -211,7 +195,7 @@ class TritonServer(ManagedProcess):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     add_dataclass_args(
-        p, TritonConfig, exclude=("host", "stop_grace_s", "log_to_stdout", "extra_args"),
+        p, TritonConfig, exclude=("host", "stop_grace_s", "log_to_stdout"),
         names={"startup_timeout_s": "--startup-timeout"}, choices={"log_verbose": LOG_LEVELS},
         help={"models": "models to load (none: every exported one)",
               "log_file": "server log (none: stream it to stdout)"})

@@ -19,7 +19,7 @@ from ..metrics import GatewayMetrics
 from mnistgen import catalog
 
 from .admission import Limiter
-from .auth import AuthInterceptor, ConfigError, TokenAuth, load_tls
+from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
 from .config import GatewayConfig, parse_args
 from .http_api import HttpApi
 from .service import GenerationServicer, add_to_server
@@ -77,9 +77,7 @@ class GatewayState:
 class RunningGateway:
     grpc_server: grpc.aio.Server
     http_runner: web.AppRunner
-    state: GatewayState
-    triton: TritonClient
-    metrics: GatewayMetrics
+    state: GatewayState  # (its triton and metrics are the servicer's)
     servicer: GenerationServicer
     grpc_port: int
     http_port: int
@@ -96,7 +94,7 @@ class RunningGateway:
         http_stop = asyncio.ensure_future(self._stop_http(deadline))
         await self.grpc_server.stop(grace)
         await http_stop
-        await self.triton.close()
+        await self.state.triton.close()
 
     async def _stop_http(self, deadline: float) -> None:
         for site in list(self.http_runner.sites):
@@ -115,7 +113,7 @@ async def start(config: GatewayConfig) -> RunningGateway:
     Raises ConfigError (before anything listens) for unusable tokens or TLS files."""
     metrics = GatewayMetrics()
     auth = TokenAuth.from_config(config, metrics)  # None: auth off
-    tls = load_tls(config)  # None: plain text
+    tls = TlsMaterial.from_config(config)  # None: plain text
     triton = TritonClient(config.triton_url, config.max_response_bytes)
     limiter = Limiter(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
     metrics.watch_admission(limiter)  # cost gauges
@@ -145,7 +143,7 @@ async def start(config: GatewayConfig) -> RunningGateway:
     http_port = runner.addresses[0][1]
     await state.check()
     probe = asyncio.create_task(state.probe_forever())
-    return RunningGateway(server, runner, state, triton, metrics, servicer, grpc_port, http_port, probe, auth)
+    return RunningGateway(server, runner, state, servicer, grpc_port, http_port, probe, auth)
 
 
 def access_logger(target: str) -> logging.Logger | None:

@@ -1,19 +1,7 @@
 """Optional bearer-token auth and TLS of the gateway: TokenAuth, the gRPC interceptor, TLS material.
 
-Auth is off unless tokens are configured (`--api-tokens` / MNISTGEN_API_TOKENS, comma-separated, and/or
-`--api-token-file`, one token per line, `#` comments). Several tokens may be valid at once (rotation: add
-the new one, move the clients, drop the old one). A request must carry `authorization: Bearer <token>`
-(gRPC metadata or the HTTP header); the token is compared in constant time against every configured one
-(SHA-256 digests through hmac.compare_digest, so neither the position of a mismatch nor the length leaks).
-Missing, malformed and wrong tokens get the same answer (UNAUTHENTICATED / HTTP 401), only the
-`mnistgen_gateway_auth_failures_total{reason}` counter tells them apart. Health, readiness, reflection and
-/metrics stay open (probes and scrapers carry no token).
-
-The token file is re-read when it changes (checked at most every TOKEN_FILE_CHECK_S on the request path), so
-a Kubernetes Secret update rotates tokens without a restart. A missing file at start leaves auth off (the
-Secret is optional) with a warning; once tokens were read, a reload never turns auth off: a file that
-disappears, empties or turns unreadable keeps the tokens read before (and logs a warning).
-"""
+The rules (open paths, rotation, token file reloads, constant-time comparison, one answer for every failure) are
+docs/api.md's "Auth and TLS"; the HTTP side is http_api.auth_middleware."""
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +32,6 @@ OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.Serve
 TOKEN_FILE_CHECK_S = 1.0  # the token file's stat is looked at no more often than this
 # RFC 6750 b64token: what a token may contain (no spaces, commas or '#', which the config formats use)
 TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-REASONS = ("missing", "malformed", "invalid")  # label values of the auth failure counter
 
 
 class ConfigError(ValueError):
@@ -80,11 +67,10 @@ class TokenAuth:
         self.metrics, self.clock = metrics, clock
         self._file_tokens: list[str] = []
         self._file_sig = None
-        self._next_check = 0.0
         self._digests: tuple[bytes, ...] = ()
         if self.token_file is not None:
             self._load_file(initial=True)
-            self._next_check = clock() + TOKEN_FILE_CHECK_S
+        self._next_check = clock() + TOKEN_FILE_CHECK_S
         self._rebuild()
 
     @classmethod
@@ -98,7 +84,11 @@ class TokenAuth:
     # -- the token set --
     @property
     def enabled(self) -> bool:
-        self._refresh()
+        """Whether tokens are required (the token file re-read first when TOKEN_FILE_CHECK_S has passed)."""
+        now = self.clock()
+        if self.token_file is not None and now >= self._next_check:
+            self._next_check = now + TOKEN_FILE_CHECK_S
+            self._load_file(initial=False)
         return bool(self._digests)
 
     def describe(self) -> str:
@@ -111,15 +101,6 @@ class TokenAuth:
         self._digests = tuple(_digest(t) for t in dict.fromkeys(self.static + self._file_tokens))
         if self.metrics is not None:
             self.metrics.auth_enabled.set(1 if self._digests else 0)
-
-    def _refresh(self) -> None:
-        if self.token_file is None:
-            return
-        now = self.clock()
-        if now < self._next_check:
-            return
-        self._next_check = now + TOKEN_FILE_CHECK_S
-        self._load_file(initial=False)
 
     def _load_file(self, initial: bool) -> None:
         path = self.token_file
@@ -161,7 +142,7 @@ class TokenAuth:
     # -- the check --
     def failure(self, values: list[str]) -> str | None:
         """None when the authorization header/metadata values hold a valid bearer token, else why not
-        (one of REASONS: for the metric and logs only, never for the caller)."""
+        ("missing", "malformed" or "invalid": for the metric and logs only, never for the caller)."""
         if not values:
             return "missing"
         if len(values) > 1:
@@ -212,14 +193,10 @@ async def _abort(request_or_iterator, context: grpc.aio.ServicerContext):
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that aborts UNAUTHENTICATED; no deserializer: the request is never parsed."""
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(_abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(_abort)
-    return grpc.unary_unary_rpc_method_handler(_abort)
+    """A handler of the same kind (grpc.<unary|stream>_<unary|stream>_rpc_method_handler) that aborts
+    UNAUTHENTICATED; no deserializer: the request is never parsed."""
+    kind = f"{'stream' if handler.request_streaming else 'unary'}_{'stream' if handler.response_streaming else 'unary'}"
+    return getattr(grpc, f"{kind}_rpc_method_handler")(_abort)
 
 
 @dataclass(frozen=True)
@@ -232,8 +209,11 @@ class TlsMaterial:
     key_pem: bytes
 
     @classmethod
-    def load(cls, cert: str | Path, key: str | Path) -> "TlsMaterial":
-        cert_path, key_path = Path(cert), Path(key)
+    def from_config(cls, config) -> "TlsMaterial | None":
+        """From config.tls_cert/tls_key; None when neither is set (GatewayConfig checks both-or-neither)."""
+        if not config.tls_cert and not config.tls_key:
+            return None
+        cert_path, key_path = Path(config.tls_cert), Path(config.tls_key)
         pems = []
         for what, p in (("tls_cert", cert_path), ("tls_key", key_path)):
             try:
@@ -259,16 +239,3 @@ class TlsMaterial:
     def grpc_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(self.key_pem, self.cert_pem)])
 
-
-def load_tls(config) -> TlsMaterial | None:
-    """TlsMaterial from config.tls_cert/tls_key, None when neither is set (GatewayConfig checks both-or-neither)."""
-    if not config.tls_cert and not config.tls_key:
-        return None
-    return TlsMaterial.load(config.tls_cert, config.tls_key)
-
-
-__all__ = [
-    "GRPC_METADATA_KEY", "HTTP_HEADER", "OPEN_GRPC_PREFIXES", "OPEN_HTTP_PATHS", "REASONS", "SCHEME",
-    "TOKEN_FILE_CHECK_S", "UNAUTHENTICATED_MESSAGE", "WWW_AUTHENTICATE", "AuthInterceptor", "ConfigError",
-    "TlsMaterial", "TokenAuth", "load_tls", "parse_tokens",
-]

@@ -2,23 +2,20 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .. import images as imgs
-from .. import pb_json
-from ..pb_json import message_json  # noqa: F401 (serving.gateway re-exports it)
-from ..generated.mnistgen.v1 import generation_pb2 as pb
-from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mnistgen import catalog
 
-from ..validation import (
-    MAX_SEED, ApiError, ValidationError, clip, decode_png_image, decode_raw_images, echo,
-)
+from .. import images as imgs
+from .. import pb_json
+from ..generated.mnistgen.v1 import generation_pb2 as pb
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..pb_json import message_json  # noqa: F401 (serving.gateway re-exports it)
+from ..validation import MAX_SEED, ApiError, ValidationError, clip, decode_png_image, decode_raw_images, echo
 from . import request_id
 from .json_body import JSON_THREAD_BYTES, parse_json_body
 from .auth import HTTP_HEADER, OPEN_HTTP_PATHS, UNAUTHENTICATED_MESSAGE, WWW_AUTHENTICATE, TokenAuth
@@ -33,16 +30,15 @@ HTTP_STATUS = {
     "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "FAILED_PRECONDITION": 400,
 }
 TIMEOUT_HEADER = "X-Request-Timeout"  # HTTP: seconds the client will wait; becomes Triton's client_timeout
+RETRY_AFTER_S = 1  # Retry-After on 429 / 503: Triton restarts take seconds, a busy slot frees in milliseconds
+INT32 = (-(2**31), 2**31 - 1)
+PNG_VIEWS = ("denoised", "noisy", "strip")  # Denoise with Accept: image/png: which picture comes back
 
-
-log = logging.getLogger("mnistgen.gateway")
 
 def json_message_response(msg) -> web.Response:
     """200 with protobuf's JSON mapping of msg (serving.pb_json: raw image bytes base64-encoded in one block)."""
     return web.Response(body=pb_json.dumps(msg), content_type="application/json", charset="utf-8")
 
-
-RETRY_AFTER_S = 1  # Retry-After on 429 / 503: Triton restarts take seconds, a busy slot frees in milliseconds
 
 
 def error_response(e: ApiError) -> web.Response:
@@ -69,8 +65,6 @@ def http_timeout(request: web.Request) -> float | None:
         raise ValidationError(TIMEOUT_HEADER, f"must be a number of seconds > 0, got {echo(raw)}")
     return t
 
-
-INT32 = (-(2**31), 2**31 - 1)
 
 
 def query_number(request: web.Request, name: str, kind, default=None, bounds: tuple[int, int] = INT32):
@@ -192,13 +186,11 @@ class HttpApi:
         try:
             try:
                 if request.content_type == "image/png":
-                    msg = pb.DenoiseRequest(png_images=[await self._read(request)])
-                    msg.sigma = query_number(request, "sigma", float, 0.0)
-                    msg.steps = query_number(request, "steps", int, 0)
-                    msg.sampler = query_text(request, "sampler")
-                    seed = query_number(request, "seed", int, bounds=(0, MAX_SEED))
-                    if seed is not None:
-                        msg.seed = seed
+                    msg = pb.DenoiseRequest(png_images=[await self._read(request)],
+                                            sigma=query_number(request, "sigma", float, 0.0),
+                                            steps=query_number(request, "steps", int, 0),
+                                            sampler=query_text(request, "sampler"),
+                                            seed=query_number(request, "seed", int, bounds=(0, MAX_SEED)))  # None: unset
                 else:
                     msg = await self._json(request, pb.DenoiseRequest)
                 timeout = http_timeout(request)
@@ -243,8 +235,6 @@ class HttpApi:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.s.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-
-PNG_VIEWS = ("denoised", "noisy", "strip")  # Denoise with Accept: image/png: which picture comes back
 
 
 def decode_any(msg: pb.DenoiseRequest, i: int) -> np.ndarray:

@@ -19,6 +19,7 @@ log = logging.getLogger("mnistgen.gateway")
 MAX_JSON_DEPTH = 8  # nesting of arrays/objects in a body (a valid request has 2: {"png_images": [...]})
 MAX_JSON_ITEMS = 4096  # values in a body, counted as commas + arrays + objects (a valid Denoise has < 80)
 JSON_THREAD_BYTES = 256 << 10  # bodies over this are parsed off the event loop (64 raw images are ~270 KB)
+FLOAT_MAX = np.finfo(np.float64).max  # a JSON integer above this is no finite float
 # a JSON string, possessive (no backtracking); an unterminated one runs to the end (no retry from each later quote,
 # which made a body of '"\\"\\"\\"...' quadratic): linear in the body whatever it holds
 _JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.?)*+(?:"|\Z)', re.DOTALL)
@@ -27,24 +28,14 @@ _OPEN = np.frombuffer(b"[{", np.uint8)
 
 
 def json_shape(body: bytes) -> tuple[int, int]:
-    """(deepest nesting, commas + arrays + objects) of a JSON text, from a scan of its bytes before any parsing.
-
-    json.loads and protobuf's ParseDict recurse once per level (100k `[` exhaust the interpreter's stack: a
-    RecursionError, once an HTTP 500), and a body of 4 million `1,` is 0.2 s and 40 MB of Python objects; both
-    are refused from this linear scan (a regex and numpy). String contents are skipped ("[" inside one counts
-    for nothing); the body must already be valid UTF-8, so no multi-byte sequence contains an ASCII byte.
-    """
+    """(deepest nesting, commas + arrays + objects) of a JSON text, from a linear scan of its bytes (a regex and
+    numpy) before anything recurses: json.loads and ParseDict recurse once per level (100k `[` exhaust the stack) and
+    4 million `1,` are 40 MB of objects. String contents count for nothing; the body must already be valid UTF-8."""
     skeleton = _JSON_STRING.sub(b"0", body)
     brackets = np.frombuffer(skeleton.translate(None, _NOT_BRACKET), np.uint8)
     opens = np.isin(brackets, _OPEN)
     depth = int(np.cumsum(np.where(opens, np.int8(1), np.int8(-1)), dtype=np.int32).max(initial=0))
     return depth, skeleton.count(b",") + int(opens.sum())
-
-
-class DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
 
 
 def unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -54,7 +45,7 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
         seen = set()
         for key, _ in pairs:
             if key in seen:
-                raise DuplicateKey(key)
+                raise ValidationError("body", f"key {echo(key)} given twice in one JSON object")
             seen.add(key)
     return obj
 
@@ -68,11 +59,6 @@ def json_kind(value) -> str:
         if isinstance(value, types):
             return name
     return type(value).__name__
-
-
-FLOAT_MAX = np.finfo(np.float64).max
-_NUMERIC = (FD.CPPTYPE_INT32, FD.CPPTYPE_INT64, FD.CPPTYPE_UINT32, FD.CPPTYPE_UINT64, FD.CPPTYPE_FLOAT,
-            FD.CPPTYPE_DOUBLE, FD.CPPTYPE_ENUM)
 
 
 def json_expects(f) -> str:
@@ -96,18 +82,14 @@ def json_accepts(f, value) -> bool:
         return isinstance(value, str)
     if f.cpp_type == FD.CPPTYPE_BOOL:
         return isinstance(value, bool)
-    if f.cpp_type in _NUMERIC:
-        return isinstance(value, (int, float, str)) and not isinstance(value, bool)
-    return isinstance(value, dict)  # a message
+    if f.cpp_type == FD.CPPTYPE_MESSAGE:
+        return isinstance(value, dict)
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)  # numbers and enums
 
 
 def check_json_fields(obj: dict, descriptor) -> None:
-    """Every key a field of the message (by proto or JSON name, once), every value of a JSON type that field takes.
-
-    Refuses what protobuf's ParseDict would choke on or misread, with messages that echo at most ECHO_CHARS of
-    the input: unknown keys (any length, any characters), a field given under both of its names, arrays/objects/
-    booleans where scalars go, non-strings inside repeated fields. null means "unset", as in protobuf's mapping.
-    """
+    """Every key a field of the message (by proto or JSON name, once), every value of a JSON type that field takes:
+    what ParseDict would choke on or misread is refused, echoing at most ECHO_CHARS. null means "unset"."""
     fields = {}
     for f in descriptor.fields:
         fields[f.name] = fields[f.json_name] = f
@@ -136,16 +118,15 @@ def check_json_fields(obj: dict, descriptor) -> None:
             raise ValidationError(f.name, f"must be a finite number, got {echo(value)}")  # (float() would overflow)
 
 
-def parse_error(e: json_format.ParseError, message_name: str, obj: dict | None = None,
-                descriptor=None) -> ValidationError:
+def parse_error(e: json_format.ParseError, obj: dict, descriptor) -> ValidationError:
     """protobuf's JSON parse errors -> ValidationError naming the field. protobuf repeats the offending value in
     full (or Python's 200 characters of it); the message says what the field takes and echoes the value short."""
-    text = str(e)
+    text, message_name = str(e), descriptor.name
     m = (re.search(r"Failed to parse (\w+) field", text) or re.search(r'no field named "?(\w+)"?', text)
          or re.search(r" at \w+\.(\w+)", text))
     key = m.group(1) if m else None
-    f = next((f for f in descriptor.fields if key in (f.name, f.json_name)), None) if descriptor and key else None
-    if f is None or key not in (obj or {}):
+    f = next((f for f in descriptor.fields if key in (f.name, f.json_name)), None)
+    if f is None or key not in obj:
         return ValidationError(f.name if f is not None else key or "body",
                                f"{clip(text)} (see {message_name} in docs/api.md)")
     reason = text.split(" field: ", 1)[-1].split(": ", 1)[0]  # "Couldn't parse integer", "Value out of range"...
@@ -157,9 +138,7 @@ def parse_error(e: json_format.ParseError, message_name: str, obj: dict | None =
 
 def parse_json_body(body: bytes, message_type):
     """An HTTP body -> a request message; every way it can be wrong is a ValidationError (HTTP 400) naming `body`
-    or the field, never an exception that would become a 500. Bounded before anything recurses: UTF-8 only
-    (RFC 8259), nesting <= MAX_JSON_DEPTH, <= MAX_JSON_ITEMS values; then duplicate keys, unknown fields and wrong
-    JSON types are refused before protobuf's ParseDict reads the rest."""
+    or the field, never a 500: UTF-8 (RFC 8259), depth and size bounded, then keys and JSON types checked."""
     name = message_type.DESCRIPTOR.name
     if body.startswith(codecs.BOM_UTF8):
         body = body[len(codecs.BOM_UTF8):]
@@ -179,9 +158,7 @@ def parse_json_body(body: bytes, message_type):
                                       f"(a {name} needs fewer than 100)")
     try:
         obj = json.loads(text, object_pairs_hook=unique_keys)
-    except DuplicateKey as e:
-        raise ValidationError("body", f"key {echo(e.key)} given twice in one JSON object") from None
-    except (ValueError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # (unique_keys raises ValidationError, not a ValueError)
         raise ValidationError("body", f"not valid JSON ({clip(e)}); send a {name} as JSON") from None
     if not isinstance(obj, dict):
         raise ValidationError("body", f"must be a JSON object ({name}), got {json_kind(obj)} {echo(obj)}")
@@ -198,7 +175,7 @@ def parse_json_body(body: bytes, message_type):
     try:
         return json_format.ParseDict(obj, message_type())
     except json_format.ParseError as e:
-        raise parse_error(e, name, obj, message_type.DESCRIPTOR) from None
+        raise parse_error(e, obj, message_type.DESCRIPTOR) from None
     except Exception as e:  # protobuf choking on something check_json_fields let through: still the body's fault
         log.warning("ParseDict(%s) raised %s: %s", name, type(e).__name__, clip(e))
         raise ValidationError("body", f"cannot be read as a {name} ({type(e).__name__}: {clip(e)})") from None

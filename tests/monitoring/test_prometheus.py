@@ -14,7 +14,8 @@ from serving.client import ClientError, GatewayClient
 from serving.monitor import (
     CONFIG_FILE, INSTALL_HINT, PROMETHEUS_DIR, RULES_FILE, MonitorConfig, PrometheusServer, render_config,
 )
-from serving.triton_server import free_port
+from serving.process import wait_until
+from serving.triton_server import free_ports
 
 PROMTOOL = shutil.which("promtool")
 needs_prometheus = pytest.mark.skipif(
@@ -87,7 +88,7 @@ def invalid_request(client: GatewayClient) -> None:
 def test_prometheus_records_gateway_traffic(gateway, triton, tmp_path):
     triton.require("dcgan_generator")
     cfg = MonitorConfig(gateway=f"127.0.0.1:{gateway.config.http_port}", triton=triton.metrics_url.split("/")[2],
-                        port=free_port(), storage=tmp_path / "prometheus", scrape_interval="1s",
+                        port=free_ports(1)[0], storage=tmp_path / "prometheus", scrape_interval="1s",
                         evaluation_interval="1s")
     with PrometheusServer(cfg) as prom:
         grpc_client = GatewayClient(transport="grpc", target=gateway.grpc_target)
@@ -96,10 +97,8 @@ def test_prometheus_records_gateway_traffic(gateway, triton, tmp_path):
             # a first request creates the series; rates need a scrape of it before the traffic starts
             grpc_client.generate(model="dcgan-baseline", num_samples=8, seed=0)
             invalid_request(grpc_client)
-            deadline = time.monotonic() + RECORDED_TIMEOUT_S
-            while len(values(prom, 'mnistgen_gateway_requests_total{rpc="Generate"}')) < 2:
-                assert time.monotonic() < deadline, f"no scrape of the gateway: {prom.targets()}\n{prom.log_tail()}"
-                time.sleep(0.5)
+            wait_until(lambda: len(values(prom, 'mnistgen_gateway_requests_total{rpc="Generate"}')) >= 2,
+                       RECORDED_TIMEOUT_S, "a scrape of the gateway", log=lambda: f"{prom.targets()}\n{prom.log_tail()}")
             ok, end = 1, time.monotonic() + TRAFFIC_S
             while time.monotonic() < end:
                 for c in (grpc_client, http_client):

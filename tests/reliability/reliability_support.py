@@ -1,13 +1,11 @@
-"""Helpers of the reliability tests: the serving tests' gateway handling reused, Triton SIGKILL, RSS, and the figures
-each test measured with the session's run record (out/reliability/*.json, the input of docs/reliability.md)."""
+"""Helpers of the reliability tests: Triton SIGKILL, raw HTTP exchanges, RSS, and the figures each test measured
+with the session's run record (out/reliability/*.json, the input of docs/reliability.md)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,22 +14,10 @@ import psutil
 import pytest
 
 from loadtest.soak import rss_mib
+from serving.run import HttpReply
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO_ROOT / "out" / "reliability"  # JSON figures written by the tests (counts, timings)
-
-# tests/serving/conftest.py is not a package module: load it once under its own name and reuse its
-# gateway process handling (start_gateway, wait_ready, Gateway) and fixtures instead of repeating them.
-_spec = importlib.util.spec_from_file_location("mnistgen_serving_conftest", REPO_ROOT / "tests" / "serving" / "conftest.py")
-serving_conftest = sys.modules.get(_spec.name) or importlib.util.module_from_spec(_spec)
-if _spec.name not in sys.modules:
-    sys.modules[_spec.name] = serving_conftest  # (its @dataclass looks itself up there)
-    _spec.loader.exec_module(serving_conftest)
-
-Gateway = serving_conftest.Gateway
-HttpReply = serving_conftest.HttpReply
-start_gateway = serving_conftest.start_gateway
-wait_ready = serving_conftest.wait_ready
 
 
 def kill_triton(triton) -> float:

@@ -357,10 +357,10 @@ def test_png_body_http(gateway, body, query):
 @pytest.fixture(scope="module")
 def small_gateway(triton, tmp_path_factory):
     """A gateway with a 64 KiB request limit: sizes around the limit are cheap to try."""
-    from reliability_support import start_gateway, wait_ready
+    from serving.run import start_gateway
 
     gw = start_gateway(triton.grpc_url, tmp_path_factory.mktemp("small") / "gateway.log", "--max-request-bytes", "65536")
-    wait_ready(gw)
+    gw.wait_ready(60)
     yield gw
     gw.stop()
 

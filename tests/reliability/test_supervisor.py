@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.process import terminate, wait_until
+from serving.process import http_ok, terminate, wait_until
 from serving.triton_server import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,18 +25,12 @@ RECOVERY_S = 5.0  # first success at most this long after Triton reports ready a
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
-def post(url: str, body: dict, timeout: float = 10.0) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def call(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, dict, dict]:
+    """POST `body` as JSON (GET without one): (status, headers, JSON answer)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read() or b"{}")
-
-
-def get(url: str, timeout: float = 5.0) -> tuple[int, dict, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, dict(r.headers), json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read() or b"{}")
@@ -66,7 +60,7 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
         wait_until(lambda: any("mnistgen-serve is up" in ln for ln in lines), 300, "make run's stack", proc=proc,
                    log=lambda: "".join(lines[-40:]))
         pid = int(re.search(r"Triton ready with .* \(pid (\d+)\)", "".join(lines)).group(1))
-        assert post(f"{gateway}/v1/generate", {"num_samples": 1, "seed": 1})[0] == 200
+        assert call(f"{gateway}/v1/generate", {"num_samples": 1, "seed": 1})[0] == 200
 
         # load: one request after another, every answer recorded
         answers: list[tuple[float, int, dict]] = []
@@ -75,7 +69,7 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
         def load():
             while not stop.is_set():
                 try:
-                    status, headers, _ = post(f"{gateway}/v1/generate", {"num_samples": 1, "seed": 2}, timeout=5)
+                    status, headers, _ = call(f"{gateway}/v1/generate", {"num_samples": 1, "seed": 2}, timeout=5)
                 except OSError:
                     status, headers = -1, {}
                 answers.append((time.monotonic(), status, headers))
@@ -89,7 +83,7 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
 
         # the outage as a client sees it: /readyz 503 with a reason and Retry-After
         def outage_seen():
-            status, headers, body = get(f"{gateway}/readyz")
+            status, headers, body = call(f"{gateway}/readyz", timeout=5)
             return (status, headers, body) if status == 503 else None
 
         status, headers, body = wait_until(outage_seen, 10, "/readyz reporting the outage", interval_s=0.05)
@@ -97,14 +91,7 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
         assert headers.get("Retry-After") == "1"
 
         # Triton comes back by itself (the supervisor restarts it), then the service within RECOVERY_S
-        def triton_ready():
-            try:
-                with urllib.request.urlopen(triton_ready_url, timeout=1) as r:
-                    return r.status == 200 and time.monotonic()
-            except OSError:
-                return False
-
-        ready_at = wait_until(triton_ready, 240, "the restarted Triton", interval_s=0.05)
+        ready_at = wait_until(lambda: http_ok(triton_ready_url, 1) and time.monotonic(), 240, "the restarted Triton", interval_s=0.05)
         first_ok = wait_until(lambda: next((t for t, s, _ in answers if s == 200 and t > ready_at), None),
                               RECOVERY_S + 30, "a successful request after Triton's restart", interval_s=0.05)
         stop.set()
@@ -123,7 +110,7 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
         again = wait_until(lambda: re.search(r"Triton ready again after [\d.]+ s \(pid (\d+)\)", "".join(lines)),
                            30, "the supervisor's 'Triton ready again' line", interval_s=0.1)
         new_pid = int(again.group(1))
-        assert new_pid != pid and get(f"{gateway}/readyz")[0] == 200
+        assert new_pid != pid and call(f"{gateway}/readyz", timeout=5)[0] == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -55,9 +55,9 @@ def test_cli_models_and_errors(ready_gateway, capsys):
 
 
 def test_client_unreachable_target(capsys):
-    from serving.triton_server import free_port
+    from serving.triton_server import free_ports
 
-    port = free_port()
+    port = free_ports(1)[0]
     assert client.main(["models", "--target", f"127.0.0.1:{port}", "--timeout", "2"]) == 2
     assert "UNAVAILABLE" in capsys.readouterr().err
     assert client.main(["models", "--transport", "http", "--target", f"127.0.0.1:{port}", "--timeout", "2"]) == 2

@@ -11,6 +11,7 @@ import pytest
 
 from serving import images as imgs
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
+from serving.process import wait_until
 
 PNG = imgs.encode_png(np.where(np.arange(784).reshape(28, 28) % 28 < 14, 0, 255).astype(np.uint8))
 BIG_PNG = imgs.encode_png(np.zeros((32, 30), np.uint8))  # 30 wide, 32 high
@@ -130,10 +131,8 @@ def test_queue_bound_and_deadline(make_gateway, triton):
     time.sleep(0.5)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(tight_gateway.stub.Generate, slow, timeout=120)
-        deadline = time.monotonic() + 30
-        while "mnistgen_gateway_in_flight_requests 1.0" not in tight_gateway.metrics():
-            assert time.monotonic() < deadline, "first request never became in-flight"
-            time.sleep(0.01)
+        wait_until(lambda: "mnistgen_gateway_in_flight_requests 1.0" in tight_gateway.metrics(), 30,
+                   "the first request in flight", proc=tight_gateway.proc, interval_s=0.01)
         with pytest.raises(grpc.RpcError) as e:
             tight_gateway.stub.Generate(pb.GenerateRequest(num_samples=1), timeout=30)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in e.value.details()

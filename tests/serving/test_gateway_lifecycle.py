@@ -8,15 +8,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
+from serving.process import wait_until
 
 FAST_S = 3.0  # "quickly": well inside the default 60 s deadline
-
-
-def until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_triton_down_then_back(ready_gateway, triton):
@@ -37,17 +31,17 @@ def test_triton_down_then_back(ready_gateway, triton):
         ready = gw.http("GET", "/readyz")
         assert ready.status == 503 and ready.json()["triton_ready"] is False
         assert gw.http("GET", "/healthz").status == 200  # the process itself is fine
-        until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-              == health_pb2.HealthCheckResponse.NOT_SERVING, 10, "gRPC health NOT_SERVING")
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                   == health_pb2.HealthCheckResponse.NOT_SERVING, 10, "gRPC health NOT_SERVING")
         assert "mnistgen_gateway_triton_up 0.0" in gw.metrics()
         models = gw.stub.ListModels(pb.ListModelsRequest(), timeout=10)
         assert not any(m.ready for m in models.models)
     finally:
         triton.start()
-    until(lambda: gw.http("GET", "/readyz").status == 200, 60, "/readyz 200 after Triton restart")
+    wait_until(lambda: gw.http("GET", "/readyz").status == 200, 60, "/readyz 200 after Triton restart")
     assert gw.stub.Generate(pb.GenerateRequest(num_samples=2, seed=1), timeout=30).images.count == 2
-    until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-          == health_pb2.HealthCheckResponse.SERVING, 10, "gRPC health SERVING")
+    wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+               == health_pb2.HealthCheckResponse.SERVING, 10, "gRPC health SERVING")
     assert "mnistgen_gateway_triton_up 1.0" in gw.metrics()
 
 
@@ -61,8 +55,9 @@ def test_sigterm_drains_in_flight_requests(make_gateway, triton):
     req = pb.GenerateRequest(model="ddpm", sampler="ddpm", num_samples=4, steps=1000, seed=1)  # seconds of CPU work
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         g = pool.submit(gw.stub.Generate, req, timeout=120)
-        h = pool.submit(gw.http, "POST", "/v1/generate", {"model": "ddpm", "sampler": "ddpm", "num_samples": 4, "steps": 1000, "seed": 2})
-        until(lambda: "mnistgen_gateway_in_flight_requests 2.0" in gw.metrics(), 30, "two requests in flight")
+        h = pool.submit(gw.http, "POST", "/v1/generate",
+                        {"model": "ddpm", "sampler": "ddpm", "num_samples": 4, "steps": 1000, "seed": 2})
+        wait_until(lambda: "mnistgen_gateway_in_flight_requests 2.0" in gw.metrics(), 30, "two requests in flight")
         gw.proc.send_signal(signal.SIGTERM)
         assert g.result().images.count == 4
         r = h.result()
