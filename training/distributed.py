@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -139,9 +139,8 @@ def assert_replicas_identical(ctx: DistContext, **modules: nn.Module) -> list[di
 
 
 class Trainer:
-    """What the GAN and DDPM trainers share: process group and device, run directory, the epoch loop, the loss CSV,
-    resume state (state.pt) and the end-of-run replica check. Subclasses build models and data, then fill the hooks:
-    batches, train_batch, end_epoch, state_objects, replicas (and summary, write_final, stop_early)."""
+    """What the GAN and DDPM trainers share (device and ranks, run_dir, epoch loop, loss CSV, state.pt, replica check);
+    subclasses build models and `loader` (make_loader), and fill train_batch, end_epoch, state_objects and replicas."""
 
     counter = "step"  # the attribute counting training steps, state.pt's key for it (training.recipe reads it)
     budget = "max_steps"  # the config field that bounds it (the learning-rate plan's end), 0/None = no bound
@@ -167,6 +166,13 @@ class Trainer:
     def count(self) -> int:
         return getattr(self, self.counter)
 
+    def make_loader(self, dataset, drop_last: bool = True) -> DataLoader:
+        """Batches of `dataset` (global batch_size): shuffled by self.shuffle, or this rank's shard under torchrun."""
+        self.sampler = self.dist.sampler(dataset, self.cfg.seed)
+        return DataLoader(dataset, batch_size=self.dist.local_batch(self.cfg.batch_size), sampler=self.sampler,
+                          shuffle=self.sampler is None, drop_last=drop_last or self.sampler is not None,
+                          generator=self.shuffle)
+
     def seed_ranks(self, offset: int = 0) -> None:
         """Under torchrun, from here on each rank draws its own noise."""
         if self.dist.enabled:
@@ -186,7 +192,7 @@ class Trainer:
             t0 = time.perf_counter()
             if self.sampler is not None:
                 self.sampler.set_epoch(self.epoch)  # a new shuffle per epoch, the same on every rank
-            bar = tqdm(self.batches(), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, mininterval=10,
+            bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, mininterval=10,
                        disable=not self.is_main)
             for batch in bar:
                 bar.set_postfix(self.train_batch(batch), refresh=False)

@@ -1,7 +1,6 @@
-"""Run a committed training recipe (training/recipes/<name>.json: the stages of resumed runs that produced a
-checkpoint) as one resumable command: each pending stage runs `python -m training.train_<trainer>` (or torchrun) with
-`--resume --run-dir RUN_DIR --stop-at UNTIL --checkpoint OUT`; a stage is done once the run's state.pt has reached its
-`until`. `--plan` prints the stages and which are done; the checkpoint's config gets a `recipe` entry at the end."""
+"""Run a committed training recipe (training/recipes/<name>.json: the stages of resumed runs behind a checkpoint) as one
+resumable command: each pending stage runs its trainer with `--resume --run-dir RUN_DIR --stop-at UNTIL --checkpoint
+OUT`; a stage is done once state.pt has reached its `until`. The checkpoint's config records the recipe at the end."""
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from mnistgen.checkpoint import save_checkpoint
 from mnistgen.files import repo_path
@@ -95,50 +96,32 @@ class DDPMTrainer(distributed.Trainer):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg, repo_path(cfg.run_dir))
-        x, y = load_mnist("train", DataConfig(source=cfg.data_source, limit=cfg.limit or None))
-        self.data = x  # (N, 1, 28, 28) in [-1, 1], on the CPU; batches move to self.device
-        self.labels = torch.as_tensor(y, dtype=torch.int64)  # (N,) digits 0-9
+        data = TensorDataset(*load_mnist("train", DataConfig(source=cfg.data_source, limit=cfg.limit or None)))
+        self.loader = self.make_loader(data, drop_last=False)  # (one process: the last, smaller batch is trained too)
         self.null = null_class(cfg.unet)  # None: unconditional
         self.unet = build_unet(cfg.unet).to(self.device)
         self.unet_train = self.dist.wrap(self.unet)  # DistributedDataParallel under torchrun
         self.ema = EMA(self.unet, cfg.ema_decay)
         self.noise_sched = DDPMScheduler(**DEFAULT_SCHEDULER)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.local_batch = self.dist.local_batch(cfg.batch_size)  # batch_size is global
-        self.sampler = self.dist.sampler(range(len(self.data)), cfg.seed)
         self.losses: list[float] = []  # this epoch's
         self.seed_ranks()
 
     @property
-    def steps_per_epoch(self) -> int:
-        if self.sampler is not None:  # each rank: its shard of len(data) // world_size, in local batches
-            return len(self.sampler) // self.local_batch
-        return math.ceil(len(self.data) / self.cfg.batch_size)
-
-    @property
     def planned_steps(self) -> int:
         """Where the learning-rate schedule ends: the epochs' steps, or max_steps when that is fewer."""
-        total = self.cfg.epochs * self.steps_per_epoch
+        total = self.cfg.epochs * len(self.loader)
         return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
 
-    def batches(self) -> list[torch.Tensor]:
-        """This epoch's batches of indices into self.data (this rank's shard under torchrun)."""
-        if self.sampler is not None:
-            idx = torch.tensor(list(self.sampler))
-        else:
-            idx = torch.randperm(len(self.data), generator=self.shuffle)
-        return [idx[i * self.local_batch:(i + 1) * self.local_batch] for i in range(self.steps_per_epoch)]
-
-    def train_batch(self, idx: torch.Tensor) -> dict[str, float]:
+    def train_batch(self, batch: list[torch.Tensor]) -> dict[str, float]:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, self.planned_steps, self.cfg)
-        batch = self.data[idx].to(self.device)  # (B / world_size, 1, 28, 28)
-        labels = None
+        x0, labels = batch  # (B / world_size, 1, 28, 28) in [-1, 1], (B / world_size,) digits 0-9
         if self.null is not None:  # classifier-free guidance: some labels become "no digit"
-            labels = self.labels[idx].clone()
             labels[torch.rand(labels.shape[0]) < self.cfg.label_dropout] = self.null
-            labels = labels.to(self.device)
-        self.losses.append(train_step(self.unet_train, batch, self.noise_sched, self.opt, self.cfg.grad_clip, labels))
+        labels = labels.to(self.device) if self.null is not None else None
+        self.losses.append(train_step(self.unet_train, x0.to(self.device), self.noise_sched, self.opt,
+                                      self.cfg.grad_clip, labels))
         self.ema.update(self.unet)
         return {"loss": sum(self.losses[-50:]) / len(self.losses[-50:])}
 
@@ -197,9 +180,9 @@ class DDPMTrainer(distributed.Trainer):
     def train(self) -> dict:
         cfg = self.cfg
         if self.is_main:
-            print(f"DDPM: {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f} M params, {len(self.data)} "
-                  f"images, {self.steps_per_epoch} steps/epoch ({self.dist.world_size} process(es), global batch "
-                  f"{cfg.batch_size}), epochs {self.epoch + 1}..{cfg.epochs}"
+            print(f"DDPM: {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f} M params, "
+                  f"{len(self.loader.dataset)} images, {len(self.loader)} steps/epoch ({self.dist.world_size} "
+                  f"process(es), global batch {cfg.batch_size}), epochs {self.epoch + 1}..{cfg.epochs}"
                   + (f", at most {cfg.max_steps} steps" if cfg.max_steps else ""), flush=True)
         return super().train()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from mnistgen.checkpoint import save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
@@ -128,10 +128,7 @@ class GANTrainer(distributed.Trainer):
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
         data = TensorDataset(*load_mnist("train", DataConfig(cfg.data_source, cfg.data_dir, cfg.data_limit)))
-        self.sampler = self.dist.sampler(data, cfg.seed)
-        self.loader = DataLoader(data, batch_size=self.dist.local_batch(cfg.batch_size), sampler=self.sampler,
-                                 shuffle=self.sampler is None, drop_last=True,
-                                 generator=self.shuffle if self.sampler is None else None)
+        self.loader = self.make_loader(data)
         z_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.fixed_z = torch.randn(64, cfg.arch.latent_dim, generator=z_gen).to(self.device)  # (64, latent) for grids
         self.seed_ranks()
@@ -144,9 +141,6 @@ class GANTrainer(distributed.Trainer):
     def lr_scale(self) -> float:
         planned = self.cfg.max_iters if self.cfg.max_iters is not None else self.cfg.epochs * len(self.loader)
         return lr_scale(self.iteration, self.cfg.lr_decay_from, planned, self.cfg.lr_min_ratio)
-
-    def batches(self) -> DataLoader:
-        return self.loader
 
     def train_batch(self, batch: list[torch.Tensor]) -> dict[str, float]:
         cfg, real = self.cfg, batch[0]
