@@ -11,13 +11,11 @@ import numpy as np
 
 from mnistgen import catalog
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
-from mnistgen.files import official_test_split
+from mnistgen.files import REPO_ROOT, official_test_split
 
 from . import images as imgs
 from .client import TRANSPORTS, ClientConfig, ClientError, GatewayClient, as_array
 from .generated.mnistgen.v1 import generation_pb2 as pb
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

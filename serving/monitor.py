@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from mnistgen.files import REPO_ROOT
 from serving.process import ManagedProcess, http_ok, run_in_foreground
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO_ROOT / "prometheus"
 CONFIG_FILE = PROMETHEUS_DIR / "prometheus.yml"  # the committed config (make run's default targets)
 RULES_FILE = PROMETHEUS_DIR / "rules.yml"

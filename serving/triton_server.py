@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
+from mnistgen.files import REPO_ROOT
 from serving.process import ManagedProcess, http_ok, run_in_foreground
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 LOG_LEVELS = (0, 1, 2, 3)  # --log-verbose values accepted by tritonserver (0 = info only)
 

@@ -35,8 +35,7 @@ class GatewayState:
 
     def __init__(self, triton: TritonClient, metrics: GatewayMetrics, health_servicer, config: GatewayConfig):
         self.triton, self.metrics, self.health, self.config = triton, metrics, health_servicer, config
-        self.draining = False
-        self.ready = False
+        self.draining = self.ready = False
         self.models = list(catalog.SERVED)
 
     async def check(self) -> tuple[bool, dict]:
@@ -108,9 +107,8 @@ class RunningGateway:
 
 
 async def start(config: GatewayConfig) -> RunningGateway:
-    """Start both servers on the running loop (ports 0 = pick free ones) and return handles to them.
-
-    Raises ConfigError (before anything listens) for unusable tokens or TLS files."""
+    """Start both servers on the running loop (ports 0 = pick free ones) and return handles to them; ConfigError
+    (before anything listens) for unusable tokens or TLS files."""
     metrics = GatewayMetrics()
     auth = TokenAuth.from_config(config, metrics)  # None: auth off
     tls = TlsMaterial.from_config(config)  # None: plain text

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 # gRPC status code name -> HTTP status of the JSON API
 HTTP_STATUS = {
-    "OK": 200, "INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499,
-    "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "FAILED_PRECONDITION": 400,
+    "OK": 200, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
 }
 TIMEOUT_HEADER = "X-Request-Timeout"  # HTTP: seconds the client will wait; becomes Triton's client_timeout
 RETRY_AFTER_S = 1  # Retry-After on 429 / 503: Triton restarts take seconds, a busy slot frees in milliseconds
@@ -115,9 +115,7 @@ def auth_middleware(auth: TokenAuth):
     async def check_token(request: web.Request, handler):
         if request.path in OPEN_HTTP_PATHS or auth.allows(request.headers.getall(HTTP_HEADER, []), "http"):
             return await handler(request)
-        e = ApiError(UNAUTHENTICATED_MESSAGE, code="UNAUTHENTICATED")
-        e.http_status = 401
-        resp = error_response(e)
+        resp = error_response(ApiError(UNAUTHENTICATED_MESSAGE, code="UNAUTHENTICATED"))
         resp.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
         return resp
 

@@ -140,8 +140,7 @@ def parse_json_body(body: bytes, message_type):
     """An HTTP body -> a request message; every way it can be wrong is a ValidationError (HTTP 400) naming `body`
     or the field, never a 500: UTF-8 (RFC 8259), depth and size bounded, then keys and JSON types checked."""
     name = message_type.DESCRIPTOR.name
-    if body.startswith(codecs.BOM_UTF8):
-        body = body[len(codecs.BOM_UTF8):]
+    body = body.removeprefix(codecs.BOM_UTF8)
     if not body.strip():
         return message_type()
     try:

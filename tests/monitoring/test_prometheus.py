@@ -14,7 +14,7 @@ from serving.client import ClientError, GatewayClient
 from serving.monitor import (
     CONFIG_FILE, INSTALL_HINT, PROMETHEUS_DIR, RULES_FILE, MonitorConfig, PrometheusServer, render_config,
 )
-from serving.process import wait_until
+from serving.process import NotReady, wait_until
 from serving.triton_server import free_ports
 
 PROMTOOL = shutil.which("promtool")
@@ -98,7 +98,8 @@ def test_prometheus_records_gateway_traffic(gateway, triton, tmp_path):
             grpc_client.generate(model="dcgan-baseline", num_samples=8, seed=0)
             invalid_request(grpc_client)
             wait_until(lambda: len(values(prom, 'mnistgen_gateway_requests_total{rpc="Generate"}')) >= 2,
-                       RECORDED_TIMEOUT_S, "a scrape of the gateway", log=lambda: f"{prom.targets()}\n{prom.log_tail()}")
+                       RECORDED_TIMEOUT_S, "a scrape of the gateway",
+                       log=lambda: f"{prom.targets()}\n{prom.log_tail()}")
             ok, end = 1, time.monotonic() + TRAFFIC_S
             while time.monotonic() < end:
                 for c in (grpc_client, http_client):
@@ -111,20 +112,18 @@ def test_prometheus_records_gateway_traffic(gateway, triton, tmp_path):
             http_client.close()
 
         key = (("model", "dcgan-baseline"), ("rpc", "Generate"))
-        deadline = time.monotonic() + RECORDED_TIMEOUT_S
-        while True:
-            p50 = values(prom, "mnistgen:sample_latency_seconds:p50_1m")
-            p99 = values(prom, "mnistgen:sample_latency_seconds:p99_1m")
-            err = values(prom, "mnistgen:error_ratio:rate1m")
-            rate = values(prom, "mnistgen:samples:rate1m")
-            # the last (invalid) request counts once a scrape and a rule evaluation have seen it
-            ready = [math.isfinite(p50.get(key, math.nan)), math.isfinite(p99.get(key, math.nan)),
-                     err.get((("rpc", "Generate"),), 0) > 0, rate.get(key, 0) > 0]
-            if all(ready) or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-        assert all(ready), (f"recording rules without values after {RECORDED_TIMEOUT_S:.0f} s: p50 {p50}, p99 {p99}, "
-                            f"error ratio {err}, samples/s {rate}; targets {prom.targets()}; log:\n{prom.log_tail()}")
+
+        def recorded() -> tuple[dict, ...]:  # the last (invalid) request counts once a scrape and a rule saw it
+            rules = ("sample_latency_seconds:p50_1m", "sample_latency_seconds:p99_1m", "error_ratio:rate1m",
+                     "samples:rate1m")
+            p50, p99, err, rate = (values(prom, f"mnistgen:{rule}") for rule in rules)
+            if not (math.isfinite(p50.get(key, math.nan)) and math.isfinite(p99.get(key, math.nan))
+                    and err.get((("rpc", "Generate"),), 0) > 0 and rate.get(key, 0) > 0):
+                raise NotReady(f"p50 {p50}, p99 {p99}, error ratio {err}, samples/s {rate}; targets {prom.targets()}")
+            return p50, p99, err, rate
+
+        p50, p99, err, rate = wait_until(recorded, RECORDED_TIMEOUT_S, "recording rules with values",
+                                         log=prom.log_tail, interval_s=1.0)
         assert ok >= 2
         # per-sample latency of 8-sample requests on this machine: between 10 us and 10 s, p50 <= p99
         assert 1e-5 < p50[key] <= p99[key] < 10.0, (p50, p99)

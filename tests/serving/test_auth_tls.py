@@ -1,17 +1,11 @@
-"""Bearer-token auth and TLS of the gateway, against real gateway processes with real TLS handshakes.
-
-A test CA and a server certificate for 127.0.0.1/localhost signed by it are made with `openssl` (the CLI; the
-`cryptography` package is not a dependency). One module gateway serves TLS on both ports and requires one of
-three tokens (two from a token file, as during a rotation, one from MNISTGEN_API_TOKENS); the checks then go
-through each transport: no token / a wrong one / a malformed header are refused alike, every configured token
-works, probes, reflection and /metrics stay open, plain-text and wrongly-trusting clients fail the handshake,
-and the client CLI works with --token and --ca. Other gateways check the token file's reload and the
-configuration errors (each a process that must exit with a clear message).
-"""
+"""Bearer-token auth and TLS of the gateway, against real gateway processes with real TLS handshakes: a test CA
+made with the `openssl` CLI, one module gateway with TLS on both ports and three tokens (two from a token file, as
+during a rotation, one from MNISTGEN_API_TOKENS), other gateways for the token file's reload and config errors."""
 from __future__ import annotations
 
 import http.client
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -241,8 +235,6 @@ def test_plain_text_and_untrusting_clients_fail(secure_gateway, pki):
     with pytest.raises((OSError, http.client.HTTPException)):
         urllib.request.urlopen(req, timeout=DEADLINE_S).read()
     # https trusting the wrong CA: the handshake fails verification
-    import ssl
-
     with pytest.raises(urllib.error.URLError) as e:
         urllib.request.urlopen(f"https://{gw.http_target}/healthz", timeout=DEADLINE_S,
                                context=ssl.create_default_context(cafile=str(pki.other_ca)))
@@ -362,16 +354,10 @@ def test_parse_tokens():
 
 
 def test_token_auth_reasons_and_reload(tmp_path):
-    class Clock:
-        t = 0.0
-
-        def __call__(self) -> float:
-            return self.t
-
-    clock = Clock()
+    now = [0.0]  # the clock TokenAuth reads
     f = tmp_path / "tokens"
     f.write_text("filetok\n")
-    auth = TokenAuth(["static"], f, clock=clock)
+    auth = TokenAuth(["static"], f, clock=lambda: now[0])
     assert auth.enabled
     assert auth.failure([]) == "missing"
     assert auth.failure(["Bearer a", "Bearer b"]) == "malformed"
@@ -380,9 +366,9 @@ def test_token_auth_reasons_and_reload(tmp_path):
     assert auth.failure(["Bearer static"]) is None and auth.failure(["BEARER  filetok "]) is None
     f.write_text("other\n")
     assert auth.allows(["Bearer filetok"], "http")  # not re-read before TOKEN_FILE_CHECK_S
-    clock.t += TOKEN_FILE_CHECK_S
+    now[0] += TOKEN_FILE_CHECK_S
     assert not auth.allows(["Bearer filetok"], "http") and auth.allows(["Bearer other"], "grpc")
     f.write_text("# nothing\n")  # emptied: keeps the tokens it had
-    clock.t += TOKEN_FILE_CHECK_S
+    now[0] += TOKEN_FILE_CHECK_S
     assert auth.allows(["Bearer other"], "http")
     assert TokenAuth.from_config(gw_pkg.GatewayConfig()) is None  # nothing configured: auth off, nothing installed

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import resource
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ from PIL import Image
 
 from serving import client
 from serving import images as imgs
+from serving.triton_server import free_ports
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
@@ -55,8 +60,6 @@ def test_cli_models_and_errors(ready_gateway, capsys):
 
 
 def test_client_unreachable_target(capsys):
-    from serving.triton_server import free_ports
-
     port = free_ports(1)[0]
     assert client.main(["models", "--target", f"127.0.0.1:{port}", "--timeout", "2"]) == 2
     assert "UNAVAILABLE" in capsys.readouterr().err
@@ -88,9 +91,6 @@ class OneAnswerPerConnection:
     next request arrives, without answering it."""
 
     def __init__(self, close_after_answer: bool):
-        import socket
-        import threading
-
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.close_after_answer, self.requests, self.answered = close_after_answer, 0, 0
@@ -126,8 +126,6 @@ class OneAnswerPerConnection:
 
 @pytest.mark.parametrize("close_after_answer", [True, False], ids=["closed-while-idle", "closed-on-next-request"])
 def test_http_client_replaces_a_connection_the_server_closed(close_after_answer):
-    import time
-
     server = OneAnswerPerConnection(close_after_answer)
     c = client.GatewayClient(transport="http", target=f"127.0.0.1:{server.port}", timeout_s=5)
     for _ in range(3):
@@ -140,9 +138,6 @@ def test_http_client_replaces_a_connection_the_server_closed(close_after_answer)
 
 def test_idle_connection_check_works_above_descriptor_1024():
     """readable() uses poll(): select() refuses descriptors over 1,023, which a load generator's process reaches."""
-    import resource
-    import socket
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip(f"open-file limit {hard} < 1200")

@@ -1,6 +1,8 @@
-"""Gateway lifecycle: Triton stopped -> UNAVAILABLE / 503 fast and not ready, recovery when it is back; SIGTERM drains."""
+"""Gateway lifecycle: Triton stopped -> UNAVAILABLE / 503 fast and not ready, recovery once back; SIGTERM drains."""
 from __future__ import annotations
 
+import concurrent.futures
+import signal
 import time
 
 import grpc
@@ -9,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
 from serving.process import wait_until
+from serving.run import start_gateway
 
 FAST_S = 3.0  # "quickly": well inside the default 60 s deadline
 
@@ -47,9 +50,6 @@ def test_triton_down_then_back(ready_gateway, triton):
 
 def test_sigterm_drains_in_flight_requests(make_gateway, triton):
     """SIGTERM: requests already running finish (gRPC and HTTP), then the process exits 0."""
-    import concurrent.futures
-    import signal
-
     triton.require("ddpm_generate")
     gw = make_gateway("--stop-grace-s", "60")
     req = pb.GenerateRequest(model="ddpm", sampler="ddpm", num_samples=4, steps=1000, seed=1)  # seconds of CPU work
@@ -69,8 +69,6 @@ def test_sigterm_drains_in_flight_requests(make_gateway, triton):
 def test_launcher_reads_its_own_ports_from_a_reused_log(tmp_path):
     """A log file is appended to: a second gateway started on it must not pick up the first one's 'listening' line.
     (No Triton needed: the gateway listens, and /healthz answers, before Triton is reachable.)"""
-    from serving.run import start_gateway
-
     log = tmp_path / "gateway.log"
     first = start_gateway("127.0.0.1:9", log)
     first.stop(10)
