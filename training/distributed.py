@@ -229,20 +229,17 @@ class Trainer:
     def write_final(self, summary: dict) -> None:
         pass
 
-    @property
-    def state_path(self) -> Path:
-        return self.run_dir / "state.pt"
-
     def save_state(self) -> None:
         torch.save({**{k: o.state_dict() for k, o in self.state_objects().items()},
                     "epoch": self.epoch, self.counter: self.count, "elapsed": self.elapsed, "history": self.history,
-                    "rng": torch.get_rng_state(), "shuffle": self.shuffle.get_state()}, self.state_path)
+                    "rng": torch.get_rng_state(), "shuffle": self.shuffle.get_state()}, self.run_dir / "state.pt")
 
     def load_state(self) -> dict | None:
         """Continue from state.pt; returns what it held (None without one: nothing changes)."""
-        if not self.state_path.exists():
+        path = self.run_dir / "state.pt"
+        if not path.exists():
             return None
-        s = torch.load(self.state_path, weights_only=False, map_location=self.device)
+        s = torch.load(path, weights_only=False, map_location=self.device)
         for k, o in self.state_objects().items():
             if s.get(k) is not None:
                 o.load_state_dict(s[k])

@@ -13,9 +13,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-        self.warmup = warmup
-        self.updates = 0
+        self.decay, self.warmup, self.updates = decay, warmup, 0
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -65,10 +65,8 @@ class TrainConfig:
 
 def train_step(unet: nn.Module, x0: torch.Tensor, noise_sched: DDPMScheduler, opt: torch.optim.Optimizer,
                grad_clip: float = 1.0, labels: torch.Tensor | None = None) -> float:
-    """One epsilon-prediction step: x_t = add_noise(x0, eps, t), loss = MSE(unet(x_t, t), eps) (Ho et al. eq. 14).
-
-    `labels` (B,): class labels for a class-conditional UNet (already dropped to the null class where CFG wants it).
-    """
+    """One epsilon-prediction step: x_t = add_noise(x0, eps, t), loss = MSE(unet(x_t, t), eps) (Ho et al. eq. 14);
+    `labels` (B,): a class-conditional UNet's digits (already dropped to the null class where CFG wants it)."""
     unet.train()
     b = x0.shape[0]
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), dtype=torch.int64).to(x0.device)  # (B,)
@@ -107,15 +105,10 @@ class DDPMTrainer(distributed.Trainer):
         self.losses: list[float] = []  # this epoch's
         self.seed_ranks()
 
-    @property
-    def planned_steps(self) -> int:
-        """Where the learning-rate schedule ends: the epochs' steps, or max_steps when that is fewer."""
-        total = self.cfg.epochs * len(self.loader)
-        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
-
     def train_batch(self, batch: list[torch.Tensor]) -> dict[str, float]:
+        planned = self.cfg.epochs * len(self.loader)  # where the lr schedule ends: these steps, or max_steps if fewer
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, self.planned_steps, self.cfg)
+            g["lr"] = lr_at(self.step, min(planned, self.cfg.max_steps or planned), self.cfg)
         x0, labels = batch  # (B / world_size, 1, 28, 28) in [-1, 1], (B / world_size,) digits 0-9
         if self.null is not None:  # classifier-free guidance: some labels become "no digit"
             labels[torch.rand(labels.shape[0]) < self.cfg.label_dropout] = self.null
@@ -138,8 +131,7 @@ class DDPMTrainer(distributed.Trainer):
             self.save_checkpoint()
         return json.dumps(row)
 
-    def over_time_budget(self) -> bool:
-        """True once the run's training time (resumes included) has passed time_budget_min (0: no budget)."""
+    def over_time_budget(self) -> bool:  # (resumes included; time_budget_min 0: no budget)
         return bool(self.cfg.time_budget_min) and self.elapsed > self.cfg.time_budget_min * 60
 
     def stop_early(self) -> bool:

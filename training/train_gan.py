@@ -6,13 +6,12 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from mnistgen.checkpoint import save_checkpoint
+from mnistgen.checkpoint import REPO_ROOT, save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from . import distributed
 from .distributed import DEVICES  # noqa: F401  (re-exported: the device choices, as controlled_failures says)
@@ -21,7 +20,6 @@ from .ema import EMA
 from mnistgen.models import GANArch, build_discriminator, build_generator, weights_init
 from .plots import plot_losses, save_grid
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 G_LOSSES = ("non-saturating", "saturating")
 MITIGATIONS = {  # name -> the fields it sets
     "label-smoothing": {"real_label": 0.9},  # one-sided
@@ -58,8 +56,7 @@ class TrainConfig:
     run_dir: str | None = None  # default runs/gan/<name>[+mitigations]
     checkpoint: str | None = None  # also write the generator here (e.g. checkpoints/dcgan-baseline.safetensors)
     g_ema: float = 0.0  # > 0: grids and the checkpoint use an EMA of G's weights (decay per G step, e.g. 0.999)
-    lr_decay_from: int | None = None  # from here lr_g, lr_d fall linearly to lr_min_ratio x at the plan's end
-    # (max_iters, else epochs x batches); None = constant, as in DCGAN
+    lr_decay_from: int | None = None  # from here lr_g, lr_d fall linearly to lr_min_ratio x at the plan end; None: off
     lr_min_ratio: float = 0.0
 
 
