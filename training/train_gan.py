@@ -14,7 +14,6 @@ from torch.utils.data import TensorDataset
 from mnistgen.checkpoint import REPO_ROOT, save_checkpoint
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from . import distributed
-from .distributed import DEVICES  # noqa: F401  (re-exported: the device choices, as controlled_failures says)
 from .data import DataConfig, load_mnist
 from .ema import EMA
 from mnistgen.models import GANArch, build_discriminator, build_generator, weights_init
