@@ -31,9 +31,12 @@ class DataError(RuntimeError):
 
 
 def sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file."""
+    """Hex SHA-256 of a file (read in chunks: Triton's Python 3.10 has no hashlib.file_digest)."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_sums() -> dict[str, str]:

@@ -28,12 +28,12 @@ from torch import nn
 from mnistgen.checkpoint import REPO_ROOT
 from mnistgen.files import repo_path
 from ..data import SOURCES, DataConfig, load_mnist
+from ..distributed import DEVICES
 from . import sweep
 
 BASE_CONFIGS = ("vanishing-gradient", "mode-collapse", "d-overfit")  # train_gan CONFIGS names
 ALL_SUFFIX = "+all"  # <config>+all = the config with every mitigation of train_gan.MITIGATIONS
 RUNS = tuple(n for base in BASE_CONFIGS for n in (base, base + ALL_SUFFIX))
-DEVICES = ("cpu", "auto", "cuda")  # as train_gan.DEVICES
 
 COLLAPSE_COVERAGE = 3  # classes: coverage <= this is a collapse
 COLLAPSE_PAIRWISE = 0.2  # mean pairwise distance (RMS per-pixel) below this is a collapse (real test data ~0.36)
