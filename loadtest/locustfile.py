@@ -1,16 +1,10 @@
 """Locust load test of the gateway: gRPC and HTTP users calling Generate/Denoise, every request's raw latency to a CSV.
 
-    locust -f loadtest/locustfile.py --headless -u 8 -r 4 -t 30s GrpcGatewayUser HttpGatewayUser \
-        --mix generate=4,denoise=1 --num-samples 1,64 --raw-csv out/loadtest/requests.csv
-    python -m loadtest.report out/loadtest/requests.csv --out out/loadtest
-
-Locust rounds response times to whole milliseconds below 100 ms when it computes percentiles, so a
-request-event listener also writes each request's unrounded latency (perf_counter) and sample count
-to --raw-csv; loadtest/report.py computes per-request and per-sample percentiles from that file.
+Usage, options, and why each request's unrounded latency goes to --raw-csv (Locust rounds below 100 ms) for
+loadtest/report.py: docs/loadtest.md.
 """
 from __future__ import annotations
 
-import base64
 import csv
 import random
 import sys
@@ -33,6 +27,7 @@ from loadtest.report import CSV_COLUMNS  # noqa: E402  (the raw CSV layout the r
 from mnistgen import catalog  # noqa: E402
 from serving.generated.mnistgen.v1 import generation_pb2 as pb  # noqa: E402
 from serving.generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+from serving.pb_json import message_json  # noqa: E402  (the HTTP API's JSON: protobuf's mapping)
 
 RPCS = ("generate", "denoise")
 SAMPLERS = ("",) + catalog.SAMPLERS  # "" = the gateway's default
@@ -91,23 +86,18 @@ def parse_sizes(text: str, option: str, high: int) -> tuple[int, ...]:
 
 def load_config(o) -> LoadConfig:
     """LoadConfig from Locust's parsed options (the custom arguments added below)."""
-    for option, value in (("--sampler", o.sampler), ("--denoise-sampler", o.denoise_sampler)):
-        if value not in SAMPLERS:
-            raise ValueError(f"{option}: unknown sampler {value!r}: expected one of {SAMPLERS}")
-    fmt = o.image_format.upper()
-    if fmt not in FORMATS:
-        raise ValueError(f"--image-format: unknown format {o.image_format!r}: expected one of {FORMATS}")
-    if not 0 < o.sigma <= 1:
-        raise ValueError(f"--sigma: must be in (0, 1], got {o.sigma}")
-    for option, value in (("--steps", o.steps), ("--denoise-steps", o.denoise_steps)):
-        if not 0 <= value <= 1000:
-            raise ValueError(f"{option}: must be in 0..1000 (0 = default), got {value}")
+    for prefix, steps, sampler, sigma in (("--", o.steps, o.sampler, None),
+                                          ("--denoise-", o.denoise_steps, o.denoise_sampler, o.sigma)):
+        try:  # the gateway's own limits (0 steps and "" sampler: its defaults), before the first request
+            catalog.check_request(catalog.DENOISER, 1, steps or 1, sampler or catalog.SAMPLERS[0], sigma=sigma)
+        except catalog.LimitError as e:
+            raise ValueError(f"{'--' if e.field == 'sigma' else prefix}{e.field}: {e.message}") from None
     if not o.request_timeout > 0:
         raise ValueError(f"--request-timeout: must be > 0 seconds, got {o.request_timeout}")
     return LoadConfig(
         mix=parse_mix(o.mix), model=o.model, num_samples=parse_sizes(o.num_samples, "--num-samples", 1024),
         sampler=o.sampler, steps=o.steps, denoise_images=parse_sizes(o.denoise_images, "--denoise-images", 64),
-        sigma=o.sigma, denoise_sampler=o.denoise_sampler, denoise_steps=o.denoise_steps, format=fmt,
+        sigma=o.sigma, denoise_sampler=o.denoise_sampler, denoise_steps=o.denoise_steps, format=o.image_format,
         timeout_s=o.request_timeout, raw_csv=Path(o.raw_csv))
 
 
@@ -129,7 +119,7 @@ def _add_arguments(parser) -> None:
     g.add_argument("--sigma", type=float, default=d.sigma, help="Denoise noise level, 0 < sigma <= 1")
     g.add_argument("--denoise-sampler", default=d.denoise_sampler, help=f"Denoise sampler: one of {SAMPLERS}")
     g.add_argument("--denoise-steps", type=int, default=d.denoise_steps, help="Denoise steps, 0 = default")
-    g.add_argument("--image-format", default=d.format, help=f"response images: one of {FORMATS}")
+    g.add_argument("--image-format", default=d.format, type=str.upper, choices=FORMATS, help="response images")
     g.add_argument("--request-timeout", type=float, default=d.timeout_s, help="seconds per request")
     g.add_argument("--raw-csv", default=str(d.raw_csv), help=f"one row per request: {', '.join(CSV_COLUMNS)}")
 
@@ -294,17 +284,6 @@ class GrpcGatewayUser(User):
 
 
 # ---- HTTP -------------------------------------------------------------------------------------------------
-def json_body(msg) -> dict:
-    """The JSON the HTTP API takes (protobuf JSON mapping: bytes as base64, field names as in the proto)."""
-    if isinstance(msg, pb.GenerateRequest):
-        body = {"model": msg.model, "num_samples": msg.num_samples, "format": pb.ImageFormat.Name(msg.format)}
-        if is_diffusion(msg.model):
-            body.update(sampler=msg.sampler, steps=msg.steps)
-        return body
-    return {"raw_images": base64.b64encode(msg.raw_images).decode(), "sigma": msg.sigma, "steps": msg.steps,
-            "sampler": msg.sampler, "format": pb.ImageFormat.Name(msg.format)}
-
-
 class HttpGatewayUser(FastHttpUser):
     """Calls the gateway's HTTP/JSON API (POST /v1/generate, /v1/denoise)."""
 
@@ -323,7 +302,7 @@ class HttpGatewayUser(FastHttpUser):
         rpc = pick_rpc(c, self.rng)
         msg = generate_request(c, self.rng) if rpc == "generate" else denoise_request(c, self.rng)
         ctx = {"transport": "http", "rpc": rpc, "samples": request_samples(msg)}
-        with self.client.post(f"/v1/{rpc}", json=json_body(msg), name=request_name(msg), context=ctx,
+        with self.client.post(f"/v1/{rpc}", json=message_json(msg), name=request_name(msg), context=ctx,
                               headers={"X-Request-Timeout": str(c.timeout_s)}, catch_response=True) as r:
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")

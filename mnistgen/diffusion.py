@@ -1,32 +1,8 @@
 """DDPM library: the UNet, diffusers schedulers, and one sampling loop for generation and denoising at sigma.
 
-The loop is written once over a callable `eps_fn(x (B, 1, 28, 28) float32, t (B,) int64) -> eps (B, 1, 28, 28)`,
-so the same code drives an eager PyTorch UNet and (inside Triton) an ONNX Runtime session.
-The update rules are diffusers' own (`DDPMScheduler`, `DDIMScheduler`, `DPMSolverMultistepScheduler` with
-`algorithm_type="dpmsolver++"`, and `"sde-dpmsolver++"` for the stochastic sampler `sde-dpm-solver++`, whose
-per-step noise comes from the per-item generators like DDPM's); nothing here re-implements a scheduler step.
-
-Denoise definition (the research's forward process, mapped onto DDPM's):
-    y = x0 + sigma * n,  n ~ N(0, I) drawn from a seeded CPU generator.
-    DDPM's forward process is x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps, i.e.
-    x_t / sqrt(abar_t) = x0 + sqrt((1 - abar_t) / abar_t) * eps.
-    So t* = argmin_t |sqrt((1 - abar_t) / abar_t) - sigma| (the ratio is monotone in t, so t* is exact when sigma
-    lies on that grid), x_t* = sqrt(abar_t*) * y, and the chosen sampler runs the reverse process from t* to 0.
-    `steps` is the number of UNet evaluations actually run (what latency depends on): they are spread evenly over
-    [0, t*] (timesteps t*, ~t* - t*/steps, ..., ~t*/steps, then one final update to t = 0), capped at t* + 1 because
-    there are only t* + 1 distinct timesteps below t*. So "DDPM-100" at sigma 0.5 runs min(100, t* + 1) evaluations
-    over [0, t*], not 100 evaluations over the full 1000-step range. sigma = 0 returns the input unchanged.
-    `noisy` is y itself (not clamped); `denoised` is clamped to [-1, 1].
-Generation is the same loop started at t = T - 1 from x_T ~ N(0, I), with `steps` evaluations over [0, T - 1].
-
-Seeds: item i of a call with `seed` uses its own `torch.Generator().manual_seed(seed + i)` on the CPU for all its
-randomness (initial noise, the denoise noise n, DDPM's per-step noise), so an item's result does not depend on the
-batch it is computed in: generate(n=4, seed=0)[2] == generate(n=1, seed=2)[0] up to float rounding. A server that
-batches several requests passes `seeds=[...]` (one per item) so every item keeps its own request's seed.
-
-Stopping: `should_stop()` (optional, on generate / denoise / sample_loop) is called once before every UNet evaluation;
-when it returns True the loop raises SamplingStopped (which says how many evaluations ran), so a server can abandon a
-cancelled request within one UNet step.
+Samplers, the denoise definition and per-item seeds: docs/training.md "Training the DDPM denoiser". The loop is
+written once over `eps_fn(x (B, 1, 28, 28) float32, t (B,) int64) -> eps (B, 1, 28, 28)`, so the same code drives an
+eager PyTorch UNet and (inside Triton) an ONNX Runtime session; every update rule is a diffusers scheduler's own.
 """
 from __future__ import annotations
 
@@ -118,14 +94,7 @@ def guided_eps_fn(model_or_fn, labels: torch.Tensor, guidance: float | torch.Ten
     `guidance` w, a float or one per item (B,). The labelled and null passes run as one batch of 2B, not two calls;
     items that need no second pass (w == 1, or the null label) are not doubled.
     """
-    if isinstance(model_or_fn, nn.Module):
-        model = model_or_fn.eval()
-
-        @torch.inference_mode()
-        def call(x, t, c):
-            return model(x, t, class_labels=c).sample
-    else:
-        call = model_or_fn
+    call = as_eps_fn(model_or_fn)
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)  # (B,)
     w = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(labels.shape[0]).clone()  # (B,)
     w[labels == null] = 1.0  # eps_label == eps_null there: one pass gives the answer
@@ -235,13 +204,13 @@ def sample_loop(
 
 
 def as_eps_fn(model_or_eps_fn: nn.Module | EpsFn) -> EpsFn:
-    """Wrap a UNet2DModel (or any module returning `.sample`) as eps_fn; pass callables through."""
+    """Wrap a UNet2DModel (or any module returning `.sample`) as eps_fn(x, t[, labels]); pass callables through."""
     if isinstance(model_or_eps_fn, nn.Module):
         model = model_or_eps_fn.eval()
 
         @torch.inference_mode()
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = model(x, t)
+        def eps_fn(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+            out = model(x, t) if labels is None else model(x, t, class_labels=labels)
             return out.sample if hasattr(out, "sample") else out
 
         return eps_fn
@@ -250,19 +219,13 @@ def as_eps_fn(model_or_eps_fn: nn.Module | EpsFn) -> EpsFn:
     return model_or_eps_fn
 
 
-def item_generators(seed: int, n: int, start: int = 0) -> list[torch.Generator]:
-    """One CPU generator per item: item i gets seed + start + i."""
-    return [torch.Generator().manual_seed(int(seed) + start + i) for i in range(n)]
-
-
-def _item_seeds(seed: int, n: int, seeds: Sequence[int] | None) -> list[int]:
-    """Per-item seeds: `seeds` as given (one per item, e.g. several requests batched together) or seed + i."""
-    if seeds is None:
-        return [int(seed) + i for i in range(n)]
-    seeds = [int(s) for s in seeds]
+def item_generators(seed: int, n: int, seeds: Sequence[int] | None = None) -> list[torch.Generator]:
+    """One CPU generator per item, seeded with seeds[i] (several requests batched together) or seed + i, so an
+    item's result does not depend on the batch it is computed in."""
+    seeds = [int(seed) + i for i in range(n)] if seeds is None else [int(s) for s in seeds]
     if len(seeds) != n:
         raise ValueError(f"seeds must hold one seed per item ({n}), got {len(seeds)}")
-    return seeds
+    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def _check(sampler: str, steps: int) -> None:
@@ -288,7 +251,6 @@ def generate(
 ) -> torch.Tensor:
     """n samples (n, 1, 28, 28) in [-1, 1]; item i is seeded with seed + i (or seeds[i] when given).
 
-    `should_stop()`: asked before every UNet evaluation; True raises SamplingStopped.
     Class-conditional models: `labels` (one per item; `null` = any digit) and classifier-free `guidance` (a float or
     one per item); `model_or_eps_fn` is then the UNet or an eps(x, t, labels) callable, and `null` defaults to the
     module's null class.
@@ -307,12 +269,12 @@ def generate(
     else:
         eps_fn = as_eps_fn(model_or_eps_fn)
     cfg = dict(scheduler_config or DEFAULT_SCHEDULER)
-    item_seeds = _item_seeds(seed, n, seeds)
+    all_gens = item_generators(seed, n, seeds)
     t_max = cfg["num_train_timesteps"] - 1
     timesteps = inference_timesteps(t_max, steps, cfg["num_train_timesteps"])
     out = []
     for start in range(0, n, batch_size):
-        gens = [torch.Generator().manual_seed(s) for s in item_seeds[start:start + batch_size]]
+        gens = all_gens[start:start + batch_size]
         x_t = torch.cat([torch.randn((1, 1, 28, 28), generator=g) for g in gens])  # (B, 1, 28, 28) ~ N(0, I)
         if labels is not None:
             part = slice(start, start + len(gens))
@@ -336,13 +298,13 @@ def denoise(
     """(noisy y = x0 + sigma * n, denoised) for clean images x0 (B, 1, 28, 28) in [-1, 1]; see the module doc.
 
     Item i is seeded with seed + i (or seeds[i] when given); one sigma, sampler and steps for the whole batch.
-    `should_stop()`: asked before every UNet evaluation; True raises SamplingStopped.
+    `steps` evaluations run over [0, t*] (capped at t* + 1), not over the full training range; sigma = 0 returns x0.
     """
     _check(sampler, steps)
     if x0.ndim != 4 or tuple(x0.shape[1:]) != (1, 28, 28):
         raise ValueError(f"x0 must have shape (B, 1, 28, 28), got {tuple(x0.shape)}")
     cfg = dict(scheduler_config or DEFAULT_SCHEDULER)
-    item_seeds = _item_seeds(seed, x0.shape[0], seeds)
+    gens = item_generators(seed, x0.shape[0], seeds)
     sched = make_scheduler(sampler, cfg)
     alphas_cumprod = sched.alphas_cumprod
     sigma_max = float(noise_to_signal(alphas_cumprod)[-1])
@@ -351,9 +313,9 @@ def denoise(
     x0 = x0.float()
     if float(sigma) == 0.0:
         return x0.clone(), x0.clone()
-    gens = [torch.Generator().manual_seed(s) for s in item_seeds]
     n = torch.cat([torch.randn((1, 1, 28, 28), generator=g) for g in gens])  # (B, 1, 28, 28)
     noisy = x0 + float(sigma) * n  # y, the research's forward process
+    # x_t / sqrt(abar_t) = x0 + sqrt((1 - abar_t) / abar_t) * eps: t* = argmin_t |sqrt((1 - abar_t) / abar_t) - sigma|
     t_star = sigma_to_timestep(float(sigma), alphas_cumprod)
     x_t = math.sqrt(float(alphas_cumprod[t_star])) * noisy  # x_t* = sqrt(abar_t*) * y
     timesteps = inference_timesteps(t_star, steps, cfg["num_train_timesteps"])

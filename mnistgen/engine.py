@@ -1,19 +1,12 @@
 """Which engine runs a single-shot model at a batch size: measured per machine, like cuDNN's benchmark mode, at export
 or at model load, and cached beside the exported files in <model>/1/engines.json (untracked, never committed).
 
-On CPU, ONNX Runtime has the lower fixed cost (fastest at small batches), but its ConvTranspose loops over the batch
-while PyTorch's oneDNN deconvolution takes it whole: TorchScript (frozen, optimize_for_inference) from a measured batch
-size on, in bf16 (model_bf16.pt) where the CPU has native bf16 kernels, it measured faster and its outputs stay within
-BF16_MEAN_TOL of fp32's. With N threads, ONNX Runtime runs one session's intra-op pool or, from a measured batch size
-on, the batch split over N one-thread sessions side by side (on small convolutions the intra-op pool synchronises per
-operator; the chunks never wait for each other). engines.json:
-    {"threshold": 16 | null,             # TorchScript from this batch on; null = ONNX Runtime at every batch
-     "torchscript_precision": "bf16" | "fp32", "ort_split_from": 16 | null,
-     "batches": [...], "ms_per_sample": {engine: {batch: ms}}, "median_ms_per_sample": {...}, "bf16": {...} | null,
-     "machine": {...}, "checkpoint_sha256": ..., "measured_by": "export" | "triton-initialize", "measured_at": ...}
-Threads: the cores this process may use (affinity, cgroup quota). torch's OpenMP pool runs with OMP_WAIT_POLICY=PASSIVE
-(OMP_ENV, set before torch loads): spinning idle threads made TorchScript 10-100x slower at small batches on shared
-cores next to ONNX Runtime's pool. Only numpy, onnxruntime and (lazily) torch: importable in Triton's python backend.
+On CPU, ONNX Runtime has the lower fixed cost, but its ConvTranspose loops over the batch while PyTorch's oneDNN
+deconvolution takes it whole: TorchScript (bf16 where the CPU has native bf16 kernels and it stays within
+BF16_MEAN_TOL of fp32) from a measured batch size on. With N threads, ONNX Runtime's batch split over N one-thread
+sessions beats one session's intra-op pool (which synchronises per operator) from a measured batch size on.
+engines.json holds choose()'s fields, measure()'s table, bf16, machine(), checkpoint_sha256 and measured_by/at.
+Only numpy, onnxruntime and (lazily) torch: importable in Triton's python backend.
 """
 from __future__ import annotations
 
@@ -40,7 +33,9 @@ FP32, BF16 = "fp32", "bf16"
 BF16_MEAN_TOL = 0.01  # mean |bf16 - fp32| over a measured batch: 1.3 8-bit grey levels on [-1, 1] images
 GENERATOR_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what is measured for the GAN generators
 UNET_BATCHES = (1, 4, 16, 64)  # the DDPM UNet: 10-100x the work per row, so fewer and smaller cells
-OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # defaults for the processes that run TorchScript (before torch loads)
+# for the processes that run TorchScript, before torch loads: spinning idle OpenMP threads made TorchScript 10-100x
+# slower at small batches on shared cores next to ONNX Runtime's pool
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 Feeds = dict  # input name -> np.ndarray with a leading batch axis
 
 

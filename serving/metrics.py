@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gateway (own registry): requests, latencies, batch sizes, Triton health, sample diversity."""
+"""Prometheus metrics of the gateway (own registry): requests, latencies, batch sizes, Triton health, diversity."""
 from __future__ import annotations
 
 import threading
@@ -62,10 +62,6 @@ class DiversityTracker:
             self._cache[model] = (version, v)
         return v
 
-    def models(self) -> list[str]:
-        with self._lock:
-            return sorted(self._buf)
-
     def collect(self):
         """prometheus_client collector protocol."""
         g = GaugeMetricFamily(
@@ -73,7 +69,9 @@ class DiversityTracker:
             f"Mean pairwise distance / sqrt(784) of the last {self.window} generated samples (0 = collapsed)",
             labels=["model"],
         )
-        for m in self.models():
+        with self._lock:
+            models = sorted(self._buf)
+        for m in models:
             g.add_metric([m], self.value(m))
         yield g
 

@@ -1,10 +1,9 @@
-"""Protobuf JSON for the HTTP API's image-carrying messages, fast both ways: raw image bytes travel as one base64 block
-spliced into (or cut out of) the JSON text, not scanned character by character by json and protobuf.
+"""Protobuf JSON for the HTTP API's image-carrying messages, fast both ways: each large raw image block is one base64
+call spliced into (or cut out of) the JSON text, where json and protobuf's parser would walk it character by character.
 
-The JSON is protobuf's own mapping (proto field names, fields without presence printed, bytes as standard base64):
-`dumps(msg)` is byte for byte `json.dumps(message_json(msg))`, and `loads(body, T)` equals
-`json_format.Parse(body, T(), ignore_unknown_fields=True)`. On a response of many raw samples, json.dumps and protobuf's
-parser spend most of their time walking the one long base64 string; here it is one C call each way.
+`dumps(msg)` is byte for byte `json.dumps(message_json(msg))` (protobuf's own mapping: proto field names, fields
+without presence printed, bytes as standard base64), and `loads(body, T)` equals `json_format.Parse(body, T(),
+ignore_unknown_fields=True)`.
 """
 from __future__ import annotations
 

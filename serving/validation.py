@@ -10,7 +10,7 @@ import numpy as np
 from mnistgen import catalog
 from mnistgen.catalog import DIGITS, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SAMPLERS, Model  # noqa: F401 (re-exported)
 
-from .images import PIXELS, SIDE, decode_png
+from .images import PIXELS, PNG_SIGNATURE, SIDE, decode_png, from_uint8
 
 # ---- limits and choices: the model table, its limits and defaults are mnistgen.catalog's ----------------
 RANDOM_SEED_BITS = 32  # an absent seed is drawn from 0..2^32-1 (exact in JSON numbers too)
@@ -199,7 +199,7 @@ def validate_generate(model: str, num_samples: int, seed: int | None, steps: int
 
 def png_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR chunk without decoding pixels; None when the header is not a PNG's."""
-    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+    if len(data) >= 24 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR":
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     return None
 
@@ -208,15 +208,14 @@ def decode_png_image(data: bytes, index: int) -> np.ndarray:
     """One PNG -> (1, 28, 28) float32 in [-1, 1]; 28x28 only, grayscale or colour (converted to L)."""
     field = f"png_images[{index}]"
     size = png_size(data)
-    if size is not None and size != (SIDE, SIDE):  # refused from the header: a tiny PNG can declare gigapixels
+    if size in (None, (SIDE, SIDE)):  # else refused from the header: a tiny PNG can declare gigapixels
+        try:
+            img = decode_png(data)
+        except ValueError as e:
+            raise ValidationError(field, clip(str(e))) from None
+        size = img.size
+    if size != (SIDE, SIDE):
         raise ValidationError(field, f"image is {size[0]}x{size[1]}, expected {SIDE}x{SIDE} "
-                                     "(resize it first; the service does not rescale)")
-    try:
-        img = decode_png(data)
-    except ValueError as e:
-        raise ValidationError(field, clip(str(e))) from None
-    if img.size != (SIDE, SIDE):
-        raise ValidationError(field, f"image is {img.size[0]}x{img.size[1]}, expected {SIDE}x{SIDE} "
                                      "(resize it first; the service does not rescale)")
     if img.mode not in PNG_MODES:
         raise ValidationError(field, f"unsupported PNG mode {echo(img.mode)}: expected one of {list(PNG_MODES)}")
@@ -224,7 +223,7 @@ def decode_png_image(data: bytes, index: int) -> np.ndarray:
         u8 = (np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
     else:
         u8 = np.asarray(img.convert("L"), dtype=np.uint8)  # (28, 28)
-    return (u8.astype(np.float32) / 127.5 - 1.0)[None]  # (1, 28, 28)
+    return from_uint8(u8)[0]  # (1, 28, 28)
 
 
 def decode_raw_images(raw: bytes) -> np.ndarray:

@@ -115,14 +115,10 @@ def subpixel_conv(weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
 
 
 class DCGANServing(nn.Module):
-    """What Triton runs for a DCGANGenerator (training.export): the same function, rewritten for inference speed.
-
-    - the projection of z (a ConvTranspose2d on a 1x1 input) is one matrix product, its BatchNorm folded in;
-    - the hidden transposed convolutions keep their form (oneDNN's is the fastest measured), BatchNorm folded in;
-    - the output layer (C_out = 1: a transposed convolution oneDNN runs poorly) is a 3x3 convolution into 4 phase
-      channels + pixel_shuffle(2).
-    Outputs equal the generator's to float rounding (training.export checks 1e-4); `make bench` times both (the
-    eager row is the trained DCGANGenerator, the served rows this graph).
+    """What Triton runs for a DCGANGenerator (training.export): the same function rewritten for inference speed
+    (docs/training.md): z's projection as one matrix product, BatchNorm folded in everywhere, the hidden transposed
+    convolutions kept (oneDNN's is the fastest measured) and the 1-channel output layer as a 3x3 convolution into 4
+    phase channels + pixel_shuffle(2). Outputs equal the generator's to float rounding (training.export checks 1e-4).
     """
 
     def __init__(self, gen: DCGANGenerator):
