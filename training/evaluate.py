@@ -1,27 +1,15 @@
-"""Sample-quality metrics (Fréchet distance, class coverage, KL, diversity) and denoising metrics, as a library and a CLI.
+"""Sample-quality metrics (Fréchet distance, coverage, KL, diversity) and denoising metrics, as a library and a CLI.
 
-Every metric judges images through the committed digit classifier (`training.classifier`):
-
-- `fid`: Fréchet distance between the classifier's 128-d penultimate activations of the samples and of a reference
-  set (default: the 10k test split), by torchmetrics' `FrechetInceptionDistance` with the classifier as its feature
-  module: NOT comparable to Inception-FID figures. `fid_sd`: its standard deviation over 100 bootstrap resamples of
-  the samples, the yardstick for comparing two FIDs of the same sample count.
-- `coverage`: digit classes holding at least 2% of the predicted labels; `kl_uniform`: KL(p || uniform) of the
-  predicted-class histogram in nats (0 = balanced, ln 10 = one class); `confidence`: mean max-softmax.
-- `variance`: per-pixel variance across samples (ddof=0) of [0, 1] images, averaged over pixels;
-  `pairwise_distance`: mean L2 distance / sqrt(784) (RMS per-pixel difference) over all pairs of a seeded subsample
-  of at most 1,000 images. Both are ~0 for a collapsed generator.
-- Denoising: `class_preservation` (classifier(denoised) == true label), `psnr` (dB, per-image mean) and `ssim`, on
-  [0, 1] images with data_range=1.
-- A class-conditional DDPM (its UNet has num_class_embeds > 0) draws item i as digit i % 10 (seed + i) with
-  classifier-free guidance `--guidance` w (eps_null + w (eps_label - eps_null); default: the checkpoint's, else the
-  catalog entry's): `digit_agreement` (argmax == requested digit), `agreement_per_digit`, `fid_per_digit` (each
-  digit's samples against the test split's images of that class: few samples, so biased upwards and noisy) and
-  `requested_digits`. It denoises with its null-class ("any digit") pass.
+Every metric judges images through the committed digit classifier (`training.classifier`); the generation metrics
+are defined in docs/training.md ("Evaluating generators"), each below where it is computed. A class-conditional DDPM
+(num_class_embeds > 0) draws item i as digit i % 10 (seed + i) with classifier-free guidance w and is also judged
+by `digit_agreement` (argmax == requested digit), `agreement_per_digit` and `fid_per_digit` (against the test
+split's images of that class: few samples, so biased upwards and noisy); it denoises with its null-class pass.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -58,7 +46,6 @@ DENOISE_KEYS = ("class_preservation", "psnr", "ssim")
 CONDITIONAL_KEYS = ("digit_agreement", "agreement_per_digit", "fid_per_digit", "requested_digits")
 UNCONDITIONAL_SAMPLING = ("ddpm", 100)  # --sampler / --steps defaults of an unconditional DDPM
 CONDITIONAL_SAMPLING = (COND.sampler, COND.steps)  # ... of a conditional one: the served default
-CONDITIONAL_NUM_SAMPLES = 1000  # --num-samples default of a conditional DDPM (generate)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -158,11 +145,7 @@ def _reference_metric(reference: torch.Tensor | None, batch_size: int = 1000,
 @torch.no_grad()
 def frechet_distance(samples: torch.Tensor, reference: torch.Tensor | None = None, batch_size: int = 1000,
                      digit: int | None = None) -> float:
-    """torchmetrics FrechetInceptionDistance in the classifier's 128-d feature space; images in [-1, 1].
-
-    With reference=None the 10k test split (with `digit`: its images of that class) is used, and its feature
-    statistics are computed once per process.
-    """
+    """torchmetrics FrechetInceptionDistance in the classifier's 128-d feature space; images in [-1, 1]."""
     fid = _reference_metric(reference, batch_size, digit)
     for i in range(0, samples.shape[0], batch_size):
         fid.update(to_unit(samples[i:i + batch_size]), real=False)  # (B, 1, 28, 28) in [0, 1]
@@ -172,14 +155,9 @@ def frechet_distance(samples: torch.Tensor, reference: torch.Tensor | None = Non
 @torch.no_grad()
 def fid_with_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, resamples: int = FID_RESAMPLES,
                 seed: int = 0, batch_size: int = 1000) -> tuple[float, float]:
-    """(fid, fid_sd): frechet_distance's figure and how much it moves with the draw of the samples, the standard
-    deviation of the Fréchet distance over `resamples` bootstrap resamples (N drawn with replacement from the N
-    samples; the reference's statistics fixed). The samples' features are extracted once for both.
-
-    fid_sd is a yardstick for comparing two FIDs measured on the same sample count (two samplers, two checkpoints):
-    a difference within about 2 sd of either is within the noise of the draw. Resampling repeats images, so the
-    resampled FIDs sit a little above `fid`; only their spread is reported.
-    """
+    """(fid, fid_sd): frechet_distance's figure and its sd over `resamples` bootstrap resamples of the samples (the
+    reference's statistics fixed). Resampling repeats images, so the resampled FIDs sit a little above `fid`: only
+    their spread is reported."""
     samples = _check_images(samples, "samples", min_n=2)
     reference = None if reference is None else _check_images(reference, "reference", min_n=2)
     fid = _reference_metric(reference, batch_size)
@@ -197,14 +175,10 @@ def fid_with_sd(samples: torch.Tensor, reference: torch.Tensor | None = None, re
     return distance(feats), float(np.std(values, ddof=1))
 
 
-_REFERENCE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
+@functools.cache
 def real_split(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """The real split (cached): images (N, 1, 28, 28) in [-1, 1] and their (N,) int64 labels."""
-    if split not in _REFERENCE:
-        _REFERENCE[split] = load_mnist(split, DataConfig())
-    return _REFERENCE[split]
+    return load_mnist(split, DataConfig())
 
 
 def reference_images(split: str = "test") -> torch.Tensor:
@@ -212,13 +186,9 @@ def reference_images(split: str = "test") -> torch.Tensor:
 
 
 def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = None, seed: int = 0) -> dict:
-    """Quality and diversity of generated images (N, 1, 28, 28) in [-1, 1]; see the module docstring.
-
-    `reference` (M, 1, 28, 28) in [-1, 1] defaults to the 10k test split. Returns fid, fid_sd, coverage, kl_uniform,
-    confidence, variance, pairwise_distance, class_histogram (10 ints) and num_samples.
-    """
-    samples = _check_images(samples, "samples", min_n=2)
-    reference = None if reference is None else _check_images(reference, "reference", min_n=2)
+    """GENERATION_KEYS, class_histogram and num_samples of images (N, 1, 28, 28) in [-1, 1]; `reference` (M, 1, 28,
+    28) defaults to the 10k test split."""
+    samples = _check_images(samples, "samples", min_n=2)  # the reference is checked by fid_with_sd
     probs = predict(load_classifier(), samples.clamp(-1, 1))  # (N, 10)
     hist = class_histogram(probs.argmax(1))
     fid, fid_sd = fid_with_sd(samples, reference, seed=seed)
@@ -235,19 +205,10 @@ def generation_metrics(samples: torch.Tensor, reference: torch.Tensor | None = N
     }
 
 
-def requested_digits(n: int) -> torch.Tensor:
-    """(n,) int64: the digit item i asks for, i % 10 (balanced over the 10 digits)."""
-    return torch.arange(n, dtype=torch.int64) % NUM_CLASSES
-
-
 @torch.no_grad()
 def conditional_metrics(samples: torch.Tensor, requested: torch.Tensor) -> dict:
-    """Does a class-conditional generator draw the digit it was asked for? See the module docstring.
-
-    `samples` (N, 1, 28, 28) in [-1, 1], `requested` (N,) digits 0..9. Returns digit_agreement (float in [0, 1]),
-    agreement_per_digit (10 floats or None), fid_per_digit (10 floats or None, vs the test split's class images)
-    and requested_digits (10 ints: samples asking for each digit).
-    """
+    """CONDITIONAL_KEYS of `samples` (N, 1, 28, 28) in [-1, 1] that asked for digits `requested` (N,); per-digit
+    figures are None for a digit with too few samples."""
     samples = _check_images(samples, "samples", min_n=2)
     requested = torch.as_tensor(requested).long().flatten()  # (N,)
     if requested.shape[0] != samples.shape[0]:
@@ -343,7 +304,7 @@ def _ddpm_config(model: str) -> dict:
     return read_config(path)
 
 
-def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if n > x.shape[0]:
         raise ValueError(f"--num-samples must be in [2, {x.shape[0]}] for {what}, got {n}")
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
@@ -391,7 +352,7 @@ def produce_samples(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor | None,
         return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1, None, None
     # real-test: the floor, real test images judged against the training split; real-train against the test split
     split = kind.removeprefix("real-")
-    x = _subset(*load_mnist(split, DataConfig()), n, cfg.seed, kind)[0]
+    x = subset(*real_split(split), n, cfg.seed, kind)[0]
     return x, reference_images("train") if split == "test" else None, None
 
 
@@ -401,7 +362,7 @@ def produce_ddpm(cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor | None, fl
     from mnistgen import diffusion  # lazy: the DDPM module is optional for GAN-only use
 
     unet, config = diffusion.load_unet(_ddpm_path(cfg.model))
-    labels = None if cfg.guidance is None else requested_digits(cfg.num_samples)  # (n,)
+    labels = None if cfg.guidance is None else torch.arange(cfg.num_samples) % NUM_CLASSES  # (n,) item i: digit i % 10
 
     def step(i: int, b: int) -> torch.Tensor:
         cond = {} if labels is None else {"labels": labels[i:i + b].tolist(), "guidance": cfg.guidance}
@@ -418,7 +379,7 @@ def run_denoise(cfg: EvalConfig) -> dict:
         raise ValueError(f"--task denoise needs a DDPM model ('ddpm' or a ddpm checkpoint), got {cfg.model!r}")
     from mnistgen import diffusion
 
-    clean, labels = _subset(*load_mnist("test", DataConfig()), cfg.num_samples, cfg.seed, "denoise (test split)")
+    clean, labels = subset(*real_split("test"), cfg.num_samples, cfg.seed, "denoise (test split)")
     unet, config = diffusion.load_unet(_ddpm_path(cfg.model))
     null = diffusion.null_class(unet)
     if null is not None:  # a conditional UNet denoises with its null-class ("any digit") pass
@@ -475,11 +436,8 @@ def validate(cfg: EvalConfig) -> None:
     cfg.sampler, cfg.steps = cfg.sampler or sampler, cfg.steps or steps
     if conditional and cfg.task == "generate" and cfg.guidance is None:
         cfg.guidance = float((config.get("conditional") or {}).get("guidance", COND.guidance))
-    if cfg.num_samples == 0:  # defaults: 10,000 generated (1,000 by a conditional DDPM, at most the whole split for
-        # real-*), 1,000 denoised
-        cfg.num_samples = 10_000 if cfg.task == "generate" else 1_000
-        if conditional:
-            cfg.num_samples = CONDITIONAL_NUM_SAMPLES
+    if cfg.num_samples == 0:  # 10,000 generated (by a conditional DDPM 1,000; real-train: at most its split)
+        cfg.num_samples = 1_000 if conditional or cfg.task == "denoise" else 10_000
         if cfg.model == "real-train":
             cfg.num_samples = min(cfg.num_samples, reference_images("train").shape[0])
     if cfg.num_samples < 2:

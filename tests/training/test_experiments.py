@@ -74,8 +74,8 @@ def test_the_ddpm_report_measures_its_grid_through_evaluate(tmp_path, one_torch_
                      "summary": {"params": 1, "epochs": 1, "steps": 1, "train_time_s": 1.0, "final_loss": 0.5}})
     out = tmp_path / "out"
     data = sweep.run(report_ddpm, report_ddpm.Config(
-        checkpoint=str(ckpt), out_dir=str(out), samplers="ddim,dpm-solver++", steps="2", n_generate=20,
-        sigmas="0.5", denoise_steps="2", n_denoise=10, batch_size=10))
+        checkpoint=str(ckpt), out_dir=str(out), samplers=("ddim", "dpm-solver++"), steps=(2,), n_generate=20,
+        sigmas=(0.5,), denoise_steps=(2,), n_denoise=10, batch_size=10))
     assert [(r["sampler"], r["steps"], r["n"]) for r in data["generation"]] == [("ddim", 2, 20), ("dpm-solver++", 2, 20)]
     assert [r["sampler"] for r in data["denoise"]] == ["ddim", "dpm-solver++", "(noisy input)"]
     assert data["denoise"][-1]["psnr"] < data["denoise"][0]["psnr"] + 100 and data["denoise"][0]["t_star"] > 0

@@ -159,7 +159,7 @@ def test_missed_goals_say_by_how_much_and_the_next_lever(tmp_path):
     r = rows(gan_fid=24.0, psnr=26.0)
     data = {"config": {"threads": 2, "fid_history": str(history)}, "rows": r, "goals": qg.judge(r), "wall_s": 60.0}
     (tmp_path / qg.JSON).write_text(json.dumps(data))
-    md = qg.render(tmp_path).read_text()
+    md = qg.markdown(sweep.load(tmp_path / qg.JSON))
     section = md.split("## Missed goals: by how much, and the next lever")[1].split("## Rows")[0]
     assert "- **dcgan-baseline FID <= 9x floor**: 30 vs <= 9: 3.33x the target (it must fall 70 %)." in section
     assert "FID 24.00 must reach 7.20. Its last stretch, 200 -> 300 iterations (5 min on CPU), moved FID " \
@@ -172,9 +172,9 @@ def test_missed_goals_say_by_how_much_and_the_next_lever(tmp_path):
     for p in points:
         p["fid_sd"] = 2.0  # 35 -> 30 is within 2 x sqrt(2^2 + 2^2) = 5.66
     history.write_text(json.dumps({"points": points}))
-    section = qg.render(tmp_path).read_text().split("## Rows")[0]
+    section = qg.markdown(sweep.load(tmp_path / qg.JSON)).split("## Rows")[0]
     assert "That is within the noise of the draw (2 sd: 5.66): more of the same training now buys little. " \
            "Next: capacity" in section
     data["rows"] = r = rows()
     (tmp_path / qg.JSON).write_text(json.dumps(data))
-    assert "Every goal is met." in qg.render(tmp_path).read_text()
+    assert "Every goal is met." in qg.markdown(sweep.load(tmp_path / qg.JSON))

@@ -2,12 +2,9 @@
 
     python -m training.experiments.controlled_failures [--runs d-overfit,mode-collapse+all] [--max-iters 1250]
 
-A run is one of train_gan's failure CONFIGS (vanishing-gradient, mode-collapse, d-overfit), alone or with every
-mitigation of `apply_mitigations` (`<config>+all`). It trains into runs/controlled/<name> (never checkpoints/), its
-generator is scored with training.evaluate, and runs on a limited training set also get the discriminator's
-train-vs-held-out gap. `verdict()` judges the figures by explicit thresholds (below, also in the JSON): a failure is
-"reproduced" when its own symptom (EXPECTED_SYMPTOM) fires, a `+all` run "mitigated" when it no longer does. Each
-run replaces its entry in reports/gan/controlled_failures.json; the .md beside it is rendered from that JSON alone.
+A run is one of train_gan's failure CONFIGS, alone or with every mitigation (`<config>+all`): it trains into
+runs/controlled/<name> (never checkpoints/), is scored with training.evaluate and judged by `verdict()` (the rules,
+stated on the page: pages/controlled_failures.md); it replaces its entry in reports/gan/controlled_failures.json.
 """
 from __future__ import annotations
 
@@ -123,9 +120,8 @@ def describe(name: str) -> str:
 
 @torch.no_grad()
 def discriminator_gap(D: nn.Module, seen: torch.Tensor, unseen: torch.Tensor, batch_size: int = 96) -> dict:
-    """How much better D scores the real images it trained on than ones it never saw: seen_mean - unseen_mean of
-    sigmoid(D(x)) over (N, 1, 28, 28) images in [-1, 1]. D is scored on a CPU copy as it scored reals in training
-    (BatchNorm on all-real batches of `batch_size`, dropout off), so the caller's D is left untouched."""
+    """seen_mean - unseen_mean of sigmoid(D(x)) over (N, 1, 28, 28) images in [-1, 1], D scored on a CPU copy as
+    on reals in training (BatchNorm on all-real batches of `batch_size`, dropout off)."""
     if seen.shape[0] < 1 or unseen.shape[0] < 1:
         raise ValueError("discriminator_gap needs at least one seen and one unseen image")
     d = copy.deepcopy(D).cpu().train()
@@ -144,8 +140,8 @@ def discriminator_gap(D: nn.Module, seen: torch.Tensor, unseen: torch.Tensor, ba
 
 def verdict(name: str, coverage: int, pairwise_distance: float, final_loss_d: float,
             d_gap: float | None = None) -> dict:
-    """The thresholds applied to measured numbers (pure): the symptom flags (d_overfits None when the gap was not
-    measured), the run's expected symptom, whether it is `failure_present`, and a `text` quoting the figures."""
+    """The symptom flags (d_overfits None when the gap was not measured), the run's expected symptom,
+    `failure_present` and a `text` quoting the figures (pure)."""
     base, mitigated = split_run(name)
     if base not in EXPECTED_SYMPTOM:
         raise ValueError(f"unknown run {name!r}: allowed runs are {', '.join(RUNS)}")

@@ -3,16 +3,9 @@
     python -m training.experiments.report_cond --guidance 0,1,2,3,4,5 --num-samples 1000
     python -m training.experiments.report_cond --from-json   # only re-render report.md and the plot
 
-Every scale w is one `training.evaluate` run (eps = eps_null + w * (eps_label - eps_null)) with the same seeds: item
-i asks for digit i % 10 and is seeded with seed + i, so the scales differ by w alone. The checkpoint is read once
-into a private snapshot whose sha256 is recorded, so every row judges the same weights even while a training run
-rewrites the file. Written under --out-dir: guidance_sweep.json (config, checkpoint, one row per scale,
-`recommended_guidance` and why), guidance_sweep.png, samples_grid.png (10x8 at the recommended scale, row r: digit
-r) and report.md (from the JSON alone).
-
-Recommended guidance: the smallest scale with digit_agreement >= --agreement-target (0.97) whose FID is within
---fid-tolerance (10%) of the sweep's best FID. When some scales reach the target but none of them is that close, the
-lowest-FID one of them; when none reaches it, the highest-agreement scale (ties: lower FID, then smaller scale).
+Every scale w is one `training.evaluate` run with the same seeds (item i: digit i % 10, seed + i), so the scales
+differ by w alone, all on one private snapshot of the checkpoint (its sha256 recorded). The recommendation rule is
+`recommend()`'s, stated on the page (pages/report_cond.md).
 """
 from __future__ import annotations
 
@@ -69,7 +62,8 @@ class Config:
 
 
 def recommend(rows: list[dict], agreement_target: float = 0.97, fid_tolerance: float = 0.10) -> tuple[float, str]:
-    """(recommended guidance, why) from sweep rows holding guidance, digit_agreement and fid; see the module doc."""
+    """(recommended guidance, why): the smallest scale reaching agreement_target with FID within fid_tolerance of the
+    best; else the lowest-FID one reaching it; else the highest-agreement one (ties: lower FID, smaller scale)."""
     best_fid = min(r["fid"] for r in rows)
     limit = best_fid + fid_tolerance * abs(best_fid)
     reaching = sorted((r for r in rows if r["digit_agreement"] >= agreement_target), key=lambda r: r["guidance"])

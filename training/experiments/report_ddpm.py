@@ -17,30 +17,25 @@ from mnistgen.catalog import SAMPLERS
 from mnistgen.checkpoint import REPO_ROOT
 from mnistgen.diffusion import denoise, generate, load_unet, make_scheduler, sigma_to_timestep
 from mnistgen.files import repo_path
-from ..data import DataConfig, load_mnist, to_uint8
-from ..evaluate import EvalConfig, evaluate, validate
+from ..data import to_uint8
+from ..evaluate import DENOISE_KEYS, EvalConfig, evaluate, real_split, subset, validate
 from ..plots import figure, save_grid
 from . import sweep
 from .sweep import fmt
 
 JSON, MD = "results.json", "report.md"
 GEN_KEYS = ("fid", "coverage", "kl_uniform", "confidence", "variance", "pairwise_distance")
-DEN_KEYS = ("class_preservation", "psnr", "ssim")
-
-
-def _list(text: str, kind=str) -> list:
-    return [kind(s.strip()) for s in text.split(",") if s.strip()]
 
 
 @dataclass
 class Config:
     checkpoint: str = "checkpoints/ddpm.safetensors"  # the EMA UNet to judge
     out_dir: str = "reports/ddpm"  # report.md, results.json, PNGs
-    samplers: str = ",".join(SAMPLERS)  # comma list, each one of SAMPLERS
-    steps: str = "10,20,50,100"  # generation: UNet evaluations per sample (comma list)
+    samplers: tuple[str, ...] = SAMPLERS  # comma list, each one of SAMPLERS
+    steps: tuple[int, ...] = (10, 20, 50, 100)  # generation: UNet evaluations per sample (comma list)
     n_generate: int = 300  # samples per (sampler, steps) cell; FID on few samples is biased upwards
-    sigmas: str = "0.3,0.5,0.7"  # denoise noise levels (y = x0 + sigma * n)
-    denoise_steps: str = "10"  # denoise: UNet evaluations per image, capped at t* + 1 (comma list)
+    sigmas: tuple[float, ...] = (0.3, 0.5, 0.7)  # denoise noise levels (y = x0 + sigma * n)
+    denoise_steps: tuple[int, ...] = (10,)  # denoise: UNet evaluations per image, capped at t* + 1 (comma list)
     n_denoise: int = 500  # seeded subset of the 10k test split
     seed: int = 0
     batch_size: int = 256
@@ -51,12 +46,12 @@ class Config:
 def measure(cfg: Config) -> dict:
     """Every cell a training.evaluate run (generation: sampler x steps; denoising: sigma x sampler x steps), plus
     each generation cell's first 64 samples and the denoise figure (the same seeds, so the same images)."""
-    samplers, sigmas, dsteps = _list(cfg.samplers), _list(cfg.sigmas, float), _list(cfg.denoise_steps, int)
+    samplers, sigmas, dsteps = cfg.samplers, cfg.sigmas, cfg.denoise_steps
     torch.set_num_threads(cfg.threads)
     out, path = repo_path(cfg.out_dir), repo_path(cfg.checkpoint)
     common = {"model": str(path), "seed": cfg.seed, "batch_size": cfg.batch_size, "threads": cfg.threads}
     gen_plan = {(s, n): EvalConfig(num_samples=cfg.n_generate, sampler=s, steps=n, **common)
-                for s in samplers for n in _list(cfg.steps, int)}
+                for s in samplers for n in cfg.steps}
     den_plan = {(sigma, s, n): EvalConfig(task="denoise", sigma=sigma, num_samples=cfg.n_denoise, sampler=s, steps=n,
                                           **common) for sigma in sigmas for s in samplers for n in dsteps}
     for ecfg in [*gen_plan.values(), *den_plan.values()]:
@@ -76,8 +71,8 @@ def measure(cfg: Config) -> dict:
         m = evaluate(den_plan[sigma, sampler, steps])
         t_star = sigma_to_timestep(sigma, make_scheduler("ddpm", sched).alphas_cumprod)
         return {"sigma": sigma, "t_star": t_star, "sampler": sampler, "steps": min(steps, t_star + 1),
-                "n": cfg.n_denoise, "ms_per_sample": m["ms_per_sample"], **{k: m[k] for k in DEN_KEYS},
-                "noisy": {k: m[f"noisy_{k}"] for k in DEN_KEYS}}
+                "n": cfg.n_denoise, "ms_per_sample": m["ms_per_sample"], **{k: m[k] for k in DENOISE_KEYS},
+                "noisy": {k: m[f"noisy_{k}"] for k in DENOISE_KEYS}}
 
     gen = sweep.cells([(f"{s}-{n}", lambda s=s, n=n: generation(s, n)) for s, n in gen_plan], desc="generation")
     den = []
@@ -102,8 +97,7 @@ def measure(cfg: Config) -> dict:
 def denoise_figure(unet, sched: dict, cfg: Config, sigmas, sampler: str, steps: int, path: Path) -> None:
     """Research-style figure: clean row, then noisy / denoised rows for each sigma (the first 8 test images of the
     denoise cells, with their seeds)."""
-    x, _ = load_mnist("test", DataConfig())
-    clean = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:8]]  # (8, 1, 28, 28)
+    clean = subset(*real_split("test"), 8, cfg.seed, "the denoise figure")[0]  # (8, 1, 28, 28)
     rows = [("clean", clean)]
     for sigma in sigmas:
         noisy, den = denoise(unet, clean, sigma, sampler, steps, cfg.seed, scheduler_config=sched)

@@ -49,15 +49,11 @@ class Config:
     from_json: bool = False  # only re-render sampler_study.md from sampler_study.json
 
 
-def make(kind: str, opts: dict, sched_cfg: dict):
-    """The served sampler's scheduler (mnistgen.diffusion.make_scheduler) with this cell's clip_sample."""
-    name = {"dpmsolver++": "dpm-solver++", "sde-dpmsolver++": "sde-dpm-solver++"}.get(opts.get("algorithm_type"), kind)
-    return make_scheduler(name, {**sched_cfg, "clip_sample": opts.get("clip_sample", True)})
-
-
 def run_cell(eps_fn, kind: str, opts: dict, steps: int, sched_cfg: dict, n: int, seed: int) -> torch.Tensor:
-    """n samples from x_T (item i seeded seed + i) on the shared timestep grid; DDIM's eta through a step wrapper."""
-    sched = make(kind, opts, sched_cfg)
+    """n samples from x_T (item i seeded seed + i) on the shared timestep grid with the served sampler's scheduler
+    (this cell's clip_sample); DDIM's eta through a step wrapper."""
+    name = {"dpmsolver++": "dpm-solver++", "sde-dpmsolver++": "sde-dpm-solver++"}.get(opts.get("algorithm_type"), kind)
+    sched = make_scheduler(name, {**sched_cfg, "clip_sample": opts.get("clip_sample", True)})
     if opts.get("eta"):
         step = sched.step
         sched.step = lambda *a, **kw: step(*a, eta=opts["eta"], **kw)
@@ -91,21 +87,14 @@ def measure(cfg: Config) -> dict:
 
 
 def markdown(result: dict, cfg: Config | None = None) -> str:
-    c = result["checkpoint"]
-    lines = ["# Sampler study: clipping and stochasticity", "",
-             f"Checkpoint `{c['path']}` (sha256 {c['sha256'][:12]}), {result['num_samples']} samples per cell, same "
-             f"seeds and timestep grid in every cell; FID in the classifier's feature space vs the 10k test split "
-             f"(biased upwards at this n: compare rows). Measured by `python -m training.experiments.sampler_study` "
-             f"in {result['wall_s'] / 60:.1f} min on {result['machine']} ({result['threads']} torch thread(s), "
-             "shared CPU).", ""]
-    lines += [sweep.table("sampler | options | steps | FID | coverage | KL | ms/sample", "---|---|---:|---:|---:|---:|---:",
-                         [[r["label"], ", ".join(f"{k}={v}" for k, v in r["options"].items()), r["steps"],
-                           f"{r['fid']:.2f}", r["coverage"], f"{r['kl_uniform']:.3f}", f"{r['ms_per_sample']:.1f}"]
-                          for r in result["rows"]])]
-    lines += ["", "Reading: compare `ddim clip` with `ddim no-clip` at the same steps (the clipping suspect), and the "
-              "deterministic rows (ddim eta=0, dpm-solver++) with the stochastic ones at 20 steps (ddpm, ddim eta=1, "
-              "sde-dpm-solver++) (the ODE-vs-SDE suspect).", ""]
-    return "\n".join(lines)
+    """sampler_study.md from the JSON alone (prose: pages/sampler_study.md)."""
+    table = sweep.table("sampler | options | steps | FID | coverage | KL | ms/sample",
+                        "---|---|---:|---:|---:|---:|---:",
+                        [[r["label"], ", ".join(f"{k}={v}" for k, v in r["options"].items()), r["steps"],
+                          f"{r['fid']:.2f}", r["coverage"], f"{r['kl_uniform']:.3f}", f"{r['ms_per_sample']:.1f}"]
+                         for r in result["rows"]])
+    return sweep.page("sampler_study", r=result, sha=result["checkpoint"]["sha256"][:12],
+                      minutes=result["wall_s"] / 60, table=table)
 
 
 if __name__ == "__main__":
