@@ -617,7 +617,7 @@ def test_training_jobs():
         assert options.nproc_per_node == "$(NPROC_PER_NODE)"
         assert int(env["NPROC_PER_NODE"]) == c["resources"]["limits"]["nvidia.com/gpu"]
         assert extra[-2:] == ["--device", "cuda"]
-        modules.add(R.TRAINERS[R.load_recipe(options.recipe).trainer])
+        modules.add(R.TRAINERS[R.load_recipe(options.recipe).trainer][0])
     assert modules == {"training.train_gan", "training.train_ddpm"}
 
 
@@ -642,7 +642,7 @@ def test_training_job_arguments_parse(job, recipe):
     workdir = Path("/opt/mnistgen")  # the training image's WORKDIR; relative paths resolve from there
     run_dir, checkpoint = workdir / options.run_dir, workdir / options.checkpoint
     assert run_dir.is_relative_to(mount) and checkpoint.is_relative_to(mount), (run_dir, checkpoint)
-    mod = importlib.import_module(R.TRAINERS[rec.trainer])
+    mod = importlib.import_module(R.TRAINERS[rec.trainer][0])
     for stage in rec.stages:
         cmd = R.stage_command(rec, stage, run_dir, checkpoint, extra, nproc=2)
         assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
