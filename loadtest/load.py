@@ -12,16 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from mnistgen.files import REPO_ROOT
-
-
-def repo_relative(path: Path) -> str:
-    """A path as a results file records it: relative to the repository where it lies inside (a committed run names
-    no checkout's location), else absolute."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
+from mnistgen.files import repo_relative
 
 
 def relative_paths(config: dict) -> dict:

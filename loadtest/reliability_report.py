@@ -20,9 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mnistgen.files import REPO_ROOT
-
-from .load import repo_relative as rel
+from mnistgen.files import REPO_ROOT, repo_relative as rel
 
 REPORTS_DIR = REPO_ROOT / "reports" / "reliability"
 TEMPLATE = Path(__file__).resolve().parent / "reliability.md.in"

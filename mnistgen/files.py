@@ -26,6 +26,13 @@ def repo_path(p: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def repo_relative(path: str | Path) -> str:
+    """repo_path's inverse, as results files record a path: relative to the repository when it lies inside it (a
+    committed run names no checkout's location), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
+
+
 class DataError(RuntimeError):
     """A data file is missing, corrupt or malformed; the message names the file."""
 

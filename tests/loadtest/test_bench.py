@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import bench, bench_triton, load
+from mnistgen.files import repo_relative
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -413,8 +414,8 @@ def test_render_rewrites_the_markdown_from_the_json_alone(rows, tmp_path, capsys
 
 
 def test_results_record_paths_inside_the_repository_relative():
-    assert load.repo_relative(REPO_ROOT / "bench") == "bench"
-    assert load.repo_relative(Path("/tmp/elsewhere")) == "/tmp/elsewhere"
+    assert repo_relative(REPO_ROOT / "bench") == "bench"
+    assert repo_relative(Path("/tmp/elsewhere")) == "/tmp/elsewhere"
 
 
 def test_timed_in_triton_reads_the_real_servers_statistics(triton):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from mnistgen.checkpoint import REPO_ROOT
-from mnistgen.files import repo_path
+from mnistgen.files import repo_path, repo_relative
 from ..data import SOURCES, DataConfig, load_mnist
 from ..distributed import DEVICES
 from . import sweep
@@ -251,7 +251,7 @@ def run_one(name: str, cfg: Config) -> dict:
         "metrics": metrics, "d_gap": gap,
         "verdict": {**verdict(name, metrics["coverage"], metrics["pairwise_distance"], losses["final_loss_d"],
                               None if gap is None else gap["gap"]), "thresholds": thresholds()},
-        "run_dir": sweep.rel(run_dir), "train_config": json.loads(json.dumps(dataclasses.asdict(tc), default=str)),
+        "run_dir": repo_relative(run_dir), "train_config": json.loads(json.dumps(dataclasses.asdict(tc), default=str)),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": mach,
         "git_commit": _git_commit(), "command": command_for(name, cfg),
     }

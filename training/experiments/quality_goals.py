@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from mnistgen import catalog
 from mnistgen.checkpoint import CHECKPOINT_DIR
-from mnistgen.files import repo_path, sha256
+from mnistgen.files import repo_path, repo_relative, sha256
 from mnistgen.registry import CLASSIFIER_CHECKPOINT, resolve
 from ..evaluate import DDPM_MODELS, SPECIAL_MODELS, EvalConfig, evaluate
 from . import fid_history, sweep
@@ -181,7 +181,7 @@ def served_bf16(cfg: Config) -> str | None:
 
     model = catalog.GANS.get(cfg.gan)
     path = repo_path(cfg.model_repository) / (model.triton if model else "") / "1" / BF16_FILE
-    return sweep.rel(path) if model is not None and path.is_file() else None
+    return repo_relative(path) if model is not None and path.is_file() else None
 
 
 def command(ecfg: EvalConfig) -> str:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mnistgen.checkpoint import read_config
 from mnistgen.cli import USER_ERRORS, add_dataclass_args, dataclass_from_args
-from mnistgen.files import REPO_ROOT, repo_path, sha256
+from mnistgen.files import repo_path, repo_relative, sha256
 
 
 def fmt(v, nd: int = 3, tiny: bool = False) -> str:
@@ -90,16 +90,10 @@ def cells(todo: Iterable[tuple[str, Callable[[], dict]]], done: dict | None = No
     return rows
 
 
-def rel(path: str | Path) -> str:
-    """A path relative to the repository when it lies inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
-
-
 def checkpoint_info(path: str | Path) -> dict:
     """A checkpoint's path, sha256, training summary and config."""
     config = read_config(path)
-    return {"path": rel(path), "sha256": sha256(path), "summary": config.get("summary", {}), "config": config}
+    return {"path": repo_relative(path), "sha256": sha256(path), "summary": config.get("summary", {}), "config": config}
 
 
 def machine(threads: int, **extra) -> dict:
