@@ -167,7 +167,8 @@ def markdown() -> str:
         default = "" if m.kind == GAN else f"`{m.sampler}`, {m.steps} steps" + (f", guidance {m.guidance:g}"
                                                                                 if m.conditional else "")
         first = " (default)" if m.name == DEFAULT_MODEL and m.rpc == GENERATE else ""
-        rows.append(f"| `{m.name}`{first} | {m.rpc} | `{m.triton}` | {m.kind} | 1..{m.max_samples} | {default} | {m.about} |")
+        rows.append(f"| `{m.name}`{first} | {m.rpc} | `{m.triton}` | {m.kind} | 1..{m.max_samples} | {default} "
+                    f"| {m.about} |")
     return "\n".join(rows) + "\n"
 
 

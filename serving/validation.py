@@ -125,7 +125,8 @@ def check_model(model: str) -> Model:
     try:
         return catalog.generator(model)
     except KeyError:
-        raise ValidationError("model", f"unknown model {echo(model)}: expected one of {list(catalog.GENERATORS)}") from None
+        raise ValidationError("model", f"unknown model {echo(model)}: expected one of {list(catalog.GENERATORS)}"
+                              ) from None
 
 
 def check_int(field: str, value, lo: int, hi: int) -> int:
@@ -151,7 +152,8 @@ def check_format(fmt) -> str:
 
 
 def diffusion_args(spec: Model, steps, sampler: str) -> tuple[int, str]:
-    """steps 0 -> the model's default for the sampler, sampler "" -> the model's default."""
+    """steps 0 -> the model's default for the sampler, sampler "" -> the model's default. The sampler is checked
+    here before catalog.check_request does: the default steps depend on it, and user text is echoed bounded."""
     if not isinstance(sampler, str) or (sampler and sampler not in SAMPLERS):
         raise ValidationError("sampler", f"unknown sampler {echo(sampler)}: expected one of {list(SAMPLERS)}")
     s = sampler or spec.sampler
