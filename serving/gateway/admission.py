@@ -70,7 +70,7 @@ def denoise_evaluations(sigma: float, steps: int) -> int:
 
 def generate_cost(p: GenerateParams) -> Cost:
     n, units = p.num_samples, p.model.cost(p.num_samples, p.steps, p.guided)  # mnistgen.catalog.Model.cost
-    if not p.steps:
+    if p.model.kind == catalog.GAN:
         return Cost(units, lambda: f"{_plural(n, 'sample')} x 1 generator pass")
     if p.guided:  # classifier-free guidance: the digit's and the null pass, batched together, every step
         return Cost(units, lambda: f"{_plural(n, 'sample')} x {_plural(p.steps, 'step')} x 2 UNet passes "
