@@ -7,18 +7,30 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
+.PHONY: help setup lock test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(STAMP) ## create .venv and install the project with its pinned dependencies
+setup: $(STAMP) ## create .venv: the dev lock (requirements/dev.txt, hash-checked), then the project itself (editable)
 
-$(STAMP): pyproject.toml
+# The lock holds every package (setuptools included), so the project installs with --no-deps and no build isolation.
+$(STAMP): pyproject.toml requirements/dev.txt
 	@test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip wheel setuptools
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -q --require-hashes -r requirements/dev.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e '.[dev]'
 	@touch $(STAMP)
+
+# requirements/<role>.txt: one lock per pyproject.toml extra, with hashes, for CPython 3.11 on x86_64 Linux (glibc
+# 2.35+: nvidia-pytriton's floor). dev is locked first and bounds the others, so a package has one version everywhere.
+# Existing pins are kept unless UPGRADE=1; tests/test_locks.py fails when a lock no longer matches pyproject.toml.
+UV ?= .venv/bin/uv
+LOCK_ROLES := serve triton export train loadtest
+LOCK = $(UV) pip compile pyproject.toml -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_35 \
+	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
+lock: ## re-lock requirements/*.txt from pyproject.toml's extras (needs PyPI; UV=uv without a .venv) [UPGRADE=1]
+	$(LOCK) --extra dev -o requirements/dev.txt
+	for role in $(LOCK_ROLES); do $(LOCK) --extra $$role -c requirements/dev.txt -o requirements/$$role.txt || exit 1; done
 
 run: setup ## export stale models, start Triton + gateway (gRPC :50051, HTTP :8080, Triton :8000-8002); Ctrl-C stops both
 	$(PY) -m serving.run
