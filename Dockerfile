@@ -4,16 +4,13 @@
 #   triton    NVIDIA Triton + the exported model repositories  docker build --target triton   -t mnistgen/triton:0.1.0 .
 #   training  GPU training jobs (train_gan / train_ddpm)        docker build --target training -t mnistgen/training:0.1.0 .
 # The code finds checkpoints/, data/ and model_repository/ relative to the source tree (mnistgen/files.py
-# REPO_ROOT), so each image keeps that layout under /opt/mnistgen and puts it on PYTHONPATH instead of
-# installing a wheel (which would move the packages into site-packages and lose the tree).
-# Dependencies come from pyproject.toml: each CPython stage installs its role's extra (serve, export, train)
-# from pyproject.toml alone, before any source is copied (a cached layer until pyproject.toml changes).
-# The project is named as the path "./[extra]" (hadolint's DL3013 takes a path for a local, pinned source).
-# The wheel built there holds no package (no source is there yet) and is uninstalled again, with the build's
-# leftovers (an egg-info on PYTHONPATH would still read as installed): the project's code runs from the
-# tree. README.md is left out on purpose (setuptools only warns), so editing it does not reinstall the
-# dependencies. numpy stays below 2 everywhere ([project].dependencies; the python-backend stub returns
-# empty tensors with numpy 2). Ranges in pyproject.toml resolve to their newest release at build time.
+# REPO_ROOT), so each CPython image keeps that layout under /opt/mnistgen and installs the project editable from it.
+# Dependencies come from the locks (requirements/<role>.txt, `make lock`: pinned, with hashes): each CPython stage
+# copies its role's lock alone and installs it with --require-hashes (a cached layer until the lock changes), then
+# copies whole package directories (no hand-picked files) and installs the project itself with its extra, with
+# --no-deps (the lock already holds everything, setuptools included, hence --no-build-isolation): the package
+# metadata and the console scripts (mnistgen-gateway, mnistgen) are then there. numpy stays below 2 everywhere
+# ([project].dependencies; the python-backend stub returns empty tensors with numpy 2).
 
 # ---------------------------------------------------------------------------------------------------------
 # python-base: shared settings for the CPython images (gateway, export, training).
@@ -23,8 +20,7 @@ ENV HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONPATH=/opt/mnistgen
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/mnistgen
 # Python 3.11 is the project's floor (pyproject.toml requires-python; the gateway uses asyncio.timeout).
 # Fixed numeric ids so Kubernetes' runAsNonRoot can verify the user (it cannot check a user name).
@@ -35,16 +31,15 @@ RUN groupadd --system --gid 10001 mnistgen \
 # export: committed checkpoints -> ONNX in model_repository/ (python backend, CPU or GPU via ORT) and
 # model_repository_gpu/ (native onnxruntime backend + TensorRT for NVIDIA's container). CPU-only work.
 FROM python-base AS export
-# The CPU torch wheel (about 200 MB) is all export needs; PyPI's default torch is a CUDA build of several GB.
-# It goes in first, at pyproject.toml's pin, so the export extra finds torch==2.14.1 already satisfied.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-COPY pyproject.toml ./
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 \
-    && pip install --no-cache-dir "./[export]" \
-    && pip uninstall --yes mnistgen-serve && rm -rf build mnistgen_serve.egg-info
+# The lock's torch is PyPI's CUDA build (several GB, as in the training image): a build stage only, nothing of it
+# ships but the exported model repositories.
+COPY requirements/export.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/export.txt
+COPY pyproject.toml README.md ./
 # training.export runs the mnistgen runtime core (checkpoints, registry, models, diffusion).
 COPY mnistgen/ mnistgen/
 COPY training/ training/
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e "./[export]"
 COPY checkpoints/ checkpoints/
 COPY model_repository/ model_repository/
 # --gpu-variant writes model_repository/ and model_repository_gpu/ (parity-checked against PyTorch at export).
@@ -53,14 +48,14 @@ RUN python -m training.export --gpu-variant
 # ---------------------------------------------------------------------------------------------------------
 # gateway: slim CPU image with the serving dependencies only (no torch: it samples latents with numpy).
 FROM python-base AS gateway
-COPY pyproject.toml ./
-RUN pip install --no-cache-dir "./[serve]" \
-    && pip uninstall --yes mnistgen-serve && rm -rf build mnistgen_serve.egg-info
-# mnistgen/latent.py is numpy-only and the one source of seeded latents, mnistgen/catalog.py (standard library only) the
-# model table and request limits the Triton models share, mnistgen/cli.py the gateway's settings parser; nothing
-# else from mnistgen/ is needed (its __init__ imports nothing).
-COPY mnistgen/__init__.py mnistgen/catalog.py mnistgen/cli.py mnistgen/latent.py mnistgen/schedule.py mnistgen/
+COPY requirements/serve.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/serve.txt
+# serving/ runs the gateway and the client CLI; mnistgen/ holds the model table, seeded latents and the CLI helper
+# they import (its torch modules are never imported here: the serve lock has no torch).
+COPY pyproject.toml README.md ./
+COPY mnistgen/ mnistgen/
 COPY serving/ serving/
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e "./[serve]"
 ENV MNISTGEN_TRITON_URL=triton:8001
 USER 10001:10001
 EXPOSE 50051 8080
@@ -68,7 +63,7 @@ EXPOSE 50051 8080
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
-ENTRYPOINT ["python", "-m", "serving.gateway"]
+ENTRYPOINT ["mnistgen-gateway"]
 CMD ["--grpc-port", "50051", "--http-port", "8080", "--triton-url", "triton:8001"]
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,11 +115,12 @@ CMD ["--model-repository=/models", "--http-port=8000", "--grpc-port=8001", "--me
 # (several GB), so the node needs only the NVIDIA driver. Outputs go to /opt/mnistgen/runs (mount a volume).
 FROM python-base AS training
 ENV MPLCONFIGDIR=/tmp/matplotlib
-COPY pyproject.toml ./
-RUN pip install --no-cache-dir "./[train]" \
-    && pip uninstall --yes mnistgen-serve && rm -rf build mnistgen_serve.egg-info
+COPY requirements/train.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/train.txt
+COPY pyproject.toml README.md ./
 COPY mnistgen/ mnistgen/
 COPY training/ training/
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e "./[train]"
 COPY data/mnist/ data/mnist/
 COPY --chown=10001:10001 checkpoints/ checkpoints/
 RUN mkdir -p runs && chown 10001:10001 runs

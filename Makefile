@@ -21,12 +21,13 @@ $(STAMP): pyproject.toml requirements/dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e '.[dev]'
 	@touch $(STAMP)
 
-# requirements/<role>.txt: one lock per pyproject.toml extra, with hashes, for CPython 3.11 on x86_64 Linux (glibc
-# 2.35+: nvidia-pytriton's floor). dev is locked first and bounds the others, so a package has one version everywhere.
-# Existing pins are kept unless UPGRADE=1; tests/test_locks.py fails when a lock no longer matches pyproject.toml.
+# requirements/<role>.txt: one lock per pyproject.toml extra plus the build requirements (requirements/build.in), with
+# hashes, for CPython 3.11 on x86_64 Linux (glibc 2.35+: nvidia-pytriton's floor). dev is locked first and bounds the
+# others, so a package has one version everywhere.
+# Existing pins are kept unless UPGRADE=1; tests/deploy/test_locks.py fails when a lock no longer matches pyproject.toml.
 UV ?= .venv/bin/uv
 LOCK_ROLES := serve triton export train loadtest
-LOCK = $(UV) pip compile pyproject.toml -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_35 \
+LOCK = $(UV) pip compile pyproject.toml requirements/build.in -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_35 \
 	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
 lock: ## re-lock requirements/*.txt from pyproject.toml's extras (needs PyPI; UV=uv without a .venv) [UPGRADE=1]
 	$(LOCK) --extra dev -o requirements/dev.txt

