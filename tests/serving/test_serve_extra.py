@@ -1,9 +1,11 @@
-"""A gateway-only install works: `pip install '.[serve]'` into a fresh venv (no torch) runs the real gateway.
+"""A gateway-only install works: the serve lock plus the project into a fresh venv (no torch) runs the real gateway.
 
-The venv gets the project non-editable from a copy of its sources (so the build leaves nothing in the
-checkout), the gateway runs from a directory outside the repository with PYTHONPATH cleared (so only the
-installed copy can be imported), and one Generate over gRPC and one over HTTP go through the session's real
-Triton. tests/deploy/test_dockerfile.py checks the same extra statically (its import closure, no torch);
+The venv gets requirements/serve.txt hash-checked, as the gateway image does, then the project non-editable with
+--no-deps from a copy of its sources (so the build leaves nothing in the checkout); it then holds exactly the
+lock's pins. The gateway runs as its console script (`mnistgen-gateway`) from a directory outside the repository
+with PYTHONPATH cleared (so only the installed copy can be imported); one Generate over gRPC and one over HTTP go
+through the session's real Triton, and the client CLI (`mnistgen`, and `python -m serving.client` over HTTP) draws
+the same samples. tests/deploy/test_dockerfile.py checks the same extra statically (its import closure, no torch);
 this is the proof that it installs and serves. About 30 s here (venv + pip from the local cache).
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # What the project's wheel is built from (pyproject.toml's packages.find + the readme it names).
 SOURCES = ("pyproject.toml", "README.md", "mnistgen", "serving", "training", "loadtest")
 PIP_TIMEOUT_S = 600
+SERVE_LOCK = REPO_ROOT / "requirements" / "serve.txt"
 # Heavy distributions a gateway install must not bring (the reason the serve extra exists).
 NOT_INSTALLED = ("torch", "torchvision", "diffusers", "onnxruntime", "locust", "matplotlib", "nvidia-pytriton")
 
@@ -62,11 +66,12 @@ def serve_venv(tmp_path_factory) -> tuple[Path, Path]:
     assert r.returncode == 0, r.stderr
     t1 = time.monotonic()
     python = venv / "bin" / "python"
-    r = run([python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check", f"{src}[serve]"],
-            outside, PIP_TIMEOUT_S)
-    assert r.returncode == 0, f"pip install .[serve] failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    pip = [python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
+    for args in (["--require-hashes", "-r", SERVE_LOCK], ["--no-deps", "--no-build-isolation", f"{src}[serve]"]):
+        r = run(pip + args, outside, PIP_TIMEOUT_S)
+        assert r.returncode == 0, f"pip install {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     t2 = time.monotonic()
-    print(f"\nserve-only venv: python -m venv {t1 - t0:.1f} s, pip install .[serve] {t2 - t1:.1f} s")
+    print(f"\nserve-only venv: python -m venv {t1 - t0:.1f} s, pip install (lock + project) {t2 - t1:.1f} s")
     return python, outside
 
 
@@ -89,11 +94,17 @@ def test_serve_venv_has_the_gateway_and_no_torch(serve_venv):
     assert python.parent.parent.resolve() in gateway_file.parents, f"serving.gateway came from {gateway_file}"
     r = run([python, "-m", "pip", "check", "--disable-pip-version-check"], outside, 120)
     assert r.returncode == 0, r.stdout + r.stderr
+    r = run([python, "-m", "pip", "freeze", "--all", "--disable-pip-version-check"], outside, 120)
+    installed = {line.lower().replace("_", "-") for line in r.stdout.split() if "==" in line}
+    locked = {m.lower().replace("_", "-") for m in re.findall(r"^([\w.-]+==\S+?)\s", SERVE_LOCK.read_text(), re.M)}
+    assert locked <= installed, f"not installed at the lock's pins: {sorted(locked - installed)}"
+    others = {p.split("==")[0] for p in installed - locked}
+    assert others <= {"pip", "mnistgen-serve"}, f"installed beside the lock: {sorted(others)}"
 
 
 def start_installed_gateway(python: Path, cwd: Path, triton_url: str, log_path: Path):
-    """`python -m serving.gateway` of the venv, from `cwd`, on ports the OS picks (read back from its log)."""
-    cmd = [str(python), "-m", "serving.gateway", "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
+    """The venv's `mnistgen-gateway` console script, from `cwd`, on ports the OS picks (read back from its log)."""
+    cmd = [str(python.parent / "mnistgen-gateway"), "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
            "--triton-url", triton_url, "--probe-interval-s", "0.5", "--stop-grace-s", "5"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -127,6 +138,18 @@ def test_serve_only_gateway_generates(serve_venv, triton, tmp_path):
         j = h.json()
         assert j["images"]["count"] == 2 and j["seed"] == "1"
         np.testing.assert_array_equal(np.frombuffer(base64.b64decode(j["images"]["raw"]), "<f4").reshape(2, 1, 28, 28), a)
+        # The client CLI of the same install: its console script over gRPC, the module over HTTP.
+        for cli, transport, target in (([python.parent / "mnistgen"], "grpc", gw.grpc_target),
+                                     ([python, "-m", "serving.client"], "http", gw.http_target)):
+            out = tmp_path / transport
+            r = run(cli + ["generate", "--transport", transport, "--target", target, "--model",
+                           "dcgan-baseline", "--n", "2", "--seed", "1", "--out", out / "grid.png", "--npy",
+                           out / "x.npy"], outside, 120)
+            assert r.returncode == 0, f"{cli} generate over {transport}: {r.stdout}\n{r.stderr}"
+            np.testing.assert_array_equal(np.load(out / "x.npy"), a)
+            assert (out / "grid.png").read_bytes().startswith(b"\x89PNG"), r.stdout
+        r = run([python.parent / "mnistgen", "models", "--target", gw.grpc_target], outside, 60)
+        assert r.returncode == 0 and "dcgan-baseline" in r.stdout, r.stdout + r.stderr
     finally:
         code = gw.stop()
     assert code == 0, f"gateway exited with {code} after SIGTERM:\n{gw.log_tail()}"
