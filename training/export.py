@@ -160,8 +160,8 @@ def export_files(cfg: ExportConfig, what: str, module: nn.Module, reference: nn.
     each checked against `reference` as served (ONNX Runtime; TorchScript frozen and optimised), then copied into
     every <dir>/1/ with model.onnx last (present == export complete) and their stale engines.json removed."""
     args = tuple(torch.from_numpy(v) for v in feeds.values())
-    with tempfile.TemporaryDirectory(dir=cfg.model_repository) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit deprecation; tracer warnings on diffusers' shape checks
+    with tempfile.TemporaryDirectory(dir=cfg.model_repository) as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # collected, then reported once per message by explain_warnings
         onnx_path, files = Path(tmp) / ONNX_FILE, {}
         batch = torch.export.Dim("batch", min=1, max=4096)
         torch.onnx.export(module, tuple(a[:2] for a in args), str(onnx_path), input_names=list(feeds),
@@ -197,7 +197,21 @@ def export_files(cfg: ExportConfig, what: str, module: nn.Module, reference: nn.
                 os.replace(Path(tmp) / f"copy-{name}", d / "1" / name)
     print(f"- {what}: exported {meta['checkpoint']}; max|diff| onnx {out['onnx_max_abs_diff']:.2e}, torchscript "
           f"{out['torchscript_max_abs_diff']:.2e}" + (f", bf16 mean {out['bf16']['mean_abs_diff']:.2e}" if bf16 else ""))
+    explain_warnings(caught)
     return out
+
+
+def explain_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Each distinct warning of an export once, TorchScript's deprecation with why model.pt is still written."""
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    jit = sorted({m.split("`")[1] for m in deprecated if m.startswith("`torch.jit.")})
+    if jit:
+        print(f"  note: torch {torch.__version__} deprecates TorchScript ({', '.join(jit)}: 'switch to torch.compile "
+              "or torch.export'). model.pt is still exported and served where engines.json measured it faster: the "
+              "product promises it; torch.export + AOTInductor (.pt2) is its successor, not yet measured here.")
+    for text in sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}" for w in caught
+                        if not str(w.message).startswith("`torch.jit.")}):
+        print(f"  warning: {text}")
 
 
 def export_gan(cfg: ExportConfig, m: catalog.Model) -> dict | None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,23 @@ def test_a_new_catalog_gan_gets_its_model_directory_and_tracked_files_stay_as_th
     assert {p: p.read_bytes() for p in repo.glob("*/config.pbtxt") if p.parent != new} == before
     record = json.loads((new / "1" / "engines.json").read_text())
     assert record["measured_by"] == "export" and (new / "1" / "model.onnx").exists()
+
+
+def test_export_warnings_are_reported_once_not_hidden(capsys):
+    """TorchScript's deprecation gets one note saying why model.pt is still exported; any other warning is printed
+    once per message."""
+    def w(message, category=FutureWarning):
+        return warnings.WarningMessage(message, category, "x.py", 1)
+
+    caught = [w("`torch.jit.trace` is deprecated. Please switch to `torch.compile` or `torch.export`."),
+              w("`torch.jit.load` is deprecated. Please switch to `torch.export`."),
+              w("`torch.jit.trace` is deprecated. Please switch to `torch.compile` or `torch.export`."),
+              w("Converting a tensor to a Python boolean might cause the trace to be incorrect.", UserWarning),
+              w("Converting a tensor to a Python boolean might cause the trace to be incorrect.", UserWarning)]
+    export.explain_warnings(caught)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2, out
+    assert "deprecates TorchScript (torch.jit.load, torch.jit.trace:" in out[0] and "model.pt is still exported" in out[0]
+    assert out[1] == "  warning: UserWarning: Converting a tensor to a Python boolean might cause the trace to be incorrect."
+    export.explain_warnings([])
+    assert capsys.readouterr().out == ""
