@@ -20,6 +20,7 @@ class GatewayConfig:
     grpc_port: int = 50051  # mnistgen.v1.GenerationService + grpc.health.v1 + reflection
     http_port: int = 8080  # JSON API, /healthz, /readyz, /metrics
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (host:port)
+    triton_key: str = field(default="", repr=False)  # Triton's restricted-API key (docs/security.md); env only
     max_concurrency: int = 16  # requests running against Triton at once
     # cost running at once, in model evaluations x samples (admission.py, docs/api.md#admission): a DDPM Generate
     # costs num_samples x steps, Denoise images x min(steps, t*+1), a GAN num_samples; 64 x 100 = 64 samples of
