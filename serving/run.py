@@ -23,8 +23,8 @@ from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from .client import grpc_channel
 from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
 from .process import ManagedProcess, http_ok, run_in_foreground, wait_until
-from .triton_server import (ALL_BUT_HEALTH, DEFAULT_MODEL_REPOSITORY, KEY_ENV, REPO_ROOT, TritonConfig, TritonServer,
-                            free_ports)
+from .triton_access import ALL_BUT_HEALTH, KEY_ENV
+from .triton_server import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonConfig, TritonServer, free_ports
 
 LISTENING = re.compile(r"gateway listening: grpc [\d.]+:(\d+), http https?://[\d.]+:(\d+)")  # its first stdout line
 

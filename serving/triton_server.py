@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import secrets
 import shutil
@@ -17,17 +16,10 @@ from pathlib import Path
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.files import REPO_ROOT
 from serving.process import ManagedProcess, NotReady, run_in_foreground
+from serving.triton_access import ADMIN_APIS, APIS, KEY_ENV, KEY_HEADER, KeyHeader, is_loopback
 
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 LOG_LEVELS = (0, 1, 2, 3)  # --log-verbose values accepted by tritonserver (0 = info only)
-# Triton's API groups (--grpc-restricted-protocol / --http-restricted-api of tritonserver 2.51); docs/security.md
-APIS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository", "statistics", "trace",
-        "logging")
-ADMIN_APIS = ("model-repository", "shared-memory", "logging", "trace", "statistics")  # nothing the gateway calls
-ALL_BUT_HEALTH = tuple(a for a in APIS if a != "health")  # the launcher's Triton: only the gateway (with the key)
-KEY_HEADER = "mnistgen-triton-key"  # HTTP header of the launch key; gRPC metadata is GRPC_KEY_HEADER
-GRPC_KEY_HEADER = "triton-grpc-protocol-" + KEY_HEADER  # (tritonserver prefixes the key name on gRPC)
-KEY_ENV = "MNISTGEN_TRITON_KEY"  # the key reaches processes by environment only, never by their argv or logs
 
 
 @dataclass
@@ -69,16 +61,6 @@ class TritonConfig:
                              "(--bind-reason) saying why, e.g. a container that only the gateway can reach "
                              "(docs/security.md)")
         self.key = self.key or secrets.token_urlsafe(24)
-
-
-def is_loopback(address: str) -> bool:
-    """127.0.0.0/8, ::1 (also as ::ffff:127.x or Triton's ipv6:[::1]) or localhost."""
-    address = address.removeprefix("ipv6:").strip("[]")
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address == "localhost"
-    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 @dataclass
@@ -252,16 +234,6 @@ class TritonServer(ManagedProcess):
             except (ProcessLookupError, PermissionError):
                 pass
         return code
-
-
-class KeyHeader:
-    """A tritonclient plugin (client.register_plugin) adding the launch key to every call."""
-
-    def __init__(self, key: str):
-        self.headers = {GRPC_KEY_HEADER: key}
-
-    def __call__(self, request) -> None:
-        request.headers = (request.headers or {}) | self.headers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from mnistgen import catalog
 
 from .admission import Limiter
 from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
-from .config import GatewayConfig, parse_args
+from .config import GatewayConfig, parse_args, unauthenticated_refusal
 from .http_api import HttpApi
 from .service import GenerationServicer, add_to_server
 from .triton_client import TritonClient
@@ -114,6 +114,9 @@ async def start(config: GatewayConfig) -> RunningGateway:
     (before anything listens) for unusable tokens or TLS files."""
     metrics = GatewayMetrics()
     auth = TokenAuth.from_config(config, metrics)  # None: auth off
+    refusal = unauthenticated_refusal(config, auth is not None and auth.enabled)
+    if refusal:
+        raise ConfigError(refusal)
     tls = TlsMaterial.from_config(config)  # None: plain text
     triton = TritonClient(config.triton_url, config.max_response_bytes, config.triton_key)
     limiter = Limiter(config.max_concurrency, config.max_queue, config.max_cost_in_flight)

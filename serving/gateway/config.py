@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
+from ..triton_access import is_loopback
+
 # the --help description (what the gateway is)
 DESCRIPTION = ("The gRPC + HTTP/JSON gateway: validates requests, samples GAN latents, calls Triton over gRPC, "
                "returns images and metrics.")
@@ -37,6 +39,9 @@ class GatewayConfig:
     # auth (serving/gateway/auth.py): off unless tokens are configured; both sources add up (rotation)
     api_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens (prefer the env var; never shown)
     api_token_file: str = ""  # file of bearer tokens, one per line, # comments; re-read when it changes
+    # without tokens the gateway serves only on loopback; beyond it, this opt-out (a private test cluster: k8s
+    # overlays/auth-disabled) or it refuses to start: fail closed (docs/security.md)
+    allow_unauthenticated: bool = False
     tls_cert: str = ""  # PEM certificate chain: TLS on both ports (with tls_key)
     tls_key: str = ""  # PEM private key of tls_cert
     # one JSON line per Generate/Denoise/ListModels call (request id, rpc, transport, model, status, ms, samples):
@@ -59,6 +64,15 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue!r}")
+
+
+def unauthenticated_refusal(config: GatewayConfig, has_tokens: bool) -> str | None:
+    """Why the gateway must not start (no tokens, listening beyond loopback, no opt-out), or None."""
+    if has_tokens or config.allow_unauthenticated or is_loopback(config.host):
+        return None
+    return (f"no API tokens, and the gateway would listen on {config.host!r} (beyond loopback): give tokens "
+            "(MNISTGEN_API_TOKEN_FILE / MNISTGEN_API_TOKENS), bind 127.0.0.1, or opt out with --allow-unauthenticated "
+            "(MNISTGEN_ALLOW_UNAUTHENTICATED=true) on a private network")
 
 
 def env_defaults(environ=os.environ) -> GatewayConfig:

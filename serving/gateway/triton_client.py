@@ -11,7 +11,7 @@ from tritonclient.grpc import InferInput, InferResult, service_pb2, service_pb2_
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, triton_to_np_dtype
 
-from ..triton_server import GRPC_KEY_HEADER, KeyHeader
+from ..triton_access import GRPC_KEY_HEADER, KeyHeader
 from ..validation import ApiError
 from . import request_id
 

@@ -3,6 +3,9 @@ launch's key, the gateway holding that key, and a model Triton stops serving ans
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -14,10 +17,12 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from mnistgen import catalog
+from mnistgen.files import REPO_ROOT
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
 from serving.process import wait_until
 from serving.run import RunConfig, Stack
-from serving.triton_server import ADMIN_APIS, ALL_BUT_HEALTH, KEY_HEADER, TritonConfig, TritonServer, is_loopback
+from serving.triton_access import ADMIN_APIS, ALL_BUT_HEALTH, KEY_HEADER, is_loopback
+from serving.triton_server import TritonConfig, TritonServer
 
 GAN = next(m for m in catalog.MODELS if m.triton == "dcgan_generator")  # the model the tests unload
 MODELS = (GAN.triton, catalog.DENOISER.triton)
@@ -198,3 +203,29 @@ def test_a_model_triton_stops_serving_is_503_naming_it_and_readyz_says_which(sta
         keyed.load_model(GAN.triton)
     wait_until(lambda: keyed.is_model_ready(GAN.triton), 120, f"{GAN.triton} loaded again")
     assert gw.http("POST", "/v1/generate", {"model": GAN.name, "num_samples": 1}).status == 200
+
+
+# -- the gateway itself fails closed: no tokens, beyond loopback, no opt-out: no start -----------------------------
+
+def test_gateway_config_rule_without_tokens():
+    from serving.gateway.config import parse_args, unauthenticated_refusal
+
+    wide = parse_args(["--host", "0.0.0.0"], environ={})
+    assert "--allow-unauthenticated" in unauthenticated_refusal(wide, has_tokens=False)
+    assert unauthenticated_refusal(wide, has_tokens=True) is None
+    assert unauthenticated_refusal(parse_args(["--host", "127.0.0.1"], environ={}), has_tokens=False) is None
+    opted_out = parse_args(["--host", "0.0.0.0"], environ={"MNISTGEN_ALLOW_UNAUTHENTICATED": "true"})
+    assert unauthenticated_refusal(opted_out, has_tokens=False) is None
+
+
+@pytest.mark.parametrize("token_file", ["absent", "empty"])
+def test_gateway_beyond_loopback_without_tokens_refuses_to_start(tmp_path, token_file):
+    """Under the k8s rule (a token file, listening on 0.0.0.0) a missing or empty file stops the gateway at start."""
+    path = tmp_path / "tokens"
+    if token_file == "empty":
+        path.write_text("# no token yet\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNISTGEN_")}
+    argv = [sys.executable, "-m", "serving.gateway", "--host", "0.0.0.0", "--grpc-port", "0", "--http-port", "0",
+            "--triton-url", "127.0.0.1:1", "--api-token-file", str(path)]
+    r = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--allow-unauthenticated" in r.stderr and "listening" not in r.stdout, r
