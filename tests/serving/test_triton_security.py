@@ -138,7 +138,8 @@ def test_stack_triton_is_loopback_only_with_http_off(stack):
     assert t.config.grpc_port in ports and t.config.metrics_port in ports and t.config.http_port not in ports
     assert t.config.restricted == ALL_BUT_HEALTH
     log = stack.gateway.log_path.read_text() + t.log_path.read_text()
-    assert t.config.key not in log  # the key is in no log
+    assert t.config.key not in log  # the key is in no log, nor in the gateway's argv (it gets it by environment)
+    assert t.config.key not in " ".join(stack.gateway.proc.args)
 
 
 def test_stack_triton_refuses_strangers_and_the_gateway_still_works(stack):
