@@ -68,20 +68,24 @@ CMD ["--grpc-port", "50051", "--http-port", "8080", "--triton-url", "triton:8001
 
 # ---------------------------------------------------------------------------------------------------------
 # triton: NVIDIA's Triton 24.10 (= Triton 2.51, the server nvidia-pytriton 0.7.0 ships and the tests run).
-# Its python backend embeds Python 3.10, below the project's requires-python (>=3.11), so pip cannot install
-# the `triton` extra here: this stage lists that extra's packages itself, at pyproject.toml's pins
-# (tests/deploy/test_dockerfile.py checks they match), with these exceptions for Python 3.10:
+# Release 25.10 (Triton 2.62): releases before 25.07 carry published unauthenticated flaws (CVE-2025-23310/23311 in
+# the HTTP chunked parser, CVE-2025-23319/23320/23334 through the python backend's shared memory; docs/security.md);
+# move on with NVIDIA's security bulletins. Its python backend runs the image's Python 3.12 (Ubuntu 24.04, an
+# externally managed install: PIP_BREAK_SYSTEM_PACKAGES, as it is the backend's own interpreter).
+# This stage lists the `triton` extra's packages itself, at pyproject.toml's pins
+# (tests/deploy/test_dockerfile.py checks they match), with these exceptions, kept from the 3.10 images:
 # onnxruntime-gpu 1.23.2 instead of onnxruntime (the newest release with Python 3.10 wheels; CUDA 12 +
 # cuDNN 9, as in this container), diffusers 0.41.0 (0.42 needs 3.11), and no nvidia-pytriton (it only
 # ships the tritonserver this image already is). The code these models import stays Python 3.10 (tested).
 # torch is the CPU wheel (about 200 MB instead of several GB): the DDPM loop keeps only the scheduler
 # arithmetic in torch; the UNet runs in ONNX Runtime on the GPU.
-FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS triton
+FROM nvcr.io/nvidia/tritonserver:25.10-py3 AS triton
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONPATH=/opt/mnistgen
 RUN python3 -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 \
     && python3 -m pip install --no-cache-dir numpy==1.26.4 onnxruntime-gpu==1.23.2 diffusers==0.41.0 \
@@ -100,15 +104,16 @@ COPY checkpoints/ checkpoints/
 COPY --from=export /opt/mnistgen/model_repository_gpu/ /models/
 COPY --from=export /opt/mnistgen/model_repository/ /models-cpu/
 USER 10001:10001
-EXPOSE 8000 8001 8002
+# HTTP listens inside the container only (the HEALTHCHECK's); k8s turns it off (k8s/base/triton.yaml)
+EXPOSE 8001 8002
 # Triton finishes in-flight requests on SIGTERM for up to --exit-timeout-secs.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
 # NVIDIA's entrypoint script sets up CUDA forward compatibility on older drivers, then runs the command.
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver"]
-CMD ["--model-repository=/models", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", \
-     "--exit-timeout-secs=30"]
+CMD ["--model-repository=/models", "--http-port=8000", "--http-address=127.0.0.1", "--grpc-port=8001", \
+     "--metrics-port=8002", "--exit-timeout-secs=30"]
 
 # ---------------------------------------------------------------------------------------------------------
 # training: GPU training jobs. PyPI's torch 2.14.1 is a CUDA build that carries its own CUDA runtime

@@ -592,10 +592,8 @@ def run(cfg: GatewayBenchConfig) -> dict:
                 # the in-process GPU paths still run (NVIDIA's Triton container has every backend)
                 skipped["triton-grpc, gateway"] = f"Triton on {cfg.model_repository} did not start: {e}"
                 print(f"  Triton/gateway paths skipped: {e} (log: {cfg.log_dir / 'tritonserver.log'})", flush=True)
-            else:
-                import tritonclient.grpc as grpcclient
-
-                gw, tclient = stack.gateway, grpcclient.InferenceServerClient(stack.triton.grpc_url)
+            else:  # Triton's client with the launch key: the launcher's Triton restricts every API but health
+                gw, tclient = stack.gateway, stack.triton.client()
         clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=DENOISE_TIMEOUT_S,
                                     target=gw.grpc_target if p == "gateway-grpc" else gw.http_target)
                    for p in ("gateway-grpc", "gateway-http") if p in cfg.paths and gw is not None}

@@ -22,7 +22,8 @@ from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from .client import grpc_channel
 from .generated.mnistgen.v1 import generation_pb2_grpc as pb_grpc
-from .process import ManagedProcess, NotReady, http_ok, run_in_foreground, wait_until
+from .process import ManagedProcess, http_ok, run_in_foreground, wait_until
+from .triton_access import ALL_BUT_HEALTH, KEY_ENV
 from .triton_server import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonConfig, TritonServer, free_ports
 
 LISTENING = re.compile(r"gateway listening: grpc [\d.]+:(\d+), http https?://[\d.]+:(\d+)")  # its first stdout line
@@ -137,10 +138,10 @@ def start_gateway(triton_url: str, log_file: Path, *extra_args: str, env: dict |
 
 @dataclass
 class RunConfig:
-    host: str = "127.0.0.1"  # where the gateway and Triton bind (0.0.0.0 to reach them from other machines)
+    host: str = "127.0.0.1"  # where the gateway binds (0.0.0.0: other machines); Triton: always loopback
     grpc_port: int = 50051  # gateway gRPC (0 = a free port)
     http_port: int = 8080  # gateway HTTP/JSON, /metrics, /readyz (0 = a free port)
-    triton_http_port: int = 8000  # (0 = free ports for all three Triton ports)
+    triton_http_port: int = 8000  # (Triton's HTTP is off; 0 = free ports for all three Triton ports)
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
@@ -150,7 +151,7 @@ class RunConfig:
     log_dir: Path = REPO_ROOT / "out" / "run"  # tritonserver.log goes here
     gateway_log: Path | None = None  # gateway stdout + stderr; None = ours
     gateway_args: tuple[str, ...] = ()  # more `python -m serving.gateway` options
-    unhealthy_after_s: float = 10.0  # Triton alive but failing /v2/health/ready this long: kill and restart it
+    unhealthy_after_s: float = 10.0  # Triton alive but failing gRPC ServerReady this long: kill and restart it
     backoff_s: float = 1.0  # first restart delay; doubles per restart in a row, up to backoff_max_s
     backoff_max_s: float = 30.0
     stable_after_s: float = 60.0  # healthy this long: the next failure starts the backoff from backoff_s again
@@ -165,12 +166,12 @@ class Stack:
         tports = (c.triton_http_port, c.triton_grpc_port, c.triton_metrics_port)
         tports = tports if all(tports) else free_ports(3)
         self.triton = TritonServer(TritonConfig(
-            model_repository=c.model_repository, models=c.models, bind_address=c.host, http_port=tports[0],
+            model_repository=c.model_repository, models=c.models, http_port=tports[0], restricted=ALL_BUT_HEALTH,
             grpc_port=tports[1], metrics_port=tports[2], startup_timeout_s=c.startup_timeout_s,
             log_file=c.log_dir / "tritonserver.log"))
         self.gateway = GatewayProcess(GatewayProcessConfig(
             self.triton.grpc_url, c.host, c.grpc_port, c.http_port, log_file=c.gateway_log,
-            extra_args=c.gateway_args))
+            extra_args=c.gateway_args, env={KEY_ENV: self.triton.config.key}))  # the key: env only
         self.restarts = {"triton": 0, "gateway": 0}
         self.failures = {"triton": (0, float("-inf")), "gateway": (0, float("-inf"))}  # (in a row, last at)
         self.triton_state = "ready"  # ready | down (restart at triton_due) | starting (since triton_due)
@@ -223,10 +224,7 @@ class Stack:
             return
         if not self.triton.running:
             return self._restart_triton(now, f"Triton exited with code {self.triton.proc.returncode}")
-        try:
-            healthy = http_ok(f"http://{self.triton.http_url}/v2/health/ready", timeout_s=1.0)
-        except (NotReady, OSError):
-            healthy = False
+        healthy = self.triton.healthy(timeout_s=1.0)  # gRPC ServerReady
         if self.triton_state == "starting":
             if healthy:
                 self.triton_state = "ready"
@@ -239,7 +237,7 @@ class Stack:
         elif self.unhealthy_since is None:
             self.unhealthy_since = now
         elif now - self.unhealthy_since > self.c.unhealthy_after_s:
-            self._restart_triton(now, f"Triton failing /v2/health/ready for {self.c.unhealthy_after_s:g} s")
+            self._restart_triton(now, f"Triton failing its gRPC ServerReady for {self.c.unhealthy_after_s:g} s")
 
     def _supervise_gateway(self, now: float) -> None:
         if self.gateway_due is not None:
@@ -268,7 +266,8 @@ def banner(stack: Stack) -> str:
         "", "mnistgen-serve is up (Ctrl-C stops both servers)",
         f"  gateway gRPC     {gw.grpc_target}   (mnistgen.v1.GenerationService, health, reflection)",
         f"  gateway HTTP     {gw.http_url}   (/v1/generate, /v1/denoise, /v1/models, /readyz, /metrics)",
-        f"  Triton           http :{t.config.http_port}, grpc :{t.config.grpc_port}, metrics {t.metrics_url}",
+        f"  Triton           grpc {t.grpc_url}, metrics {t.metrics_url} (loopback; HTTP off; all APIs but "
+        "health need the launch key, which only the gateway has)",
         f"  Triton models    {', '.join(t.models)}",
         f"  Triton log       {t.log_path}",
         "  supervised       Triton and the gateway restart on their own (backoff), Ctrl-C / SIGTERM / SIGHUP stop",

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
 import sys
 import sysconfig
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 from mnistgen.files import REPO_ROOT
-from serving.process import ManagedProcess, http_ok, run_in_foreground
+from serving.process import ManagedProcess, NotReady, run_in_foreground
+from serving.triton_access import ADMIN_APIS, APIS, KEY_ENV, KEY_HEADER, KeyHeader, is_loopback
 
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 LOG_LEVELS = (0, 1, 2, 3)  # --log-verbose values accepted by tritonserver (0 = info only)
@@ -24,7 +26,11 @@ LOG_LEVELS = (0, 1, 2, 3)  # --log-verbose values accepted by tritonserver (0 = 
 class TritonConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY  # Triton layout: <name>/config.pbtxt, <name>/1/
     host: str = "127.0.0.1"  # address clients use to reach the server (the *_url properties)
-    bind_address: str = "0.0.0.0"  # where Triton listens; tests use 127.0.0.1, containers need 0.0.0.0
+    bind_address: str = "127.0.0.1"  # where all Triton ports listen; beyond loopback only with bind_reason
+    bind_reason: str = ""  # why Triton listens beyond loopback (a container: a NetworkPolicy admits only the gateway)
+    http: bool = False  # Triton's HTTP endpoint (--allow-http): the gateway, the tools and health checks use gRPC
+    restricted: tuple[str, ...] = ADMIN_APIS  # APIs answering only requests carrying `key` (values: APIS)
+    key: str = field(default="", repr=False)  # the key of the restricted APIs; "" = a fresh random one (per launch)
     http_port: int = 8000  # KServe v2 HTTP/REST
     grpc_port: int = 8001  # KServe v2 gRPC
     metrics_port: int = 8002  # Prometheus text format at /metrics
@@ -46,6 +52,15 @@ class TritonConfig:
         if len(set(ports)) != 3:
             raise ValueError(f"http_port, grpc_port and metrics_port must differ, got {ports}")
         self.models = None if self.models is None else tuple(self.models)
+        self.restricted = tuple(self.restricted)
+        bad = sorted(set(self.restricted) - set(APIS))
+        if bad:
+            raise ValueError(f"restricted: {bad} are not Triton APIs; allowed: {APIS}")
+        if not (is_loopback(self.bind_address) or self.bind_reason.strip()):
+            raise ValueError(f"bind_address {self.bind_address!r} exposes Triton beyond this machine: give bind_reason "
+                             "(--bind-reason) saying why, e.g. a container that only the gateway can reach "
+                             "(docs/security.md)")
+        self.key = self.key or secrets.token_urlsafe(24)
 
 
 @dataclass
@@ -81,6 +96,18 @@ def available_models(model_repository: Path) -> list[str]:
     repo = Path(model_repository)
     dirs = repo.iterdir() if repo.is_dir() else ()
     return sorted(d.name for d in dirs if (d / "config.pbtxt").is_file() and (d / "1" / "model.onnx").is_file())
+
+
+def server_ready(grpc_url: str, timeout_s: float = 2.0) -> bool:
+    """Triton's gRPC ServerReady at host:port (health needs no key): up, and every loaded model ready."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        with grpcclient.InferenceServerClient(grpc_url) as c:
+            return bool(c.is_server_ready(client_timeout=timeout_s))
+    except InferenceServerException:
+        return False
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -119,10 +146,16 @@ class TritonServer(ManagedProcess):
         return dst
 
     def command(self) -> list[str]:
-        c, kinds = self.config, ("http", "grpc", "metrics")
+        """tritonserver's argv (it holds the key: log describe(), never this)."""
+        c = self.config
+        kinds = ("http", "grpc", "metrics") if c.http else ("grpc", "metrics")
+        restricted = ",".join(c.restricted) + f":{KEY_HEADER}={c.key}"
         return [str(self.install.binary), f"--model-repository={c.model_repository}",
                 f"--backend-directory={self._backends()}", *(f"--{k}-port={getattr(c, k + '_port')}" for k in kinds),
                 *(f"--{k}-address={c.bind_address}" for k in kinds), "--allow-metrics=true",
+                f"--allow-http={str(c.http).lower()}",
+                *([f"--grpc-restricted-protocol={restricted}"] + [f"--http-restricted-api={restricted}"] * c.http
+                  if c.restricted else []),
                 f"--log-verbose={c.log_verbose}",
                 # explicit mode: load exactly the exported models, so a missing export is a clear "not loaded"
                 # rather than a failed start; a model that fails to load still stops the server
@@ -172,14 +205,25 @@ class TritonServer(ManagedProcess):
 
     def describe(self) -> str:
         c = self.config
-        return (f"tritonserver (http {c.http_port}, grpc {c.grpc_port}, metrics {c.metrics_port}, "
-                f"models {self.models})")
+        http = f"http {c.http_port}" if c.http else "http off"
+        return f"tritonserver ({http}, grpc {c.grpc_port}, metrics {c.metrics_port}, models {self.models})"
+
+    def client(self, key: bool = True):
+        """A tritonclient gRPC client of this server, sending the launch key (key=False: as a stranger would)."""
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        if key:
+            client.register_plugin(KeyHeader(self.config.key))
+        return client
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        return server_ready(self.grpc_url, timeout_s)
 
     def _check_ready(self) -> bool:
-        """GET /v2/health/ready is 200 and gRPC accepts connections; NotReady / OSError say why not."""
-        http_ok(f"http://{self.http_url}/v2/health/ready")
-        with socket.create_connection((self.config.host, self.config.grpc_port), timeout=2):
-            return True
+        if not self.healthy():
+            raise NotReady(f"gRPC ServerReady at {self.grpc_url} is not true yet")
+        return True
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after the grace period, and the stubs of its process group; the exit code."""
@@ -195,16 +239,17 @@ class TritonServer(ManagedProcess):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     add_dataclass_args(
-        p, TritonConfig, exclude=("host", "stop_grace_s", "log_to_stdout"),
+        p, TritonConfig, exclude=("host", "stop_grace_s", "log_to_stdout", "key"),
         names={"startup_timeout_s": "--startup-timeout"}, choices={"log_verbose": LOG_LEVELS},
         help={"models": "models to load (none: every exported one)",
               "log_file": "server log (none: stream it to stdout)"})
     a = p.parse_args(argv)
-    cfg = dataclass_from_args(TritonConfig, a, log_to_stdout=a.log_file is None)
+    cfg = dataclass_from_args(TritonConfig, a, log_to_stdout=a.log_file is None, key=os.environ.get(KEY_ENV, ""))
     server = TritonServer(cfg)
     return run_in_foreground(server, "tritonserver", lambda: (
-        f"Triton ready: models {server.models}; grpc {server.grpc_url}, http {server.http_url}, "
-        f"metrics {server.metrics_url}"))
+        f"Triton ready: models {server.models}; grpc {server.grpc_url}, "
+        f"{'http ' + server.http_url if cfg.http else 'http off'}, metrics {server.metrics_url}; restricted APIs "
+        f"{list(cfg.restricted)} need the key of {KEY_ENV}"))
 
 
 if __name__ == "__main__":

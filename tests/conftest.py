@@ -136,7 +136,7 @@ def triton(tmp_path_factory) -> TritonHandle:
         pytest.skip("no exported model in model_repository/: no committed checkpoint yet")
     http_port, grpc_port, metrics_port = free_ports(3)
     cfg = TritonConfig(
-        model_repository=MODEL_REPOSITORY, bind_address="127.0.0.1",
+        model_repository=MODEL_REPOSITORY, http=True,  # (tests call Triton over HTTP too; loopback, admin APIs keyed)
         http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
         startup_timeout_s=TRITON_STARTUP_TIMEOUT_S,
         log_file=tmp_path_factory.mktemp("triton") / "tritonserver.log",

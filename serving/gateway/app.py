@@ -20,7 +20,7 @@ from mnistgen import catalog
 
 from .admission import Limiter
 from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
-from .config import GatewayConfig, parse_args
+from .config import GatewayConfig, parse_args, unauthenticated_refusal
 from .http_api import HttpApi
 from .service import GenerationServicer, add_to_server
 from .triton_client import TritonClient
@@ -40,8 +40,8 @@ class GatewayState:
 
     async def check(self) -> tuple[bool, dict]:
         server, models = await self.triton.readiness(self.models, self.config.readiness_timeout_s)
-        # Triton reports ready only when every model it loaded is READY; we also need one of ours among them
-        # (a model that was never exported is listed as not ready and its calls answer UNAVAILABLE)
+        # Triton answering and one of our models READY; the others are listed as missing (never exported, unloaded or
+        # failing: their calls answer UNAVAILABLE)
         up = server and any(models.values())
         ready = up and not self.draining
         if not server:
@@ -53,7 +53,9 @@ class GatewayState:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
-        return ready, {"triton_ready": server, "models": models, "reason": self.reason(server, models)}
+        missing = sorted(m for m, ok in models.items() if not ok)  # their calls answer UNAVAILABLE / 503
+        return ready, {"triton_ready": server, "models": models, "missing": missing,
+                       "reason": self.reason(server, models)}
 
     def reason(self, server: bool, models: dict[str, bool]) -> str:
         """Why the gateway is (not) ready, in words for /readyz."""
@@ -63,7 +65,8 @@ class GatewayState:
             return f"Triton at {self.config.triton_url} is not answering (down or restarting)"
         if not any(models.values()):
             return f"Triton is up but none of the models {sorted(models)} is ready (loading, or not exported)"
-        return "ready"
+        missing = sorted(m for m, ok in models.items() if not ok)
+        return f"ready; Triton does not serve {missing} (unloaded, failed or not exported)" if missing else "ready"
 
     async def probe_forever(self) -> None:
         while True:
@@ -111,8 +114,11 @@ async def start(config: GatewayConfig) -> RunningGateway:
     (before anything listens) for unusable tokens or TLS files."""
     metrics = GatewayMetrics()
     auth = TokenAuth.from_config(config, metrics)  # None: auth off
+    refusal = unauthenticated_refusal(config, auth is not None and auth.enabled)
+    if refusal:
+        raise ConfigError(refusal)
     tls = TlsMaterial.from_config(config)  # None: plain text
-    triton = TritonClient(config.triton_url, config.max_response_bytes)
+    triton = TritonClient(config.triton_url, config.max_response_bytes, config.triton_key)
     limiter = Limiter(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
     metrics.watch_admission(limiter)  # cost gauges
     servicer = GenerationServicer(triton, metrics, limiter, config, access_logger(config.access_log))

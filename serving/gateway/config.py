@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
+from ..triton_access import is_loopback
+
 # the --help description (what the gateway is)
 DESCRIPTION = ("The gRPC + HTTP/JSON gateway: validates requests, samples GAN latents, calls Triton over gRPC, "
                "returns images and metrics.")
@@ -20,6 +22,7 @@ class GatewayConfig:
     grpc_port: int = 50051  # mnistgen.v1.GenerationService + grpc.health.v1 + reflection
     http_port: int = 8080  # JSON API, /healthz, /readyz, /metrics
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (host:port)
+    triton_key: str = field(default="", repr=False)  # Triton's restricted-API key (docs/security.md); env only
     max_concurrency: int = 16  # requests running against Triton at once
     # cost running at once, in model evaluations x samples (admission.py, docs/api.md#admission): a DDPM Generate
     # costs num_samples x steps, Denoise images x min(steps, t*+1), a GAN num_samples; 64 x 100 = 64 samples of
@@ -36,6 +39,9 @@ class GatewayConfig:
     # auth (serving/gateway/auth.py): off unless tokens are configured; both sources add up (rotation)
     api_tokens: str = field(default="", repr=False)  # comma-separated bearer tokens (prefer the env var; never shown)
     api_token_file: str = ""  # file of bearer tokens, one per line, # comments; re-read when it changes
+    # without tokens the gateway serves only on loopback; beyond it, this opt-out (a private test cluster: k8s
+    # overlays/auth-disabled) or it refuses to start: fail closed (docs/security.md)
+    allow_unauthenticated: bool = False
     tls_cert: str = ""  # PEM certificate chain: TLS on both ports (with tls_key)
     tls_key: str = ""  # PEM private key of tls_cert
     # one JSON line per Generate/Denoise/ListModels call (request id, rpc, transport, model, status, ms, samples):
@@ -58,6 +64,15 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue!r}")
+
+
+def unauthenticated_refusal(config: GatewayConfig, has_tokens: bool) -> str | None:
+    """Why the gateway must not start (no tokens, listening beyond loopback, no opt-out), or None."""
+    if has_tokens or config.allow_unauthenticated or is_loopback(config.host):
+        return None
+    return (f"no API tokens, and the gateway would listen on {config.host!r} (beyond loopback): give tokens "
+            "(MNISTGEN_API_TOKEN_FILE / MNISTGEN_API_TOKENS), bind 127.0.0.1, or opt out with --allow-unauthenticated "
+            "(MNISTGEN_ALLOW_UNAUTHENTICATED=true) on a private network")
 
 
 def env_defaults(environ=os.environ) -> GatewayConfig:

@@ -11,6 +11,7 @@ from tritonclient.grpc import InferInput, InferResult, service_pb2, service_pb2_
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, triton_to_np_dtype
 
+from ..triton_access import GRPC_KEY_HEADER, KeyHeader
 from ..validation import ApiError
 from . import request_id
 
@@ -19,13 +20,20 @@ LATENT, IMAGE, SIGMA, STEPS, SAMPLER, SEED, NUM_SAMPLES, NOISY, DENOISED, DIGIT,
     "latent", "image", "sigma", "steps", "sampler", "seed", "num_samples", "noisy", "denoised", "digit", "guidance")
 
 
+# Triton's words for a model it does not serve (an unload, a failed load, not ready yet): UNAVAILABLE, not INTERNAL
+NOT_SERVED = ("unknown model", "not found", "is not ready", "no available versions")
+
+
 def triton_error(e: InferenceServerException, model: str) -> ApiError:
     """Map a tritonclient error (its status is "StatusCode.X") to the gateway's ApiError."""
     status = (e.status() or "").replace("StatusCode.", "")
     msg = e.message() or str(e)
     if status == "DEADLINE_EXCEEDED":
         return ApiError(f"deadline exceeded waiting for Triton model {model!r}", code="DEADLINE_EXCEEDED")
-    if status == "UNAVAILABLE" or "not found" in msg or "is not ready" in msg:
+    if status == "NOT_FOUND" or any(s in msg for s in NOT_SERVED):
+        return ApiError(f"Triton does not serve model {model!r} now (unloaded, failed to load or not ready): {msg}",
+                        code="UNAVAILABLE")
+    if status == "UNAVAILABLE":
         return ApiError(f"Triton unavailable for model {model!r}: {msg}", code="UNAVAILABLE")
     if status == "RESOURCE_EXHAUSTED":
         return ApiError(f"Triton busy for model {model!r}: {msg}", code="RESOURCE_EXHAUSTED")
@@ -45,7 +53,7 @@ class TritonModelInfo:
 class TritonClient:
     """One reused tritonclient aio channel, Triton's model configs cached, errors mapped to ApiError."""
 
-    def __init__(self, url: str, max_message_bytes: int):
+    def __init__(self, url: str, max_message_bytes: int, key: str = ""):
         self.url = url
         channel_args = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -57,6 +65,10 @@ class TritonClient:
             ("grpc.keepalive_time_ms", 2**31 - 1),
         ]
         self.client = triton_aio.InferenceServerClient(url, channel_args=channel_args)  # configs, health
+        # Triton's launch key (serving/triton_server.py): on every call, so Triton may restrict any API but health
+        self._key = ((GRPC_KEY_HEADER, key),) if key else None
+        if key:
+            self.client.register_plugin(KeyHeader(key))
         # inference: the generated stub on a channel of our own, the request built straight from numpy (tritonclient's
         # aio infer() spends ~0.1 ms per call on InferInput/InferRequestedOutput objects and request assembly)
         self._channel = grpc.aio.insecure_channel(url, options=channel_args)
@@ -77,7 +89,7 @@ class TritonClient:
                 cfg = (await self.client.get_model_config(model, as_json=True, client_timeout=timeout))["config"]
                 meta = await self.client.get_model_metadata(model, as_json=True, client_timeout=timeout)
             except InferenceServerException as e:
-                raise triton_error(e, model) from None
+                raise self.error(e, model) from None
             latent = [i for i in cfg.get("input", []) if i["name"] == LATENT]
             versions = sorted(meta.get("versions", []), key=lambda v: int(v) if v.isdigit() else -1)
             self._info[model] = TritonModelInfo(
@@ -89,15 +101,23 @@ class TritonClient:
         """One ModelInfer call; the result is tritonclient's InferResult (as_numpy(name), get_response())."""
         try:
             req = infer_request(model, inputs, outputs, request_id.current.get())
-            return InferResult(await self._model_infer(req, timeout=timeout))
+            return InferResult(await self._model_infer(req, timeout=timeout, metadata=self._key))
         except grpc.RpcError as e:  # grpc.aio.AioRpcError: as tritonclient raises it, then mapped
-            raise triton_error(InferenceServerException(msg=e.details(), status=str(e.code()),
-                                                        debug_details=e.debug_error_string()), model) from None
+            raise self.error(InferenceServerException(msg=e.details(), status=str(e.code()),
+                                                      debug_details=e.debug_error_string()), model) from None
+
+    def error(self, e: InferenceServerException, model: str) -> ApiError:
+        """triton_error(); a model Triton does not serve loses its cached config (a reload may change it)."""
+        err = triton_error(e, model)
+        if err.code == "UNAVAILABLE":
+            self._info.pop(model, None)
+        return err
 
     async def readiness(self, models: list[str], timeout: float) -> tuple[bool, dict[str, bool]]:
-        """(server ready, {model: ready}); never raises."""
+        """(server live, {model: ready}); never raises. Live, not ServerReady: that turns false while any loaded model
+        is unloaded or failing, and the other models still serve."""
         try:
-            server = bool(await self.client.is_server_ready(client_timeout=timeout))
+            server = bool(await self.client.is_server_live(client_timeout=timeout))
         except (InferenceServerException, asyncio.TimeoutError, grpc.RpcError):
             return False, {m: False for m in models}
 

@@ -40,7 +40,10 @@ DOCKERFILE = REPO / "Dockerfile"
 PYPROJECT = REPO / "pyproject.toml"
 WORKDIR = "/opt/mnistgen"  # where every image keeps the source tree (on PYTHONPATH)
 STAGES = ["python-base", "export", "gateway", "triton", "training"]
-TRITON_BASE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51.0, the server nvidia-pytriton 0.7.0 ships
+# Triton 2.62: the first releases without CVE-2025-23310/23311/23319/23320/23334 are 25.07+ (docs/security.md); the
+# tests run the same server line from PyPI (nvidia-pytriton 0.7.0 = Triton 2.51), loopback only, APIs restricted
+TRITON_BASE = "nvcr.io/nvidia/tritonserver:25.10-py3"
+TRITON_FIXED_FROM = (25, 7)  # the release that fixed the advisories the issue names
 GATEWAY_COMMAND = ["mnistgen-gateway", "--grpc-port", "50051", "--http-port", "8080",
                    "--triton-url", "triton:8001"]
 NON_ROOT_UID = "10001"  # the k8s manifests' runAsUser
@@ -61,8 +64,8 @@ TRITON_SUBSTITUTES = {"onnxruntime": "onnxruntime-gpu"}  # the CUDA build of the
 TRITON_NOT_INSTALLED = {"nvidia-pytriton": "it only ships the tritonserver binary, which NVIDIA's image is"}
 # A Dockerfile pin other than pyproject.toml's must be listed here with the reason.
 PIN_EXCEPTIONS = {
-    ("triton", "diffusers"): "Triton 24.10's python backend embeds Python 3.10; diffusers 0.42 needs 3.11",
-    ("triton", "onnxruntime-gpu"): "onnxruntime-gpu 1.23.2 is the newest release with Python 3.10 wheels",
+    ("triton", "diffusers"): "kept from Triton 24.10's Python 3.10 (diffusers 0.42 needs 3.11); 25.10 runs 3.12",
+    ("triton", "onnxruntime-gpu"): "kept from Python 3.10 (1.23.2: its newest wheels); CUDA 12 + cuDNN 9 build",
 }
 # One import name, several distributions that provide it.
 ALIASES = {"onnxruntime-gpu": "onnxruntime"}
@@ -515,6 +518,8 @@ def test_targets_and_bases(dockerfile):
             continue
         assert ":" in s.base and not s.base.endswith(":latest"), f"{s.name}: base {s.base} not pinned"
     assert dockerfile["triton"].base == TRITON_BASE
+    release = re.search(r":(\d+)\.(\d+)-py3$", TRITON_BASE)
+    assert tuple(map(int, release.groups())) >= TRITON_FIXED_FROM, "a Triton release with the 2025 advisories"
     assert dockerfile["python-base"].base.startswith("python:3.11")
 
 
@@ -754,7 +759,8 @@ def test_triton_image(dockerfile):
     assert "--model-repository=/models" in args
     ports = {a.split("=")[0]: a.split("=")[1] for a in args if a.split("=")[0].endswith("-port")}
     assert ports == {"--http-port": "8000", "--grpc-port": "8001", "--metrics-port": "8002"}
-    assert set(tr.one("EXPOSE").args.split()) == set(ports.values())
+    assert "--http-address=127.0.0.1" in args  # HTTP only for the in-container HEALTHCHECK; not exposed
+    assert set(tr.one("EXPOSE").args.split()) == set(ports.values()) - {"8000"}
     assert tr.all("USER")[-1].args.split(":")[0] == NON_ROOT_UID
     assert "/v2/health/ready" in tr.one("HEALTHCHECK").args
     dests = {dest.rstrip("/"): src for _, dest, src in copies(tr) if src}
@@ -773,10 +779,10 @@ def test_triton_image(dockerfile):
     if help_text is None:
         pytest.skip("tritonserver (nvidia-pytriton) not installed: flag names not checked")
     flags = set(a.split("=")[0] for a in args)
-    for overlay in (REPO / "k8s" / "overlays").glob("*/triton-*.yaml"):
+    for overlay in (REPO / "k8s" / "base" / "triton.yaml", *(REPO / "k8s" / "overlays").glob("*/triton-*.yaml")):
         for doc in yaml.safe_load_all(overlay.read_text()):
             for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-                flags |= {a.split("=")[0] for a in c.get("args", [])}
+                flags |= {a.split("=")[0] for a in c.get("args", []) + c.get("command", [])[2:]}
                 repo = next(a.split("=")[1] for a in c["args"] if a.startswith("--model-repository="))
                 assert repo.rstrip("/") in dests, f"{overlay.name}: {repo} is not a repository in the image"
     unknown = {f for f in flags if f"{f} " not in help_text}

@@ -29,7 +29,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed 
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = ("cpu", "gpu", "tls")  # tls: the cpu overlay with TLS on the gateway
+OVERLAYS = ("cpu", "gpu", "tls", "auth-disabled")  # tls / auth-disabled: the cpu overlay with TLS / without tokens
 K8S_VERSION = "1.32.0"  # the Kubernetes release the manifests are validated against
 NAMESPACE = "mnistgen"
 TRITON_METRICS = {  # counters Triton exports on :8002 that the autoscaling rule may use
@@ -371,7 +371,7 @@ def test_services_select_deployments_and_ports_exist(overlay):
     _, docs = overlay
     deploys = by_kind(docs, "Deployment")
     services = by_kind(docs, "Service")
-    expected = {"triton": {"http": 8000, "grpc": 8001, "metrics": 8002}, "gateway": {"grpc": 50051, "http": 8080}}
+    expected = {"triton": {"grpc": 8001, "metrics": 8002}, "gateway": {"grpc": 50051, "http": 8080}}  # no Triton HTTP
     assert set(services) == set(expected)
     for name, svc in services.items():
         targets = [n for n, d in deploys.items() if selects(svc["spec"]["selector"], template_labels(d))]
@@ -384,28 +384,30 @@ def test_services_select_deployments_and_ports_exist(overlay):
 
 def test_probes_hit_declared_ports(overlay):
     _, docs = overlay
-    paths = {"triton": {"/v2/health/ready", "/v2/health/live"}, "gateway": {"/readyz", "/healthz"}}
+    paths = {"triton": {"grpc.health.v1"}, "gateway": {"/readyz", "/healthz"}}
     for name, d in by_kind(docs, "Deployment").items():
         c = container(d)
         seen = set()
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             if probe not in c:
                 continue
-            get = c[probe]["httpGet"]
+            get = c[probe].get("httpGet") or c[probe]["grpc"]
             assert container_port(d, get["port"]) is not None, f"{name}.{probe} port {get['port']}"
-            seen.add(get["path"])
+            seen.add(get.get("path", "grpc.health.v1"))
         assert "readinessProbe" in c and "livenessProbe" in c, name
         assert seen == paths[name]
+    # Triton's probes use the gRPC port, the one its NetworkPolicy admits (its HTTP is off)
     triton = container(by_kind(docs, "Deployment")["triton"])
-    assert container_port(by_kind(docs, "Deployment")["triton"], triton["readinessProbe"]["httpGet"]["port"]) == 8000
+    assert container_port(by_kind(docs, "Deployment")["triton"], "grpc") == triton["readinessProbe"]["grpc"]["port"]
 
 
 def test_triton_args_match_ports(overlay):
     _, docs = overlay
     d = by_kind(docs, "Deployment")["triton"]
     args = container(d)["args"]
-    for flag, port_name in (("--http-port", "http"), ("--grpc-port", "grpc"), ("--metrics-port", "metrics")):
+    for flag, port_name in (("--grpc-port", "grpc"), ("--metrics-port", "metrics")):
         assert int(arg_value(args, flag)) == container_port(d, port_name), flag
+    assert arg_value(args, "--http-port") is None and container_port(d, "http") is None
 
 
 def test_gateway_reaches_triton_service(overlay):
@@ -445,16 +447,18 @@ def _gateway_env(cont: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in cont.get("env", []) if "value" in e}
 
 
-def test_gateway_auth_and_tls_from_optional_secrets(overlay):
-    """Tokens (and in the tls overlay the certificate) come from optional Secrets mounted read-only; never inline."""
+def test_gateway_auth_and_tls_from_secrets(overlay):
+    """Tokens come from the Secret gateway-tokens, required (fail closed) but in overlays/auth-disabled; the tls
+    overlay's certificate from the optional gateway-tls; both mounted read-only, never inline."""
     name, docs = overlay
     gw = by_kind(docs, "Deployment")["gateway"]
     pod, c = gw["spec"]["template"]["spec"], container(gw)
     env = _gateway_env(c)
     vol = next(v for v in pod["volumes"] if v["name"] == "auth")
     sources = vol["projected"]["sources"]
-    assert all(s["secret"]["optional"] is True for s in sources), "a missing auth Secret must not block the pod"
-    secrets = {s["secret"]["name"] for s in sources}
+    optional = {s["secret"]["name"]: s["secret"]["optional"] for s in sources}
+    assert optional == {"gateway-tokens": name == "auth-disabled", "gateway-tls": True}, optional
+    secrets = set(optional)
     assert secrets == {"gateway-tokens", "gateway-tls"}
     mount = next(m for m in c["volumeMounts"] if m["name"] == "auth")
     assert mount["readOnly"] is True
@@ -488,6 +492,26 @@ def test_gateway_cli_accepts_the_deployment(overlay):
     cfg = gateway.parse_args(argv, environ=env)
     assert cfg.api_token_file == env["MNISTGEN_API_TOKEN_FILE"] and cfg.api_tokens == ""
     assert bool(cfg.tls_cert) == bool(cfg.tls_key) == (name == "tls")
+    # fail closed: a token file without tokens stops the gateway (it listens beyond loopback), but where opted out
+    from serving.gateway.config import unauthenticated_refusal
+
+    assert (unauthenticated_refusal(cfg, has_tokens=False) is None) == (name == "auth-disabled")
+    assert unauthenticated_refusal(cfg, has_tokens=True) is None
+
+
+def test_triton_key_from_a_required_secret_restricts_every_api_but_health(overlay):
+    """Triton's restricted APIs take their key from Secret triton-key, required by both pods; HTTP is off."""
+    from serving.triton_access import ALL_BUT_HEALTH, KEY_ENV, KEY_HEADER
+
+    _, docs = overlay
+    deploys = by_kind(docs, "Deployment")
+    triton = container(deploys["triton"])
+    cmd = triton["command"]
+    assert cmd[:2] == ["/opt/nvidia/nvidia_entrypoint.sh", "tritonserver"] and "--allow-http=false" in cmd
+    assert arg_value(cmd, "--grpc-restricted-protocol") == f"{','.join(ALL_BUT_HEALTH)}:{KEY_HEADER}=$({KEY_ENV})"
+    for c in (triton, container(deploys["gateway"])):
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == KEY_ENV]
+        assert ref["name"] == "triton-key" and not ref.get("optional"), ref
 
 
 def test_triton_shm_and_resources(overlay):

@@ -423,7 +423,7 @@ def test_timed_in_triton_reads_the_real_servers_statistics(triton):
     import tritonclient.grpc as grpcclient
 
     triton.require("dcgan_generator")
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client = triton.server.client()  # with the launch key: statistics are a restricted API
     dim = client.get_model_metadata("dcgan_generator").inputs[0].shape[-1]
     inp = grpcclient.InferInput("latent", [4, int(dim)], "FP32")
     inp.set_data_from_numpy(np.zeros((4, int(dim)), np.float32))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.process import http_ok, terminate, wait_until
-from serving.triton_server import free_ports
+from serving.process import terminate, wait_until
+from serving.triton_server import free_ports, server_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECOVERY_S = 5.0  # first success at most this long after Triton reports ready again
@@ -55,7 +55,6 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
     new_pid = None
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     gateway = f"http://127.0.0.1:{http_port}"
-    triton_ready_url = f"http://127.0.0.1:{t_http}/v2/health/ready"
     try:
         wait_until(lambda: any("mnistgen-serve is up" in ln for ln in lines), 300, "make run's stack", proc=proc,
                    log=lambda: "".join(lines[-40:]))
@@ -91,7 +90,8 @@ def test_supervisor_restarts_a_killed_triton_and_the_service_recovers(tmp_path):
         assert headers.get("Retry-After") == "1"
 
         # Triton comes back by itself (the supervisor restarts it), then the service within RECOVERY_S
-        ready_at = wait_until(lambda: http_ok(triton_ready_url, 1) and time.monotonic(), 240, "the restarted Triton", interval_s=0.05)
+        ready_at = wait_until(lambda: server_ready(f"127.0.0.1:{t_grpc}", 1) and time.monotonic(), 240,
+                              "the restarted Triton", interval_s=0.05)
         first_ok = wait_until(lambda: next((t for t, s, _ in answers if s == 200 and t > ready_at), None),
                               RECOVERY_S + 30, "a successful request after Triton's restart", interval_s=0.05)
         stop.set()
