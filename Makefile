@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e '.[dev]'
 	@touch $(STAMP)
 
-run: setup ## export stale models, start Triton + gateway (gRPC :50051, HTTP :8080, Triton :8000-8002); Ctrl-C stops both
-	$(PY) -m serving.run
+run: setup ## export stale models, start Triton + gateway (gRPC :50051, HTTP :8080, Triton :8000-8002); Ctrl-C stops both [TRITON_REPLICAS=N]
+	$(PY) -m serving.run --triton-replicas $(or $(TRITON_REPLICAS),1)
 
 demo: ## with `make run` up in another terminal: out/generate.png, out/denoise.png, out/digits.png via the client
 	$(PY) -m serving.demo
