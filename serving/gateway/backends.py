@@ -194,9 +194,10 @@ class BackendSet:
         a, b = random.sample(ready, 2)
         return a if a.outstanding <= b.outstanding else b
 
-    async def _call(self, op: Callable[[TritonClient, float], object], timeout: float, cost: int, model: str):
+    async def _call(self, op: Callable[[TritonClient, float], object], timeout: float, cost: int, model: str,
+                    counted: bool = True):
         """op(client, timeout) on a picked backend; once more on another ready one when it failed before answering,
-        within the same deadline."""
+        within the same deadline. counted: in mnistgen_gateway_backend_requests_total (inference calls)."""
         deadline = time.monotonic() + timeout
         tried: Backend | None = None
         error: ApiError | None = None
@@ -228,7 +229,7 @@ class BackendSet:
                 raise
             finally:
                 b.outstanding -= cost
-                if self.metrics is not None:
+                if counted and self.metrics is not None:
                     self.metrics.backend_requests.labels(b.url, code).inc()
                 if b.removed and b.outstanding == 0:
                     self._spawn(b.client.close())
@@ -238,7 +239,7 @@ class BackendSet:
         return await self._call(lambda c, t: c.infer(model, inputs, outputs, t), timeout, cost, model)
 
     async def model_info(self, model: str, timeout: float):
-        return await self._call(lambda c, t: c.model_info(model, t), timeout, 0, model)
+        return await self._call(lambda c, t: c.model_info(model, t), timeout, 0, model, counted=False)
 
     async def readiness(self, models: list[str], timeout: float) -> tuple[bool, dict[str, bool]]:
         """(any backend ready, {model: ready on any backend}); never raises."""
