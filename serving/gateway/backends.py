@@ -129,7 +129,7 @@ class BackendSet:
         self._resolve_soon = False
         try:
             urls = await asyncio.to_thread(resolve, self.spec, self.lookup)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # (a name that stopped resolving, an @FILE being rewritten)
             self._resolved_at = time.monotonic()
             log.warning("re-resolving triton_url %r failed (keeping %s): %s", self.spec, list(self.backends), e)
             return

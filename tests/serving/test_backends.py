@@ -125,3 +125,21 @@ def test_probe_readmits_and_reports_the_healthy_count():
     s.backends["a:1"].client.answer = None
     detail = asyncio.run(s.probe(["m"], 1.0))
     assert [d["state"] for d in detail] == [bk.READY, bk.READY] and seen == [1, 2]
+
+
+def test_reresolution_follows_the_file_and_keeps_the_set_on_a_bad_one(tmp_path):
+    f = tmp_path / "backends.txt"
+    f.write_text("127.0.0.1:1\n")
+
+    async def scenario() -> list[list[str]]:
+        s = bk.BackendSet(f"@{f}", 1 << 20, resolve_interval_s=0.0)
+        seen = [list(s.backends)]
+        for text in ("127.0.0.1:1\n127.0.0.1:2\n", "nonsense\n", "127.0.0.1:2\n"):
+            f.write_text(text)
+            await s.reresolve()
+            seen.append(list(s.backends))
+        await s.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [["127.0.0.1:1"], ["127.0.0.1:1", "127.0.0.1:2"], ["127.0.0.1:1", "127.0.0.1:2"],
+                                       ["127.0.0.1:2"]]
