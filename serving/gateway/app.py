@@ -62,7 +62,7 @@ class GatewayState:
         if self.draining:
             return "draining: the gateway is shutting down"
         if not server:
-            return f"no Triton backend of {self.config.triton_url} is answering (down or restarting)"
+            return f"Triton at {self.config.triton_url} is not answering (down or restarting)"
         if not any(models.values()):
             return f"Triton is up but none of the models {sorted(models)} is ready (loading, or not exported)"
         return "ready"
