@@ -22,6 +22,8 @@ READY, EJECTED, UNKNOWN = "ready", "ejected", "unknown"  # a backend's state (/r
 # RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED, INTERNAL) is the answer and is never retried
 RETRYABLE = "UNAVAILABLE"
 CONNECT_WORDS = ("connect", "refused", "reset", "socket closed", "broken pipe", "dns")  # reason "connect"
+# UNAVAILABLE for one model on a Triton that is up (not loaded there, or loading): retried elsewhere, not ejected
+MODEL_MISSING = ("not found", "is not ready")
 
 
 def split_hostport(entry: str) -> tuple[str, str]:
@@ -223,7 +225,8 @@ class BackendSet:
                 code, error, tried = e.code, e, b
                 if e.code != RETRYABLE:
                     raise
-                self.eject(b, e.message)
+                if not any(w in e.message for w in MODEL_MISSING):
+                    self.eject(b, e.message)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
