@@ -37,7 +37,7 @@ class ReplicasConfig:
     replicas: int = 2  # --triton-replicas
     clients: int = 8  # closed-loop HTTP clients in both phases
     steady_s: float = 20.0  # phase 1: GAN Generate only, the share per backend
-    kill_window_s: float = 120.0  # phase 2: mixed load for this long; the SIGKILL comes after kill_after_s
+    kill_window_s: float = 60.0  # phase 2: mixed load for this long; the SIGKILL comes after kill_after_s
     kill_after_s: float = 5.0
     ddpm_steps: int = 2  # DDPM Generate and Denoise steps (cheap calls: the point is routing, not sampling)
     startup_timeout_s: float = 600.0  # every exported model loading in N Tritons on shared cores
@@ -88,12 +88,11 @@ def run(cfg: ReplicasConfig) -> dict:
         total = sum(shares.values())
 
         victim_pid, victim = int(tritons[0][0]), tritons[0][1]
-        not_ready, stop, killed_at = [], threading.Event(), []
+        not_ready, stop = [], threading.Event()
 
         def chaos():
             time.sleep(cfg.kill_after_s)
             os.kill(victim_pid, signal.SIGKILL)
-            killed_at.append(time.monotonic())
             while not stop.wait(0.1):
                 if not http_ok(f"{url}/readyz", 5):
                     not_ready.append(time.monotonic())
@@ -104,8 +103,15 @@ def run(cfg: ReplicasConfig) -> dict:
         mixed = closed_loop(lambda: client(["gan", "ddpm", "denoise"]), cfg.clients, seconds=cfg.kill_window_s)
         stop.set()
         watcher.join(10)
-        again = re.search(r"Triton ready again after ([\d.]+) s", "".join(lines))
         d = delta(counters(url), before)
+        # phase 3: once the launcher restarted the killed one, steady load again: is it readmitted?
+        again = wait_until(lambda: re.search(r"Triton ready again after ([\d.]+) s", "".join(lines)),
+                           cfg.startup_timeout_s, "the killed Triton restarted", proc=proc)
+        wait_until(lambda: json.load(urllib.request.urlopen(f"{url}/readyz", timeout=5))["backends_ready"]
+                   == cfg.replicas, 60, "every backend ready in /readyz")
+        before = counters(url)
+        readmitted = closed_loop(lambda: client(["gan"]), cfg.clients, seconds=cfg.steady_s)
+        after = by_backend(delta(counters(url), before))
         return {
             "config": relative_paths(asdict(cfg)), "command": " ".join(["python -m loadtest.replicas", *sys.argv[1:]]),
             "stack": "python -m serving.run --no-export --triton-replicas " + str(cfg.replicas),
@@ -116,8 +122,9 @@ def run(cfg: ReplicasConfig) -> dict:
                         "errors": mixed["error_codes"], "readyz_not_200": len(not_ready),
                         "retries": {r: v for (k, _, r), v in d.items() if k == "retries"},
                         "backend_calls_by_code": {f"{b} {c}": v for (k, b, c), v in d.items() if k == "requests"},
-                        "restart_ready_after_s": float(again.group(1)) if again else None,
-                        "killed_replica_ok_calls": by_backend(d).get(victim, 0.0)},
+                        "restart_ready_after_s": float(again.group(1))},
+            "after_restart": {"requests_ok": readmitted["ok"], "errors": readmitted["error_codes"],
+                              "share": {b: round(v / sum(after.values()), 4) for b, v in after.items()}},
         }
     finally:
         proc.send_signal(signal.SIGTERM)
