@@ -33,8 +33,8 @@ lock: ## re-lock requirements/*.txt from pyproject.toml's extras (needs PyPI; UV
 	$(LOCK) --extra dev -o requirements/dev.txt
 	for role in $(LOCK_ROLES); do $(LOCK) --extra $$role -c requirements/dev.txt -o requirements/$$role.txt || exit 1; done
 
-run: setup ## export stale models, start Triton + gateway (gRPC :50051, HTTP :8080, Triton :8000-8002); Ctrl-C stops both
-	$(PY) -m serving.run
+run: setup ## export stale models, start Triton + gateway (gRPC :50051, HTTP :8080, Triton gRPC :8001 + metrics :8002 on 127.0.0.1); Ctrl-C stops both [TRITON_REPLICAS=N]
+	$(PY) -m serving.run --triton-replicas $(or $(TRITON_REPLICAS),1)
 
 demo: ## with `make run` up in another terminal: out/generate.png, out/denoise.png, out/digits.png via the client
 	$(PY) -m serving.demo

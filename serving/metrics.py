@@ -105,6 +105,17 @@ class GatewayMetrics:
                                         "(--max-cost-in-flight)", registry=r)
         self.triton_up = Gauge(f"{PREFIX}_triton_up", "1 when Triton and the served models are ready, else 0",
                                registry=r)
+        # the Triton backend set (serving/gateway/backends.py): one series per backend address and status code
+        self.backend_requests = Counter(f"{PREFIX}_backend_requests", "Triton calls by backend (host:port) and gRPC "
+                                        "status code (a retried call counts on each backend it tried)",
+                                        ["backend", "code"], registry=r)
+        self.backend_retries = Counter(f"{PREFIX}_backend_retries", "Triton calls sent again to another backend, by "
+                                       "why the first failed before answering (connect, unavailable)", ["reason"],
+                                       registry=r)
+        self.backends_healthy = Gauge(f"{PREFIX}_backends_healthy", "Triton backends ready to take requests",
+                                      registry=r)
+        self.backends_known = Gauge(f"{PREFIX}_backends_known", "Triton backends the address set names (--triton-url "
+                                    "resolved)", registry=r)
         self.auth_failures = Counter(f"{PREFIX}_auth_failures", "Requests refused UNAUTHENTICATED / HTTP 401, by "
                                      "transport and reason (missing, malformed, invalid)", ["transport", "reason"],
                                      registry=r)

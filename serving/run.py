@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import ssl
 import subprocess
 import sys
@@ -145,6 +146,9 @@ class RunConfig:
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    # tritonserver processes, each supervised on its own: the first on the ports above, the others on free ports;
+    # the gateway spreads requests over them and routes around a dead one (serving/gateway/backends.py)
+    triton_replicas: int = 1
     models: tuple[str, ...] | None = None  # Triton models to load; None = every exported one
     export: bool = True  # run `python -m training.export` first (it skips up-to-date exports)
     startup_timeout_s: float = 300.0  # Triton loading every model on a small CPU machine
@@ -162,16 +166,19 @@ class Stack:
     calls it every poll); also a context manager (no supervision: the bench and the soak)."""
 
     def __init__(self, c: RunConfig):
+        if c.triton_replicas < 1:
+            raise ValueError(f"triton_replicas must be >= 1, got {c.triton_replicas!r}")
         self.c = c
+        self.key = secrets.token_urlsafe(24)  # the restricted APIs' key, one for every replica (the gateway holds one)
         tports = (c.triton_http_port, c.triton_grpc_port, c.triton_metrics_port)
-        tports = tports if all(tports) else free_ports(3)
-        self.triton = TritonServer(TritonConfig(
-            model_repository=c.model_repository, models=c.models, http_port=tports[0], restricted=ALL_BUT_HEALTH,
-            grpc_port=tports[1], metrics_port=tports[2], startup_timeout_s=c.startup_timeout_s,
-            log_file=c.log_dir / "tritonserver.log"))
+        self.triton = self.triton_server(0, tports if all(tports) else free_ports(3))
+        # the Stack supervises the first Triton itself (its state below), each other one is a TritonReplica
+        self.replicas = [self] + [TritonReplica(self, self.triton_server(i, free_ports(3)))
+                                  for i in range(1, c.triton_replicas)]
+        self.tritons = [r.triton for r in self.replicas]
         self.gateway = GatewayProcess(GatewayProcessConfig(
-            self.triton.grpc_url, c.host, c.grpc_port, c.http_port, log_file=c.gateway_log,
-            extra_args=c.gateway_args, env={KEY_ENV: self.triton.config.key}))  # the key: env only
+            ",".join(t.grpc_url for t in self.tritons), c.host, c.grpc_port, c.http_port, log_file=c.gateway_log,
+            extra_args=c.gateway_args, env={KEY_ENV: self.key}))  # the key: env only, one for all
         self.restarts = {"triton": 0, "gateway": 0}
         self.failures = {"triton": (0, float("-inf")), "gateway": (0, float("-inf"))}  # (in a row, last at)
         self.triton_state = "ready"  # ready | down (restart at triton_due) | starting (since triton_due)
@@ -179,15 +186,24 @@ class Stack:
         self.unhealthy_since: float | None = None
         self.gateway_due: float | None = None  # gateway exited: restart at this time
 
+    def triton_server(self, i: int, ports: tuple[int, int, int]) -> TritonServer:
+        c = self.c
+        return TritonServer(TritonConfig(
+            model_repository=c.model_repository, models=c.models, http_port=ports[0], grpc_port=ports[1],
+            metrics_port=ports[2], startup_timeout_s=c.startup_timeout_s, restricted=ALL_BUT_HEALTH, key=self.key,
+            log_file=c.log_dir / (f"tritonserver-{i}.log" if i else "tritonserver.log")))
+
     def start(self) -> "Stack":
-        print(f"starting Triton (log {self.triton.config.log_file}) ...", flush=True)
-        self.triton.start()
+        for t in self.tritons:
+            print(f"starting Triton (log {t.config.log_file}) ...", flush=True)
+            t.start()
         return self
 
     def wait_ready(self, timeout: float | None = None, abort=None) -> "Stack":
-        self.triton.wait_ready(abort=abort)
-        print(f"Triton ready with {self.triton.models} (pid {self.triton.proc.pid}); starting the gateway ...",
-              flush=True)
+        for t in self.tritons:
+            t.wait_ready(abort=abort)
+            print(f"Triton ready with {t.models} (pid {t.proc.pid}) on grpc {t.grpc_url}", flush=True)
+        print("starting the gateway ...", flush=True)
         self.gateway.start().wait_ready(60, abort=abort)
         return self
 
@@ -196,7 +212,8 @@ class Stack:
     # -- supervision: never blocks for long ----------------------------------------------------------------
     def alive(self) -> bool:
         now = time.monotonic()
-        self._supervise_triton(now)
+        for r in self.replicas:
+            r._supervise_triton(now)
         self._supervise_gateway(now)
         return True  # a supervisor keeps trying; only a signal stops the stack
 
@@ -249,15 +266,28 @@ class Stack:
             self.gateway_due = now + self._delay("gateway", now, why)
 
     def exit_message(self) -> str:
-        return f"stack stopped; Triton log {self.triton.log_path}:\n{self.triton.log_tail()}"
+        return "".join(f"stack stopped; Triton log {t.log_path}:\n{t.log_tail()}" for t in self.tritons)
 
     def close(self) -> None:
         if self.gateway.running:
             print("stopping the gateway (draining in-flight requests) ...", flush=True)
         self.gateway.stop()
         print("stopping Triton ...", flush=True)
-        self.triton.close()
+        for t in self.tritons:
+            t.close()
         print("stopped.", flush=True)
+
+
+class TritonReplica:
+    """A Stack's second, third ... Triton, supervised like its first (the Stack's own per-Triton methods, run on this
+    replica's state): restarted on its own when it exits or fails its health check, with its own backoff."""
+
+    def __init__(self, stack: Stack, server: TritonServer):
+        self.c, self.triton = stack.c, server
+        self.restarts, self.failures = {"triton": 0}, {"triton": (0, float("-inf"))}
+        self.triton_state, self.triton_due, self.unhealthy_since = "ready", 0.0, None
+
+    _delay, _restart_triton, _supervise_triton = Stack._delay, Stack._restart_triton, Stack._supervise_triton
 
 
 def banner(stack: Stack) -> str:
@@ -266,8 +296,9 @@ def banner(stack: Stack) -> str:
         "", "mnistgen-serve is up (Ctrl-C stops both servers)",
         f"  gateway gRPC     {gw.grpc_target}   (mnistgen.v1.GenerationService, health, reflection)",
         f"  gateway HTTP     {gw.http_url}   (/v1/generate, /v1/denoise, /v1/models, /readyz, /metrics)",
-        f"  Triton           grpc {t.grpc_url}, metrics {t.metrics_url} (loopback; HTTP off; all APIs but "
-        "health need the launch key, which only the gateway has)",
+        *(f"  Triton           grpc {t.grpc_url}, metrics {t.metrics_url} (loopback; HTTP off; all APIs but health need "
+          "the launch key, which only the gateway has)"
+          for t in stack.tritons),
         f"  Triton models    {', '.join(t.models)}",
         f"  Triton log       {t.log_path}",
         "  supervised       Triton and the gateway restart on their own (backoff), Ctrl-C / SIGTERM / SIGHUP stop",

@@ -23,7 +23,7 @@ from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
 from .config import GatewayConfig, parse_args, unauthenticated_refusal
 from .http_api import HttpApi
 from .service import GenerationServicer, add_to_server
-from .triton_client import TritonClient
+from .backends import READY, BackendSet
 
 log = logging.getLogger("mnistgen.gateway")
 
@@ -31,21 +31,22 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name  # 
 
 
 class GatewayState:
-    """Triton readiness as seen by /readyz, gRPC health and the triton_up gauge; draining on shutdown."""
+    """Triton readiness as seen by /readyz, gRPC health and the triton_up gauge; draining on shutdown. Each probe
+    also ejects and readmits the backends of the set: the gateway is ready while at least one backend is."""
 
-    def __init__(self, triton: TritonClient, metrics: GatewayMetrics, health_servicer, config: GatewayConfig):
+    def __init__(self, triton: BackendSet, metrics: GatewayMetrics, health_servicer, config: GatewayConfig):
         self.triton, self.metrics, self.health, self.config = triton, metrics, health_servicer, config
         self.draining = self.ready = False
         self.models = list(catalog.SERVED)
 
     async def check(self) -> tuple[bool, dict]:
-        server, models = await self.triton.readiness(self.models, self.config.readiness_timeout_s)
-        # Triton answering and one of our models READY; the others are listed as missing (never exported, unloaded or
-        # failing: their calls answer UNAVAILABLE)
-        up = server and any(models.values())
+        backends = await self.triton.probe(self.models, self.config.readiness_timeout_s)
+        # a backend is ready when Triton is and one of our models is (the others are listed as missing: never
+        # exported, unloaded or failing, their calls answer UNAVAILABLE); server/models: the union over the backends
+        server = any(b["triton_ready"] for b in backends)
+        models = {m: any(b["models"].get(m, False) for b in backends) for m in self.models}
+        up = any(b["state"] == READY for b in backends)
         ready = up and not self.draining
-        if not server:
-            self.triton.forget()
         self.metrics.triton_up.set(1 if up else 0)
         if ready != self.ready:
             log.info("readiness %s -> %s (triton server ready %s, models %s)", self.ready, ready, server, models)
@@ -55,7 +56,8 @@ class GatewayState:
             await self.health.set(service, status)
         missing = sorted(m for m, ok in models.items() if not ok)  # their calls answer UNAVAILABLE / 503
         return ready, {"triton_ready": server, "models": models, "missing": missing,
-                       "reason": self.reason(server, models)}
+                       "reason": self.reason(server, models),
+                       "backends_ready": sum(b["state"] == READY for b in backends), "backends": backends}
 
     def reason(self, server: bool, models: dict[str, bool]) -> str:
         """Why the gateway is (not) ready, in words for /readyz."""
@@ -118,8 +120,15 @@ async def start(config: GatewayConfig) -> RunningGateway:
     if refusal:
         raise ConfigError(refusal)
     tls = TlsMaterial.from_config(config)  # None: plain text
-    triton = TritonClient(config.triton_url, config.max_response_bytes, config.triton_key)
     limiter = Limiter(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
+
+    def healthy_backends(n: int) -> None:
+        """The backend set's healthy count changed. MERGE POINT (issue 29 + H28a's admission): call
+        `limiter.set_backends(n)` here so the cost budget follows the healthy backends."""
+        log.info("healthy Triton backends: %d", n)
+
+    triton = BackendSet(config.triton_url, config.max_response_bytes, metrics, config.resolve_interval_s,
+                        on_change=healthy_backends, key=config.triton_key)
     metrics.watch_admission(limiter)  # cost gauges
     servicer = GenerationServicer(triton, metrics, limiter, config, access_logger(config.access_log))
     server = grpc.aio.server(interceptors=[AuthInterceptor(auth)] if auth is not None else None, options=[

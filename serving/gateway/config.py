@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from mnistgen.cli import add_dataclass_args, dataclass_from_args
 
 from ..triton_access import is_loopback
+from .backends import check_spec
 
 # the --help description (what the gateway is)
 DESCRIPTION = ("The gRPC + HTTP/JSON gateway: validates requests, samples GAN latents, calls Triton over gRPC, "
@@ -21,7 +22,10 @@ class GatewayConfig:
     host: str = "0.0.0.0"  # interface both servers bind
     grpc_port: int = 50051  # mnistgen.v1.GenerationService + grpc.health.v1 + reflection
     http_port: int = 8080  # JSON API, /healthz, /readyz, /metrics
-    triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (host:port)
+    # Triton's gRPC endpoints: comma-separated host:port entries; a name resolving to many addresses (a headless
+    # Service) is one backend per address; @FILE reads entries from a file (serving/gateway/backends.py)
+    triton_url: str = "127.0.0.1:8001"
+    resolve_interval_s: float = 30.0  # re-resolve triton_url's names (and @FILE) this often, and after a failure
     triton_key: str = field(default="", repr=False)  # Triton's restricted-API key (docs/security.md); env only
     max_concurrency: int = 16  # requests running against Triton at once
     # cost running at once, in model evaluations x samples (admission.py, docs/api.md#admission): a DDPM Generate
@@ -62,6 +66,7 @@ class GatewayConfig:
         for name in ("max_concurrency", "max_cost_in_flight", "max_request_bytes", "max_response_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        check_spec(self.triton_url)
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue!r}")
 

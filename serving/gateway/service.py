@@ -26,8 +26,9 @@ from ..validation import (
 from . import request_id
 from .admission import FREE, Limiter, denoise_cost, generate_cost
 from .config import GatewayConfig
+from .backends import BackendSet
 from .triton_client import (
-    DENOISED, DIGIT, GUIDANCE, IMAGE, LATENT, NOISY, NUM_SAMPLES, SAMPLER, SEED, SIGMA, STEPS, TritonClient, tensor,
+    DENOISED, DIGIT, GUIDANCE, IMAGE, LATENT, NOISY, NUM_SAMPLES, SAMPLER, SEED, SIGMA, STEPS, tensor,
 )
 
 log = logging.getLogger("mnistgen.gateway")
@@ -139,7 +140,7 @@ def deadline_remaining(deadline: float) -> float:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """mnistgen.v1.GenerationService; the HTTP routes call the same coroutines (`run`)."""
 
-    def __init__(self, triton: TritonClient, metrics: GatewayMetrics, limiter: Limiter, config: GatewayConfig,
+    def __init__(self, triton: BackendSet, metrics: GatewayMetrics, limiter: Limiter, config: GatewayConfig,
                  access: logging.Logger | None = None):
         self.triton, self.metrics, self.limiter, self.config = triton, metrics, limiter, config
         self.access = access  # the access log (app.access_logger), None when off
@@ -214,10 +215,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         z = sample_latent(p.num_samples, info.latent_dim, p.seed)  # (N, latent_dim)
         step = info.max_batch_size or p.num_samples
         if p.num_samples <= step:  # one call (every batch-1 request): no task, no gather, no concatenate
-            r = await self.triton.infer(model, [tensor(LATENT, z, "FP32")], [IMAGE], deadline_remaining(deadline))
+            r = await self.triton.infer(model, [tensor(LATENT, z, "FP32")], [IMAGE], deadline_remaining(deadline),
+                                        p.num_samples)
             return r.as_numpy(IMAGE).reshape(-1, 1, imgs.SIDE, imgs.SIDE), r.get_response().model_version
         results = await asyncio.gather(*(
-            self.triton.infer(model, [tensor(LATENT, z[i:i + step], "FP32")], [IMAGE], deadline_remaining(deadline))
+            self.triton.infer(model, [tensor(LATENT, z[i:i + step], "FP32")], [IMAGE], deadline_remaining(deadline),
+                              len(z[i:i + step]))
             for i in range(0, p.num_samples, step)))
         x = np.concatenate([r.as_numpy(IMAGE) for r in results]).reshape(-1, 1, imgs.SIDE, imgs.SIDE)
         return x, results[0].get_response().model_version
@@ -235,7 +238,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if p.model.conditional:  # ddpm_cond_generate: digit -1 = any
             inputs += [tensor(DIGIT, np.full(row, p.digit, np.int32), "INT32"),
                        tensor(GUIDANCE, np.full(row, p.guidance, np.float32), "FP32")]
-        r = await self.triton.infer(model, inputs, [IMAGE], deadline_remaining(deadline))
+        r = await self.triton.infer(model, inputs, [IMAGE], deadline_remaining(deadline),
+                                    p.model.cost(p.num_samples, p.steps, p.guided))
         x = r.as_numpy(IMAGE).reshape(-1, 1, imgs.SIDE, imgs.SIDE)  # (N, 1, 28, 28) from (1, N, 1, 28, 28) or (N, ...)
         return x, r.get_response().model_version
 
@@ -274,7 +278,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 tensor(SAMPLER, col(p.sampler.encode(), np.object_)[i:j], "BYTES"),
                 tensor(SEED, seeds[i:j].astype(np.int64).reshape(-1, 1), "INT64"),
             ]
-            calls.append(self.triton.infer(model, inputs, [NOISY, DENOISED], deadline_remaining(deadline)))
+            calls.append(self.triton.infer(model, inputs, [NOISY, DENOISED], deadline_remaining(deadline),
+                                           catalog.DENOISER.cost(j - i, p.steps)))
         results = await asyncio.gather(*calls)
         shape = (-1, 1, imgs.SIDE, imgs.SIDE)
         noisy = np.concatenate([r.as_numpy(NOISY) for r in results]).reshape(shape)  # (K, 1, 28, 28)

@@ -21,6 +21,7 @@ LATENT, IMAGE, SIGMA, STEPS, SAMPLER, SEED, NUM_SAMPLES, NOISY, DENOISED, DIGIT,
 
 
 # Triton's words for a model it does not serve (an unload, a failed load, not ready yet): UNAVAILABLE, not INTERNAL
+NOT_SERVED_TEXT = "does not serve model"  # the message of a model Triton does not serve (backends.py)
 NOT_SERVED = ("unknown model", "not found", "is not ready", "no available versions")
 
 
@@ -31,7 +32,7 @@ def triton_error(e: InferenceServerException, model: str) -> ApiError:
     if status == "DEADLINE_EXCEEDED":
         return ApiError(f"deadline exceeded waiting for Triton model {model!r}", code="DEADLINE_EXCEEDED")
     if status == "NOT_FOUND" or any(s in msg for s in NOT_SERVED):
-        return ApiError(f"Triton does not serve model {model!r} now (unloaded, failed to load or not ready): {msg}",
+        return ApiError(f"Triton {NOT_SERVED_TEXT} {model!r} now (unloaded, failed to load or not ready): {msg}",
                         code="UNAVAILABLE")
     if status == "UNAVAILABLE":
         return ApiError(f"Triton unavailable for model {model!r}: {msg}", code="UNAVAILABLE")

@@ -371,15 +371,17 @@ def test_services_select_deployments_and_ports_exist(overlay):
     _, docs = overlay
     deploys = by_kind(docs, "Deployment")
     services = by_kind(docs, "Service")
-    expected = {"triton": {"grpc": 8001, "metrics": 8002}, "gateway": {"grpc": 50051, "http": 8080}}  # no Triton HTTP
+    expected = {"triton": {"grpc": 8001, "metrics": 8002}, "gateway": {"grpc": 50051, "http": 8080},
+                "triton-grpc": {"grpc": 8001}}  # no Triton HTTP; the headless one the gateway resolves to every Triton pod
     assert set(services) == set(expected)
     for name, svc in services.items():
+        deploy = name.removesuffix("-grpc")
         targets = [n for n, d in deploys.items() if selects(svc["spec"]["selector"], template_labels(d))]
-        assert targets == [name], f"Service {name} selects {targets}"
+        assert targets == [deploy], f"Service {name} selects {targets}"
         ports = {p["name"]: p for p in svc["spec"]["ports"]}
         assert {n: p["port"] for n, p in ports.items()} == expected[name]
         for p in ports.values():
-            assert container_port(deploys[name], p["targetPort"]) == p["port"], f"{name}:{p['name']}"
+            assert container_port(deploys[deploy], p["targetPort"]) == p["port"], f"{name}:{p['name']}"
 
 
 def test_probes_hit_declared_ports(overlay):
@@ -417,6 +419,8 @@ def test_gateway_reaches_triton_service(overlay):
     url = env_value(c, "MNISTGEN_TRITON_URL")
     host, port = url.rsplit(":", 1)
     svc = by_kind(docs, "Service")[host]  # same namespace: the bare Service name resolves
+    assert svc["spec"]["clusterIP"] == "None", "a ClusterIP pins each gateway's channel to one Triton pod"
+    assert float(env_value(c, "MNISTGEN_RESOLVE_INTERVAL_S")) > 0
     grpc = next(p for p in svc["spec"]["ports"] if p["port"] == int(port))
     assert grpc["name"] == "grpc"
     triton = by_kind(docs, "Deployment")["triton"]
