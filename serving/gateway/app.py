@@ -18,7 +18,7 @@ from ..generated.mnistgen.v1 import generation_pb2 as pb
 from ..metrics import GatewayMetrics
 from mnistgen import catalog
 
-from .admission import Limiter
+from .admission import Admission
 from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
 from .config import GatewayConfig, parse_args
 from .http_api import HttpApi
@@ -113,8 +113,8 @@ async def start(config: GatewayConfig) -> RunningGateway:
     auth = TokenAuth.from_config(config, metrics)  # None: auth off
     tls = TlsMaterial.from_config(config)  # None: plain text
     triton = TritonClient(config.triton_url, config.max_response_bytes)
-    limiter = Limiter(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
-    metrics.watch_admission(limiter)  # cost gauges
+    limiter = Admission(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
+    metrics.watch_admission(limiter)  # cost gauges, per-class queues and refusals
     servicer = GenerationServicer(triton, metrics, limiter, config, access_logger(config.access_log))
     server = grpc.aio.server(interceptors=[AuthInterceptor(auth)] if auth is not None else None, options=[
         ("grpc.max_receive_message_length", config.max_request_bytes),
