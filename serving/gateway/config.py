@@ -21,7 +21,7 @@ class GatewayConfig:
     http_port: int = 8080  # JSON API, /healthz, /readyz, /metrics
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (host:port)
     max_concurrency: int = 16  # requests running against Triton at once, per pool (Triton model; admission.py)
-    # cost running at once per pool, in model evaluations x samples (admission.py, docs/api.md#admission): a DDPM Generate
+    # cost running at once per pool, in evaluations x samples (admission.py, docs/api.md#admission): a DDPM Generate
     # costs num_samples x steps, Denoise images x min(steps, t*+1), a GAN num_samples; 64 x 100 = 64 samples of
     # DDPM-100; a request costing more on its own is refused at once (RESOURCE_EXHAUSTED / HTTP 429)
     max_cost_in_flight: int = 64 * 100
