@@ -125,10 +125,10 @@ class _Waiter:
 class _Class:
     """One class (tenant) of a pool: its FIFO queue, the cost in it and its deficit (deficit round robin)."""
 
-    __slots__ = ("label", "waiters", "cost_queued", "deficit", "active")
+    __slots__ = ("label", "waiters", "cost_queued", "deficit")
 
     def __init__(self, label: str):
-        self.label, self.waiters, self.cost_queued, self.deficit, self.active = label, deque(), 0, 0, False
+        self.label, self.waiters, self.cost_queued, self.deficit = label, deque(), 0, 0
 
 
 class Limiter:
@@ -236,8 +236,7 @@ class Limiter:
         c.waiters.append(w)
         c.cost_queued += units
         self.cost_queued += units
-        if not c.active:
-            c.active = True
+        if len(c.waiters) == 1:  # the class joins the round
             self._turns.append(c)
             if len(self._turns) == 1:
                 c.deficit += self.quantum
@@ -268,7 +267,7 @@ class Limiter:
         c.cost_queued -= w.units
         self.cost_queued -= w.units
         if not c.waiters:  # the class leaves the round: its turn (if it was its) passes on, its deficit is reset
-            c.active, c.deficit = False, 0
+            c.deficit = 0
             if self._turns[0] is c:
                 self._turns.popleft()
                 self._next_turn(rotate=False)

@@ -4,6 +4,7 @@ option, and a real gateway refusing / queueing by cost with the cost gauges and 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import socket
@@ -232,7 +233,7 @@ def test_classes_share_the_pool_by_cost_round_robin_fifo_inside_each():
         await asyncio.gather(holder, *tasks)
         assert order == ["a1", "a2", "b1", "b2", "b3", "b4", "a3", "a4", "b5", "b6", "b7", "b8"]
         assert (lim.running, lim.cost_in_flight, lim.cost_queued, lim.waiting) == (0, 0, 0, 0)
-        assert all(c.deficit == 0 and not c.active for c in lim.classes.values())
+        assert all(c.deficit == 0 and not c.waiters for c in lim.classes.values())
 
     asyncio.run(scenario())
 
@@ -314,7 +315,7 @@ def test_cancelling_the_only_waiter_of_the_class_whose_turn_it_is_passes_the_tur
         big.cancel()
         await asyncio.sleep(0.01)
         assert order == ["x", "small"] and (lim.waiting, lim.cost_queued, lim.cost_in_flight) == (0, 0, 60)
-        assert lim.classes["a"].deficit == 0 and not lim.classes["a"].active
+        assert lim.classes["a"].deficit == 0 and not lim.classes["a"].waiters
         release.set()
         await asyncio.gather(x, small)
         with pytest.raises(asyncio.CancelledError):
@@ -365,6 +366,41 @@ def test_set_backends_scales_every_pool_but_not_one_requests_limit():
             adm.set_backends(0)
 
     asyncio.run(scenario())
+
+
+def test_random_arrivals_cancellations_and_releases_keep_the_books():
+    """Seeded random traffic over three classes: the budget and concurrency are never exceeded, each class is
+    admitted in its arrival order, every admitted request runs, and everything is given back at the end."""
+    async def scenario(seed: int):
+        rng, ticks = np.random.default_rng(seed), itertools.count()
+        lim = Limiter(concurrency=3, queue=6, max_cost=100, clock=lambda: next(ticks))  # a waiter's `since`: a tick
+        tasks, peak, overtaken = [], {"running": 0, "cost": 0}, []
+
+        async def request(tenant: str, i: int, cost: int, hold_s: float):
+            arrival = next(ticks)  # before its own waiter's tick, after every earlier request's
+            async with lim.slot(Cost(cost), tenant):
+                c = lim.classes[tenant]  # admitted: nobody of its class who came earlier may still wait
+                overtaken.extend((i, w.since) for w in c.waiters if w.since < arrival)
+                peak["running"] = max(peak["running"], lim.running)
+                peak["cost"] = max(peak["cost"], lim.cost_in_flight)
+                await asyncio.sleep(hold_s)
+
+        for i in range(200):
+            tenant = "abc"[int(rng.integers(3))]
+            t = asyncio.create_task(request(tenant, i, int(rng.integers(0, 101)), float(rng.uniform(0, 0.002))))
+            tasks.append(t)
+            if rng.random() < 0.15:
+                tasks[int(rng.integers(len(tasks)))].cancel()
+            await asyncio.sleep(float(rng.uniform(0, 0.0005)))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(r is None or isinstance(r, (ApiError, asyncio.CancelledError)) for r in results)
+        assert any(r is None for r in results)
+        assert peak["running"] <= 3 and peak["cost"] <= 100
+        assert overtaken == []  # FIFO inside each class
+        assert (lim.running, lim.cost_in_flight, lim.cost_queued, lim.waiting) == (0, 0, 0, 0)
+
+    for seed in range(5):
+        asyncio.run(scenario(seed))
 
 
 # -- deadline-aware refusal ------------------------------------------------------------------------------------
