@@ -15,7 +15,7 @@ cost picks the class whose head goes next (each class's turn grants `max_cost` u
 class, and the chosen head is not overtaken (it cannot starve). Refused at once, RESOURCE_EXHAUSTED / HTTP 429:
 a request whose cost alone exceeds `max_cost` (it could never run), one whose class queue is full, and one that
 would have to wait while the pool's measured throughput says it cannot finish within its deadline (Retry-After:
-when it could).
+when it could); a queued request is re-checked so whenever a completion updates the measurement.
 """
 from __future__ import annotations
 
@@ -116,10 +116,11 @@ class _Slot:
 
 
 class _Waiter:
-    __slots__ = ("units", "fut", "since", "queued")
+    __slots__ = ("cost", "units", "deadline", "fut", "since", "queued")
 
-    def __init__(self, units: int, fut: asyncio.Future, since: float):
-        self.units, self.fut, self.since, self.queued = units, fut, since, True
+    def __init__(self, cost: Cost, deadline: float | None, fut: asyncio.Future, since: float):
+        self.cost, self.units, self.deadline, self.fut, self.since = cost, cost.units, deadline, fut, since
+        self.queued = True
 
 
 class _Class:
@@ -197,16 +198,39 @@ class Limiter:
         self.on_refuse(label, reason)
         return ApiError(message, code="RESOURCE_EXHAUSTED", retry_after=retry_after)
 
-    def estimate(self, c: _Class, units: int) -> float | None:
-        """Seconds until a request of `units` joining class c would finish: the cost running, queued ahead of it
-        (its class's queue, and as much of each other class's as round robin serves first) and its own, at the
+    def estimate(self, c: _Class, mine: int) -> float | None:
+        """Seconds until a request of class c finishes, `mine` being its own cost plus its class's queued ahead of
+        it: the cost running, as much of each other class's queue as round robin serves first, and `mine`, at the
         measured throughput; None before any measurement."""
         rate = self.rate
         if rate is None:
             return None
-        mine = c.cost_queued + units
         ahead = sum(min(o.cost_queued, mine) for o in self._turns if o is not c)
         return (self.cost_in_flight + ahead + mine) / rate
+
+    def _late(self, label: str, cost: Cost, finish: float, left: float) -> ApiError:
+        return self._refuse(label, "deadline", f"server busy: class {label} would finish this request in about "
+                            f"{finish:.3g} s at the measured {self.rate:.4g} cost units/s ({self.running} running at "
+                            f"cost {self.cost_in_flight}, {self.cost_queued} queued), past its deadline in "
+                            f"{max(left, 0):.3g} s; this request's {cost}; retry later, or with a longer deadline",
+                            retry_after=max(1, math.ceil(finish - left)))
+
+    def _expire_hopeless(self) -> bool:
+        """After a new measurement: refuse the queued requests whose estimated finish is past their deadline now
+        (a 429 with Retry-After instead of a 504 later). True when any was."""
+        now, expired = self.clock(), False
+        for c in list(self._turns):
+            mine = 0
+            for w in list(c.waiters):
+                mine += w.units
+                finish = self.estimate(c, mine) if w.deadline is not None and not w.fut.done() else None
+                if finish is not None and finish > w.deadline - now:
+                    c.waiters.remove(w)
+                    self._dequeued(c, w)
+                    mine -= w.units
+                    w.fut.set_exception(self._late(c.label, w.cost, finish, w.deadline - now))
+                    expired = True
+        return expired
 
     async def acquire(self, cost: Cost, tenant: str = "", deadline: float | None = None) -> None:
         units = cost.units
@@ -225,14 +249,10 @@ class Limiter:
                                f"{len(c.waiters)} queued (max_queue {self.queue}) in class {c.label}; this "
                                f"request's {cost}; retry with backoff")
         now = self.clock()
-        finish = self.estimate(c, units) if deadline is not None else None
+        finish = self.estimate(c, c.cost_queued + units) if deadline is not None else None
         if finish is not None and finish > deadline - now:
-            raise self._refuse(c.label, "deadline", f"server busy: class {c.label} would finish this request in "
-                               f"about {finish:.3g} s at the measured {self.rate:.4g} cost units/s ({self.running} "
-                               f"running at cost {self.cost_in_flight}, {self.cost_queued} queued), past its deadline "
-                               f"in {max(deadline - now, 0):.3g} s; this request's {cost}; retry later, or with a "
-                               "longer deadline", retry_after=max(1, math.ceil(finish - (deadline - now))))
-        w = _Waiter(units, asyncio.get_running_loop().create_future(), now)
+            raise self._late(c.label, cost, finish, deadline - now)
+        w = _Waiter(cost, deadline, asyncio.get_running_loop().create_future(), now)
         c.waiters.append(w)
         c.cost_queued += units
         self.cost_queued += units
@@ -242,8 +262,8 @@ class Limiter:
                 c.deficit += self.quantum
         try:
             await w.fut
-        except BaseException:  # cancelled (deadline, client gone) while queued
-            if w.fut.done() and not w.fut.cancelled():
+        except BaseException:  # cancelled (deadline, client gone) or refused (_expire_hopeless) while queued
+            if w.fut.done() and not w.fut.cancelled() and w.fut.exception() is None:
                 self.release(units, ok=False)  # granted just before the cancellation reached us: give it back
             elif w.queued:
                 c.waiters.remove(w)
@@ -261,6 +281,8 @@ class Limiter:
         self.running -= 1
         self.cost_in_flight -= units
         self._wake()
+        if ok and units and self._turns and self._expire_hopeless():
+            self._wake()  # an expired head may have blocked the others
 
     def _dequeued(self, c: _Class, w: _Waiter) -> None:
         w.queued = False

@@ -369,8 +369,8 @@ def test_set_backends_scales_every_pool_but_not_one_requests_limit():
 
 
 def test_random_arrivals_cancellations_and_releases_keep_the_books():
-    """Seeded random traffic over three classes: the budget and concurrency are never exceeded, each class is
-    admitted in its arrival order, every admitted request runs, and everything is given back at the end."""
+    """Seeded random traffic over three classes, with deadlines and cancellations: the budget and concurrency are
+    never exceeded, each class is admitted in its arrival order, and everything is given back at the end."""
     async def scenario(seed: int):
         rng, ticks = np.random.default_rng(seed), itertools.count()
         lim = Limiter(concurrency=3, queue=6, max_cost=100, clock=lambda: next(ticks))  # a waiter's `since`: a tick
@@ -378,7 +378,8 @@ def test_random_arrivals_cancellations_and_releases_keep_the_books():
 
         async def request(tenant: str, i: int, cost: int, hold_s: float):
             arrival = next(ticks)  # before its own waiter's tick, after every earlier request's
-            async with lim.slot(Cost(cost), tenant):
+            deadline = arrival + int(rng.integers(1, 400)) if i % 2 else None  # in ticks: some refused as late
+            async with lim.slot(Cost(cost), tenant, deadline):
                 c = lim.classes[tenant]  # admitted: nobody of its class who came earlier may still wait
                 overtaken.extend((i, w.since) for w in c.waiters if w.since < arrival)
                 peak["running"] = max(peak["running"], lim.running)
@@ -395,6 +396,7 @@ def test_random_arrivals_cancellations_and_releases_keep_the_books():
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(r is None or isinstance(r, (ApiError, asyncio.CancelledError)) for r in results)
         assert any(r is None for r in results)
+        assert any(isinstance(r, ApiError) and "past its deadline" in r.message for r in results)
         assert peak["running"] <= 3 and peak["cost"] <= 100
         assert overtaken == []  # FIFO inside each class
         assert (lim.running, lim.cost_in_flight, lim.cost_queued, lim.waiting) == (0, 0, 0, 0)
@@ -451,6 +453,38 @@ def test_a_request_that_cannot_finish_by_its_deadline_is_refused_at_once_with_re
         assert [label for label, _ in waits] == ["ddpm_generate", "ddpm_generate", "ddpm_generate/t1"]
         async with lim.slot(Cost(100), "t2", deadline=clock.t + 0.001):  # can run now: admitted, no estimate
             pass
+
+    asyncio.run(scenario())
+
+
+def test_queued_requests_that_can_no_longer_meet_their_deadline_are_refused_once_measured():
+    """Queued before any measurement, a request whose estimated finish is past its deadline once the first request
+    completes is refused then (429, Retry-After) instead of timing out later; the others keep their places."""
+    async def scenario():
+        clock, refusals = Clock(), []
+        lim = Limiter(concurrency=1, queue=8, max_cost=1000, name="p", clock=clock,
+                      on_refuse=lambda label, reason: refusals.append((label, reason)))
+        release = asyncio.Event()
+        holder = held(lim, Cost(100), release)
+        await asyncio.sleep(0)
+        near = asyncio.create_task(lim.acquire(Cost(100), "t", deadline=clock.t + 3.0))
+        late = asyncio.create_task(lim.acquire(Cost(100), "t", deadline=clock.t + 3.0))
+        far = asyncio.create_task(lim.acquire(Cost(100), "t", deadline=clock.t + 100.0))
+        await asyncio.sleep(0)
+        assert lim.waiting == 3  # no measurement: queued whatever their deadlines
+        clock.t += 2.0  # the holder's 100 units in 2 s: 50 units/s
+        release.set()
+        await holder
+        await near  # admitted: it can run now
+        with pytest.raises(ApiError) as e:  # near's 100 running + its own 100 at 50/s: 4 s > the 1 s left
+            await late
+        assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.retry_after == 3
+        assert refusals == [("p/t", "deadline")]
+        assert (lim.waiting, lim.cost_queued, lim.cost_in_flight) == (1, 100, 100)  # far keeps its place
+        lim.release(100)
+        await far
+        lim.release(100)
+        assert (lim.running, lim.cost_in_flight, lim.cost_queued, lim.waiting) == (0, 0, 0, 0)
 
     asyncio.run(scenario())
 
