@@ -79,6 +79,28 @@ class DiversityTracker:
         return []  # no fixed series: computed on scrape
 
 
+class AdmissionCollector:
+    """Per-class queue depth and per-pool measured throughput of an Admission, read at scrape time."""
+
+    def __init__(self, admission):
+        self.admission = admission
+
+    def collect(self):
+        depth = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for admission, by class", labels=["class"])
+        for label, n in self.admission.depths():
+            depth.add_metric([label], n)
+        rate = GaugeMetricFamily(f"{PREFIX}_admission_throughput", "Measured throughput of a pool in cost units per "
+                                 "busy second (deadline-aware refusal estimates with it)", labels=["pool"])
+        for name, pool in list(self.admission.pools.items()):
+            if pool.rate is not None:
+                rate.add_metric([name], pool.rate)
+        yield depth
+        yield rate
+
+    def describe(self):
+        return []
+
+
 class GatewayMetrics:
     """Everything the gateway exports, on a registry of its own (no default process collectors mixed in)."""
 
@@ -101,8 +123,14 @@ class GatewayMetrics:
         self.cost_in_flight = Gauge(f"{PREFIX}_cost_in_flight", "Cost (model evaluations x samples) of the "
                                     "requests running now", registry=r)
         self.cost_queued = Gauge(f"{PREFIX}_cost_queued", "Cost of the requests waiting for admission", registry=r)
-        self.max_cost_in_flight = Gauge(f"{PREFIX}_max_cost_in_flight", "The admission budget "
-                                        "(--max-cost-in-flight)", registry=r)
+        self.max_cost_in_flight = Gauge(f"{PREFIX}_max_cost_in_flight", "The admission budget of each pool "
+                                        "(--max-cost-in-flight x backends)", registry=r)
+        # fair admission per class (a pool = Triton model, "/tenant" when auth is on): label values are bounded
+        self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds", "Time a request waited for admission, by class",
+                                    ["class"], buckets=LATENCY_BUCKETS, registry=r)
+        self.refusals = Counter(f"{PREFIX}_admission_refusals", "Requests refused by admission (429) or size (413), "
+                                "by class and reason (over_budget, queue_full, deadline, too_large)",
+                                ["class", "reason"], registry=r)
         self.triton_up = Gauge(f"{PREFIX}_triton_up", "1 when Triton and the served models are ready, else 0",
                                registry=r)
         # the Triton backend set (serving/gateway/backends.py): one series per backend address and status code
@@ -131,11 +159,15 @@ class GatewayMetrics:
         """One Generate request to a class-conditional model (digit -1 = any); label values: known models, 0-9, any."""
         self.digits.labels(model, str(digit) if 0 <= digit <= 9 else "any").inc()
 
-    def watch_admission(self, limiter) -> None:
-        """The cost gauges follow `limiter` (a serving.gateway.admission.Limiter), read when scraped."""
-        self.cost_in_flight.set_function(lambda: limiter.cost_in_flight)
-        self.cost_queued.set_function(lambda: limiter.cost_queued)
-        self.max_cost_in_flight.set(limiter.max_cost)
+    def watch_admission(self, admission) -> None:
+        """The cost gauges and the per-class queue depths follow `admission` (serving.gateway.admission.Admission),
+        read when scraped; its waits and refusals feed the histogram and counter."""
+        self.cost_in_flight.set_function(lambda: admission.cost_in_flight)
+        self.cost_queued.set_function(lambda: admission.cost_queued)
+        self.max_cost_in_flight.set_function(lambda: admission.max_cost)
+        admission.on_wait = lambda label, seconds: self.queue_wait.labels(label).observe(seconds)
+        admission.on_refuse = lambda label, reason: self.refusals.labels(label, reason).inc()
+        self.registry.register(AdmissionCollector(admission))
 
     def observe(self, rpc: str, model: str, transport: str, code: str, seconds: float, samples: int,
                 triton_seconds: float = 0.0) -> None:

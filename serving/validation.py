@@ -76,10 +76,12 @@ class ApiError(Exception):
 
     code = "INTERNAL"
 
-    def __init__(self, message: str, field: str | None = None, code: str | None = None):
+    def __init__(self, message: str, field: str | None = None, code: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.retry_after = retry_after  # whole seconds until a retry may fit (Retry-After), when the gateway knows
         if code is not None:
             self.code = code
 

@@ -18,7 +18,7 @@ from ..generated.mnistgen.v1 import generation_pb2 as pb
 from ..metrics import GatewayMetrics
 from mnistgen import catalog
 
-from .admission import Limiter
+from .admission import Admission
 from .auth import AuthInterceptor, ConfigError, TlsMaterial, TokenAuth
 from .config import GatewayConfig, parse_args, unauthenticated_refusal
 from .http_api import HttpApi
@@ -120,16 +120,16 @@ async def start(config: GatewayConfig) -> RunningGateway:
     if refusal:
         raise ConfigError(refusal)
     tls = TlsMaterial.from_config(config)  # None: plain text
-    limiter = Limiter(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
+    limiter = Admission(config.max_concurrency, config.max_queue, config.max_cost_in_flight)
 
     def healthy_backends(n: int) -> None:
-        """The backend set's healthy count changed. MERGE POINT (issue 29 + H28a's admission): call
-        `limiter.set_backends(n)` here so the cost budget follows the healthy backends."""
+        """The backend set's healthy count changed: admission's budgets follow it (at least one backend's)."""
         log.info("healthy Triton backends: %d", n)
+        limiter.set_backends(max(n, 1))
 
     triton = BackendSet(config.triton_url, config.max_response_bytes, metrics, config.resolve_interval_s,
                         on_change=healthy_backends, key=config.triton_key)
-    metrics.watch_admission(limiter)  # cost gauges
+    metrics.watch_admission(limiter)  # cost gauges, per-class queues and refusals
     servicer = GenerationServicer(triton, metrics, limiter, config, access_logger(config.access_log))
     server = grpc.aio.server(interceptors=[AuthInterceptor(auth)] if auth is not None else None, options=[
         ("grpc.max_receive_message_length", config.max_request_bytes),

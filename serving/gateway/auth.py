@@ -4,6 +4,7 @@ The rules (open paths, rotation, token file reloads, constant-time comparison, o
 docs/api.md's "Auth and TLS"; the HTTP side is http_api.auth_middleware."""
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -32,6 +33,9 @@ OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.Serve
 TOKEN_FILE_CHECK_S = 1.0  # the token file's stat is looked at no more often than this
 # RFC 6750 b64token: what a token may contain (no spaces, commas or '#', which the config formats use)
 TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# the caller's tenant id when auth is on (set by TokenAuth.allows for the request's task), "" otherwise: admission
+# classes and their metrics labels use it, never the token
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("mnistgen_tenant", default="")
 
 
 class ConfigError(ValueError):
@@ -55,6 +59,11 @@ def parse_tokens(text: str, source: str, comments: bool = False) -> list[str]:
 
 def _digest(token: str | bytes) -> bytes:
     return hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
+
+
+def tenant_id(digest: bytes) -> str:
+    """A short stable id of a token (from its digest, one-way): "t" + 8 hex digits; the same across restarts."""
+    return "t" + hashlib.sha256(b"mnistgen-tenant:" + digest).hexdigest()[:8]
 
 
 class TokenAuth:
@@ -143,26 +152,32 @@ class TokenAuth:
     def failure(self, values: list[str]) -> str | None:
         """None when the authorization header/metadata values hold a valid bearer token, else why not
         ("missing", "malformed" or "invalid": for the metric and logs only, never for the caller)."""
+        return self._check(values)[0]
+
+    def _check(self, values: list[str]) -> tuple[str | None, bytes]:
+        """(failure reason or None, the matching token's digest)."""
         if not values:
-            return "missing"
+            return "missing", b""
         if len(values) > 1:
-            return "malformed"
+            return "malformed", b""
         scheme, _, token = values[0].strip().partition(" ")
         token = token.strip()
         if scheme.lower() != SCHEME.lower() or not token:
-            return "malformed"
+            return "malformed", b""
         candidate = _digest(token.encode("utf-8", "surrogateescape"))
         ok = False
         for d in self._digests:  # every token, no early exit
             ok |= hmac.compare_digest(candidate, d)
-        return None if ok else "invalid"
+        return (None, candidate) if ok else ("invalid", b"")
 
     def allows(self, values: list[str], transport: str) -> bool:
-        """True when auth is off or the values carry a valid token; counts failures per transport and reason."""
+        """True when auth is off or the values carry a valid token (TENANT set to its id); counts failures per
+        transport and reason."""
         if not self.enabled:
             return True
-        reason = self.failure(values)
+        reason, digest = self._check(values)
         if reason is None:
+            TENANT.set(tenant_id(digest))
             return True
         if self.metrics is not None:
             self.metrics.auth_failures.labels(transport, reason).inc()

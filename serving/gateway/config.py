@@ -27,12 +27,12 @@ class GatewayConfig:
     triton_url: str = "127.0.0.1:8001"
     resolve_interval_s: float = 30.0  # re-resolve triton_url's names (and @FILE) this often, and after a failure
     triton_key: str = field(default="", repr=False)  # Triton's restricted-API key (docs/security.md); env only
-    max_concurrency: int = 16  # requests running against Triton at once
-    # cost running at once, in model evaluations x samples (admission.py, docs/api.md#admission): a DDPM Generate
+    max_concurrency: int = 16  # requests running against Triton at once, per pool (Triton model; admission.py)
+    # cost running at once per pool, in evaluations x samples (admission.py, docs/api.md#admission): a DDPM Generate
     # costs num_samples x steps, Denoise images x min(steps, t*+1), a GAN num_samples; 64 x 100 = 64 samples of
     # DDPM-100; a request costing more on its own is refused at once (RESOURCE_EXHAUSTED / HTTP 429)
     max_cost_in_flight: int = 64 * 100
-    max_queue: int = 64  # requests waiting for a slot (FIFO); beyond that RESOURCE_EXHAUSTED / HTTP 429
+    max_queue: int = 64  # requests waiting for a slot per class (pool, tenant; FIFO); beyond: RESOURCE_EXHAUSTED / 429
     request_timeout_s: float = 60.0  # deadline when the client sends none (gRPC deadline / X-Request-Timeout)
     max_request_bytes: int = 8 << 20  # gRPC receive limit and HTTP body limit (RESOURCE_EXHAUSTED / HTTP 413)
     max_response_bytes: int = 64 << 20  # gRPC send limit (1024 raw samples are 3.2 MB)

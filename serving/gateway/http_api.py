@@ -45,7 +45,7 @@ def error_response(e: ApiError) -> web.Response:
     status = getattr(e, "http_status", None) or HTTP_STATUS.get(e.code, 500)
     body = {"error": {"code": e.code, "http_status": status, "field": e.field, "message": e.message}}
     # 503 (Triton down or restarting) and 429 (busy): when to try again; clients and proxies honour it
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    headers = {"Retry-After": str(e.retry_after or RETRY_AFTER_S)} if status in (429, 503) else None
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -143,6 +143,8 @@ class HttpApi:
         """The request body; over --max-request-bytes: RESOURCE_EXHAUSTED / HTTP 413 as a JSON error naming `body`."""
         limit = self.s.config.max_request_bytes
         try:
+            if (request.content_length or 0) > limit:  # declared too large: refused before a byte of it is read
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             size = (f"of {request.content_length} bytes" if (request.content_length or 0) > limit
@@ -150,6 +152,7 @@ class HttpApi:
             e = ApiError(f"body: request {size} is over the limit of {limit} bytes (--max-request-bytes)",
                          field="body", code="RESOURCE_EXHAUSTED")
             e.http_status = 413  # not 429: retrying the same body will not help
+            self.s.metrics.refusals.labels("unknown", "too_large").inc()
             raise e from None
         except (web.RequestPayloadError, HttpProcessingError) as e:  # bad chunked framing, undecodable gzip/deflate/br
             raise ValidationError("body", f"cannot be read ({clip(' '.join(str(e).split()), 160)})") from None

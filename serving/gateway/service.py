@@ -24,7 +24,8 @@ from ..validation import (
     validate_denoise, validate_generate,
 )
 from . import request_id
-from .admission import FREE, Limiter, denoise_cost, generate_cost
+from .admission import FREE, LIST_POOL, Admission, denoise_cost, generate_cost
+from .auth import TENANT
 from .config import GatewayConfig
 from .backends import BackendSet
 from .triton_client import (
@@ -140,7 +141,7 @@ def deadline_remaining(deadline: float) -> float:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """mnistgen.v1.GenerationService; the HTTP routes call the same coroutines (`run`)."""
 
-    def __init__(self, triton: BackendSet, metrics: GatewayMetrics, limiter: Limiter, config: GatewayConfig,
+    def __init__(self, triton: BackendSet, metrics: GatewayMetrics, limiter: Admission, config: GatewayConfig,
                  access: logging.Logger | None = None):
         self.triton, self.metrics, self.limiter, self.config = triton, metrics, limiter, config
         self.access = access  # the access log (app.access_logger), None when off
@@ -150,7 +151,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def run(self, rpc: str, transport: str, label: str, timeout_s: float | None, fn, request):
         """Deadline, errors and metrics around one call of fn(request, deadline, start) -> (response, samples,
         triton_s). Admission is the handler's: it validates the request first (a bad one never waits in the queue),
-        then holds `async with self.limiter.slot(cost)` around its Triton work (admission.py, by cost)."""
+        then holds `async with self.limiter.slot(pool, cost, tenant, deadline)` around its Triton work (admission.py:
+        a pool per Triton model, fair by cost across tenants, refused at once when it cannot meet its deadline)."""
         start = time.perf_counter()
         timeout_s = self.config.request_timeout_s if timeout_s is None else min(timeout_s,
                                                                                 self.config.request_timeout_s)
@@ -191,7 +193,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         p = validate_generate(req.model, req.num_samples, req.seed if req.HasField("seed") else None,
                               req.steps, req.sampler, req.format, req.digit if req.HasField("digit") else None,
                               req.guidance if req.HasField("guidance") else None)
-        async with self.limiter.slot(generate_cost(p)):
+        async with self.limiter.slot(p.model.triton, generate_cost(p), TENANT.get(), deadline):
             t0 = time.perf_counter()
             if p.model.kind == catalog.GAN:
                 x, version = await self._generate_gan(p, deadline)  # (N, 1, 28, 28)
@@ -248,7 +250,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 req.seed if req.HasField("seed") else None, req.format)
         # decoding many PNGs is CPU work: keep it off the event loop
         p = await asyncio.to_thread(validate_denoise, *args) if len(req.png_images) > 8 else validate_denoise(*args)
-        async with self.limiter.slot(denoise_cost(p)):
+        async with self.limiter.slot(catalog.DENOISER.triton, denoise_cost(p), TENANT.get(), deadline):
             t0 = time.perf_counter()
             noisy, denoised, version = await self._denoise(p, deadline)
             triton_s = time.perf_counter() - t0
@@ -287,7 +289,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return noisy, denoised, results[0].get_response().model_version
 
     async def list_models(self, req: pb.ListModelsRequest, deadline: float, start: float):
-        async with self.limiter.slot(FREE):  # no model evaluation: counts toward max_concurrency only
+        async with self.limiter.slot(LIST_POOL, FREE, TENANT.get()):  # no model evaluation: max_concurrency only
             return await self._list_models(deadline)
 
     async def _list_models(self, deadline: float):
@@ -321,6 +323,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             return await self.run(rpc, "grpc", label, remaining, fn, request)
         except ApiError as e:
+            if e.retry_after is not None:  # the admission's estimate of when a retry could fit (seconds)
+                trailer += (("retry-after", str(e.retry_after)),)
             await context.abort(getattr(grpc.StatusCode, e.code), status_message(e.message), trailer)
 
     async def Generate(self, request, context):

@@ -1,4 +1,5 @@
-"""Overload: beyond --max-concurrency + --max-queue the excess is refused at once, accepted work succeeds, deadlines hold."""
+"""Overload: beyond --max-concurrency + --max-queue the excess is refused without waiting, accepted work succeeds,
+deadlines hold, and a GAN request is not held up by a diffusion request's queue."""
 from __future__ import annotations
 
 import base64
@@ -20,7 +21,6 @@ CONCURRENCY, QUEUE = 2, 2  # the small gateway's admission bound
 FLOOD_S = 5.0  # seconds of flooding
 GRPC_CLIENTS, HTTP_CLIENTS = 6, 4  # 10 closed-loop clients against 4 places
 SLOW = {"model": "ddpm", "num_samples": 1, "steps": 8, "sampler": "ddim"}  # a fraction of a second of CPU each
-REJECT_P99_S = 0.100  # refusals must be fast
 RSS_GROWTH_MAX = 64 << 20  # the gateway's RSS may not grow more than this over the flood
 PAUSE_AFTER_REJECT_S = 0.005  # a rejected client retries almost at once (a flood, not a spin)
 
@@ -36,6 +36,13 @@ def count_metric(metrics: str, code: str) -> float:
 def in_flight(metrics: str) -> float:
     m = re.search(r"^mnistgen_gateway_in_flight_requests ([\d.]+)", metrics, re.M)
     return float(m.group(1)) if m else -1.0
+
+
+def series_total(metrics: str, name: str, **labels: str) -> float:
+    """Sum of mnistgen_gateway_<name> over the series carrying these labels."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(f"mnistgen_gateway_{name}{{") and all(w in line for w in want))
 
 
 def test_flood_beyond_the_bound(make_gateway, triton):
@@ -108,52 +115,54 @@ def test_flood_beyond_the_bound(make_gateway, triton):
                             "after": round(rss1 / 2**20, 1)},
     }
     write_figures("overload", figures)
-    assert p99 < REJECT_P99_S, figures["rejection_ms"]
     assert rss_peak - rss0 < RSS_GROWTH_MAX, figures["gateway_rss_mib"]
     # the gateway counted exactly what the clients saw (the two warm-up calls were OK)
     assert count_metric(metrics, "RESOURCE_EXHAUSTED") == codes["RESOURCE_EXHAUSTED"]
     assert count_metric(metrics, "OK") == codes["OK"] + 2
+    # every refusal was admission's, of a full queue (none over budget; none waited: only admitted requests have a
+    # queue wait, and with 60 s deadlines none was refused by its deadline)
+    refusals = {r: series_total(metrics, "admission_refusals_total", reason=r) for r in ("queue_full", "deadline")}
+    assert refusals == {"queue_full": codes["RESOURCE_EXHAUSTED"], "deadline": 0}, refusals
+    assert series_total(metrics, "queue_wait_seconds_count", **{"class": "ddpm_generate"}) == codes["OK"] + 2
     assert in_flight(metrics) == 0.0
     # and it still serves normally afterwards
     assert gw.stub.Generate(pb.GenerateRequest(num_samples=3, seed=1), timeout=30).images.count == 3
 
 
 def test_deadlines_while_queued_and_the_server_cap(make_gateway, triton):
-    """One slot held by a long DDPM call: queued requests expire at their own deadline; no deadline -> the server cap."""
-    triton.require("ddpm_generate")
-    cap_s, deadline_s, slack_s = 1.5, 0.6, 0.4
+    """One DDPM slot held by a long call: DDPM requests queued behind it (no throughput measured yet, so admitted
+    to the queue) expire at their own deadline, before the holder, which stops at the server cap (no deadline of
+    its own); a GAN request meanwhile is served at once from its own pool."""
+    triton.require("ddpm_generate", "dcgan_generator")
+    cap_s, deadline_s = 1.5, 0.6
     gw = make_gateway("--max-concurrency", "1", "--max-queue", "4", "--request-timeout-s", str(cap_s))
     long = pb.GenerateRequest(model="ddpm", num_samples=2, steps=1000, sampler="ddpm", seed=1)  # 4+ s of work
-    results: dict[str, tuple[str, float]] = {}
+    results: dict[str, tuple[str, float, float]] = {}  # name -> (code, seconds taken, time.monotonic() at the end)
 
-    def holder() -> None:  # no client deadline: the gateway's --request-timeout-s applies
+    def record(name: str, t0: float, code: str) -> None:
+        now = time.monotonic()
+        results[name] = (code, now - t0, now)
+
+    def grpc_call(name: str, req: pb.GenerateRequest, timeout: float | None) -> None:
         t0 = time.monotonic()
         try:
-            gw.stub.Generate(long, timeout=None)
-            results["holder"] = ("OK", time.monotonic() - t0)
+            gw.stub.Generate(req, timeout=timeout)
+            record(name, t0, "OK")
         except grpc.RpcError as e:
-            results["holder"] = (e.code().name, time.monotonic() - t0)
-
-    h = threading.Thread(target=holder)
-    h.start()
-    wait_until(lambda: in_flight(gw.metrics()) >= 1, 30, "the long request in flight", proc=gw.proc, interval_s=0.01)
-
-    def queued_grpc(name: str, req: pb.GenerateRequest) -> None:
-        t0 = time.monotonic()
-        try:
-            gw.stub.Generate(req, timeout=deadline_s)
-            results[name] = ("OK", time.monotonic() - t0)
-        except grpc.RpcError as e:
-            results[name] = (e.code().name, time.monotonic() - t0)
+            record(name, t0, e.code().name)
 
     def queued_http(name: str, body: dict) -> None:
         t0 = time.monotonic()
         r = gw.http("POST", "/v1/generate", body, headers={"X-Request-Timeout": str(deadline_s)}, timeout=30)
-        results[name] = ((r.json()["error"]["code"] if r.status != 200 else "OK"), time.monotonic() - t0)
-        results[name + "-status"] = (str(r.status), 0.0)
+        record(name, t0, r.json()["error"]["code"] if r.status != 200 else "OK")
+        results[name + "-status"] = (str(r.status), 0.0, 0.0)
 
-    qs = [threading.Thread(target=queued_grpc, args=("grpc-ddpm", pb.GenerateRequest(model="ddpm", steps=50, seed=2))),
-          threading.Thread(target=queued_grpc, args=("grpc-gan", pb.GenerateRequest(num_samples=4, seed=2))),
+    h = threading.Thread(target=grpc_call, args=("holder", long, None))  # the gateway's --request-timeout-s applies
+    h.start()
+    wait_until(lambda: in_flight(gw.metrics()) >= 1, 30, "the long request in flight", proc=gw.proc, interval_s=0.01)
+    qs = [threading.Thread(target=grpc_call, args=("grpc-ddpm", pb.GenerateRequest(model="ddpm", steps=50, seed=2),
+                                                   deadline_s)),
+          threading.Thread(target=grpc_call, args=("grpc-gan", pb.GenerateRequest(num_samples=4, seed=2), deadline_s)),
           threading.Thread(target=queued_http, args=("http-ddpm", {"model": "ddpm", "steps": 50, "seed": 3}))]
     for q in qs:
         q.start()
@@ -162,14 +171,16 @@ def test_deadlines_while_queued_and_the_server_cap(make_gateway, triton):
     h.join(60)
     assert not h.is_alive() and not any(q.is_alive() for q in qs)
     write_figures("deadlines", {"cap_s": cap_s, "client_deadline_s": deadline_s,
-                                "results_s": {k: [c, round(s, 3)] for k, (c, s) in results.items()}})
-    for name in ("grpc-ddpm", "grpc-gan", "http-ddpm"):
-        code, took = results[name]
+                                "results_s": {k: [c, round(s, 3)] for k, (c, s, _) in results.items()}})
+    holder_code, holder_took, holder_end = results["holder"]
+    assert holder_code == "DEADLINE_EXCEEDED" and holder_took >= cap_s, results  # the server cap, not before
+    for name in ("grpc-ddpm", "http-ddpm"):
+        code, took, end = results[name]
         assert code == "DEADLINE_EXCEEDED", (name, results)
-        assert deadline_s - 0.05 <= took < deadline_s + slack_s, (name, results)
+        assert took >= deadline_s and end < holder_end, (name, results)  # its own deadline: after it, before the cap
     assert results["http-ddpm-status"][0] == "504"
-    code, took = results["holder"]
-    assert code == "DEADLINE_EXCEEDED" and cap_s - 0.05 <= took < cap_s + slack_s, results
-    # the slot was given back: the next request is served
-    time.sleep(0.2)
-    assert gw.stub.Generate(pb.GenerateRequest(num_samples=2, seed=5), timeout=30).images.count == 2
+    assert results["grpc-gan"][0] == "OK" and results["grpc-gan"][2] < holder_end, results  # not queued behind
+    # the slot was given back: the next DDPM request is served
+    wait_until(lambda: in_flight(gw.metrics()) == 0, 30, "every request finished", proc=gw.proc, interval_s=0.01)
+    r = gw.stub.Generate(pb.GenerateRequest(model="ddpm", num_samples=1, steps=2, sampler="ddim", seed=5), timeout=60)
+    assert r.images.count == 1

@@ -133,10 +133,10 @@ def test_queue_bound_and_deadline(make_gateway, triton):
         first = pool.submit(tight_gateway.stub.Generate, slow, timeout=120)
         wait_until(lambda: "mnistgen_gateway_in_flight_requests 1.0" in tight_gateway.metrics(), 30,
                    "the first request in flight", proc=tight_gateway.proc, interval_s=0.01)
-        with pytest.raises(grpc.RpcError) as e:
-            tight_gateway.stub.Generate(pb.GenerateRequest(num_samples=1), timeout=30)
+        with pytest.raises(grpc.RpcError) as e:  # the ddpm pool is full (a GAN request has a pool of its own)
+            tight_gateway.stub.Generate(pb.GenerateRequest(model="ddpm", num_samples=1), timeout=30)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in e.value.details()
-        r = tight_gateway.http("POST", "/v1/generate", {"num_samples": 1})
+        r = tight_gateway.http("POST", "/v1/generate", {"model": "ddpm", "num_samples": 1})
         assert r.status == 429 and r.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
         assert first.result().images.count == 2
     assert tight_gateway.stub.Generate(pb.GenerateRequest(num_samples=1), timeout=30).images.count == 1
