@@ -87,7 +87,7 @@ def summary(result: dict, samples: int) -> dict:
     return {"clients": result["clients"], "requests": result["requests"], "p50_ms": result["p50_ms"],
             "p99_ms": result["p99_ms"], "requests_per_s": result["samples_per_s"],  # (closed_loop: answers / wall)
             "samples_per_s": result["samples_per_s"] * samples, "codes": http_codes(result),
-            "first_error": result["first_error"], "wall_s": result["wall_s"]}
+            "first_error": result["first_error"], "wall_s": result["wall_s"], "load_avg_1m": result["load_avg_1m"]}
 
 
 def phase(name: str, seconds: float, gan=None, flood=None, flood_clients: int = 0, flood_samples: int = 1) -> dict:
@@ -113,8 +113,11 @@ def phase(name: str, seconds: float, gan=None, flood=None, flood_clients: int = 
 def run_phases(cfg: MixedConfig, gan, flood, levels: tuple[int, ...], gan_s: float | None = None) -> list[dict]:
     """GAN alone, then per flood level: the flood alone, the flood beside the GAN (after one untimed call of each:
     lazy imports and first-call set-up stay out of the figures)."""
-    gan()(0)
-    flood()(0)
+    for make_call in (gan, flood):
+        try:
+            make_call()(0)
+        except Exception as e:  # noqa: BLE001  (e.g. a 504 on a busy machine: the phases count such answers)
+            print(f"  warm-up call failed: {type(e).__name__}: {e}"[:300], flush=True)
     phases = [phase("gan alone", gan_s or cfg.phase_s, gan=gan)]
     for n in levels:
         phases.append(phase(f"flood {n} alone", cfg.phase_s, flood=flood, flood_clients=n,
@@ -292,13 +295,13 @@ def _codes(codes: dict) -> str:
 
 def _row(head: str, c: dict | None) -> str:
     if c is None:
-        return f"{head} | - | - | - | - | - | - |"
+        return f"{head} | - | - | - | - | - | - | - |"
     return (f"{head} | {c['requests']} | {_f(c['p50_ms'])} | {_f(c['p99_ms'])} | {c['requests_per_s']:.3g} | "
-            f"{c['samples_per_s']:.3g} | {_codes(c['codes'])} |")
+            f"{c['samples_per_s']:.3g} | {_codes(c['codes'])} | {_f(c.get('load_avg_1m', float('nan')))} |")
 
 
-TABLE_HEAD = ["| phase | class | clients | requests | p50 ms | p99 ms | requests/s | samples/s | codes |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+TABLE_HEAD = ["| phase | class | clients | requests | p50 ms | p99 ms | requests/s | samples/s | codes | load avg 1m |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
 
 
 def phase_rows(phases: list[dict], prefix: str = "") -> list[str]:
