@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test run demo gateway proto export triton bench-triton prometheus-install loadtest bench monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
+.PHONY: help setup lock test run demo gateway proto export triton bench-triton prometheus-install loadtest bench bench-mixed monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -126,6 +126,9 @@ loadtest: setup ## Locust (gRPC + HTTP users) against a running `make run`, repo
 BENCH_ARGS ?=
 bench: setup ## serving paths side by side + batch-1 concurrency sweep -> bench/results.{json,md} [DEVICE=cuda] [BENCH_ARGS=--quick]
 	$(PY) -m loadtest.bench $(if $(DEVICE),--device $(DEVICE)) $(BENCH_ARGS)
+
+bench-mixed: setup ## batch-1 GAN beside 2 / 8 clients flooding the heaviest diffusion requests (~8 min) -> reports/bench/mixed.{json,md,png} [BENCH_ARGS="--isolation" | --render]
+	$(PY) -m loadtest.mixed $(BENCH_ARGS)
 
 monitor: setup prometheus-install ## Prometheus on :9090 scraping `make run`'s gateway :8080 and Triton :8002 [MONITOR_ARGS="--gateway H:P --triton H:P --port N"]
 	$(PY) -m serving.monitor --storage out/prometheus $(MONITOR_ARGS)

@@ -121,6 +121,9 @@ def _add_arguments(parser) -> None:
     g.add_argument("--denoise-steps", type=int, default=d.denoise_steps, help="Denoise steps, 0 = default")
     g.add_argument("--image-format", default=d.format, type=str.upper, choices=FORMATS, help="response images")
     g.add_argument("--request-timeout", type=float, default=d.timeout_s, help="seconds per request")
+    g.add_argument("--flood-samples", type=int, default=catalog.DENOISER.max_samples,
+                   help=f"DiffusionFloodUser: samples / images per request, 1..{catalog.DENOISER.max_samples}")
+    g.add_argument("--flood-steps", type=int, default=100, help="DiffusionFloodUser: ddpm steps per request")
     g.add_argument("--raw-csv", default=str(d.raw_csv), help=f"one row per request: {', '.join(CSV_COLUMNS)}")
 
 
@@ -161,10 +164,14 @@ def _on_init(environment, **_kw) -> None:
         return
     try:
         STATE["config"] = load_config(o)
+        STATE["flood"] = (o.flood_samples, o.flood_steps)
+        catalog.check_request(catalog.DENOISER, o.flood_samples, o.flood_steps, "ddpm")
+    except catalog.LimitError as e:
+        raise SystemExit(f"error: --flood-{e.field.replace('images', 'samples')}: {e.message}") from None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     GrpcGatewayUser.host = o.grpc_host
-    HttpGatewayUser.host = o.http_host
+    HttpGatewayUser.host = o.http_host  # (and its subclasses: the mixed scenario's users)
     recorder = STATE["recorder"] = RawRecorder(STATE["config"].raw_csv)
     environment.events.request.add_listener(recorder.on_request)
 
@@ -296,11 +303,15 @@ class HttpGatewayUser(FastHttpUser):
         self.rng = random.Random(id(self))
         self.config: LoadConfig = STATE.get("config") or LoadConfig()
 
+    def request(self) -> tuple[str, object]:
+        """(rpc, message) of the next request: by --mix."""
+        c, rpc = self.config, pick_rpc(self.config, self.rng)
+        return rpc, generate_request(c, self.rng) if rpc == "generate" else denoise_request(c, self.rng)
+
     @task
     def call(self) -> None:
         c = self.config
-        rpc = pick_rpc(c, self.rng)
-        msg = generate_request(c, self.rng) if rpc == "generate" else denoise_request(c, self.rng)
+        rpc, msg = self.request()
         ctx = {"transport": "http", "rpc": rpc, "samples": request_samples(msg)}
         with self.client.post(f"/v1/{rpc}", json=message_json(msg), name=request_name(msg), context=ctx,
                               headers={"X-Request-Timeout": str(c.timeout_s)}, catch_response=True) as r:
@@ -308,3 +319,32 @@ class HttpGatewayUser(FastHttpUser):
                 r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
             else:
                 r.success()
+
+
+# ---- the mixed scenario (docs/loadtest.md, "Mixed load"): name both classes, e.g. -u 3 -> 1 GAN user, 2 flooding --
+class MixedGanUser(HttpGatewayUser):
+    """The cheap class: batch-1 Generate of the default GAN over HTTP, closed loop."""
+
+    weight = 1
+
+    def request(self) -> tuple[str, object]:
+        return "generate", pb.GenerateRequest(model=catalog.DEFAULT_MODEL, num_samples=1,
+                                              format=pb.ImageFormat.Value(self.config.format))
+
+
+class DiffusionFloodUser(HttpGatewayUser):
+    """The heavy class: the heaviest allowed diffusion requests, DDPM Generate and Denoise alternating, each of
+    --flood-samples samples / images x --flood-steps ddpm steps (defaults: the catalog's max_samples x 100)."""
+
+    weight = 2
+
+    def request(self) -> tuple[str, object]:
+        c, o = self.config, STATE.get("flood", (catalog.DENOISER.max_samples, 100))
+        self.turn = not getattr(self, "turn", True)
+        fmt = pb.ImageFormat.Value(c.format)
+        if self.turn:
+            return "generate", pb.GenerateRequest(model=catalog.DENOISER.name, num_samples=o[0], steps=o[1],
+                                                  sampler="ddpm", format=fmt)
+        x = clean_images(o[0], self.rng)  # (K, 1, 28, 28)
+        return "denoise", pb.DenoiseRequest(raw_images=x.astype("<f4").tobytes(), sigma=c.sigma, steps=o[1],
+                                            sampler="ddpm", format=fmt)

@@ -64,6 +64,19 @@ def cancelled_response(what: str = "") -> "pb_utils.InferenceResponse":
     return error_response(f"request cancelled (client cancelled or its deadline passed){what}", "CANCELLED")
 
 
+def isolate(model_config: dict) -> int:
+    """Compute isolation from config.pbtxt's `parameters` (docs/loadtest.md, "Compute isolation"): `nice` N > 0 lowers
+    this instance's CPU priority (each instance is its own stub process; every thread it has now is reniced, and the
+    threads its engines start later inherit it); `threads` N > 0 caps its engines' threads. -> the threads to use."""
+    params = {k: int(v.get("string_value") or 0) for k, v in model_config.get("parameters", {}).items()
+              if k in ("nice", "threads")}
+    if params.get("nice", 0) > 0:
+        for tid in os.listdir("/proc/self/task"):  # (Linux: a nice value is per thread)
+            os.setpriority(os.PRIO_PROCESS, int(tid), os.getpriority(os.PRIO_PROCESS, int(tid)) + params["nice"])
+    cores = eng.available_cores()
+    return min(params["threads"], cores) if params.get("threads", 0) > 0 else cores
+
+
 class EngineUsage:
     """Rows and runs per engine as counters on Triton's metrics endpoint (:8002), labels model, version, engine:
     mnistgen_engine_rows_total (rows each engine ran; DDPM loops: rows x UNet evaluations), mnistgen_engine_runs_total
@@ -106,7 +119,7 @@ class Engines:
         import onnxruntime as ort
 
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.name, self.threads = model_config["name"], eng.available_cores()
+        self.name, self.threads = model_config["name"], isolate(model_config)
         onnx_path, ts_path, bf16_path = (version_dir / f for f in ("model.onnx", "model.pt", eng.BF16_FILE))
         providers = None  # a GPU instance: CUDA at every batch size (TorchScript here is the CPU build)
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
