@@ -1,0 +1,75 @@
+"""The page at GET / (serving/web/) in a real headless Chromium against a real gateway + Triton: its first button
+(Generate) shows a generated grid with no other input, Denoise shows original / noisy / denoised, an API error is
+shown as the API words it, and the browser logs no console error. Writes out/web/page.png (`make screenshot` copies
+it to docs/screenshot.png)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from mnistgen.files import REPO_ROOT
+from serving.process import wait_until
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+SCREENSHOT = REPO_ROOT / "out" / "web" / "page.png"
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium + chromedriver not installed "
+                                "(Debian packages chromium, chromium-driver): run `make browser-install` as root")
+WAIT_S = 120.0
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,1250"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def loaded(driver, element_id: str) -> bool:
+    return driver.execute_script(
+        "const i = document.getElementById(arguments[0]); return i.complete && i.naturalWidth > 0", element_id)
+
+
+def console_errors(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_page_generates_and_denoises_in_chromium(ready_gateway, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(ready_gateway.http_url + "/")
+    first = browser.find_elements(By.TAG_NAME, "button")[0]
+    assert first.text == "Generate"
+    first.click()  # at once: no other input, not even the model list
+    wait_until(lambda: loaded(browser, "grid"), WAIT_S, "the generated grid")
+    info = browser.find_element(By.ID, "generate-info").text
+    assert "server time" in info and " ms" in info, info
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#model option"), WAIT_S, "the models from ListModels")
+
+    browser.find_element(By.ID, "denoise").click()
+    for image in ("original", "noisy", "denoised"):
+        wait_until(lambda: loaded(browser, image), WAIT_S, f"the {image} digit")
+    assert console_errors(browser) == []
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
+
+    count = browser.find_element(By.ID, "num_samples")
+    count.clear()
+    count.send_keys("100000")
+    first.click()
+    error = browser.find_element(By.ID, "generate-error")
+    wait_until(lambda: error.is_displayed(), WAIT_S, "the error box")
+    reply = ready_gateway.http("POST", "/v1/generate", {"model": browser.find_element(By.ID, "model").get_attribute(
+        "value"), "num_samples": 100000, "format": "PNG_GRID"}).json()["error"]
+    assert error.text == f"{reply['code']}: {reply['message']}\n(field: {reply['field']})"
+    assert "bad" in count.get_attribute("class")
