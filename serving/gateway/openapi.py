@@ -5,6 +5,7 @@ committed copy, docs/openapi.json (tests/serving/test_openapi.py fails when it d
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import json
 import re
@@ -15,7 +16,6 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor as F
 
 from mnistgen import catalog
-from mnistgen.files import REPO_ROOT, repo_relative
 
 from .. import images as imgs
 from ..generated.mnistgen.v1 import generation_pb2 as pb
@@ -24,7 +24,7 @@ from . import http_api, request_id
 from .auth import OPEN_HTTP_PATHS, UNAUTHENTICATED_MESSAGE
 
 PROTO = Path(__file__).resolve().parents[1] / "proto" / "mnistgen" / "v1" / "generation.proto"
-COMMITTED = REPO_ROOT / "docs" / "openapi.json"
+COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"  # (in a checkout)
 VERSION = "3.1.0"
 SCALARS = {
     F.TYPE_DOUBLE: {"type": "number", "format": "double"}, F.TYPE_FLOAT: {"type": "number", "format": "float"},
@@ -82,17 +82,13 @@ def schemas(comments: dict[str, str]) -> dict[str, dict]:
     for name, msg in pb.DESCRIPTOR.message_types_by_name.items():
         props = {}
         for f in msg.fields:
-            if f.message_type:
-                item = {"$ref": f"#/components/schemas/{f.message_type.name}"}
-            elif f.enum_type:
-                item = {"$ref": f"#/components/schemas/{f.enum_type.name}"}
-            else:
-                item = dict(SCALARS[f.type])
+            kind = f.message_type or f.enum_type
+            item = ref(kind.name) if kind else dict(SCALARS[f.type])
             item = {"type": "array", "items": item} if f.is_repeated else item
             props[f.name] = {**item, "description": comments.get(f"{name}.{f.name}", "")}
         out[name] = {"type": "object", "properties": props, "additionalProperties": False,
                      "description": comments.get(name, f"mnistgen.v1.{name}")
-                     + " Field names as in the proto (lowerCamelCase accepted too); null means unset."}
+                     + " Proto field names (requests may use lowerCamelCase too); null means unset."}
     out["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "http_status", "field", "message"], "properties": {
             "code": {"type": "string", "enum": list(http_api.HTTP_STATUS), "description": "gRPC status code name"},
@@ -125,7 +121,6 @@ def sample_png() -> bytes:
 def examples() -> dict[str, dict]:
     """Request examples and what each answers; a response example shares its request example's name, and lists
     only the fields that do not vary between runs (no image bytes, times or versions)."""
-    import base64
     png = base64.b64encode(sample_png()).decode()
     g, d = catalog.DEFAULT_MODEL, catalog.DENOISER
     return {
@@ -158,7 +153,9 @@ def responses(ok: dict, cases: dict, errors: tuple[int, ...]) -> dict:
     """200 (`ok` content) plus the JSON error statuses, with the examples of `cases` under the status each answers."""
     rid = {request_id.HTTP_HEADER: {"description": "the request id (the client's when usable, else a new one)",
                                     "schema": {"type": "string"}}}
-    out = {"200": {"description": "OK", "headers": rid, "content": ok}}
+    png = {h: {"description": "on image/png answers (the JSON answer has it in its body)",
+               "schema": {"type": "string"}} for h in http_api.png_headers(pb.GenerateResponse())}
+    out = {"200": {"description": "OK", "headers": rid | (png if "image/png" in ok else {}), "content": ok}}
     for status in errors:
         ex = {name: body for name, (_, st, body) in cases.items() if st == status}
         if status == 401:
@@ -173,10 +170,8 @@ def responses(ok: dict, cases: dict, errors: tuple[int, ...]) -> dict:
 
 
 def png_response(schema: str, what: str) -> dict:
-    headers = {h: {"schema": {"type": "string"}} for h in http_api.png_headers(pb.GenerateResponse())}
     return {"application/json": json_body(schema),
-            "image/png": {"schema": {**PNG, "description": f"{what} (request sent with Accept: image/png); model, "
-                                     f"version, seed and server time in the headers {sorted(headers)}"}}}
+            "image/png": {"schema": {**PNG, "description": f"{what}, for a request sent with Accept: image/png"}}}
 
 
 def header(name: str, description: str, schema: dict) -> dict:
@@ -255,7 +250,7 @@ def document() -> dict:
         "openapi": VERSION,
         "info": {"title": "mnistgen-serve HTTP API", "version": pb.DESCRIPTOR.package,
                  "description": "HTTP/JSON transcoding of the gRPC service mnistgen.v1.GenerationService "
-                                f"({repo_relative(PROTO)}): protobuf's JSON mapping. See docs/api.md."},
+                                f"({pb.DESCRIPTOR.name}): protobuf's JSON mapping. See docs/api.md."},
         "paths": paths,
         "components": {"schemas": schemas(comments), "securitySchemes": {"bearer": {
             "type": "http", "scheme": "bearer", "description": "only when the gateway has tokens (MNISTGEN_API_TOKENS "

@@ -75,6 +75,11 @@ def test_served_document_and_examples_answer_as_documented(ready_gateway):
             schema_validator(schema).validate(body)
             assert_contains(body, expected, f"{path} {name}")
             checked += 1
+            if status == 200:  # the image/png variant answers the same example with a PNG and the documented headers
+                r = ready_gateway.http("POST", path, ex["value"], headers={"Accept": "image/png"})
+                assert r.status == 200 and r.headers["Content-Type"] == "image/png" and r.body[:4] == b"\x89PNG"
+                assert set(op["responses"]["200"]["headers"]) <= set(r.headers)
+                assert r.headers["X-Mnistgen-Seed"] == expected["seed"]
     assert checked == sum(len(v) for v in openapi.examples().values())
 
 
