@@ -4,11 +4,13 @@ shown as the API words it, and the browser logs no console error. Writes out/web
 it to docs/screenshot.png)."""
 from __future__ import annotations
 
+import base64
 import shutil
 
 import pytest
 
 from mnistgen.files import REPO_ROOT
+from serving.gateway.openapi import sample_png
 from serving.process import wait_until
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -44,8 +46,9 @@ def console_errors(driver) -> list[dict]:
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def test_page_generates_and_denoises_in_chromium(ready_gateway, browser):
+def test_page_generates_and_denoises_in_chromium(ready_gateway, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     browser.get(ready_gateway.http_url + "/")
     first = browser.find_elements(By.TAG_NAME, "button")[0]
@@ -59,9 +62,23 @@ def test_page_generates_and_denoises_in_chromium(ready_gateway, browser):
     browser.find_element(By.ID, "denoise").click()
     for image in ("original", "noisy", "denoised"):
         wait_until(lambda: loaded(browser, image), WAIT_S, f"the {image} digit")
-    assert console_errors(browser) == []
+    info = browser.find_element(By.ID, "denoise-info")
+    assert "sigma 0.5" in info.text and "server time" in info.text, info.text
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
+
+    upload = tmp_path / "digit.png"
+    upload.write_bytes(sample_png())
+    Select(browser.find_element(By.ID, "source")).select_by_value("upload")
+    browser.find_element(By.ID, "upload").send_keys(str(upload))
+    before = info.text
+    browser.find_element(By.ID, "denoise").click()
+    failed = browser.find_element(By.ID, "denoise-error")
+    wait_until(lambda: info.text != before or failed.is_displayed(), WAIT_S, "the uploaded digit denoised")
+    assert not failed.is_displayed(), failed.text
+    assert browser.find_element(By.ID, "original").get_attribute("src").endswith(
+        base64.b64encode(upload.read_bytes()).decode())
+    assert console_errors(browser) == []
 
     count = browser.find_element(By.ID, "num_samples")
     count.clear()
@@ -73,3 +90,20 @@ def test_page_generates_and_denoises_in_chromium(ready_gateway, browser):
         "value"), "num_samples": 100000, "format": "PNG_GRID"}).json()["error"]
     assert error.text == f"{reply['code']}: {reply['message']}\n(field: {reply['field']})"
     assert "bad" in count.get_attribute("class")
+
+
+def test_page_asks_for_a_token_when_the_gateway_requires_one(make_gateway, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    token = "web-page-test-token"
+    gw = make_gateway(env={"MNISTGEN_API_TOKENS": token})
+    browser.get(gw.http_url + "/")
+    field = browser.find_element(By.ID, "token")
+    wait_until(field.is_displayed, WAIT_S, "the token field (ListModels answered 401)")
+    assert "UNAUTHENTICATED" in browser.find_element(By.ID, "generate-error").text
+    field.send_keys(token, Keys.TAB)
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#model option"), WAIT_S, "the models, with the token")
+    browser.find_elements(By.TAG_NAME, "button")[0].click()
+    wait_until(lambda: loaded(browser, "grid"), WAIT_S, "the generated grid")
+    assert not browser.find_element(By.ID, "generate-error").is_displayed()
