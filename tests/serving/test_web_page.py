@@ -90,6 +90,8 @@ def test_page_generates_and_denoises_in_chromium(ready_gateway, browser, tmp_pat
         "value"), "num_samples": 100000, "format": "PNG_GRID"}).json()["error"]
     assert error.text == f"{reply['code']}: {reply['message']}\n(field: {reply['field']})"
     assert "bad" in count.get_attribute("class")
+    # the console log is really read: Chromium logs the 400 answer as an error (so [] above meant none)
+    assert any("400" in e["message"] for e in console_errors(browser))
 
 
 def test_page_asks_for_a_token_when_the_gateway_requires_one(make_gateway, browser):
