@@ -174,12 +174,8 @@ def png_response(schema: str, what: str) -> dict:
             "image/png": {"schema": {**PNG, "description": f"{what}, for a request sent with Accept: image/png"}}}
 
 
-def header(name: str, description: str, schema: dict) -> dict:
-    return {"name": name, "in": "header", "required": False, "description": description, "schema": schema}
-
-
-def query(name: str, description: str, schema: dict) -> dict:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+def param(where: str, name: str, description: str, schema: dict) -> dict:
+    return {"name": name, "in": where, "required": False, "description": description, "schema": schema}
 
 
 @functools.cache
@@ -188,10 +184,10 @@ def document() -> dict:
     comments = proto_comments(PROTO.read_text())
     ex = examples()
     errors = tuple(STATUS_TEXT)
-    common = [header(http_api.TIMEOUT_HEADER, "seconds the client will wait (at most --request-timeout-s); "
-                     "passed on to Triton", {"type": "number", "exclusiveMinimum": 0}),
-              header(request_id.HTTP_HEADER, "a request id to use (1-128 of A-Z a-z 0-9 . _ : / + = -)",
-                     {"type": "string"})]
+    common = [param("header", http_api.TIMEOUT_HEADER, "seconds the client will wait (at most --request-timeout-s); "
+                    "passed on to Triton", {"type": "number", "exclusiveMinimum": 0}),
+              param("header", request_id.HTTP_HEADER, "a request id to use (1-128 of A-Z a-z 0-9 . _ : / + = -)",
+                    {"type": "string"})]
     sampler = {"type": "string", "enum": ["", *catalog.SAMPLERS]}
     d = catalog.DENOISER
     plain = {"application/json": {"schema": {"type": "object"}}}
@@ -210,11 +206,11 @@ def document() -> dict:
             "description": "A JSON DenoiseRequest, or one PNG as the body (Content-Type: image/png) with the other "
                            "fields in the query string. With Accept: image/png the answer is a PNG (query `view`).",
             "parameters": common + [
-                query("sigma", "image/png body: noise std, 0 < sigma <= 1", {"type": "number"}),
-                query("steps", f"image/png body: 1..{catalog.MAX_STEPS}, 0 = default", {"type": "integer"}),
-                query("sampler", "image/png body: the sampler ('' = default)", sampler),
-                query("seed", "image/png body: the noise seed", {"type": "integer", "minimum": 0}),
-                query("view", "Accept: image/png: denoised, noisy or strip (clean | noisy | denoised)",
+                param("query", "sigma", "image/png body: noise std, 0 < sigma <= 1", {"type": "number"}),
+                param("query", "steps", f"image/png body: 1..{catalog.MAX_STEPS}, 0 = default", {"type": "integer"}),
+                param("query", "sampler", "image/png body: the sampler ('' = default)", sampler),
+                param("query", "seed", "image/png body: the noise seed", {"type": "integer", "minimum": 0}),
+                param("query", "view", "Accept: image/png: denoised, noisy or strip (clean | noisy | denoised)",
                       {"type": "string", "enum": list(http_api.PNG_VIEWS), "default": "denoised"})],
             "requestBody": {"required": True, "content": {
                 "application/json": json_body("DenoiseRequest", {k: v[0] for k, v in ex["denoise"].items()}),
