@@ -78,9 +78,30 @@ def test_page_generates_and_denoises_in_chromium(ready_gateway, browser, tmp_pat
     assert not failed.is_displayed(), failed.text
     assert browser.find_element(By.ID, "original").get_attribute("src").endswith(
         base64.b64encode(upload.read_bytes()).decode())
+
+    # the inputs follow ListModels: digit + guidance for ddpm-cond, sampler + steps for the DDPMs, none for a GAN
+    models = {m["name"]: m for m in ready_gateway.http("GET", "/v1/models").json()["models"]}
+    model = Select(browser.find_element(By.ID, "model"))
+    for name, m in models.items():
+        model.select_by_value(name)
+        assert browser.find_element(By.ID, "digit").is_displayed() == m["accepts_digit"], name
+        assert browser.find_element(By.ID, "steps").is_displayed() == bool(m["samplers"]), name
+        if m["samplers"]:
+            shown = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "sampler")).options]
+            assert shown == ["", *m["samplers"]], name
+    cond = next(name for name, m in models.items() if m["accepts_digit"])
+    model.select_by_value(cond)
+    Select(browser.find_element(By.ID, "digit")).select_by_value("3")
+    browser.find_element(By.ID, "steps").send_keys("4")
+    count = browser.find_element(By.ID, "num_samples")
+    count.clear()
+    count.send_keys("2")
+    first.click()
+    grid_info = browser.find_element(By.ID, "generate-info")
+    wait_until(lambda: f"from {cond} " in grid_info.text and loaded(browser, "grid"), WAIT_S, f"a grid from {cond}")
+    assert "4 steps" in grid_info.text, grid_info.text
     assert console_errors(browser) == []
 
-    count = browser.find_element(By.ID, "num_samples")
     count.clear()
     count.send_keys("100000")
     first.click()
