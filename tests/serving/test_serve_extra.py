@@ -127,6 +127,9 @@ def test_serve_only_gateway_generates(serve_venv, triton, tmp_path):
         j = h.json()
         assert j["images"]["count"] == 2 and j["seed"] == "1"
         np.testing.assert_array_equal(np.frombuffer(base64.b64decode(j["images"]["raw"]), "<f4").reshape(2, 1, 28, 28), a)
+        # package data: the page, its static files and the proto /openapi.json reads comments from
+        assert [gw.http("GET", p).status for p in ("/", "/static/app.js", "/static/style.css")] == [200] * 3
+        assert "/v1/generate" in gw.http("GET", "/openapi.json").json()["paths"]
     finally:
         code = gw.stop()
     assert code == 0, f"gateway exited with {code} after SIGTERM:\n{gw.log_tail()}"
