@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test run demo gateway proto export triton bench-triton prometheus-install loadtest bench bench-mixed monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
+.PHONY: help setup lock test run demo gateway proto export triton bench-triton prometheus-install browser-install screenshot openapi loadtest bench bench-mixed monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,9 @@ gateway: setup ## only the gateway, against a running Triton: make gateway TRITO
 proto: ## regenerate serving/generated/ from serving/proto/ (output committed; never edit it)
 	$(PY) -m serving.proto.gen
 
+openapi: ## rewrite docs/openapi.json, the committed copy of the gateway's GET /openapi.json (a test checks it)
+	$(PY) -m serving.gateway.openapi
+
 export: setup ## export checkpoints to ONNX/TorchScript for Triton (skips fresh ones): make export [FORCE=1] [GPU=1]
 	$(PY) -m training.export $(if $(FORCE),--force) $(if $(GPU),--gpu-variant)
 
@@ -60,7 +63,17 @@ prometheus-install: ## install Debian's prometheus + promtool where missing (mak
 		|| echo "note: apt-get install prometheus failed; the Prometheus tests will skip"; \
 	else echo "note: prometheus missing and not root (sudo apt-get install -y prometheus); the Prometheus tests will skip"; fi; }
 
-test: setup prometheus-install ## run the test suite (starts real Triton, gateway and Prometheus on 127.0.0.1)
+browser-install: ## install Debian's chromium + chromium-driver where missing (the web page's browser test in make test)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+		|| echo "note: apt-get install chromium chromium-driver failed; the browser test will skip"; \
+	else echo "note: chromium missing and not root (sudo apt-get install -y chromium chromium-driver); the browser test will skip"; fi; }
+
+screenshot: setup browser-install ## docs/screenshot.png: the page at / in headless Chromium, after Generate and Denoise (starts Triton + gateway)
+	$(PY) -m pytest -q tests/serving/test_web_page.py
+	cp out/web/page.png docs/screenshot.png
+
+test: setup prometheus-install browser-install ## run the test suite (starts real Triton, gateway and Prometheus on 127.0.0.1)
 	$(PY) -m pytest -q
 
 train-gan: setup ## train a GAN: make train-gan CONFIG=baseline|modified|mlp|vanishing-gradient|mode-collapse|d-overfit [MITIGATIONS=all]

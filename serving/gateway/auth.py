@@ -27,7 +27,9 @@ GRPC_METADATA_KEY = "authorization"
 # Same text whatever went wrong (no token, not "Bearer ...", unknown token): never say which.
 UNAUTHENTICATED_MESSAGE = "authentication required: send a valid token as 'authorization: Bearer <token>'"
 WWW_AUTHENTICATE = 'Bearer realm="mnistgen"'
-OPEN_HTTP_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# the page and the contract are open too (the page's API calls still send the token the user types in)
+OPEN_HTTP_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/static/app.js",
+                             "/static/style.css"})
 OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                       "/grpc.reflection.v1.ServerReflection/")
 TOKEN_FILE_CHECK_S = 1.0  # the token file's stat is looked at no more often than this

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +34,7 @@ TIMEOUT_HEADER = "X-Request-Timeout"  # HTTP: seconds the client will wait; beco
 RETRY_AFTER_S = 1  # Retry-After on 429 / 503: Triton restarts take seconds, a busy slot frees in milliseconds
 INT32 = (-(2**31), 2**31 - 1)
 PNG_VIEWS = ("denoised", "noisy", "strip")  # Denoise with Accept: image/png: which picture comes back
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # the page at / (index.html) and its /static/ files
 
 
 def json_message_response(msg) -> web.Response:
@@ -136,6 +138,7 @@ class HttpApi:
             web.post("/v1/generate", self.generate), web.post("/v1/denoise", self.denoise),
             web.get("/v1/models", self.models), web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz), web.get("/metrics", self.metrics),
+            web.get("/openapi.json", self.openapi), web.get("/", self.page), web.static("/static", WEB_DIR),
         ])
         return app
 
@@ -235,6 +238,13 @@ class HttpApi:
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.s.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        from .openapi import dumps  # (it imports this module)
+        return web.Response(text=dumps(), content_type="application/json")
+
+    async def page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_DIR / "index.html")
 
 
 

@@ -150,6 +150,9 @@ def test_serve_only_gateway_generates(serve_venv, triton, tmp_path):
             assert (out / "grid.png").read_bytes().startswith(b"\x89PNG"), r.stdout
         r = run([python.parent / "mnistgen", "models", "--target", gw.grpc_target], outside, 60)
         assert r.returncode == 0 and "dcgan-baseline" in r.stdout, r.stdout + r.stderr
+        # package data: the page, its static files and the proto /openapi.json reads comments from
+        assert [gw.http("GET", p).status for p in ("/", "/static/app.js", "/static/style.css")] == [200] * 3
+        assert "/v1/generate" in gw.http("GET", "/openapi.json").json()["paths"]
     finally:
         code = gw.stop()
     assert code == 0, f"gateway exited with {code} after SIGTERM:\n{gw.log_tail()}"
