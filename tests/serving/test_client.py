@@ -136,11 +136,11 @@ def test_http_client_replaces_a_connection_the_server_closed(close_after_answer)
     server.sock.close()
 
 
-def test_idle_connection_check_works_above_descriptor_1024():
+def test_idle_connection_check_works_above_descriptor_1024(machine_skip):
     """readable() uses poll(): select() refuses descriptors over 1,023, which a load generator's process reaches."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:
-        pytest.skip(f"open-file limit {hard} < 1200")
+        machine_skip(f"open-file hard limit {hard} < 1200 (raise it: ulimit -Hn)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
                                                 else min(max(soft, 1200), hard), hard))
     filler = [socket.socket() for _ in range(1030)]
