@@ -7,7 +7,7 @@ MODEL ?= dcgan-baseline
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock test run demo gateway proto export triton bench-triton prometheus-install browser-install screenshot openapi loadtest bench bench-mixed monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
+.PHONY: help setup lock test test-busy run demo gateway proto export triton bench-triton prometheus-install browser-install screenshot openapi loadtest bench bench-mixed monitor train-gan train-recipe train-ddpm train-ddpm-cond report-ddpm-cond controlled-failures report-ddpm quality-goals train-classifier evaluate report clean deploy-check k8s-render images soak reliability reliability-report
 
 help: ## this menu
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -75,6 +75,9 @@ screenshot: setup browser-install ## docs/screenshot.png: the page at / in headl
 
 test: setup prometheus-install browser-install ## run the test suite (starts real Triton, gateway and Prometheus on 127.0.0.1)
 	$(PY) -m pytest -q
+
+test-busy: setup prometheus-install browser-install ## the test suite beside two CPU-bound busy loops (.ci/busy; they stop with it) [TESTS=tests/test_process.py]
+	.ci/busy 2 $(PY) -m pytest -q $(TESTS)
 
 train-gan: setup ## train a GAN: make train-gan CONFIG=baseline|modified|mlp|vanishing-gradient|mode-collapse|d-overfit [MITIGATIONS=all]
 	$(PY) -m training.train_gan --config $(CONFIG) $(if $(MITIGATIONS),--mitigations $(MITIGATIONS))

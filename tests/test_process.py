@@ -4,7 +4,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -39,7 +38,7 @@ def test_wait_until_timeout_names_what_the_last_error_and_the_log(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(TimeoutError) as e:
         wait_until(check, 0.3, "the gateway (http 1234)", log=log, interval_s=0.05)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 >= 0.3  # it waited its whole timeout (a busy machine may make it longer, not shorter)
     msg = str(e.value)
     assert "the gateway (http 1234) not ready after 0.3 s" in msg and "/readyz 503" in msg
     assert str(log) in msg and "line 99" in msg and "line 50" not in msg  # the tail only
@@ -52,10 +51,9 @@ def test_wait_until_falsy_results_are_quoted_and_checked_at_least_once():
 
 def test_wait_until_fails_fast_when_the_process_exits():
     proc = child("import sys; sys.exit(3)")
-    t0 = time.monotonic()
+    # a RuntimeError naming the exit, not the TimeoutError the 30 s wait would end in
     with pytest.raises(RuntimeError, match="server exited with code 3 before becoming ready.*log:\ntail text"):
         wait_until(lambda: False, 30, "server", proc=proc, log=lambda: "tail text", interval_s=0.05)
-    assert time.monotonic() - t0 < 10
 
 
 def test_wait_until_does_not_swallow_bugs():
@@ -66,12 +64,10 @@ def test_wait_until_does_not_swallow_bugs():
 def test_terminate_sigterm_then_sigkill():
     polite = child("import time; time.sleep(60)")
     assert terminate(polite, 10) == -signal.SIGTERM
-    stubborn = child("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); "
-                     "time.sleep(60)")
-    time.sleep(0.5)  # let it install the handler
-    t0 = time.monotonic()
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print('x', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    assert stubborn.stdout.readline() == b"x\n"  # its marker: the handler is installed
     assert terminate(stubborn, 0.5) == -signal.SIGKILL
-    assert time.monotonic() - t0 < 5
     assert terminate(stubborn, 0.5) == -signal.SIGKILL  # already gone: just the code
 
 
@@ -99,6 +95,12 @@ class SleepServer:
         terminate(self.proc, 5)
 
 
+def raise_then(message: str, sig: int) -> str:
+    """A ready message that sends `sig` to this process: the signal comes once the server is ready, never earlier."""
+    signal.raise_signal(sig)
+    return message
+
+
 @pytest.fixture
 def restore_signals():
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -109,9 +111,7 @@ def restore_signals():
 
 def test_run_in_foreground_stops_cleanly_on_sigterm(restore_signals, capsys):
     server = SleepServer()
-    timer = threading.Timer(0.5, lambda: signal.raise_signal(signal.SIGTERM))
-    timer.start()
-    assert run_in_foreground(server, "sleeper", lambda: "sleeper ready", poll_s=0.05) == 0
+    assert run_in_foreground(server, "sleeper", lambda: raise_then("sleeper ready", signal.SIGTERM), poll_s=0.05) == 0
     assert server.closed and server.proc.poll() is not None
     assert "sleeper ready" in capsys.readouterr().out
 
@@ -139,8 +139,7 @@ def test_sighup_stops_like_sigterm_and_a_second_signal_cannot_skip_the_cleanup(r
             super().close()
 
     server = SlowClose()
-    threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGHUP)).start()
-    assert run_in_foreground(server, "sleeper", lambda: "up", poll_s=0.05) == 0
+    assert run_in_foreground(server, "sleeper", lambda: raise_then("up", signal.SIGHUP), poll_s=0.05) == 0
     assert server.closed == 1 and server.proc.poll() is not None  # cleaned up exactly once
     assert "SIGHUP received" in capsys.readouterr().out
 
@@ -148,11 +147,11 @@ def test_sighup_stops_like_sigterm_and_a_second_signal_cannot_skip_the_cleanup(r
 def test_a_signal_during_startup_interrupts_the_readiness_wait(restore_signals, capsys):
     class NeverReady(SleepServer):
         def wait_ready(self, timeout=None, abort=None):
+            signal.raise_signal(signal.SIGTERM)  # during startup (the server is started, not ready)
             wait_until(lambda: False, 30, "the sleeper", abort=abort, interval_s=0.02)
 
     server = NeverReady()
-    threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGTERM)).start()
-    t0 = time.monotonic()
+    # 128 + SIGTERM only comes from the interrupted wait (never becoming ready ends in 1 after 30 s)
     assert run_in_foreground(server, "sleeper", lambda: "up") == 128 + signal.SIGTERM
-    assert time.monotonic() - t0 < 5 and server.closed == 1 and server.proc.poll() is not None
+    assert server.closed == 1 and server.proc.poll() is not None
     assert "SIGTERM during startup" in capsys.readouterr().err

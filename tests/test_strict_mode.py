@@ -34,6 +34,10 @@ def test_allowed_to_skip():
     pytest.skip("an optional component")
 
 
+def test_machine_dependent(machine_skip):
+    machine_skip("this CPU has no native bf16 kernels")
+
+
 @pytest.mark.xfail(reason="a known failure")
 def test_xfail():
     assert False
@@ -66,8 +70,8 @@ def test_strict_mode_turns_skips_into_failures(tmp_path):
     code, counts, out = run_sample(tmp_path, "1")
     assert code != 0, out
     # the skip in the test fails it, the one in its fixture is a setup error; the module skipped at import is listed
-    # and fails the run; allow_skip and xfail are kept
-    assert counts == {"failed": 1, "error": 1, "passed": 1, "skipped": 2, "xfailed": 1}, out
+    # and fails the run; allow_skip, a declared machine skip and xfail are kept
+    assert counts == {"failed": 1, "error": 1, "passed": 1, "skipped": 3, "xfailed": 1}, out
     assert "MNISTGEN_STRICT=1" in out and "tritonserver not installed" in out and "no export" in out
     assert "test_module_skip.py: " in out and "no_such_module_for_strict_mode" in out
 
@@ -76,4 +80,4 @@ def test_lenient_without_the_variable(tmp_path):
     for value in (None, "0", ""):
         code, counts, out = run_sample(tmp_path, value)
         assert code == 0, out
-        assert counts == {"passed": 1, "skipped": 4, "xfailed": 1}, out
+        assert counts == {"passed": 1, "skipped": 5, "xfailed": 1}, out

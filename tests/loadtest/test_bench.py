@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,14 +148,36 @@ def test_headline_shows_a_dash_where_a_path_has_no_cell(rows):
 
 
 def test_closed_loop_serial_vs_concurrent():
-    def make_call():
-        return lambda i: time.sleep(0.01)
+    active, peak, lock = [0], [0], threading.Lock()
 
-    serial = load.closed_loop(make_call, clients=4, requests=12, serial=True)
+    def sleeper(i: int) -> None:  # one 10 ms call; `peak` is the most calls ever inside at once
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.01)
+        with lock:
+            active[0] -= 1
+
+    serial = load.closed_loop(lambda: sleeper, clients=4, requests=12, serial=True)
+    assert serial["ok"] == 12 and serial["errors"] == 0 and peak[0] == 1  # one call at a time
+    # a serial latency counts the wait behind the other clients' calls (each holds the lock >= 10 ms): a lower bound
+    # a busy machine can only raise
+    assert serial["p50_ms"] >= 20, serial
+
+    together, peak[0] = threading.Barrier(4, timeout=60), 0
+
+    def make_call():
+        calls = []
+
+        def call(i: int) -> None:
+            calls.append(i)
+            if len(calls) == 2:  # each client's first timed call (the first is the warm-up) waits for the other three
+                together.wait()
+            sleeper(i)
+        return call
+
     parallel = load.closed_loop(make_call, clients=4, requests=12, warm=True)
-    assert serial["ok"] == parallel["ok"] == 12 and serial["errors"] == 0
-    # one at a time: 4 clients wait for each other's turn; concurrent: each request takes one sleep
-    assert serial["p50_ms"] > 2 * parallel["p50_ms"] and parallel["samples_per_s"] > 2 * serial["samples_per_s"]
+    assert parallel["ok"] == 12 and parallel["errors"] == 0 and peak[0] == 4  # all four clients' calls at once
 
     def call(i: int) -> None:
         if i % 2:
@@ -163,8 +186,9 @@ def test_closed_loop_serial_vs_concurrent():
     c = load.closed_loop(lambda: call, clients=2, requests=6)
     assert (c["ok"], c["errors"]) == (3, 3) and "RuntimeError: busy" in c["first_error"]
     assert c["error_codes"] == {"RuntimeError": 3}
-    timed = load.closed_loop(make_call, clients=2, seconds=0.2)  # a time budget instead of a request count
-    assert timed["errors"] == 0 and timed["ok"] >= 4 and 0.15 < timed["wall_s"] < 2
+    timed = load.closed_loop(lambda: sleeper, clients=2, seconds=0.2)  # a time budget instead of a request count
+    # it sent requests until the budget was spent (never stopping early), however slowly this machine ran them
+    assert timed["errors"] == 0 and timed["ok"] == timed["requests"] >= 1 and timed["wall_s"] >= 0.2
 
 
 def test_concurrency_config_and_quick_mode(monkeypatch):
@@ -184,12 +208,11 @@ def test_concurrency_config_and_quick_mode(monkeypatch):
 
 def test_concurrency_sweep_against_a_real_gateway(gateway, triton, tmp_path):
     """Tiny settings: 1 and 2 clients, a handful of batch-1 requests per path (the real sweep is `make bench`)."""
-    triton.require("dcgan_generator")
-    has_ddpm = "ddpm_denoise" in triton.models
+    triton.require("dcgan_generator", "ddpm_denoise")  # both workloads or a skip that says which model is missing
     cfg = bench.GatewayBenchConfig(concurrency=(1, 2), concurrency_requests=6, concurrency_denoise_requests=2,
                                    fast_sampler="dpm-solver++:2", threads=1, out_dir=tmp_path)
-    conc = bench.bench_concurrency(cfg, gateway.grpc_target, has_ddpm)
-    expected = ["generate dcgan-baseline batch 1"] + (["denoise dpm-solver++-2 batch 1"] if has_ddpm else [])
+    conc = bench.bench_concurrency(cfg, gateway.grpc_target, True)
+    expected = ["generate dcgan-baseline batch 1", "denoise dpm-solver++-2 batch 1"]
     assert list(conc) == expected
     for w in expected:
         for path in bench.CONCURRENCY_PATHS:
@@ -237,10 +260,8 @@ def test_device_cuda_fails_at_once_without_cuda(monkeypatch, capsys):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    t0 = time.monotonic()
     with pytest.raises(SystemExit) as e:
-        bench.main(["--device", "cuda"])  # nothing exported, no Triton started
-    assert time.monotonic() - t0 < 5
+        bench.main(["--device", "cuda"])  # refused before anything is exported or started
     msg = str(e.value)
     assert "--device cuda" in msg and "torch.cuda.is_available() is False" in msg and "pip install -e '.[gpu]'" in msg
 

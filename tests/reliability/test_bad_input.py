@@ -12,6 +12,7 @@ import json
 import struct
 import time
 import zlib
+from pathlib import Path
 from collections import Counter
 
 import grpc
@@ -205,14 +206,12 @@ def blamed(field: str | None) -> str:
 
 def check_grpc(gateway, rpc: str, req, bad: set[str], campaign: str) -> None:
     TRIED[campaign] += 1
-    t0 = time.monotonic()
-    with pytest.raises(grpc.RpcError) as e:
+    with pytest.raises(grpc.RpcError) as e:  # (INVALID_ARGUMENT, not DEADLINE_EXCEEDED: answered, no hang)
         getattr(gateway.stub, rpc)(req, timeout=DEADLINE_S)
     code, details = e.value.code(), e.value.details() or ""
     assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{rpc} {req!r:.300}: {code} {details}"
     field = details.split(":", 1)[0]
     assert blamed(field) in bad, f"{rpc}: error names {field!r}, expected one of {bad}: {details}"
-    assert time.monotonic() - t0 < DEADLINE_S
 
 
 def check_http(gateway, path: str, body: bytes, headers: dict, allowed: set[str] | None, campaign: str,
@@ -391,7 +390,6 @@ def test_size_limit(small_gateway, size, transport):
 
 
 BOMB_SIDE = 12000  # 144 megapixels: under PIL's own bomb limit (179 MP), ~0.4 s and 144 MB to decode here
-BOMB_MAX_S = 0.15  # answered from the PNG header (~2 ms measured): a small fraction of a full decode
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +399,9 @@ def bomb() -> bytes:
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_decompression_bomb_rejected_fast(gateway, bomb, transport):
-    """A tiny PNG declaring 12000x12000 pixels is refused from its header, without decoding it on the event loop."""
+    """A tiny PNG declaring 12000x12000 pixels is refused from its header, without decoding it: the gateway's peak
+    memory does not grow by the decoded image's size (its time goes to the report, not into an assertion)."""
+    hwm0 = peak_rss(gateway.proc.pid)
     t0 = time.monotonic()
     if transport == "grpc":
         check_grpc(gateway, "Denoise", pb.DenoiseRequest(png_images=[bomb], sigma=0.5), {"png_images"}, "bomb")
@@ -411,7 +411,14 @@ def test_decompression_bomb_rejected_fast(gateway, bomb, transport):
         assert f"{BOMB_SIDE}x{BOMB_SIDE}" in err["message"]
     took = time.monotonic() - t0
     TIMINGS[f"bomb_{transport}_ms"] = round(took * 1e3, 1)
-    assert took < BOMB_MAX_S, f"{took:.3f} s: the PNG was decoded before its size was checked?"
+    grew = peak_rss(gateway.proc.pid) - hwm0
+    assert grew < BOMB_SIDE * BOMB_SIDE // 2, f"gateway peak memory grew {grew >> 20} MiB: the PNG was decoded?"
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory in bytes (VmHWM)."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 # ---- structure campaign: hostile shapes over both transports; the answer is a 4xx / INVALID_ARGUMENT (or OK) -------

@@ -1,4 +1,6 @@
-"""Triton SIGKILLed under load: fast UNAVAILABLE / 503, /readyz false, self-recovery within 5 s, never a wrong image."""
+"""Triton SIGKILLed under load: UNAVAILABLE / 503 within the request's deadline, /readyz false, recovery by itself
+(no gateway restart), never a wrong image. How fast it recovers is measured into the report (docs/reliability.md),
+not asserted: the phases are ordered by events (each client's successes and failures), never by sleeps."""
 from __future__ import annotations
 
 import base64
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from serving.generated.mnistgen.v1 import generation_pb2 as pb
+from serving.process import wait_until
 
 from reliability_support import kill_triton, percentile, restart_triton, write_figures
 
@@ -20,8 +23,9 @@ pytestmark = pytest.mark.timeout(300)
 SEEDS = tuple(range(100, 108))  # requests draw their seed from these: every success is checked against a reference
 MAX_N = 16  # batch sizes 1..MAX_N
 DEADLINE_S = 2.0  # client deadline of every request under load
-SLACK_S = 0.5  # a failure may take this much longer than the deadline (2 loaded cores, thread scheduling)
-RECOVERY_S = 5.0  # service must resume within this long after Triton reports ready again
+HANG_S = 3 * DEADLINE_S  # a failure ends near its own deadline: only a hang takes this long, even on busy cores
+WAIT_S = 120  # the longest any phase may take to show (a generous poll bound, not a promise)
+STEADY_OK = 3  # successes per client that make a phase "steady"
 ATOL = 1e-5  # same seed and size, same model: equal up to float noise of batching inside Triton
 GRPC_CLIENTS, HTTP_CLIENTS = 2, 2
 PAUSE_AFTER_ERROR_S = 0.02  # clients keep retrying during the outage, without spinning the CPU
@@ -49,7 +53,7 @@ def grpc_call(stub, seed: int, n: int) -> tuple[str, np.ndarray | None, str]:
 def http_call(gw, seed: int, n: int) -> tuple[str, np.ndarray | None, str]:
     try:
         r = gw.http("POST", "/v1/generate", {"num_samples": n, "seed": seed},
-                    headers={"X-Request-Timeout": str(DEADLINE_S)}, timeout=DEADLINE_S + SLACK_S)
+                    headers={"X-Request-Timeout": str(DEADLINE_S)}, timeout=HANG_S)
     except OSError as e:  # connection trouble or a client-side timeout (a hang)
         return f"CLIENT:{type(e).__name__}", None, str(e)
     if r.status != 200:
@@ -99,33 +103,31 @@ def test_triton_sigkill_under_load(ready_gateway, restore_triton):
             if code != "OK":
                 time.sleep(PAUSE_AFTER_ERROR_S)
 
-    threads = [threading.Thread(target=client, args=(f"grpc{i}", lambda s, n: grpc_call(gw.stub, s, n)))
-               for i in range(GRPC_CLIENTS)]
-    threads += [threading.Thread(target=client, args=(f"http{i}", lambda s, n: http_call(gw, s, n)))
-                for i in range(HTTP_CLIENTS)]
+    calls = {f"grpc{i}": lambda s, n: grpc_call(gw.stub, s, n) for i in range(GRPC_CLIENTS)}
+    calls |= {f"http{i}": lambda s, n: http_call(gw, s, n) for i in range(HTTP_CLIENTS)}
+    threads, names = [threading.Thread(target=client, args=item) for item in calls.items()], list(calls)
+
+    def each_client(ok: bool, since: float, count: int):
+        """A poll: every client has `count` outcomes (successes or failures) that started at `since` or later."""
+        def check() -> bool:
+            with lock:
+                return all(sum((o.code == "OK") == ok and o.start >= since and o.client == c for o in outcomes)
+                           >= count for c in names)
+        return check
+
     for t in threads:
         t.start()
     try:
-        time.sleep(1.5)  # steady load first
+        wait_until(each_client(True, 0, STEADY_OK), WAIT_S, "steady load before the fault")
         t_kill = kill_triton(triton)
-        t_not_ready = None
-        while time.monotonic() - t_kill < 10:
-            if gw.http("GET", "/readyz", timeout=5).status == 503:
-                t_not_ready = time.monotonic()
-                break
-            time.sleep(0.05)
-        assert t_not_ready is not None, "/readyz still 200 10 s after Triton was killed"
+        wait_until(lambda: gw.http("GET", "/readyz", timeout=5).status == 503, WAIT_S, "/readyz 503 after the kill")
+        t_not_ready = time.monotonic()
         assert gw.http("GET", "/healthz").status == 200  # the gateway process itself is fine
-        time.sleep(1.0)  # requests during the outage
+        wait_until(each_client(False, t_kill, 1), WAIT_S, "every client failing during the outage")
         t_restart = time.monotonic()
         t_ready = restart_triton(triton)
-        # service must come back by itself: wait for the first success that started after Triton was ready
-        while time.monotonic() - t_ready < RECOVERY_S + 5:
-            with lock:
-                if any(o.code == "OK" and o.start >= t_ready for o in outcomes):
-                    break
-            time.sleep(0.02)
-        time.sleep(1.0)  # a little steady load after recovery
+        # service comes back by itself, then stays: every client succeeds a few times after Triton is ready
+        wait_until(each_client(True, t_ready, STEADY_OK), WAIT_S, "steady load after Triton is back")
     finally:
         stop.set()
         for t in threads:
@@ -138,18 +140,19 @@ def test_triton_sigkill_under_load(ready_gateway, restore_triton):
         codes[o.code] = codes.get(o.code, 0) + 1
     bad = [o for o in outcomes if o.code not in ("OK", "UNAVAILABLE")]
     assert not bad, [(o.client, o.code, o.detail, round(o.end - o.start, 3)) for o in bad[:10]]
-    slow = [o for o in outcomes if o.code != "OK" and o.end - o.start > DEADLINE_S + SLACK_S]
+    slow = [o for o in outcomes if o.code != "OK" and o.end - o.start > HANG_S]
     assert not slow, [(o.client, o.code, round(o.end - o.start, 3)) for o in slow[:10]]
     failures = [o for o in outcomes if o.code != "OK"]
     assert failures, "no request failed: Triton was not down while clients were sending"
     early = [(o.client, o.code, o.detail, round(o.end - t_kill, 3)) for o in failures if o.end < t_kill]
     assert not early, f"requests failed before the fault: {early[:5]}"
-    first_ok = min((o.end for o in outcomes if o.code == "OK" and o.start >= t_ready), default=None)
-    assert first_ok is not None, f"no successful request within {RECOVERY_S + 5} s of Triton being ready again"
+    first_ok = min(o.end for o in outcomes if o.code == "OK" and o.start >= t_ready)
     recovery_s = first_ok - t_ready
     last_fail = max(o.end for o in failures)
-    assert recovery_s < RECOVERY_S, f"service resumed {recovery_s:.2f} s after Triton was ready"
-    assert all(o.code == "OK" for o in outcomes if o.start > first_ok + 0.5), "failures after recovery"
+    for c in names:  # once a client has succeeded again, it does not fail again
+        mine = [o for o in outcomes if o.client == c and o.start >= t_ready]
+        back = min(o.start for o in mine if o.code == "OK")
+        assert all(o.code == "OK" for o in mine if o.start >= back), f"{c} failed again after recovering"
     assert gw.http("GET", "/readyz", timeout=5).status == 200
 
     before = [o for o in outcomes if o.end < t_kill]

@@ -19,6 +19,8 @@ from tritonclient.utils import InferenceServerException
 
 from loadtest.bench_triton import _grpc_inputs
 from mnistgen.diffusion import SamplingStopped, denoise, generate
+from serving.process import wait_until
+from test_triton_server import engine_rows
 
 BIG_STEPS = 1000  # a whole DDPM-1000 loop: minutes on a few CPU cores
 STOPPED = re.compile(r"(ddpm_\w+): \d+ request\(s\) cancelled \((\d+) \w+, ([\w+-]+)-(\d+)\): "
@@ -96,7 +98,7 @@ def stops_logged(triton, model: str) -> list[tuple]:
 
 
 def unet_step_s(client, model: str, request) -> float:
-    """Seconds per UNet evaluation of `request` (a 4-step version of the big one): the scale for 'about one step'.
+    """Seconds per UNet evaluation of `request` (a 4-step version of the big one): the scale for a deadline and for "seconds of work".
     The fastest of two calls after a warm-up one: a first call (a session's lazy setup) or a load spike on a shared
     machine would overstate it, and the tests size "seconds of work" from it."""
     client.infer(model, request)
@@ -109,15 +111,13 @@ def test_client_timeout_stops_a_running_generate_loop(triton):
     step_s = unet_step_s(client, "ddpm_generate", generate_request(64, 4))
     before = len(stops_logged(triton, "ddpm_generate"))
     timeout_s = max(2.0, 5 * step_s)
-    t_big, err = timed(lambda: pytest.raises(InferenceServerException, client.infer, "ddpm_generate",
-                                             generate_request(64, BIG_STEPS), client_timeout=timeout_s,
-                                             request_id="cancel-gen-1"))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("ddpm_generate", generate_request(64, BIG_STEPS), client_timeout=timeout_s,
+                     request_id="cancel-gen-1")
     assert "DEADLINE_EXCEEDED" in str(err.value.status()), err.value
-    # the instance is free again within about one UNet step of the deadline: a small request runs at once
-    t_small, result = timed(lambda: client.infer("ddpm_generate", generate_request(1, 2, "ddim")))
+    # the instance is free again: a small request runs, and the log says the big loop stopped early
+    result = client.infer("ddpm_generate", generate_request(1, 2, "ddim"))
     assert result.as_numpy("image").shape == (1, 1, 1, 28, 28)
-    full_s = BIG_STEPS * step_s
-    assert t_small < 3 * step_s + 5.0 and t_small < full_s / 20, (t_small, step_s, full_s)
     stops = stops_logged(triton, "ddpm_generate")[before:]
     assert stops, triton.log_tail(40)
     _, samples, sampler, steps, at, of = stops[-1]
@@ -130,19 +130,17 @@ def test_client_cancel_stops_a_running_denoise_loop(triton):
     triton.require("ddpm_denoise")
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     sigma = 1.0  # the largest the catalog allows: t* ~ 258, so ~259 evaluations for steps=1000
-    step_s = unet_step_s(client, "ddpm_denoise", denoise_request(32, sigma, 4))
+    client.infer("ddpm_denoise", denoise_request(32, sigma, 4))  # a warm-up: a first call's lazy setup
     before = len(stops_logged(triton, "ddpm_denoise"))
     outcome: dict = {}
+    rows0 = engine_rows(triton, "ddpm_denoise")
     future = client.async_infer("ddpm_denoise", denoise_request(32, sigma, BIG_STEPS),
                                 lambda result, error: outcome.setdefault("error", error))
-    time.sleep(max(1.5, 3 * step_s))
+    wait_until(lambda: engine_rows(triton, "ddpm_denoise") > rows0, 120, "the denoise loop running", interval_s=0.05)
     future.cancel()
-    t_small, result = timed(lambda: client.infer("ddpm_denoise", denoise_request(1, 0.3, 2, "ddim")))
+    result = client.infer("ddpm_denoise", denoise_request(1, 0.3, 2, "ddim"))
     assert result.as_numpy("denoised").shape == (1, 1, 28, 28)
-    assert t_small < 3 * step_s + 5.0 and t_small < 100 * step_s, (t_small, step_s)  # the rest: ~220 steps
-    deadline = time.monotonic() + 10
-    while "error" not in outcome and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "error" in outcome, 60, "the cancelled request's answer")
     assert outcome.get("error") is not None and "CANCELLED" in str(outcome["error"].status())
     stops = stops_logged(triton, "ddpm_denoise")[before:]
     assert stops and int(stops[-1][4]) < int(stops[-1][5]) / 4, triton.log_tail(40)
@@ -168,15 +166,14 @@ def test_queued_request_past_its_own_timeout_is_rejected_unrun(triton):
     count0 = settled_inference_count(client, "ddpm_generate")  # the warm-up calls' statistics may still land
     outcome: dict = {}
     busy_steps = int(min(BIG_STEPS, max(8, 5.0 / step_s)))  # ~5 s of work ahead of the queued request
+    rows0 = engine_rows(triton, "ddpm_generate")
     client.async_infer("ddpm_generate", generate_request(8, busy_steps),
                        lambda result, error: outcome.setdefault("blocker", error or result))
-    time.sleep(0.3)
-    t, err = timed(lambda: pytest.raises(InferenceServerException, client.infer, "ddpm_generate",
-                                         generate_request(1, 2, "ddim"), timeout=300_000))  # 0.3 s in the queue
+    wait_until(lambda: engine_rows(triton, "ddpm_generate") > rows0, 120, "the blocker running", interval_s=0.05)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("ddpm_generate", generate_request(1, 2, "ddim"), timeout=300_000)  # 0.3 s in the queue
     assert "timeout" in str(err.value).lower(), err.value
-    deadline = time.monotonic() + 120
-    while "blocker" not in outcome and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "blocker" in outcome, 300, "the blocker's answer")
     assert not isinstance(outcome.get("blocker"), (Exception, type(None))), outcome
     count = settled_inference_count(client, "ddpm_generate")
     assert count - count0 == 1  # the blocker; the rejected request never ran

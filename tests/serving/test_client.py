@@ -5,7 +5,6 @@ import json
 import resource
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from PIL import Image
 
 from serving import client
 from serving import images as imgs
+from serving.process import wait_until
 from serving.triton_server import free_ports
 
 
@@ -93,7 +93,7 @@ class OneAnswerPerConnection:
     def __init__(self, close_after_answer: bool):
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.close_after_answer, self.requests, self.answered = close_after_answer, 0, 0
+        self.close_after_answer, self.requests, self.answered, self.closed = close_after_answer, 0, 0, 0
         body = json.dumps({"models": [{"name": "m"}]}).encode()
         self.answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                        + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -122,25 +122,27 @@ class OneAnswerPerConnection:
                 self.answered += 1
                 if not self.close_after_answer:
                     self.read_request(conn)  # the next request on this connection: dropped unanswered
+            self.closed += 1
 
 
 @pytest.mark.parametrize("close_after_answer", [True, False], ids=["closed-while-idle", "closed-on-next-request"])
 def test_http_client_replaces_a_connection_the_server_closed(close_after_answer):
     server = OneAnswerPerConnection(close_after_answer)
     c = client.GatewayClient(transport="http", target=f"127.0.0.1:{server.port}", timeout_s=5)
-    for _ in range(3):
+    for i in range(3):
         assert [m.name for m in c.list_models().models] == ["m"]
-        time.sleep(0.05)  # (the server's close arrives)
+        if close_after_answer:  # the server has closed the idle connection before the next call
+            wait_until(lambda: server.closed == i + 1, 10, "the server's close", interval_s=0.005)
     assert server.answered == 3
     assert server.requests == (3 if close_after_answer else 5)  # every call after the first sent twice
     server.sock.close()
 
 
-def test_idle_connection_check_works_above_descriptor_1024():
+def test_idle_connection_check_works_above_descriptor_1024(machine_skip):
     """readable() uses poll(): select() refuses descriptors over 1,023, which a load generator's process reaches."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:
-        pytest.skip(f"open-file limit {hard} < 1200")
+        machine_skip(f"open-file hard limit {hard} < 1200 (raise it: ulimit -Hn)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
                                                 else min(max(soft, 1200), hard), hard))
     filler = [socket.socket() for _ in range(1030)]

@@ -108,11 +108,11 @@ def test_a_bf16_export_off_by_more_than_rounding_fails_loudly(repo, monkeypatch)
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("native", [True, False])
-def test_engine_record_has_the_bf16_column_where_the_cpu_has_native_bf16(repo, monkeypatch, native):
+def test_engine_record_has_the_bf16_column_where_the_cpu_has_native_bf16(repo, monkeypatch, native, machine_skip):
     from mnistgen import engine as eng
 
     if native and not eng.bf16_native():
-        pytest.skip("this CPU has no native bf16 kernels")
+        machine_skip("this CPU has no native bf16 kernels")
     monkeypatch.setattr(eng, "bf16_native", lambda: native)
     stand_in(repo.parent / "ckpt", "mlp", GANArch(arch="mlp", latent_dim=100))
     run(cfg_for(repo, only=("mlp_generator",), measure_engines=False))
