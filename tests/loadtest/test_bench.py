@@ -227,8 +227,6 @@ def test_concurrency_sweep_against_a_real_gateway(gateway, triton, tmp_path):
 
 def test_conditional_row_against_a_real_gateway(gateway, triton, tmp_path, checkpoint_dir):
     """The ddpm-cond generate workload on every path (eager, Triton direct, gateway gRPC/HTTP) at tiny settings."""
-    import tritonclient.grpc as grpcclient
-
     from serving.client import GatewayClient
 
     triton.require("ddpm_cond_generate")
@@ -238,7 +236,7 @@ def test_conditional_row_against_a_real_gateway(gateway, triton, tmp_path, check
     clients = {p: GatewayClient(transport=p.split("-")[1], timeout_s=60,
                                 target=gateway.grpc_target if p == "gateway-grpc" else gateway.http_url[len("http://"):])
                for p in ("gateway-grpc", "gateway-http")}
-    rows = bench.bench_conditional(cfg, clients, grpcclient.InferenceServerClient(triton.grpc_url))
+    rows = bench.bench_conditional(cfg, clients, triton.server.client())  # the launch key: it reads statistics
     for c in clients.values():
         c.close()
     res = bench.results_table(rows)

@@ -15,6 +15,7 @@ from mnistgen import catalog
 from serving import images as imgs
 from serving.process import wait_until
 from serving.run import RunConfig, Stack, start_gateway
+from serving.triton_access import KEY_ENV
 from serving.triton_server import DEFAULT_MODEL_REPOSITORY, available_models
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
@@ -110,7 +111,8 @@ def test_a_retry_on_another_backend_returns_the_same_images(stack, tmp_path):
     """A backend the gateway still holds ready (its probe is far off) dies: the request that picks it is sent again
     to the other one and answers 200, with the images its seed gives on any backend."""
     all_ready(stack)
-    gw = start_gateway(stack.gateway.config.triton_url, tmp_path / "gw.log", "--probe-interval-s", "600")
+    gw = start_gateway(stack.gateway.config.triton_url, tmp_path / "gw.log", "--probe-interval-s", "600",
+                       env={KEY_ENV: stack.key})
     try:
         gw.wait_ready(60)
         all_ready(stack, gw)
@@ -186,7 +188,7 @@ def test_a_backend_added_to_the_address_set_gets_traffic(stack, tmp_path):
     first, second = (t.grpc_url for t in stack.tritons)
     names = tmp_path / "backends.txt"
     names.write_text(first + "\n")
-    gw = start_gateway(f"@{names}", tmp_path / "gw.log", "--resolve-interval-s", "1")
+    gw = start_gateway(f"@{names}", tmp_path / "gw.log", "--resolve-interval-s", "1", env={KEY_ENV: stack.key})
     try:
         gw.wait_ready(60)
         assert [b["backend"] for b in gw.http("GET", "/readyz").json()["backends"]] == [first]

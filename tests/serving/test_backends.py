@@ -146,8 +146,13 @@ def test_reresolution_follows_the_file_and_keeps_the_set_on_a_bad_one(tmp_path):
 
 
 def test_a_model_missing_on_one_backend_is_retried_without_ejecting_it():
-    s = backend_set(["a:1", "b:1"], {"a:1": ApiError("Request for unknown model: 'm' is not found",
-                                                      code="UNAVAILABLE")})
+    from tritonclient.utils import InferenceServerException
+
+    from serving.gateway.triton_client import triton_error
+
+    missing = triton_error(InferenceServerException("Request for unknown model: 'm' is not found",
+                                                    status="StatusCode.UNAVAILABLE"), "m")  # as Triton says it
+    s = backend_set(["a:1", "b:1"], {"a:1": missing})
     s.backends["b:1"].outstanding = 5
     assert asyncio.run(s.infer("m", [], [], 5.0))[0] == "b:1"
     assert all(b.state == bk.READY for b in s.backends.values())

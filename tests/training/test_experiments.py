@@ -32,7 +32,8 @@ def test_the_bench_page_is_the_render_of_its_committed_json():
 def test_every_committed_page_is_covered():
     pages = {sweep.paths(importlib.import_module(f"training.experiments.{n}"),
                          importlib.import_module(f"training.experiments.{n}").Config(from_json=True))[1]
-             for n in STUDIES} | {REPO_ROOT / "reports" / "bench" / "results.md"}
+             for n in STUDIES} | {REPO_ROOT / "reports" / "bench" / f"{name}.md" for name in ("results", "mixed", "isolation")}
+    # (mixed and isolation: loadtest.mixed's pages, compared with their JSON in tests/loadtest/test_mixed.py)
     assert set((REPO_ROOT / "reports").glob("*/*.md")) == pages
 
 
