@@ -143,7 +143,7 @@ BENCH_ARGS ?=
 bench: setup ## serving paths side by side + batch-1 concurrency sweep -> bench/results.{json,md} [DEVICE=cuda] [BENCH_ARGS=--quick]
 	$(PY) -m loadtest.bench $(if $(DEVICE),--device $(DEVICE)) $(BENCH_ARGS)
 
-bench-mixed: setup ## batch-1 GAN beside 2 / 8 clients flooding the heaviest diffusion requests (~8 min) -> reports/bench/mixed.{json,md,png} [BENCH_ARGS="--isolation" | --render]
+bench-mixed: setup ## batch-1 GAN beside 2 / 8 clients flooding the heaviest diffusion requests (~9 min) -> reports/bench/mixed.{json,md,png} [BENCH_ARGS="--isolation" | --render]
 	$(PY) -m loadtest.mixed $(BENCH_ARGS)
 
 monitor: setup prometheus-install ## Prometheus on :9090 scraping `make run`'s gateway :8080 and Triton :8002 [MONITOR_ARGS="--gateway H:P --triton H:P --port N"]

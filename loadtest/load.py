@@ -43,13 +43,16 @@ def pct_ms(seconds: list[float], q: float) -> float:
 
 
 def closed_loop(make_call: Callable[[], Callable[[int], object]], clients: int, requests: int | None = None,
-                seconds: float | None = None, serial: bool = False, warm: bool = False) -> dict:
+                seconds: float | None = None, serial: bool = False, warm: bool = False, think_s: float = 0.0,
+                backoff: bool = False) -> dict:
     """`clients` threads send requests until `requests` were sent in all or `seconds` passed, each client its next
     one as soon as the previous one is answered; request i is call(i), call = make_call() made once per client
     thread (e.g. its own gRPC channel). A call that raises is an error, counted by its `code` attribute (a
     ClientError's) or its type, not timed. serial=True: the calls run one at a time behind one fair lock (in-process
     serving of the same stream) and a latency counts from when its client sent it, the wait included. warm=True: one
-    untimed call per client first (connections)."""
+    untimed call per client first (connections). think_s: each client waits this long after an answer (a paced user,
+    not a tight loop); backoff=True: after an error carrying `retry_after` (a 429's Retry-After) it waits that long,
+    as a well-behaved client does (both waits end with the run and are not timed)."""
     if (requests is None) == (seconds is None):
         raise ValueError("closed_loop: give requests or seconds")
     counter, gate, start = itertools.count(), FifoLock(), threading.Barrier(clients + 1)
@@ -76,8 +79,14 @@ def closed_loop(make_call: Callable[[], Callable[[int], object]], clients: int, 
                     call(i)
             except Exception as e:  # noqa: BLE001  (RESOURCE_EXHAUSTED, UNAVAILABLE...: counted and shown)
                 errors.append(e)
+                pause(getattr(e, "retry_after", None) if backoff else None)
                 continue
             latencies.append(time.perf_counter() - t0)
+            pause(think_s)
+
+    def pause(s: float | None) -> None:
+        if s:
+            time.sleep(max(0.0, min(s, end[0] - time.perf_counter())))
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for t in threads:

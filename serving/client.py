@@ -39,11 +39,14 @@ TOKEN_ENV = "MNISTGEN_TOKEN"  # the CLI's --token when not given (as MNISTGEN_<O
 
 class ClientError(Exception):
     """A failed call: `code` is the gRPC status name (HTTP errors carry it in their JSON body); `request_id` the id the
-    gateway answered with (None when none answered): the gateway's and Triton's logs name it."""
+    gateway answered with (None when none answered): the gateway's and Triton's logs name it; `retry_after` the
+    seconds the gateway asked to wait before trying again (HTTP Retry-After, gRPC trailer retry-after), else None."""
 
-    def __init__(self, code: str, message: str, http_status: int | None = None, request_id: str | None = None):
+    def __init__(self, code: str, message: str, http_status: int | None = None, request_id: str | None = None,
+                 retry_after: str | None = None):
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.http_status, self.request_id = code, message, http_status, request_id
+        self.retry_after = float(retry_after) if retry_after and retry_after.isdigit() else None
 
 
 @dataclass
@@ -97,7 +100,8 @@ class GatewayClient:
             return getattr(self._stub, method)(request, timeout=self.config.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             trailer = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
-            raise ClientError(e.code().name, e.details() or "", request_id=trailer.get(REQUEST_ID_KEY)) from None
+            raise ClientError(e.code().name, e.details() or "", request_id=trailer.get(REQUEST_ID_KEY),
+                              retry_after=trailer.get("retry-after")) from None
 
     def _http(self, method: str, path: str, request, response_type):
         """One HTTP/JSON call on this thread's kept-alive connection. One the gateway closed while idle is replaced
@@ -116,6 +120,7 @@ class GatewayClient:
                 conn.request(method, path, body=data, headers=headers)
                 r = conn.getresponse()
                 status, body, rid = r.status, r.read(), r.getheader(REQUEST_ID_HEADER)
+                retry_after = r.getheader("Retry-After")
                 if r.will_close:
                     self._drop_http_connection()
                 break
@@ -129,7 +134,7 @@ class GatewayClient:
         if status >= 400:
             try:
                 err = json.loads(body)["error"]
-                raise ClientError(err["code"], err["message"], status, rid) from None
+                raise ClientError(err["code"], err["message"], status, rid, retry_after) from None
             except (ValueError, KeyError, TypeError):
                 raise ClientError("UNKNOWN", f"HTTP {status}: {body[:200]!r}", status, rid) from None
         return pb_json.loads(body, response_type)

@@ -135,3 +135,21 @@ def test_locust_flood_option_out_of_range_names_the_limit(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert f"--flood-samples: must be in 1..{catalog.DENOISER.max_samples}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_flooding_clients_wait_out_retry_after():
+    """closed_loop(backoff=True): after an error carrying retry_after a client waits (to the end of the run here)
+    instead of resending at once; serving.client.ClientError reads Retry-After."""
+    from loadtest.load import closed_loop
+    from serving.client import ClientError
+
+    def make_call():
+        def call(i):
+            raise ClientError("RESOURCE_EXHAUSTED", "busy", 429, None, "30")
+        return call
+
+    assert ClientError("X", "m", 429, None, "30").retry_after == 30.0
+    assert ClientError("X", "m", 429, None, None).retry_after is None
+    polite = closed_loop(make_call, 2, seconds=0.5, backoff=True)
+    assert polite["requests"] == 2 and polite["error_codes"] == {"RESOURCE_EXHAUSTED": 2}
+    assert closed_loop(make_call, 2, seconds=0.5)["requests"] > 2  # without backoff: resent at once
